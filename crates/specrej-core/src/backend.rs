@@ -1,0 +1,143 @@
+//! The whole backend surface: what the scheduler needs from a device, and nothing more.
+//!
+//! The trait is at the level the scheduler thinks in (prefill / step / retain / score),
+//! not a tensor library. Logits never cross it: per step only `rows` token ids come back,
+//! per decision only `rows` rewards.
+
+use std::fmt;
+use std::future::Future;
+use std::ops::Range;
+
+/// How each row turns its logits into a token. Plain data; backends interpret it with
+/// [`crate::sampling::sample`] (CPU) or an equivalent kernel (GPU).
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Sampling {
+    /// Keys the noise together with the row id and the position.
+    pub seed: u64,
+    /// `0.0` means greedy (argmax).
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens; `0` means no cut.
+    pub top_k: usize,
+    /// Nucleus: keep the smallest set of tokens whose probability reaches `top_p`; `1.0` means no cut.
+    pub top_p: f32,
+}
+
+impl Default for Sampling {
+    /// The paper's defaults: T = 1.0, top-k = 50, top-p = 1.0.
+    fn default() -> Self {
+        Self { seed: 0, temperature: 1.0, top_k: 50, top_p: 1.0 }
+    }
+}
+
+/// What a backend can report. The scheduler acts on [`BackendError::OutOfMemory`]
+/// (an early decision) and forwards the rest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendError {
+    /// The device could not hold the batch: the scheduler rejects rows and retries.
+    OutOfMemory,
+    /// Anything else, with a message naming what went wrong.
+    Device(String),
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendError::OutOfMemory => f.write_str("the backend ran out of memory"),
+            BackendError::Device(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+impl BackendError {
+    /// A [`BackendError::Device`] from anything displayable.
+    pub fn device(message: impl fmt::Display) -> Self {
+        BackendError::Device(message.to_string())
+    }
+}
+
+/// Lock-step batched decoding of one prompt.
+///
+/// All live rows share one position. A row's tokens depend only on
+/// (prompt, [`Sampling::seed`], the row's original id), never on which other rows are alive.
+///
+/// Only [`Decoder::step`] reads device memory back, so only it returns a future:
+/// CPU backends return ready futures, WebGPU ones await a buffer map.
+pub trait Decoder {
+    /// Device-resident state of one request: the K/V cache
+    /// `[layers, rows, len, kv_heads, head_dim]`, the pending logits or tokens, the
+    /// original row ids `[rows]`, and the shared position.
+    type Batch;
+
+    /// Cached tokens (rows × positions, prompt included) that fit at once.
+    fn token_capacity(&self) -> usize;
+
+    /// Bytes of K/V cache one cached token takes (for the peak-memory report).
+    fn kv_bytes_per_token(&self) -> usize;
+
+    /// Longest sequence (prompt + generated) the model supports.
+    fn max_sequence_len(&self) -> usize;
+
+    /// Runs `prompt` once and fans it out to one row per id in `rows` (ids key the
+    /// sampling noise; Best-of-N beyond the budget runs `0..k`, then `k..2k`, …).
+    /// Reads nothing back. Contract: `rows` non-empty, `prompt` non-empty.
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<Self::Batch, BackendError>;
+
+    /// Advances every live row by one token: feeds the previous step's tokens (if any)
+    /// through the model, then samples one token per row with the noise keyed by
+    /// (seed, row id, number of tokens the row generated before). Resolves to the
+    /// sampled tokens, in row order.
+    ///
+    /// After `k` steps each row's cache holds `prompt.len() + k - 1` tokens; the next step
+    /// makes it `prompt.len() + k`.
+    fn step(
+        &mut self,
+        batch: &mut Self::Batch,
+    ) -> impl Future<Output = Result<Vec<u32>, BackendError>>;
+
+    /// Keeps the rows at positions `keep` (strictly ascending indices into the current
+    /// rows), in that order, and releases the rest. Reads nothing back.
+    fn retain(&mut self, batch: &mut Self::Batch, keep: &[usize]) -> Result<(), BackendError>;
+}
+
+/// One partial or finished response handed to a [`Scorer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Response<'a> {
+    /// The row's original id (stable for the whole request).
+    pub row: u32,
+    /// Generated token ids so far, in the policy's vocabulary.
+    pub tokens: &'a [u32],
+}
+
+/// Rewards for a batch of responses, plus what they cost.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Scored {
+    /// One reward per response, in order; higher is better.
+    pub rewards: Vec<f32>,
+    /// Tokens the reward model processed to produce them.
+    pub tokens_processed: u64,
+}
+
+/// A reward model. Takes the policy's token ids; re-tokenizing, if the reward model's
+/// vocabulary differs, is the implementation's business.
+pub trait Scorer {
+    /// One reward per response, for `prompt ++ response`.
+    fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>>;
+
+    /// The scheduler will never ask about these rows again (they were rejected):
+    /// an incremental scorer may drop their state. The default keeps nothing, so does nothing.
+    fn release(&mut self, rows: &[u32]) {
+        let _ = rows;
+    }
+}

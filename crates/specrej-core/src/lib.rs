@@ -1,0 +1,17 @@
+#![forbid(unsafe_code)]
+//! Best-of-N and Speculative Rejection (Sun et al., NeurIPS 2024) over a small backend trait.
+
+pub mod backend;
+mod block_on;
+pub mod sampling;
+
+pub use backend::{BackendError, Decoder, Response, Sampling, Scored, Scorer};
+pub use block_on::block_on_ready;
+pub mod scheduler;
+pub mod select;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use scheduler::{
+    generate, validate, Candidate, Decision, Error, Event, Finish, Method, Options, Outcome, Rejected, Stats,
+};

@@ -1,0 +1,553 @@
+//! The scheduler: prefill → step → (decide → retain) → … → score → argmax.
+//!
+//! One `async fn` serves every host: CPU backends return ready futures (drive them with
+//! [`crate::block_on_ready`]), WebGPU ones are awaited by the browser's executor.
+
+use crate::backend::{BackendError, Decoder, Response, Sampling, Scored, Scorer};
+use crate::select;
+use std::fmt;
+
+/// Which algorithm to run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case", tag = "method"))]
+pub enum Method {
+    /// N rows to the end (in as many sequential batches as the KV budget needs), then argmax.
+    BestOfN,
+    /// Start with as many rows as fit; at each decision token drop the lowest `alpha` fraction.
+    SpeculativeRejection {
+        /// Rejection rate in `[0, 1)`.
+        alpha: f32,
+    },
+}
+
+/// What to generate and how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    /// The algorithm.
+    pub method: Method,
+    /// Best-of-N: the number of rows. Speculative Rejection: the cap on the initial rows.
+    pub n: usize,
+    /// New tokens per row at most.
+    pub max_new_tokens: usize,
+    /// Speculative Rejection: the initial batch leaves every row room for at least this
+    /// many new tokens before the first decision.
+    pub min_new_tokens: usize,
+    /// Tokens that end a row (the token itself is kept in the row's text).
+    pub eos: Vec<u32>,
+    /// Sampling parameters and seed.
+    pub sampling: Sampling,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            method: Method::SpeculativeRejection { alpha: 0.5 },
+            n: 32,
+            max_new_tokens: 256,
+            min_new_tokens: 32,
+            eos: Vec::new(),
+            sampling: Sampling::default(),
+        }
+    }
+}
+
+/// Why a row stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Finish {
+    /// It sampled an end-of-sequence token.
+    Eos,
+    /// It reached `max_new_tokens` or the model's context length.
+    Length,
+    /// The KV budget could not hold even this one row any longer.
+    Capacity,
+}
+
+/// A finished row: a candidate for the final argmax.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Candidate {
+    /// The row's id (stable for the request; keys its sampling noise).
+    pub row: u32,
+    /// Generated tokens (an EOS token, if any, is the last).
+    pub tokens: Vec<u32>,
+    /// The reward model's score of the whole response.
+    pub score: f32,
+    /// Why it stopped.
+    pub finish: Finish,
+}
+
+/// A row dropped at a decision, with the partial score that sank it.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Rejected {
+    /// The row's id.
+    pub row: u32,
+    /// Tokens it had generated when dropped.
+    pub tokens: Vec<u32>,
+    /// Its partial score at that decision.
+    pub score: f32,
+}
+
+/// One decision of Speculative Rejection.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Decision {
+    /// Tokens every live row had generated at the decision.
+    pub position: usize,
+    /// Rows alive before the decision.
+    pub live_rows: usize,
+    /// Rows kept.
+    pub kept_rows: usize,
+    /// Lowest partial score.
+    pub min: f32,
+    /// Median partial score.
+    pub median: f32,
+    /// Highest partial score.
+    pub max: f32,
+    /// Lowest score among the kept rows (the cut line).
+    pub threshold: f32,
+    /// Forced by an out-of-memory report from the backend rather than by the budget.
+    pub early: bool,
+}
+
+/// What a run cost.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Stats {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Prompt tokens run through the model (once per batch).
+    pub prefill_tokens: usize,
+    /// Tokens sampled over all rows.
+    pub tokens_generated: usize,
+    /// Batched decoding steps.
+    pub steps: usize,
+    /// Rows at the start of the first batch.
+    pub initial_rows: usize,
+    /// Sequential batches (more than one only for Best-of-N beyond the budget).
+    pub batches: usize,
+    /// Calls to the reward model.
+    pub reward_calls: usize,
+    /// Tokens the reward model processed.
+    pub reward_tokens: u64,
+    /// The backend's token capacity.
+    pub token_capacity: usize,
+    /// Largest K/V cache held at once, in bytes.
+    pub peak_kv_bytes: u64,
+    /// Wall time of the whole run, in seconds (0 where the platform has no clock).
+    pub wall_seconds: f64,
+}
+
+/// The result of a run.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Outcome {
+    /// Every finished row, best first (ties: lower row id first). Never empty.
+    pub candidates: Vec<Candidate>,
+    /// Rows dropped at decisions, in the order they were dropped.
+    pub rejected: Vec<Rejected>,
+    /// One entry per decision.
+    pub trace: Vec<Decision>,
+    /// Costs.
+    pub stats: Stats,
+}
+
+impl Outcome {
+    /// The best candidate.
+    pub fn winner(&self) -> &Candidate {
+        &self.candidates[0]
+    }
+}
+
+/// What the scheduler reports while it runs (progress bars, streaming, the web demo).
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A batch was prefilled with rows `first_row..first_row + rows`.
+    Prefilled { first_row: u32, rows: usize },
+    /// Every live row sampled one token; `rows[i]` sampled `tokens[i]`.
+    Step { position: usize, rows: &'a [u32], tokens: &'a [u32] },
+    /// A decision: `rows[i]` scored `scores[i]`; `kept` lists the surviving row ids.
+    Decision { decision: &'a Decision, rows: &'a [u32], scores: &'a [f32], kept: &'a [u32] },
+    /// A row finished and became a candidate (not yet scored).
+    Finished { row: u32, finish: Finish },
+    /// All candidates were scored.
+    Scored { candidates: &'a [Candidate] },
+}
+
+/// Why a run failed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Error {
+    /// The request itself is wrong; the message names what.
+    InvalidRequest(String),
+    /// The backend or the reward model failed.
+    Backend(BackendError),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidRequest(message) => write!(f, "invalid request: {message}"),
+            Error::Backend(error) => write!(f, "backend error: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<BackendError> for Error {
+    fn from(error: BackendError) -> Self {
+        Error::Backend(error)
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Error {
+    Error::InvalidRequest(message.into())
+}
+
+/// Checks `options` against `prompt` and the model; the message names what is wrong.
+pub fn validate(prompt: &[u32], options: &Options, max_sequence_len: usize) -> Result<(), Error> {
+    if prompt.is_empty() {
+        return Err(invalid("the prompt is empty"));
+    }
+    if options.n == 0 {
+        return Err(invalid("n must be at least 1"));
+    }
+    if options.max_new_tokens == 0 {
+        return Err(invalid("max_new_tokens must be at least 1"));
+    }
+    if let Method::SpeculativeRejection { alpha } = options.method {
+        if !(0.0..1.0).contains(&alpha) {
+            return Err(invalid(format!("alpha must be in [0, 1), got {alpha}")));
+        }
+    }
+    let s = &options.sampling;
+    if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
+        return Err(invalid(format!("temperature must be finite and >= 0, got {}", s.temperature)));
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return Err(invalid(format!("top_p must be in (0, 1], got {}", s.top_p)));
+    }
+    if prompt.len() >= max_sequence_len {
+        return Err(invalid(format!(
+            "the prompt has {} tokens; the model's context holds {max_sequence_len}",
+            prompt.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `options.method` on `prompt` and returns every candidate, best first.
+pub async fn generate<D: Decoder, S: Scorer>(
+    decoder: &mut D,
+    scorer: &mut S,
+    prompt: &[u32],
+    options: &Options,
+    observer: &mut dyn FnMut(&Event<'_>),
+) -> Result<Outcome, Error> {
+    let clock = Clock::start();
+    validate(prompt, options, decoder.max_sequence_len())?;
+    let max_new = options.max_new_tokens.min(decoder.max_sequence_len() - prompt.len());
+    let capacity = decoder.token_capacity();
+    let mut run = Run {
+        prompt,
+        options,
+        max_new,
+        capacity,
+        kv_bytes_per_token: decoder.kv_bytes_per_token() as u64,
+        candidates: Vec::new(),
+        rejected: Vec::new(),
+        trace: Vec::new(),
+        stats: Stats { prompt_tokens: prompt.len(), token_capacity: capacity, ..Stats::default() },
+    };
+
+    match options.method {
+        Method::BestOfN => {
+            let per_row = prompt.len() + max_new;
+            let chunk = (capacity / per_row).min(options.n);
+            if chunk == 0 {
+                return Err(invalid(format!(
+                    "one row needs {per_row} cached tokens (prompt {} + max_new_tokens {max_new}) \
+                     but the KV budget holds {capacity}: raise the KV budget or lower max_new_tokens",
+                    prompt.len()
+                )));
+            }
+            run.stats.initial_rows = chunk;
+            let mut first = 0;
+            while first < options.n {
+                let rows = chunk.min(options.n - first);
+                run.batch(decoder, scorer, first as u32, rows, None, observer).await?;
+                first += rows;
+            }
+        }
+        Method::SpeculativeRejection { alpha } => {
+            let rows = select::initial_rows(capacity, prompt.len(), options.min_new_tokens.min(max_new), options.n)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "the KV budget ({capacity} tokens) cannot hold the prompt ({} tokens) plus {} new tokens",
+                        prompt.len(),
+                        options.min_new_tokens.min(max_new).max(1)
+                    ))
+                })?;
+            run.stats.initial_rows = rows;
+            run.batch(decoder, scorer, 0, rows, Some(alpha), observer).await?;
+        }
+    }
+
+    // Score every candidate at once and rank them.
+    let responses: Vec<Response<'_>> =
+        run.candidates.iter().map(|c| Response { row: c.row, tokens: &c.tokens }).collect();
+    let scored = score(scorer, prompt, &responses, &mut run.stats).await?;
+    for (candidate, score) in run.candidates.iter_mut().zip(scored) {
+        candidate.score = score;
+    }
+    run.candidates.sort_by(|a, b| {
+        select::rank_key(b.score).total_cmp(&select::rank_key(a.score)).then(a.row.cmp(&b.row))
+    });
+    observer(&Event::Scored { candidates: &run.candidates });
+    run.stats.wall_seconds = clock.seconds();
+    Ok(Outcome { candidates: run.candidates, rejected: run.rejected, trace: run.trace, stats: run.stats })
+}
+
+/// Mutable state of one run.
+struct Run<'p> {
+    prompt: &'p [u32],
+    options: &'p Options,
+    max_new: usize,
+    capacity: usize,
+    kv_bytes_per_token: u64,
+    candidates: Vec<Candidate>,
+    rejected: Vec<Rejected>,
+    trace: Vec<Decision>,
+    stats: Stats,
+}
+
+/// A live row on the host side: its id and its text so far.
+struct Live {
+    row: u32,
+    tokens: Vec<u32>,
+}
+
+/// Scores `responses`, checks the answer's length and counts the cost into `stats`.
+async fn score<S: Scorer>(
+    scorer: &mut S,
+    prompt: &[u32],
+    responses: &[Response<'_>],
+    stats: &mut Stats,
+) -> Result<Vec<f32>, Error> {
+    if responses.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Scored { rewards, tokens_processed } = scorer.score(prompt, responses).await?;
+    if rewards.len() != responses.len() {
+        return Err(Error::Backend(BackendError::device(format!(
+            "the reward model returned {} scores for {} responses",
+            rewards.len(),
+            responses.len()
+        ))));
+    }
+    stats.reward_calls += 1;
+    stats.reward_tokens += tokens_processed;
+    Ok(rewards)
+}
+
+impl Run<'_> {
+    /// Runs rows `first_row..first_row + rows` to the end. With `alpha`, decisions
+    /// happen whenever the next step would not fit the budget (or the backend runs out
+    /// of memory); without, the batch must fit as it is.
+    async fn batch<D: Decoder, S: Scorer>(
+        &mut self,
+        decoder: &mut D,
+        scorer: &mut S,
+        first_row: u32,
+        rows: usize,
+        alpha: Option<f32>,
+        observer: &mut dyn FnMut(&Event<'_>),
+    ) -> Result<(), Error> {
+        let mut batch = decoder.prefill(self.prompt, first_row..first_row + rows as u32, &self.options.sampling)?;
+        self.stats.batches += 1;
+        self.stats.prefill_tokens += self.prompt.len();
+        observer(&Event::Prefilled { first_row, rows });
+        let mut live: Vec<Live> =
+            (0..rows as u32).map(|i| Live { row: first_row + i, tokens: Vec::new() }).collect();
+        let mut generated = 0usize;
+
+        while !live.is_empty() {
+            if generated == self.max_new {
+                for row in live.drain(..) {
+                    self.finish(row, Finish::Length, observer);
+                }
+                break;
+            }
+            // After the next step every row caches prompt + `generated` tokens.
+            let next_len = self.prompt.len() + generated;
+            if let Some(alpha) = alpha {
+                if live.len() * next_len > self.capacity {
+                    self.decide(decoder, scorer, &mut batch, &mut live, alpha, next_len, false, observer).await?;
+                    continue;
+                }
+            }
+            let tokens = match decoder.step(&mut batch).await {
+                Ok(tokens) => tokens,
+                Err(BackendError::OutOfMemory) if alpha.is_some() => {
+                    let alpha = alpha.unwrap_or_default();
+                    self.decide(decoder, scorer, &mut batch, &mut live, alpha, next_len, true, observer).await?;
+                    continue;
+                }
+                Err(BackendError::OutOfMemory) => {
+                    return Err(Error::Backend(BackendError::device(format!(
+                        "out of memory with {} rows at {next_len} cached tokens each; \
+                         lower n or the KV budget (Best-of-N cannot drop rows)",
+                        live.len()
+                    ))));
+                }
+                Err(error) => return Err(error.into()),
+            };
+            if tokens.len() != live.len() {
+                return Err(Error::Backend(BackendError::device(format!(
+                    "the backend returned {} tokens for {} rows",
+                    tokens.len(),
+                    live.len()
+                ))));
+            }
+            generated += 1;
+            self.stats.steps += 1;
+            self.stats.tokens_generated += tokens.len();
+            self.stats.peak_kv_bytes =
+                self.stats.peak_kv_bytes.max((live.len() * next_len) as u64 * self.kv_bytes_per_token);
+            let ids: Vec<u32> = live.iter().map(|l| l.row).collect();
+            observer(&Event::Step { position: generated - 1, rows: &ids, tokens: &tokens });
+
+            let mut keep = Vec::with_capacity(live.len());
+            let mut still = Vec::with_capacity(live.len());
+            for (index, (mut row, token)) in live.drain(..).zip(tokens).enumerate() {
+                row.tokens.push(token);
+                if self.options.eos.contains(&token) {
+                    self.finish(row, Finish::Eos, observer);
+                } else {
+                    keep.push(index);
+                    still.push(row);
+                }
+            }
+            let finished_some = keep.len() != ids.len();
+            live = still;
+            if finished_some && !live.is_empty() {
+                decoder.retain(&mut batch, &keep)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, row: Live, finish: Finish, observer: &mut dyn FnMut(&Event<'_>)) {
+        observer(&Event::Finished { row: row.row, finish });
+        self.candidates.push(Candidate { row: row.row, tokens: row.tokens, score: f32::NAN, finish });
+    }
+
+    /// Scores the live rows, keeps the best, drops the rest (backend and scorer state).
+    #[allow(clippy::too_many_arguments)] // one private call site pair; a struct would only rename them
+    async fn decide<D: Decoder, S: Scorer>(
+        &mut self,
+        decoder: &mut D,
+        scorer: &mut S,
+        batch: &mut D::Batch,
+        live: &mut Vec<Live>,
+        alpha: f32,
+        next_len: usize,
+        early: bool,
+        observer: &mut dyn FnMut(&Event<'_>),
+    ) -> Result<(), Error> {
+        let responses: Vec<Response<'_>> = live.iter().map(|l| Response { row: l.row, tokens: &l.tokens }).collect();
+        let scores = score(scorer, self.prompt, &responses, &mut self.stats).await?;
+        let mut keep = select::keep_count(live.len(), alpha).min(self.capacity / next_len);
+        if early {
+            // The backend could not hold these rows: drop at least one.
+            keep = keep.min(live.len() - 1);
+        }
+        if keep == 0 {
+            // Not even one row fits any more: the best one ends here, the rest are rejected.
+            let best = select::top_indices(&scores, 1)[0];
+            self.record(live, &scores, &[best], early, observer);
+            self.reject(scorer, live, &scores, Some(best));
+            let kept = live.swap_remove(best);
+            live.clear();
+            self.finish(kept, Finish::Capacity, observer);
+            return Ok(());
+        }
+        let indices = select::top_indices(&scores, keep);
+        self.record(live, &scores, &indices, early, observer);
+        decoder.retain(batch, &indices)?;
+        let mut kept = Vec::with_capacity(indices.len());
+        let mut dropped = Vec::new();
+        let mut dropped_scores = Vec::new();
+        let mut next = indices.iter().peekable();
+        for (i, row) in live.drain(..).enumerate() {
+            if next.peek() == Some(&&i) {
+                next.next();
+                kept.push(row);
+            } else {
+                dropped_scores.push(scores[i]);
+                dropped.push(row);
+            }
+        }
+        self.reject(scorer, &dropped, &dropped_scores, None);
+        *live = kept;
+        Ok(())
+    }
+
+    fn record(&mut self, live: &[Live], scores: &[f32], kept: &[usize], early: bool, observer: &mut dyn FnMut(&Event<'_>)) {
+        let (min, median, max) = select::summary(scores);
+        let threshold = kept.iter().map(|&i| select::rank_key(scores[i])).fold(f32::INFINITY, f32::min);
+        let decision = Decision {
+            position: live.first().map_or(0, |l| l.tokens.len()),
+            live_rows: live.len(),
+            kept_rows: kept.len(),
+            min,
+            median,
+            max,
+            threshold,
+            early,
+        };
+        let rows: Vec<u32> = live.iter().map(|l| l.row).collect();
+        let kept_ids: Vec<u32> = kept.iter().map(|&i| live[i].row).collect();
+        observer(&Event::Decision { decision: &decision, rows: &rows, scores, kept: &kept_ids });
+        self.trace.push(decision);
+    }
+
+    /// Records `rows` (minus `skip`) as rejected and tells the scorer to forget them.
+    fn reject<S: Scorer>(&mut self, scorer: &mut S, rows: &[Live], scores: &[f32], skip: Option<usize>) {
+        let mut ids = Vec::with_capacity(rows.len());
+        for (i, (row, &score)) in rows.iter().zip(scores).enumerate() {
+            if Some(i) == skip {
+                continue;
+            }
+            ids.push(row.row);
+            self.rejected.push(Rejected { row: row.row, tokens: row.tokens.clone(), score });
+        }
+        scorer.release(&ids);
+    }
+}
+
+/// Wall clock where the platform has one (not on `wasm32-unknown-unknown`, where
+/// `Instant::now` panics; the browser host measures time itself).
+struct Clock {
+    #[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+    start: std::time::Instant,
+}
+
+impl Clock {
+    fn start() -> Self {
+        Self {
+            #[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn seconds(&self) -> f64 {
+        #[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+        return self.start.elapsed().as_secs_f64();
+        #[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+        return 0.0;
+    }
+}
