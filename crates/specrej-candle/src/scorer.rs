@@ -1,0 +1,297 @@
+//! Reward models on a shared [`Model`]: the policy's own likelihood, and an LLM judge.
+//!
+//! Both run the shared prefix once (batch 1), fan its K/V out to the responses, and run
+//! the responses right-padded to a common length: causal attention keeps the padding
+//! (which only ever follows a row's real tokens) from influencing anything that is read.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use specrej_core::{BackendError, Response, Scored, Scorer};
+
+use crate::decoder::DEFAULT_KV_BUDGET_BYTES;
+use crate::model::{AllocError, KvCache, Model, is_oom, log_sum_exp, to_host_rows};
+
+/// Reward given to an empty response by [`LikelihoodScorer`]: finite, and below the
+/// reward of any non-empty response (whose perplexity is capped at `e^60`).
+pub const EMPTY_RESPONSE_REWARD: f32 = -1.0e30;
+
+/// Mean NLL above which perplexity is capped (keeps rewards finite).
+const MAX_MEAN_NLL: f64 = 60.0;
+
+/// Positions whose logits are materialised at once (`[LOGIT_CHUNK, vocab]` f32).
+const LOGIT_CHUNK: usize = 128;
+
+fn device_err(e: candle_core::Error) -> BackendError {
+    if is_oom(&e) { BackendError::OutOfMemory } else { BackendError::device(e) }
+}
+
+fn alloc_err(e: AllocError) -> BackendError {
+    match e {
+        AllocError::OutOfMemory => BackendError::OutOfMemory,
+        AllocError::Other(e) => device_err(e),
+    }
+}
+
+/// A prefix run once with batch 1.
+struct Prefix {
+    cache: KvCache,   // 1 row, `len` = prefix length
+    logits: Vec<f32>, // [vocab] f32 at the prefix's last position
+}
+
+/// Shared machinery: prefix once, then padded suffix chunks within a K/V budget.
+#[derive(Debug, Clone)]
+struct Runner {
+    model: Arc<Model>,
+    kv_budget_bytes: usize,
+}
+
+impl Runner {
+    fn check(&self, tokens: &[u32]) -> Result<(), BackendError> {
+        self.model.check_tokens(tokens).map_err(BackendError::Device)
+    }
+
+    fn prefix(&self, tokens: &[u32]) -> Result<Prefix, BackendError> {
+        let model = &*self.model;
+        self.check(tokens)?;
+        let len = tokens.len();
+        if len > model.config.context_length {
+            return Err(BackendError::device(format!(
+                "scoring input of {len} tokens exceeds the context length {}",
+                model.config.context_length
+            )));
+        }
+        let mut cache = KvCache::new(model, 1, len).map_err(alloc_err)?;
+        let logits = model
+            .token_tensor(tokens.to_vec(), 1, len)
+            .and_then(|t| model.forward_hidden(&t, &mut cache))
+            .and_then(|h| model.last_logits(&h))
+            .and_then(|l| to_host_rows(&l))
+            .map_err(device_err)?;
+        Ok(Prefix { cache, logits })
+    }
+
+    /// Rows per chunk so that `rows × (prefix + width)` cached tokens fit the budget.
+    fn chunk_rows(&self, total_len: usize) -> usize {
+        let per_token = self.model.config.kv_bytes_per_token();
+        (self.kv_budget_bytes / per_token.max(1) / total_len.max(1)).max(1)
+    }
+
+    /// Runs `suffixes` (each at most `width` tokens, right-padded) after the prefix.
+    /// Returns the hidden states `[rows, width, hidden]` f32.
+    fn suffixes(&self, prefix: &Prefix, suffixes: &[&[u32]], width: usize) -> Result<Tensor, BackendError> {
+        let model = &*self.model;
+        let rows = suffixes.len();
+        let total = prefix.cache.len + width;
+        if total > model.config.context_length {
+            return Err(BackendError::device(format!(
+                "scoring input of {total} tokens exceeds the context length {}",
+                model.config.context_length
+            )));
+        }
+        let mut tokens = Vec::with_capacity(rows * width);
+        for s in suffixes {
+            tokens.extend_from_slice(s);
+            // Padding: any valid id works (it is only ever attended to by later padding).
+            tokens.extend(std::iter::repeat_n(0, width - s.len()));
+        }
+        let mut cache = prefix.cache.gather_rows(model, &vec![0; rows], total).map_err(alloc_err)?;
+        model
+            .token_tensor(tokens, rows, width)
+            .and_then(|t| model.forward_hidden(&t, &mut cache)) // [rows, width, hidden]
+            .map_err(device_err)
+    }
+
+    /// Logits at the given flat positions of `hidden` `[rows, width, hidden]`, streamed in
+    /// chunks: calls `f(position index in `at`, logits row)`.
+    fn logits_at(&self, hidden: &Tensor, at: &[u32], mut f: impl FnMut(usize, &[f32])) -> Result<(), BackendError> {
+        let model = &*self.model;
+        let vocab = model.config.vocab_size;
+        let flat = hidden.flatten_to(1).map_err(device_err)?; // [rows*width, hidden]
+        for (c, chunk) in at.chunks(LOGIT_CHUNK).enumerate() {
+            let logits = Tensor::new(chunk, hidden.device())
+                .and_then(|ids| flat.index_select(&ids, 0)) // [n, hidden]
+                .and_then(|h| model.logits(&h)) // [n, vocab]
+                .and_then(|l| to_host_rows(&l))
+                .map_err(device_err)?;
+            for (i, row) in logits.chunks_exact(vocab).enumerate() {
+                f(c * LOGIT_CHUNK + i, row);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reward = −perplexity of the response under the model given the prompt:
+/// `−exp(mean NLL of the response tokens)`.
+///
+/// An empty response gets [`EMPTY_RESPONSE_REWARD`]; perplexities are capped at `e^60`.
+/// An empty prompt is replaced by the model's BOS token (an error if it has none).
+/// `tokens_processed` = prompt length (run once) + rows × padded width of the responses
+/// minus their last token (which no prediction needs).
+#[derive(Debug, Clone)]
+pub struct LikelihoodScorer {
+    runner: Runner,
+}
+
+impl LikelihoodScorer {
+    /// A scorer on `model` with the default K/V budget (2 GiB per chunk of rows).
+    pub fn new(model: Arc<Model>) -> Self {
+        Self::with_kv_budget(model, DEFAULT_KV_BUDGET_BYTES)
+    }
+
+    /// A scorer whose batched passes keep at most `kv_budget_bytes` of K/V at once
+    /// (larger batches are scored in chunks of rows).
+    pub fn with_kv_budget(model: Arc<Model>, kv_budget_bytes: usize) -> Self {
+        Self { runner: Runner { model, kv_budget_bytes } }
+    }
+
+    fn score_sync(&self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        if responses.is_empty() {
+            return Ok(Scored::default());
+        }
+        let bos;
+        let prompt = if prompt.is_empty() {
+            bos = [self.runner.model.config.bos_token_id.ok_or_else(|| {
+                BackendError::device("likelihood scorer: empty prompt and the model has no BOS token")
+            })?];
+            &bos[..]
+        } else {
+            prompt
+        };
+        for r in responses {
+            self.runner.check(r.tokens)?;
+        }
+        let prefix = self.runner.prefix(prompt)?;
+        let mut processed = prompt.len() as u64;
+        // sum of NLL per response; token 0 is predicted by the prompt's last position.
+        let mut nll: Vec<f64> = responses
+            .iter()
+            .map(|r| match r.tokens.first() {
+                Some(&t) => f64::from(log_sum_exp(&prefix.logits) - prefix.logits[t as usize]),
+                None => 0.0,
+            })
+            .collect();
+        // Token j ≥ 1 is predicted at response position j − 1: run all but the last token.
+        let width = responses.iter().map(|r| r.tokens.len().saturating_sub(1)).max().unwrap_or(0);
+        if width > 0 {
+            let chunk = self.runner.chunk_rows(prompt.len() + width);
+            for (c, group) in responses.chunks(chunk).enumerate() {
+                let inputs: Vec<&[u32]> =
+                    group.iter().map(|r| &r.tokens[..r.tokens.len().saturating_sub(1)]).collect();
+                let hidden = self.runner.suffixes(&prefix, &inputs, width)?;
+                processed += (group.len() * width) as u64;
+                // (response index, target token) for every flat position read.
+                let mut at = Vec::new();
+                let mut targets = Vec::new();
+                for (i, r) in group.iter().enumerate() {
+                    for j in 1..r.tokens.len() {
+                        at.push((i * width + j - 1) as u32);
+                        targets.push((c * chunk + i, r.tokens[j]));
+                    }
+                }
+                self.runner.logits_at(&hidden, &at, |k, row| {
+                    let (resp, target) = targets[k];
+                    nll[resp] += f64::from(log_sum_exp(row) - row[target as usize]);
+                })?;
+            }
+        }
+        let rewards = responses
+            .iter()
+            .zip(&nll)
+            .map(|(r, &sum)| {
+                if r.tokens.is_empty() {
+                    EMPTY_RESPONSE_REWARD
+                } else {
+                    let mean = sum / r.tokens.len() as f64;
+                    -(mean.min(MAX_MEAN_NLL).exp() as f32)
+                }
+            })
+            .collect();
+        Ok(Scored { rewards, tokens_processed: processed })
+    }
+}
+
+impl Scorer for LikelihoodScorer {
+    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+        std::future::ready(self.score_sync(prompt, responses))
+    }
+}
+
+/// An LLM judge: reward = `logit(yes) − logit(no)` at the position after
+/// `before ++ response ++ after`.
+///
+/// `before` holds the chat-formatted judge instructions with the user's question already
+/// in it, so the `prompt` argument of [`Scorer::score`] is ignored. `tokens_processed` =
+/// `before.len()` (run once) + rows × padded width of `response ++ after`.
+#[derive(Debug, Clone)]
+pub struct JudgeScorer {
+    runner: Runner,
+    before: Vec<u32>,
+    after: Vec<u32>,
+    yes: u32,
+    no: u32,
+}
+
+impl JudgeScorer {
+    /// A judge on `model` with the default K/V budget.
+    ///
+    /// # Panics
+    /// If `before` is empty or `yes`/`no` are outside the model's vocabulary.
+    #[track_caller]
+    pub fn new(model: Arc<Model>, before: Vec<u32>, after: Vec<u32>, yes: u32, no: u32) -> Self {
+        let vocab = model.config.vocab_size;
+        assert!(!before.is_empty(), "JudgeScorer: `before` must not be empty");
+        assert!(
+            (yes as usize) < vocab && (no as usize) < vocab,
+            "JudgeScorer: yes ({yes}) / no ({no}) outside the vocabulary ({vocab})"
+        );
+        Self { runner: Runner { model, kv_budget_bytes: DEFAULT_KV_BUDGET_BYTES }, before, after, yes, no }
+    }
+
+    /// Limits the K/V the batched passes keep at once (larger batches go in chunks).
+    pub fn with_kv_budget(mut self, kv_budget_bytes: usize) -> Self {
+        self.runner.kv_budget_bytes = kv_budget_bytes;
+        self
+    }
+
+    fn score_sync(&self, responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        if responses.is_empty() {
+            return Ok(Scored::default());
+        }
+        for r in responses {
+            self.runner.check(r.tokens)?;
+        }
+        self.runner.check(&self.after)?;
+        let prefix = self.runner.prefix(&self.before)?;
+        let mut processed = self.before.len() as u64;
+        let margin = |row: &[f32]| row[self.yes as usize] - row[self.no as usize];
+        let inputs: Vec<Vec<u32>> = responses.iter().map(|r| [r.tokens, &self.after[..]].concat()).collect();
+        let width = inputs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut rewards = vec![margin(&prefix.logits); responses.len()];
+        if width > 0 {
+            let chunk = self.runner.chunk_rows(self.before.len() + width);
+            for (c, group) in inputs.chunks(chunk).enumerate() {
+                let slices: Vec<&[u32]> = group.iter().map(Vec::as_slice).collect();
+                let hidden = self.runner.suffixes(&prefix, &slices, width)?;
+                processed += (group.len() * width) as u64;
+                let mut at = Vec::new();
+                let mut owner = Vec::new();
+                for (i, s) in group.iter().enumerate() {
+                    if !s.is_empty() {
+                        at.push((i * width + s.len() - 1) as u32);
+                        owner.push(c * chunk + i);
+                    }
+                }
+                self.runner.logits_at(&hidden, &at, |k, row| rewards[owner[k]] = margin(row))?;
+            }
+        }
+        Ok(Scored { rewards, tokens_processed: processed })
+    }
+}
+
+impl Scorer for JudgeScorer {
+    fn score(&mut self, _prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+        std::future::ready(self.score_sync(responses))
+    }
+}
