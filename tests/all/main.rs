@@ -1,0 +1,3 @@
+//! One test binary for every cross-crate test.
+
+mod real_model;

