@@ -4,6 +4,8 @@
 //! cargo xtask demo          fetch the model, then run a sample Speculative Rejection generation
 //! cargo xtask test          fetch the model, then run every test (real-model tests included)
 //! cargo xtask bench         fetch the model, then measure batched decode throughput
+//! cargo xtask bench-llama-cpp   the same measurement with llama.cpp (llama-cpp-python, built
+//!                           from source into target/llama-cpp-venv on first use: minutes)
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -25,8 +27,9 @@ fn main() -> Result<()> {
         Some("demo") => demo(&rest),
         Some("test") => test(&rest),
         Some("bench") => bench(&rest),
+        Some("bench-llama-cpp") => bench_llama_cpp(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <fetch-model | demo [specrej generate flags] | test [cargo test args] | bench>");
+            eprintln!("usage: cargo xtask <fetch-model | demo [specrej generate flags] | test [cargo test args] | bench | bench-llama-cpp>");
             std::process::exit(2);
         }
     }
@@ -114,4 +117,21 @@ fn bench(extra: &[&str]) -> Result<()> {
     command.env("SPECREJ_MODEL", &model);
     command.args(["run", "--release", "--quiet", "-p", "specrej-cli", "--", "bench", "throughput", "--model"]).arg(&model);
     run(command.args(extra))
+}
+
+/// llama.cpp's batched decode on the same file and cores, through llama-cpp-python's C API.
+fn bench_llama_cpp(extra: &[&str]) -> Result<()> {
+    const PACKAGE: &str = "llama-cpp-python==0.3.36";
+    let model = fetch_model()?;
+    let venv = root().join("target").join("llama-cpp-venv");
+    let python = venv.join("bin").join("python");
+    if !python.exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    let installed = Command::new(&python).args(["-c", "import llama_cpp"]).output()?.status.success();
+    if !installed {
+        eprintln!("building {PACKAGE} from source (several minutes on 2 cores)");
+        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", PACKAGE]))?;
+    }
+    run(Command::new(&python).arg(root().join("xtask").join("llama_cpp_bench.py")).arg(&model).args(extra))
 }
