@@ -48,7 +48,8 @@ def main():
     ap.add_argument("--prefill-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
-    L.llama_log_set(L.llama_log_callback(lambda *a: None), None)
+    quiet = L.llama_log_callback(lambda *a: None)  # kept alive: llama.cpp calls it later
+    L.llama_log_set(quiet, None)
     L.llama_backend_init()
     model = L.llama_model_load_from_file(args.model.encode(), L.llama_model_default_params())
     vocab = L.llama_model_get_vocab(model)
