@@ -71,7 +71,8 @@ pub struct Args {
     /// The reward model.
     #[arg(long, value_enum, default_value = "judge")]
     reward: RewardArg,
-    /// GGUF model file (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
+    /// GGUF model file, or a HF directory (config.json, *.safetensors, tokenizer.json)
+    /// (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     model: Option<PathBuf>,
     /// KV cache budget: bytes (2GiB, 512MB) or tokens (20000tok). `auto`: Best-of-N gets
@@ -121,7 +122,7 @@ impl From<WeightsArg> for WeightFormat {
 
 /// The reward models the CLI offers, as one [`Scorer`] type.
 #[derive(Debug)]
-enum Reward {
+pub(crate) enum Reward {
     Judge(JudgeScorer),
     Likelihood(LikelihoodScorer),
 }

@@ -37,23 +37,37 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
     )
 }
 
-/// The text side of a GGUF model: tokenizer and chat template.
+/// The text side of a model: tokenizer and chat template.
 #[derive(Debug)]
 pub struct Text {
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
-    pub metadata: GgufMetadata,
+    /// The GGUF metadata, for a GGUF file (`None` for a safetensors directory).
+    pub metadata: Option<GgufMetadata>,
 }
 
 impl Text {
+    /// From a GGUF file's metadata, or from a HF directory's `tokenizer.json` and
+    /// `tokenizer_config.json` (chat template; ChatML when it has none).
     pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            let json = path.join("tokenizer.json");
+            let mut tokenizer = Tokenizer::from_tokenizer_json_file(&json)
+                .with_context(|| format!("reading {}", json.display()))?;
+            let config_path = path.join("tokenizer_config.json");
+            let template = if config_path.exists() {
+                let config = std::fs::read(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
+                tokenizer = tokenizer.with_tokenizer_config(&config).with_context(|| format!("{}", config_path.display()))?;
+                ChatTemplate::from_tokenizer_config(&config).with_context(|| format!("chat template in {}", config_path.display()))?
+            } else {
+                ChatTemplate::chatml()
+            };
+            return Ok(Self { tokenizer, template, metadata: None });
+        }
         let metadata = GgufMetadata::from_path(path).with_context(|| format!("reading {}", path.display()))?;
         let tokenizer = Tokenizer::from_gguf(&metadata).with_context(|| format!("tokenizer of {}", path.display()))?;
-        let template = match ChatTemplate::from_gguf(&metadata) {
-            Ok(template) => template,
-            Err(_) => ChatTemplate::chatml(),
-        };
-        Ok(Self { tokenizer, template, metadata })
+        let template = ChatTemplate::from_gguf(&metadata).with_context(|| format!("chat template of {}", path.display()))?;
+        Ok(Self { tokenizer, template, metadata: Some(metadata) })
     }
 
     /// The prompt's token ids: the chat template around `user` (and `system`), or the raw
@@ -88,7 +102,7 @@ impl Text {
 
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
-    /// GGUF model file (default: the default model in models/).
+    /// GGUF model file or HF safetensors directory (default: the default model in models/).
     #[arg(long)]
     model: Option<PathBuf>,
 }
@@ -96,7 +110,14 @@ pub struct InfoArgs {
 pub fn info(args: InfoArgs) -> Result<()> {
     let path = locate(args.model.as_deref())?;
     let text = Text::load(&path)?;
-    let meta = &text.metadata;
+    let Some(meta) = &text.metadata else {
+        let config = path.join("config.json");
+        println!("directory:     {}", path.display());
+        println!("config.json:\n{}", std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?);
+        println!("vocabulary:    {} tokens, eos {:?}", text.tokenizer.vocab_size(), text.tokenizer.eos_ids());
+        println!("chat template:\n{}", text.template.source());
+        return Ok(());
+    };
     let arch = meta.get_str("general.architecture").unwrap_or("?");
     println!("file:          {}", path.display());
     println!("name:          {}", meta.get_str("general.name").unwrap_or("?"));
