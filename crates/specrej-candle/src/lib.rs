@@ -12,6 +12,14 @@
 //! # Ok::<(), specrej_candle::LoadError>(())
 //! ```
 //!
+//! # Trunks and incremental scoring
+//! [`load_safetensors_trunk`] loads a Hugging Face checkpoint without its language-model
+//! head (e.g. the trunk of a `*ForSequenceClassification` reward model, whose extra tensors
+//! such as `score.weight` it hands back). [`Model::hidden_states`] is a direct full forward
+//! returning final-normed hidden states; [`IncrementalRows`] keeps one K/V cache per row
+//! between scoring calls and reuses it up to the longest common prefix with the new ids, so
+//! re-scoring a grown sequence runs only what changed. [`JudgeScorer::incremental`] uses it.
+//!
 //! # Row independence
 //! A row's logits do not depend on which other rows share its batch: every row of a
 //! batch sits at the same position, the prompt runs once with batch 1 and its cache is
@@ -33,6 +41,7 @@ mod attention;
 mod config;
 mod decoder;
 mod error;
+mod incremental;
 mod load;
 mod model;
 mod options;
@@ -44,7 +53,8 @@ mod tests;
 pub use config::{Architecture, ModelConfig};
 pub use decoder::{CandleBatch, CandleDecoder, DEFAULT_KV_BUDGET_BYTES};
 pub use error::LoadError;
-pub use load::{load, load_gguf, load_safetensors};
+pub use incremental::IncrementalRows;
+pub use load::{load, load_gguf, load_safetensors, load_safetensors_trunk};
 pub use model::Model;
 pub use options::{Device, LoadOptions, WeightFormat};
 pub use scorer::{EMPTY_RESPONSE_REWARD, JudgeScorer, LikelihoodScorer};

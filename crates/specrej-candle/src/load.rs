@@ -228,6 +228,8 @@ struct Header {
     rope_interleaved: bool,
     inv_freq: Vec<f32>,
     vocab: Option<Vec<String>>,
+    /// Build the language-model head (false: a trunk, e.g. of a reward model).
+    with_head: bool,
 }
 
 /// Builds the model from a source once the header is known.
@@ -238,7 +240,7 @@ fn build<S: TensorSource>(
     options: &LoadOptions,
     device: CDevice,
 ) -> Result<Arc<Model>, LoadError> {
-    let Header { mut config, rope_interleaved, inv_freq, vocab } = header;
+    let Header { mut config, rope_interleaved, inv_freq, vocab, with_head } = header;
     let path = source.path().to_path_buf();
     let config_err = |key: &str, reason: String| LoadError::Config { path: path.clone(), key: key.into(), reason };
     // The vocabulary size comes from the embedding matrix itself.
@@ -281,8 +283,10 @@ fn build<S: TensorSource>(
         }
         None => Embedding::F32(embedding_raw.to_f32().and_then(|t| t.to_device(&device)).map_err(|e| cerr(&b, e))?),
     };
-    let head = if !config.tied_embeddings {
-        b.matrix(names.output, c.vocab_size, h)?
+    let head = if !with_head {
+        None
+    } else if !config.tied_embeddings {
+        Some(b.matrix(names.output, c.vocab_size, h)?)
     } else {
         // Tied: share the lookup table when the head would hold the very same weights.
         let shared = match &embedding {
@@ -292,7 +296,7 @@ fn build<S: TensorSource>(
             }
             Embedding::F32(_) => None,
         };
-        match shared {
+        Some(match shared {
             Some(q) => Linear { weight: QMatMul::from_arc(q).map_err(|e| cerr(&b, e))?, bias: None, padded_in: h },
             None => {
                 let dense = match &embedding {
@@ -302,7 +306,7 @@ fn build<S: TensorSource>(
                 .map_err(|e| cerr(&b, e))?;
                 b.to_linear(Raw::Dense(dense), h).map_err(|e| cerr(&b, e))?
             }
-        }
+        })
     };
 
     let norm = b.vector(names.norm, h)?;
@@ -557,7 +561,7 @@ pub fn load_gguf(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Arc<Mo
     // llama.cpp permutes llama/mistral Q and K rows for its interleaved ("normal") RoPE;
     // qwen2 files keep Hugging Face's rotate-half ("neox") layout.
     let rope_interleaved = architecture != Architecture::Qwen2;
-    build(source, &GGUF_NAMES, Header { config, rope_interleaved, inv_freq: freqs, vocab }, options, device)
+    build(source, &GGUF_NAMES, Header { config, rope_interleaved, inv_freq: freqs, vocab, with_head: true }, options, device)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -625,7 +629,33 @@ fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
 /// shards listed in `model.safetensors.index.json`. Architectures `LlamaForCausalLM`,
 /// `MistralForCausalLM`, `Qwen2ForCausalLM`; tensors f32/f16/bf16.
 pub fn load_safetensors(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Arc<Model>, LoadError> {
-    let dir = dir.as_ref().to_path_buf();
+    load_hf(dir.as_ref(), options, false, &[]).map(|(model, _)| model)
+}
+
+/// Loads the trunk of a Hugging Face checkpoint directory, without its language-model head:
+/// embedding, blocks and final norm (what a `*ForSequenceClassification` reward model
+/// shares with the causal LM). Accepts `LlamaForSequenceClassification`,
+/// `MistralForSequenceClassification`, `Qwen2ForSequenceClassification` and the
+/// `*ForCausalLM` architectures (whose `lm_head` is then ignored).
+///
+/// Also returns, as f32 CPU tensors, those of the `extra` tensors (e.g. `"score.weight"`)
+/// that the checkpoint holds; missing ones are simply absent from the map.
+/// Use [`Model::hidden_states`] or [`crate::IncrementalRows`] to run it.
+pub fn load_safetensors_trunk(
+    dir: impl AsRef<Path>,
+    options: &LoadOptions,
+    extra: &[&str],
+) -> Result<(Arc<Model>, HashMap<String, Tensor>), LoadError> {
+    load_hf(dir.as_ref(), options, true, extra)
+}
+
+fn load_hf(
+    dir: &Path,
+    options: &LoadOptions,
+    trunk: bool,
+    extra: &[&str],
+) -> Result<(Arc<Model>, HashMap<String, Tensor>), LoadError> {
+    let dir = dir.to_path_buf();
     let device = options.device.to_candle()?;
     if !dir.exists() {
         return Err(LoadError::Missing { path: dir });
@@ -648,6 +678,9 @@ pub fn load_safetensors(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<
         "LlamaForCausalLM" => Architecture::Llama,
         "MistralForCausalLM" => Architecture::Mistral,
         "Qwen2ForCausalLM" => Architecture::Qwen2,
+        "LlamaForSequenceClassification" if trunk => Architecture::Llama,
+        "MistralForSequenceClassification" if trunk => Architecture::Mistral,
+        "Qwen2ForSequenceClassification" if trunk => Architecture::Qwen2,
         _ => return Err(LoadError::UnsupportedArchitecture { path: config_path, architecture: arch_name }),
     };
     let need = |v: Option<usize>, key: &str| v.ok_or_else(|| config_err(key, "missing"));
@@ -722,8 +755,17 @@ pub fn load_safetensors(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<
             .map_err(|e| LoadError::Corrupt { path: shard.clone(), reason: e.to_string() })?;
         tensors.extend(loaded);
     }
+    let mut extras = HashMap::new();
+    for &name in extra {
+        if let Some(t) = tensors.remove(name) {
+            let t = t.to_dtype(DType::F32).map_err(|source| LoadError::Candle { path: dir.clone(), source })?;
+            extras.insert(name.to_string(), t);
+        }
+    }
     let source = SafetensorsSource { dir, tensors };
-    build(source, &HF_NAMES, Header { config, rope_interleaved: false, inv_freq: freqs, vocab: None }, options, device)
+    let header = Header { config, rope_interleaved: false, inv_freq: freqs, vocab: None, with_head: !trunk };
+    let model = build(source, &HF_NAMES, header, options, device)?;
+    Ok((model, extras))
 }
 
 /// Hugging Face `rope_scaling`: `llama3` is supported, `default`/`null` are no-ops.

@@ -122,7 +122,9 @@ pub struct Model {
     pub(crate) embedding: Embedding,
     pub(crate) layers: Vec<Layer>,
     pub(crate) norm: Tensor, // [hidden] f32
-    pub(crate) head: Linear, // [vocab, hidden]
+    /// `[vocab, hidden]`; `None` for a trunk loaded without its language-model head
+    /// ([`crate::load_safetensors_trunk`]).
+    pub(crate) head: Option<Linear>,
     /// GGUF files from llama.cpp's converter permute Q/K rows for the interleaved
     /// (GPT-J) rotation; Hugging Face checkpoints (and GGUF qwen2) use rotate-half.
     pub(crate) rope_interleaved: bool,
@@ -255,8 +257,55 @@ impl Model {
 
     /// Output norm and projection: `hidden` `[n, hidden]` f32 → logits `[n, vocab]` f32.
     pub(crate) fn logits(&self, hidden: &Tensor) -> CResult<Tensor> {
-        let h = candle_nn::ops::rms_norm(&hidden.contiguous()?, &self.norm, self.config.rms_norm_eps)?;
-        self.head.forward(&h)
+        let h = self.final_norm(hidden)?;
+        self.head_forward(&h)
+    }
+
+    /// The output projection alone: final-normed `[n, hidden]` → logits `[n, vocab]`.
+    pub(crate) fn head_forward(&self, normed: &Tensor) -> CResult<Tensor> {
+        match &self.head {
+            Some(head) => head.forward(normed),
+            None => candle_core::bail!("this model was loaded as a trunk, without its output head"),
+        }
+    }
+
+    /// The output RMSNorm: `[n, hidden]` f32 → `[n, hidden]` f32.
+    pub(crate) fn final_norm(&self, hidden: &Tensor) -> CResult<Tensor> {
+        candle_nn::ops::rms_norm(&hidden.contiguous()?, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Whether the model has its language-model head (a trunk loaded with
+    /// [`crate::load_safetensors_trunk`] has not).
+    pub fn has_head(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// A direct full forward of `ids` (batch 1, fresh cache): the final-normed hidden
+    /// states `[ids.len() × hidden]`, row-major. The reference that incremental scorers are
+    /// tested against; also usable to build any head on top of the trunk.
+    pub fn hidden_states(&self, ids: &[u32]) -> Result<Vec<f32>, specrej_core::BackendError> {
+        use specrej_core::BackendError;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check_tokens(ids).map_err(BackendError::Device)?;
+        if ids.len() > self.config.context_length {
+            return Err(BackendError::device(format!(
+                "input of {} tokens exceeds the context length {}",
+                ids.len(),
+                self.config.context_length
+            )));
+        }
+        let mut cache = KvCache::new(self, 1, ids.len()).map_err(|e| match e {
+            AllocError::OutOfMemory => BackendError::OutOfMemory,
+            AllocError::Other(e) => BackendError::device(e),
+        })?;
+        self.token_tensor(ids.to_vec(), 1, ids.len())
+            .and_then(|t| self.forward_hidden(&t, &mut cache))
+            .and_then(|h| h.squeeze(0))
+            .and_then(|h| self.final_norm(&h))
+            .and_then(|h| to_host_rows(&h))
+            .map_err(|e| if is_oom(&e) { BackendError::OutOfMemory } else { BackendError::device(e) })
     }
 
     /// Logits at the last position of `[rows, t, hidden]` hidden states → `[rows, vocab]`.

@@ -4,12 +4,14 @@
 //! the responses right-padded to a common length: causal attention keeps the padding
 //! (which only ever follows a row's real tokens) from influencing anything that is read.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::Tensor;
 use specrej_core::{BackendError, Response, Scored, Scorer};
 
 use crate::decoder::DEFAULT_KV_BUDGET_BYTES;
+use crate::incremental::IncrementalRows;
 use crate::model::{AllocError, KvCache, Model, is_oom, log_sum_exp, to_host_rows};
 
 /// Reward given to an empty response by [`LikelihoodScorer`]: finite, and below the
@@ -129,9 +131,23 @@ impl Runner {
 /// An empty prompt is replaced by the model's BOS token (an error if it has none).
 /// `tokens_processed` = prompt length (run once) + rows × padded width of the responses
 /// minus their last token (which no prediction needs).
+///
+/// [`LikelihoodScorer::incremental`] keeps a K/V cache and the per-token NLLs per row
+/// between decisions instead: a decision runs only each row's new tokens (plus one).
 #[derive(Debug, Clone)]
 pub struct LikelihoodScorer {
     runner: Runner,
+    incremental: Option<IncrementalLikelihood>,
+}
+
+/// Per-row caches of the incremental likelihood scorer.
+#[derive(Debug, Clone)]
+struct IncrementalLikelihood {
+    rows: IncrementalRows,
+    /// Per row, indexed by absolute position `pos`: NLL of the id at `pos + 1` given `..=pos`
+    /// (NaN for prompt positions). Valid for the ids the row's cache holds.
+    nll: HashMap<u32, Vec<f64>>,
+    prompt: Vec<u32>,
 }
 
 impl LikelihoodScorer {
@@ -143,7 +159,75 @@ impl LikelihoodScorer {
     /// A scorer whose batched passes keep at most `kv_budget_bytes` of K/V at once
     /// (larger batches are scored in chunks of rows).
     pub fn with_kv_budget(model: Arc<Model>, kv_budget_bytes: usize) -> Self {
-        Self { runner: Runner { model, kv_budget_bytes } }
+        Self { runner: Runner { model, kv_budget_bytes }, incremental: None }
+    }
+
+    /// Keeps a K/V cache and the per-token NLLs per row between calls (reused up to the
+    /// longest common prefix of `prompt ++ response` with the previous call's, minus one
+    /// position); rows run one at a time. `tokens_processed` counts the tokens run.
+    pub fn incremental(mut self) -> Self {
+        self.incremental = Some(IncrementalLikelihood {
+            rows: IncrementalRows::new(Arc::clone(&self.runner.model)),
+            nll: HashMap::new(),
+            prompt: Vec::new(),
+        });
+        self
+    }
+
+    fn score_incremental(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        for r in responses {
+            self.runner.check(r.tokens)?;
+        }
+        self.runner.check(prompt)?;
+        let vocab = self.runner.model.config.vocab_size;
+        let Some(inc) = self.incremental.as_mut() else {
+            return Err(BackendError::device("likelihood: not incremental"));
+        };
+        if inc.prompt != prompt {
+            inc.rows.clear();
+            inc.nll.clear();
+            inc.prompt = prompt.to_vec();
+        }
+        let p = prompt.len();
+        let mut processed = inc.rows.set_prefix(prompt)?;
+        let mut rewards = Vec::with_capacity(responses.len());
+        for r in responses {
+            let m = r.tokens.len();
+            if m == 0 {
+                rewards.push(EMPTY_RESPONSE_REWARD);
+                continue;
+            }
+            let full = [prompt, r.tokens].concat();
+            let input = &full[..p + m - 1];
+            let (normed, first) = inc.rows.hidden_from(r.row, input, 1)?;
+            processed += (input.len() - first) as u64;
+            let mut nll = inc.nll.remove(&r.row).unwrap_or_default();
+            if nll.len() < first {
+                // A row new to the caches starts from the prompt's: no response NLLs to reuse.
+                if first > p - 1 {
+                    return Err(BackendError::device("likelihood: cached NLLs out of step with the cache"));
+                }
+                nll.resize(first, f64::NAN);
+            }
+            nll.truncate(first);
+            nll.resize(input.len(), f64::NAN);
+            let h = self.runner.model.config.hidden_size;
+            let start = first.max(p - 1);
+            let positions: Vec<usize> = (start..input.len()).collect();
+            for chunk in positions.chunks(LOGIT_CHUNK) {
+                let lo = (chunk[0] - first) * h;
+                let hi = (chunk[chunk.len() - 1] + 1 - first) * h;
+                let logits = inc.rows.head_logits(&normed[lo..hi])?;
+                for (row, &pos) in logits.chunks_exact(vocab).zip(chunk) {
+                    nll[pos] = f64::from(log_sum_exp(row) - row[full[pos + 1] as usize]);
+                }
+            }
+            let sum: f64 = nll[p - 1..].iter().sum();
+            let mean = sum / m as f64;
+            rewards.push(-(mean.min(MAX_MEAN_NLL).exp() as f32));
+            inc.nll.insert(r.row, nll);
+        }
+        Ok(Scored { rewards, tokens_processed: processed })
     }
 
     fn score_sync(&self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
@@ -214,7 +298,25 @@ impl LikelihoodScorer {
 
 impl Scorer for LikelihoodScorer {
     fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
-        std::future::ready(self.score_sync(prompt, responses))
+        let result = match (&self.incremental, responses.is_empty(), prompt.is_empty()) {
+            (None, _, _) => self.score_sync(prompt, responses),
+            (Some(_), true, _) => Ok(Scored::default()),
+            (Some(_), false, false) => self.score_incremental(prompt, responses),
+            (Some(_), false, true) => match self.runner.model.config.bos_token_id {
+                Some(bos) => self.score_incremental(&[bos], responses),
+                None => Err(BackendError::device("likelihood scorer: empty prompt and the model has no BOS token")),
+            },
+        };
+        std::future::ready(result)
+    }
+
+    fn release(&mut self, rows: &[u32]) {
+        if let Some(inc) = self.incremental.as_mut() {
+            inc.rows.release(rows);
+            for r in rows {
+                inc.nll.remove(r);
+            }
+        }
     }
 }
 
@@ -224,6 +326,10 @@ impl Scorer for LikelihoodScorer {
 /// `before` holds the chat-formatted judge instructions with the user's question already
 /// in it, so the `prompt` argument of [`Scorer::score`] is ignored. `tokens_processed` =
 /// `before.len()` (run once) + rows × padded width of `response ++ after`.
+///
+/// [`JudgeScorer::incremental`] keeps a K/V cache per row between decisions instead
+/// ([`IncrementalRows`]): a decision then runs only each row's new tokens plus `after`
+/// (and `before` once), and `tokens_processed` counts exactly those.
 #[derive(Debug, Clone)]
 pub struct JudgeScorer {
     runner: Runner,
@@ -231,6 +337,7 @@ pub struct JudgeScorer {
     after: Vec<u32>,
     yes: u32,
     no: u32,
+    incremental: Option<IncrementalRows>,
 }
 
 impl JudgeScorer {
@@ -246,7 +353,38 @@ impl JudgeScorer {
             (yes as usize) < vocab && (no as usize) < vocab,
             "JudgeScorer: yes ({yes}) / no ({no}) outside the vocabulary ({vocab})"
         );
-        Self { runner: Runner { model, kv_budget_bytes: DEFAULT_KV_BUDGET_BYTES }, before, after, yes, no }
+        Self { runner: Runner { model, kv_budget_bytes: DEFAULT_KV_BUDGET_BYTES }, before, after, yes, no, incremental: None }
+    }
+
+    /// Keeps a K/V cache per row between calls, reused up to the longest common prefix
+    /// of `before ++ response ++ after` with what the row's cache holds; rows are run one at
+    /// a time. Scores equal the batched ones to rounding with [`crate::WeightFormat::F32`];
+    /// with quantized activations (Q8_0) candle's kernels differ by token count, so they
+    /// agree only to that quantization's noise.
+    pub fn incremental(mut self) -> Self {
+        self.incremental = Some(IncrementalRows::new(Arc::clone(&self.runner.model)));
+        self
+    }
+
+    fn score_incremental(&mut self, responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        for r in responses {
+            self.runner.check(r.tokens)?;
+        }
+        self.runner.check(&self.after)?;
+        let (before, after, yes, no) = (&self.before, &self.after, self.yes as usize, self.no as usize);
+        let Some(rows) = self.incremental.as_mut() else {
+            return Err(BackendError::device("judge: not incremental"));
+        };
+        let mut processed = rows.set_prefix(before)?;
+        let mut rewards = Vec::with_capacity(responses.len());
+        for r in responses {
+            let ids = [&before[..], r.tokens, &after[..]].concat();
+            let (hidden, run) = rows.last_hidden(r.row, &ids)?;
+            processed += run;
+            let logits = rows.head_logits(&hidden)?;
+            rewards.push(logits[yes] - logits[no]);
+        }
+        Ok(Scored { rewards, tokens_processed: processed })
     }
 
     /// Limits the K/V the batched passes keep at once (larger batches go in chunks).
@@ -292,6 +430,17 @@ impl JudgeScorer {
 
 impl Scorer for JudgeScorer {
     fn score(&mut self, _prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
-        std::future::ready(self.score_sync(responses))
+        let result = if self.incremental.is_some() {
+            if responses.is_empty() { Ok(Scored::default()) } else { self.score_incremental(responses) }
+        } else {
+            self.score_sync(responses)
+        };
+        std::future::ready(result)
+    }
+
+    fn release(&mut self, rows: &[u32]) {
+        if let Some(inc) = self.incremental.as_mut() {
+            inc.release(rows);
+        }
     }
 }

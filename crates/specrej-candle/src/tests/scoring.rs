@@ -119,3 +119,75 @@ fn judge_without_after_scores_empty_responses_from_the_prefix() {
     assert!(close(s.rewards[0], last[60] - last[61]));
     assert_eq!(s.tokens_processed, 3 + 2 * 2);
 }
+
+#[test]
+fn incremental_judge_equals_the_batched_judge() {
+    let (_dir, model) = tiny_gguf(&Tiny { arch: Architecture::Qwen2, ..Tiny::default() }, GgmlDType::F32, WeightFormat::F32);
+    let before = vec![1u32, 50, 51, 52, 9];
+    let after = vec![53u32, 54, 55];
+    let mut batched = JudgeScorer::new(model.clone(), before.clone(), after.clone(), 60, 61);
+    let mut inc = JudgeScorer::new(model.clone(), before.clone(), after.clone(), 60, 61).incremental();
+    let full: [&[u32]; 3] = [&[5, 6, 7, 8, 9, 10, 11, 12, 13], &[40, 41, 42, 43, 44, 45], &[3, 3, 3, 3, 3, 3, 3]];
+    let mut total = 0;
+    for len in 0..=6 {
+        let rows: Vec<Response<'_>> = full
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(*i == 1 && len > 3))
+            .map(|(i, t)| Response { row: i as u32, tokens: &t[..len] })
+            .collect();
+        if len == 4 {
+            inc.release(&[1]);
+        }
+        let a = block_on_ready(inc.score(&[], &rows)).unwrap();
+        let b = block_on_ready(batched.score(&[], &rows)).unwrap();
+        for (x, y) in a.rewards.iter().zip(&b.rewards) {
+            assert!(close(*x, *y), "len {len}: {x} vs {y}");
+        }
+        // Each row: its one new token plus `after` (the first call: `before` once, then each
+        // row's tokens and `after`).
+        let want = if len == 0 { 5 + rows.len() * 3 } else { rows.len() * (1 + 3) };
+        assert_eq!(a.tokens_processed, want as u64, "len {len}");
+        total += a.tokens_processed;
+    }
+    assert!(total < 5 + 3 * 10 * 7);
+}
+
+#[test]
+fn incremental_likelihood_equals_the_batched_likelihood() {
+    let (_dir, model) = tiny_gguf(&Tiny::default(), GgmlDType::F32, WeightFormat::F32);
+    let prompt = [1u32, 9, 33, 12];
+    let mut batched = LikelihoodScorer::new(model.clone());
+    let mut inc = LikelihoodScorer::new(model.clone()).incremental();
+    let full: [&[u32]; 3] = [&[5, 6, 7, 8, 9, 10, 11, 12, 13], &[40, 41, 42, 43, 44, 45], &[3, 3, 3, 3, 3, 3, 3]];
+    let mut total = 0;
+    for len in 0..=7 {
+        let rows: Vec<Response<'_>> = full
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(*i == 1 && len > 3))
+            .map(|(i, t)| Response { row: i as u32, tokens: &t[..len.min(t.len())] })
+            .collect();
+        if len == 4 {
+            inc.release(&[1]);
+        }
+        let a = block_on_ready(inc.score(&prompt, &rows)).unwrap();
+        let b = block_on_ready(batched.score(&prompt, &rows)).unwrap();
+        for (r, (x, y)) in rows.iter().zip(a.rewards.iter().zip(&b.rewards)) {
+            assert!(close(*x, *y), "len {len}: {x} vs {y}");
+            if !r.tokens.is_empty() {
+                assert!(close(*x, direct_likelihood(&model, &prompt, r.tokens)));
+            }
+        }
+        total += a.tokens_processed;
+    }
+    // A row whose tokens change (same row id, different response) is re-scored correctly.
+    let other = [Response { row: 0, tokens: &[5, 6, 60, 61] }];
+    let a = block_on_ready(inc.score(&prompt, &other)).unwrap();
+    assert!(close(a.rewards[0], direct_likelihood(&model, &prompt, &[5, 6, 60, 61])));
+    // And a different prompt.
+    let a = block_on_ready(inc.score(&[1, 2], &other)).unwrap();
+    assert!(close(a.rewards[0], direct_likelihood(&model, &[1, 2], &[5, 6, 60, 61])));
+    // Prompt once, then about 2 tokens per row per call (the new one and the one before).
+    assert!(total < 4 + 3 * 2 * 8, "{total}");
+}
