@@ -13,6 +13,10 @@ use std::time::Instant;
 pub enum Bench {
     /// Batched decode tokens/s (all rows together) and prefill tokens/s.
     Throughput(ThroughputArgs),
+    /// The paper's evaluation: Best-of-N ladder vs Speculative Rejection at several α over a
+    /// prompt set (default: 100 AlpacaFarm prompts); improvement score, relative compute,
+    /// speedup, partial/final reward correlation; JSON, markdown and SVG into --out.
+    Paper(crate::eval::PaperArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +59,7 @@ struct Report {
 pub fn run(bench: Bench) -> Result<()> {
     match bench {
         Bench::Throughput(args) => throughput(args),
+        Bench::Paper(args) => crate::eval::run(args),
     }
 }
 

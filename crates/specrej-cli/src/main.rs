@@ -2,6 +2,7 @@
 
 mod bench;
 mod budget;
+mod eval;
 mod generate;
 mod model;
 

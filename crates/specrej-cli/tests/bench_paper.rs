@@ -1,0 +1,70 @@
+//! `specrej bench paper`: bad flags fail fast; on the real model a tiny run writes every output.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn out_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("specrej-bench-paper-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn bad_flags_fail_before_the_model_loads() {
+    for (args, needle) in [
+        (&["--bon", "4"][..], "at least two sizes"),
+        (&["--bon", "0,4"][..], "at least 1"),
+        (&["--alphas", "1.0"][..], "[0, 1)"),
+        (&["--limit", "0"][..], "at least 1"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_specrej"))
+            .args(["bench", "paper", "--model", "/nonexistent.gguf"])
+            .args(args)
+            .output()
+            .expect("the binary runs");
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
+    }
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn tiny_run_writes_json_markdown_and_svgs() {
+    let model = std::env::var("SPECREJ_MODEL").expect("SPECREJ_MODEL names the model file");
+    let out = out_dir("tiny");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_specrej"))
+            .args(["bench", "paper", "--limit", "1", "--bon", "2,4", "--alphas", "0.5", "--max-new-tokens", "16"])
+            .args(["--model", &model, "--out"])
+            .arg(&out)
+            .output()
+            .expect("the binary runs")
+    };
+    let output = run();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("BoN-2 (reference)") && stdout.contains("SR α=0.5"), "{stdout}");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("results.json")).expect("JSON");
+    let prompts = json["prompts"].as_array().expect("prompts");
+    assert_eq!(prompts.len(), 1);
+    assert_eq!(prompts[0]["bon"]["candidates"].as_array().map(Vec::len), Some(4));
+    assert_eq!(prompts[0]["sr"].as_array().map(Vec::len), Some(1));
+    assert!(std::fs::read_to_string(out.join("report.md")).expect("report.md").contains("| BoN-4 |"));
+    for svg in ["improvement_vs_compute.svg", "correlation.svg"] {
+        let text = std::fs::read_to_string(out.join(svg)).expect(svg);
+        assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"), "{svg}");
+    }
+
+    // A rerun with the same settings reuses the prompt instead of generating again.
+    let again = run();
+    assert!(again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already in"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
