@@ -6,7 +6,7 @@ use std::sync::Arc;
 use specrej_core::sampling::sample;
 use specrej_core::{BackendError, Decoder, Sampling};
 
-use crate::model::{AllocError, KvCache, Model, is_oom, to_host_rows};
+use crate::model::{alloc_err, device_err, KvCache, Model, to_host_rows};
 
 /// Default K/V budget: 2 GiB.
 pub const DEFAULT_KV_BUDGET_BYTES: usize = 2 << 30;
@@ -57,16 +57,6 @@ impl CandleBatch {
     }
 }
 
-fn device_err(e: candle_core::Error) -> BackendError {
-    if is_oom(&e) { BackendError::OutOfMemory } else { BackendError::device(e) }
-}
-
-fn alloc_err(e: AllocError) -> BackendError {
-    match e {
-        AllocError::OutOfMemory => BackendError::OutOfMemory,
-        AllocError::Other(e) => device_err(e),
-    }
-}
 
 impl CandleDecoder {
     /// A decoder whose K/V cache may use up to `kv_budget_bytes`

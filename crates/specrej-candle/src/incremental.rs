@@ -19,18 +19,8 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use specrej_core::BackendError;
 
-use crate::model::{AllocError, KvCache, Model, is_oom, to_host_rows};
+use crate::model::{alloc_err, device_err, KvCache, Model, to_host_rows};
 
-fn device_err(e: candle_core::Error) -> BackendError {
-    if is_oom(&e) { BackendError::OutOfMemory } else { BackendError::device(e) }
-}
-
-fn alloc_err(e: AllocError) -> BackendError {
-    match e {
-        AllocError::OutOfMemory => BackendError::OutOfMemory,
-        AllocError::Other(e) => device_err(e),
-    }
-}
 
 /// One cached sequence: the ids whose K/V `cache` holds (`cache.len == ids.len()`).
 #[derive(Debug)]

@@ -450,3 +450,16 @@ pub(crate) fn log_sum_exp(x: &[f32]) -> f32 {
 pub(crate) fn to_host_rows(logits: &Tensor) -> CResult<Vec<f32>> {
     logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
+
+/// A candle error as the scheduler sees it: out-of-memory, or a device error.
+pub(crate) fn device_err(e: candle_core::Error) -> specrej_core::BackendError {
+    if is_oom(&e) { specrej_core::BackendError::OutOfMemory } else { specrej_core::BackendError::device(e) }
+}
+
+/// An allocation error as the scheduler sees it.
+pub(crate) fn alloc_err(e: AllocError) -> specrej_core::BackendError {
+    match e {
+        AllocError::OutOfMemory => specrej_core::BackendError::OutOfMemory,
+        AllocError::Other(e) => device_err(e),
+    }
+}

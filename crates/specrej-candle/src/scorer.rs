@@ -12,7 +12,7 @@ use specrej_core::{BackendError, Response, Scored, Scorer};
 
 use crate::decoder::DEFAULT_KV_BUDGET_BYTES;
 use crate::incremental::IncrementalRows;
-use crate::model::{AllocError, KvCache, Model, is_oom, log_sum_exp, to_host_rows};
+use crate::model::{alloc_err, device_err, KvCache, Model, log_sum_exp, to_host_rows};
 
 /// Reward given to an empty response by [`LikelihoodScorer`]: finite, and below the
 /// reward of any non-empty response (whose perplexity is capped at `e^60`).
@@ -24,16 +24,6 @@ const MAX_MEAN_NLL: f64 = 60.0;
 /// Positions whose logits are materialised at once (`[LOGIT_CHUNK, vocab]` f32).
 const LOGIT_CHUNK: usize = 128;
 
-fn device_err(e: candle_core::Error) -> BackendError {
-    if is_oom(&e) { BackendError::OutOfMemory } else { BackendError::device(e) }
-}
-
-fn alloc_err(e: AllocError) -> BackendError {
-    match e {
-        AllocError::OutOfMemory => BackendError::OutOfMemory,
-        AllocError::Other(e) => device_err(e),
-    }
-}
 
 /// A prefix run once with batch 1.
 struct Prefix {
