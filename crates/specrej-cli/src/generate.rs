@@ -5,10 +5,10 @@ use crate::model::{self, Text};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use specrej_candle::{CandleDecoder, JudgeScorer, LikelihoodScorer, LoadOptions, WeightFormat};
+use crate::reward::RewardArgs;
+use specrej_candle::{CandleDecoder, LoadOptions, WeightFormat};
 use specrej_core::{
-    block_on_ready, BackendError, Candidate, Decision, Event, Finish, Method, Options, Outcome, Response,
-    Sampling, Scored, Scorer, Stats,
+    block_on_ready, Candidate, Decision, Event, Finish, Method, Options, Outcome, Sampling, Stats,
 };
 use std::path::PathBuf;
 
@@ -18,14 +18,6 @@ pub enum MethodArg {
     Sr,
     /// Best-of-N.
     Bon,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum RewardArg {
-    /// The policy model asked whether the answer is good: logit(Yes) − logit(No).
-    Judge,
-    /// −perplexity of the answer under the policy (likelihood maximisation).
-    Likelihood,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -68,9 +60,8 @@ pub struct Args {
     /// Seed of the sampling noise (a row's text depends only on seed, row id and prompt).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// The reward model.
-    #[arg(long, value_enum, default_value = "judge")]
-    reward: RewardArg,
+    #[command(flatten)]
+    reward: RewardArgs,
     /// GGUF model file, or a HF directory (config.json, *.safetensors, tokenizer.json)
     /// (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
@@ -120,22 +111,6 @@ impl From<WeightsArg> for WeightFormat {
     }
 }
 
-/// The reward models the CLI offers, as one [`Scorer`] type.
-#[derive(Debug)]
-pub(crate) enum Reward {
-    Judge(JudgeScorer),
-    Likelihood(LikelihoodScorer),
-}
-
-impl Scorer for Reward {
-    async fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
-        match self {
-            Reward::Judge(judge) => judge.score(prompt, responses).await,
-            Reward::Likelihood(likelihood) => likelihood.score(prompt, responses).await,
-        }
-    }
-}
-
 pub fn run(args: Args) -> Result<()> {
     // Check what needs no model first, so bad flags fail fast.
     if args.n == 0 {
@@ -150,11 +125,13 @@ pub fn run(args: Args) -> Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
+    args.reward.check()?;
     let path = model::locate(args.model.as_deref())?;
     let device = match args.backend {
         BackendArg::Cpu => specrej_candle::Device::Cpu,
         BackendArg::Cuda => specrej_candle::Device::Cuda(0),
     };
+    let reward = args.reward.load(device)?;
     let weights = specrej_candle::load(&path, &LoadOptions { device, weights: args.weights.into() })
         .with_context(|| format!("loading {}", path.display()))?;
     let text = Text::load(&path)?;
@@ -179,13 +156,7 @@ pub fn run(args: Args) -> Result<()> {
     let bytes_per_token = weights.config().kv_bytes_per_token();
     let capacity = args.kv_budget.tokens(bytes_per_token, args.n * (prompt.len() + auto_len));
     let mut decoder = CandleDecoder::new(weights.clone(), capacity.saturating_mul(bytes_per_token));
-    let mut reward = match args.reward {
-        RewardArg::Judge => {
-            let segments = specrej_text::judge_segments(&text.tokenizer, &text.template, &args.prompt)?;
-            Reward::Judge(JudgeScorer::new(weights.clone(), segments.before, segments.after, segments.yes, segments.no))
-        }
-        RewardArg::Likelihood => Reward::Likelihood(LikelihoodScorer::new(weights.clone())),
-    };
+    let mut reward = reward.scorer(&weights, &text, &args.prompt)?;
 
     let progress = progress_bar(args.json, options.max_new_tokens as u64);
     let mut decisions = 0usize;
@@ -249,7 +220,13 @@ fn print_human(text: &Text, args: &Args, outcome: &Outcome) {
         MethodArg::Bon => "Best-of-N".to_string(),
     };
     let winner = outcome.winner();
-    println!("{method}: {} rows to start, {} candidates, reward: {:?}", s.initial_rows, outcome.candidates.len(), args.reward);
+    println!(
+        "{method}: {} rows to start, {} candidates, reward: {} ({} re-scoring)",
+        s.initial_rows,
+        outcome.candidates.len(),
+        args.reward.describe(),
+        format!("{:?}", args.reward.rescore).to_lowercase()
+    );
     println!();
     println!("── winner: row {}, reward {:.3}, {} tokens, ended by {} ──", winner.row, winner.score, winner.tokens.len(), finish_name(winner.finish));
     println!("{}", text.decode(&winner.tokens).trim());
@@ -322,7 +299,7 @@ impl<'a> Report<'a> {
             prompt: &args.prompt,
             prompt_tokens,
             method,
-            reward: format!("{:?}", args.reward).to_lowercase(),
+            reward: args.reward.describe(),
             kv_budget_tokens: capacity,
             winner: TextCandidate::new(text, outcome.winner()),
             candidates: outcome.candidates.iter().map(|c| TextCandidate::new(text, c)).collect(),

@@ -5,6 +5,7 @@ mod budget;
 mod eval;
 mod generate;
 mod model;
+mod reward;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -12,12 +12,13 @@ mod math;
 mod prompts;
 mod report;
 
-use crate::generate::{Reward, RewardArg, WeightsArg};
+use crate::generate::WeightsArg;
+use crate::reward::{Reward, RewardArgs, RewardSource};
 use crate::model::{self, Text};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use specrej_candle::{CandleDecoder, JudgeScorer, LikelihoodScorer, LoadOptions, Model};
+use specrej_candle::{CandleDecoder, LoadOptions, Model};
 use specrej_core::{
     block_on_ready, Candidate, Decision, Event, Finish, Method, Options, Outcome, Response, Sampling, Scorer, Stats,
 };
@@ -53,9 +54,8 @@ pub struct PaperArgs {
     /// New tokens per answer at most.
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
-    /// The reward model.
-    #[arg(long, value_enum, default_value = "judge")]
-    reward: RewardArg,
+    #[command(flatten)]
+    reward: RewardArgs,
     /// Base seed; prompt i uses seed + i for every method.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -76,6 +76,8 @@ pub struct Settings {
     pub model: String,
     pub weights: String,
     pub reward: String,
+    /// `incremental` or `full` re-scoring at decisions.
+    pub rescore: String,
     pub bon: Vec<usize>,
     pub alphas: Vec<f32>,
     pub sr_n: usize,
@@ -163,6 +165,7 @@ pub fn run(args: PaperArgs) -> Result<()> {
     if args.limit == Some(0) || args.sr_n == Some(0) || args.kv_budget_tokens == Some(0) {
         bail!("--limit, --sr-n and --kv-budget-tokens must be at least 1");
     }
+    args.reward.check()?;
     let prompts = match &args.prompts {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -176,7 +179,8 @@ pub fn run(args: PaperArgs) -> Result<()> {
     let settings = Settings {
         model: String::new(),
         weights: format!("{:?}", args.weights).to_lowercase(),
-        reward: format!("{:?}", args.reward).to_lowercase(),
+        reward: args.reward.describe(),
+        rescore: format!("{:?}", args.reward.rescore).to_lowercase(),
         bon: ladder.clone(),
         alphas: args.alphas.clone(),
         sr_n: args.sr_n.unwrap_or(largest),
@@ -208,6 +212,7 @@ pub fn run(args: PaperArgs) -> Result<()> {
         )
         .with_context(|| format!("loading {}", path.display()))?;
         let text = Text::load(&path)?;
+        let source = args.reward.load(specrej_candle::Device::Cpu)?;
         let units_per_prompt = 2 + settings.alphas.len() as u64;
         let progress = ProgressBar::new(todo.len() as u64 * units_per_prompt);
         progress.set_style(
@@ -219,7 +224,7 @@ pub fn run(args: PaperArgs) -> Result<()> {
         // is not charged for them.
         progress.set_message("warming up");
         let warm = text.prompt("Hello", None, false)?;
-        let mut warm_reward = reward_for(&weights, &text, args.reward, "Hello")?;
+        let mut warm_reward = source.scorer(&weights, &text, "Hello")?;
         let warm_options = Options {
             method: Method::BestOfN,
             n: 2,
@@ -239,7 +244,7 @@ pub fn run(args: PaperArgs) -> Result<()> {
         let started = std::time::Instant::now();
         for (k, &index) in todo.iter().enumerate() {
             let label = format!("prompt {}/{} (#{index})", k + 1, todo.len());
-            let result = run_prompt(&weights, &text, &settings, index, &prompts[index], &progress, &label)
+            let result = run_prompt(&weights, &text, &source, &settings, index, &prompts[index], &progress, &label)
                 .with_context(|| format!("prompt #{index}"))?;
             file.prompts.retain(|p| p.index != index);
             file.prompts.push(result);
@@ -298,17 +303,7 @@ fn write_reports(out: &Path, file: &ResultFile, selected: &[String]) -> Result<S
     Ok(markdown)
 }
 
-fn reward_for(weights: &Arc<Model>, text: &Text, kind: RewardArg, user: &str) -> Result<Reward> {
-    Ok(match kind {
-        RewardArg::Judge => {
-            let segments = specrej_text::judge_segments(&text.tokenizer, &text.template, user)?;
-            Reward::Judge(JudgeScorer::new(weights.clone(), segments.before, segments.after, segments.yes, segments.no))
-        }
-        RewardArg::Likelihood => Reward::Likelihood(LikelihoodScorer::new(weights.clone())),
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // Private helper with two call sites; the arguments are the run.
 fn generate_one(
     weights: &Arc<Model>,
     reward: &mut Reward,
@@ -354,9 +349,11 @@ fn summarize_run(text: &Text, alpha: Option<f32>, n: usize, capacity: usize, out
     }
 }
 
+#[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
 fn run_prompt(
     weights: &Arc<Model>,
     text: &Text,
+    reward: &RewardSource,
     settings: &Settings,
     index: usize,
     user: &str,
@@ -364,8 +361,6 @@ fn run_prompt(
     label: &str,
 ) -> Result<PromptResult> {
     let prompt = text.prompt(user, None, false)?;
-    let kind = if settings.reward == "judge" { RewardArg::Judge } else { RewardArg::Likelihood };
-    let mut reward = reward_for(weights, text, kind, user)?;
     let seed = settings.seed + index as u64;
     let base = Options {
         method: Method::BestOfN,
@@ -378,7 +373,7 @@ fn run_prompt(
 
     // The largest Best-of-N, room for every row.
     let bon_capacity = base.n * (prompt.len() + base.max_new_tokens);
-    let bon_outcome = generate_one(weights, &mut reward, &prompt, &base, bon_capacity, progress, label)?;
+    let bon_outcome = generate_one(weights, &mut reward.scorer(weights, text, user)?, &prompt, &base, bon_capacity, progress, label)?;
     let bon = summarize_run(text, None, base.n, bon_capacity, &bon_outcome);
 
     // Speculative Rejection at every α, same seed, same rows to start with.
@@ -388,7 +383,7 @@ fn run_prompt(
     let mut sr = Vec::new();
     for &alpha in &settings.alphas {
         let options = Options { method: Method::SpeculativeRejection { alpha }, n: settings.sr_n, ..base.clone() };
-        let outcome = generate_one(weights, &mut reward, &prompt, &options, sr_capacity, progress, label)?;
+        let outcome = generate_one(weights, &mut reward.scorer(weights, text, user)?, &prompt, &options, sr_capacity, progress, label)?;
         sr.push(summarize_run(text, Some(alpha), settings.sr_n, sr_capacity, &outcome));
     }
 
@@ -421,7 +416,7 @@ fn run_prompt(
         let responses: Vec<Response<'_>> =
             alive.iter().map(|c| Response { row: c.row, tokens: &c.tokens[..position] }).collect();
         let (pearson, kendall) = if alive.len() >= 3 {
-            let partial = block_on_ready(reward.score(&prompt, &responses))?;
+            let partial = block_on_ready(reward.scorer(weights, text, user)?.score(&prompt, &responses))?;
             let x: Vec<f64> = partial.rewards.iter().map(|&r| f64::from(r)).collect();
             let y: Vec<f64> = alive.iter().map(|c| f64::from(c.score)).collect();
             (math::pearson(&x, &y), math::kendall_tau_b(&x, &y))

@@ -1,0 +1,192 @@
+//! The reward models the CLI offers (`--reward`, `--reward-url`, `--rescore`), as one
+//! [`Scorer`] type.
+
+use crate::model::Text;
+use anyhow::{Context, Result};
+use specrej_candle::{JudgeScorer, LikelihoodScorer, LoadOptions, Model, WeightFormat};
+use specrej_core::{BackendError, Response, Scored, Scorer};
+use specrej_reward::{RemoteScorer, RewardModel, RewardScorer};
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// `--reward`: a built-in scorer on the policy itself, or a reward-model directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RewardSpec {
+    /// The policy asked whether the answer is good: logit(Yes) − logit(No).
+    Judge,
+    /// −perplexity of the answer under the policy.
+    Likelihood,
+    /// A Hugging Face `*ForSequenceClassification` directory.
+    Model(PathBuf),
+}
+
+impl FromStr for RewardSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "judge" => Ok(RewardSpec::Judge),
+            "likelihood" => Ok(RewardSpec::Likelihood),
+            "" => Err("expected judge, likelihood or a reward-model directory".to_string()),
+            path => Ok(RewardSpec::Model(PathBuf::from(path))),
+        }
+    }
+}
+
+impl fmt::Display for RewardSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RewardSpec::Judge => f.write_str("judge"),
+            RewardSpec::Likelihood => f.write_str("likelihood"),
+            RewardSpec::Model(dir) => write!(f, "{}", dir.display()),
+        }
+    }
+}
+
+/// `--rescore`: how partial answers are re-scored at each decision.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Rescore {
+    /// Keep the reward model's K/V cache per surviving row; a decision runs only the tokens
+    /// added since the last one.
+    #[default]
+    Incremental,
+    /// Re-run the reward model on every whole answer at every decision (the paper's code).
+    Full,
+}
+
+/// The reward flags shared by `generate` and `bench paper`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RewardArgs {
+    /// The reward model: `judge` (the policy asked whether the answer is good), `likelihood`
+    /// (−perplexity under the policy), or a Hugging Face reward-model directory
+    /// (`*ForSequenceClassification`: config.json, *.safetensors, tokenizer.json).
+    #[arg(long, default_value = "judge", value_name = "judge|likelihood|DIR")]
+    pub reward: RewardSpec,
+    /// Score with a reward server instead (`http://host:port/path`, the JSON protocol of
+    /// `specrej-reward-server`).
+    #[arg(long, value_name = "URL", conflicts_with = "reward")]
+    pub reward_url: Option<String>,
+    /// How partial answers are re-scored at each decision.
+    #[arg(long, value_enum, default_value = "incremental")]
+    pub rescore: Rescore,
+}
+
+impl RewardArgs {
+    /// What the reports call this reward.
+    pub fn describe(&self) -> String {
+        match &self.reward_url {
+            Some(url) => format!("remote {url}"),
+            None => self.reward.to_string(),
+        }
+    }
+
+    /// Checks what needs no loading, so a bad flag fails before the policy is loaded.
+    pub fn check(&self) -> Result<()> {
+        if let (None, RewardSpec::Model(dir)) = (&self.reward_url, &self.reward)
+            && !dir.is_dir()
+        {
+            anyhow::bail!("--reward {}: not judge, likelihood or a reward-model directory", dir.display());
+        }
+        if let Some(url) = &self.reward_url
+            && !url.starts_with("http://")
+        {
+            anyhow::bail!("--reward-url {url}: expected http://host:port/path");
+        }
+        Ok(())
+    }
+
+    /// Loads what is shared by every question (a reward model's weights), on `device`.
+    pub fn load(&self, device: specrej_candle::Device) -> Result<RewardSource> {
+        self.check()?;
+        let kind = match (&self.reward_url, &self.reward) {
+            (Some(url), _) => Kind::Remote(url.clone()),
+            (None, RewardSpec::Judge) => Kind::Judge,
+            (None, RewardSpec::Likelihood) => Kind::Likelihood,
+            (None, RewardSpec::Model(dir)) => {
+                // f32 so incremental and full scoring agree to rounding (see specrej-reward).
+                let rm = RewardModel::load(dir, &LoadOptions { device, weights: WeightFormat::F32 })
+                    .with_context(|| format!("loading the reward model {}", dir.display()))?;
+                Kind::Model(rm)
+            }
+        };
+        Ok(RewardSource { kind, rescore: self.rescore })
+    }
+}
+
+#[derive(Debug)]
+enum Kind {
+    Judge,
+    Likelihood,
+    Model(Arc<RewardModel>),
+    Remote(String),
+}
+
+/// A loaded reward, ready to make one scorer per question.
+#[derive(Debug)]
+pub struct RewardSource {
+    kind: Kind,
+    rescore: Rescore,
+}
+
+impl RewardSource {
+    /// A fresh scorer (no cached state) for the user's message `user`; `policy` and `text`
+    /// are the policy model (for the built-in rewards) and its tokenizer and chat template.
+    pub fn scorer(&self, policy: &Arc<Model>, text: &Text, user: &str) -> Result<Reward> {
+        let incremental = self.rescore == Rescore::Incremental;
+        Ok(match &self.kind {
+            Kind::Judge => {
+                let s = specrej_text::judge_segments(&text.tokenizer, &text.template, user)?;
+                let judge = JudgeScorer::new(policy.clone(), s.before, s.after, s.yes, s.no);
+                Reward::Judge(if incremental { judge.incremental() } else { judge })
+            }
+            Kind::Likelihood => {
+                let likelihood = LikelihoodScorer::new(policy.clone());
+                Reward::Likelihood(if incremental { likelihood.incremental() } else { likelihood })
+            }
+            Kind::Model(rm) => {
+                let tokenizer = text.tokenizer.clone();
+                Reward::Model(if incremental {
+                    RewardScorer::new(rm.clone(), tokenizer, user)
+                } else {
+                    RewardScorer::full(rm.clone(), tokenizer, user)
+                })
+            }
+            Kind::Remote(url) => {
+                let remote = RemoteScorer::new(url, text.tokenizer.clone(), user)
+                    .with_context(|| format!("--reward-url {url}"))?;
+                Reward::Remote(if incremental { remote } else { remote.stateless() })
+            }
+        })
+    }
+}
+
+/// Every reward the CLI offers, as one [`Scorer`] type.
+#[derive(Debug)]
+pub enum Reward {
+    Judge(JudgeScorer),
+    Likelihood(LikelihoodScorer),
+    Model(RewardScorer),
+    Remote(RemoteScorer),
+}
+
+impl Scorer for Reward {
+    async fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        match self {
+            Reward::Judge(s) => s.score(prompt, responses).await,
+            Reward::Likelihood(s) => s.score(prompt, responses).await,
+            Reward::Model(s) => s.score(prompt, responses).await,
+            Reward::Remote(s) => s.score(prompt, responses).await,
+        }
+    }
+
+    fn release(&mut self, rows: &[u32]) {
+        match self {
+            Reward::Judge(s) => s.release(rows),
+            Reward::Likelihood(s) => s.release(rows),
+            Reward::Model(s) => s.release(rows),
+            Reward::Remote(s) => s.release(rows),
+        }
+    }
+}
