@@ -1,34 +1,13 @@
 //! The `specrej` binary: bad input gets one clear line and a non-zero exit, never a panic.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 
-fn specrej(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_specrej"))
-        .args(args)
-        .env_remove("SPECREJ_MODEL")
-        .output()
-        .expect("the binary runs")
-}
+mod common;
 
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Fails with exit code 1, an `error:` line naming `needle`, and no panic.
-fn fails_with(args: &[&str], needle: &str) {
-    let output = specrej(args);
-    let err = stderr(&output);
-    assert_eq!(output.status.code(), Some(1), "{args:?}: {err}");
-    assert!(err.starts_with("error: "), "{args:?}: {err}");
-    assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
-    assert!(!err.contains("panicked"), "{args:?}: {err}");
-}
+use common::{fails_with, specrej, stderr};
 
 fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("specrej-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(name);
+    let path = common::temp_dir(&format!("file-{name}")).join(name);
     std::fs::write(&path, bytes).expect("write temp file");
     path
 }

@@ -4,34 +4,14 @@
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Arc;
 
 use specrej_candle::{LoadOptions, WeightFormat};
 use specrej_reward::{ExportDtype, RewardModel, export_judge_rm, spawn_server};
 
-fn specrej(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_specrej")).args(args).env_remove("SPECREJ_MODEL").output().unwrap()
-}
+mod common;
 
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn fails_with(args: &[&str], needle: &str) {
-    let output = specrej(args);
-    let err = stderr(&output);
-    assert_eq!(output.status.code(), Some(1), "{args:?}: {err}");
-    assert!(err.starts_with("error: ") && err.contains(needle), "{args:?}: expected {needle:?} in {err}");
-    assert!(!err.contains("panicked"), "{args:?}: {err}");
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("specrej-cli-reward-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::{fails_with, specrej, stderr, temp_dir};
 
 #[test]
 fn bad_reward_flags_are_named_before_any_model_loads() {

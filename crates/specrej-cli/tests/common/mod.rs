@@ -1,0 +1,36 @@
+//! Running the `specrej` binary from the integration tests.
+#![allow(dead_code)] // Each test file uses a different subset.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Runs `specrej args…` without `$SPECREJ_MODEL`, so only `--model` picks a model.
+pub fn specrej(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_specrej"))
+        .args(args)
+        .env_remove("SPECREJ_MODEL")
+        .output()
+        .expect("the binary runs")
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Fails with exit code 1, an `error:` line naming `needle`, and no panic.
+pub fn fails_with(args: &[&str], needle: &str) {
+    let output = specrej(args);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{args:?}: {err}");
+    assert!(err.starts_with("error: "), "{args:?}: {err}");
+    assert!(err.contains(needle), "{args:?}: expected {needle:?} in {err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+}
+
+/// A fresh, empty directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("specrej-cli-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
