@@ -33,18 +33,6 @@ pub enum RewardError {
         /// The checkpoint directory.
         path: PathBuf,
     },
-    /// The reward head has the wrong shape.
-    #[error("{path}: tensor {name:?} has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch {
-        /// The checkpoint directory.
-        path: PathBuf,
-        /// The tensor.
-        name: String,
-        /// Expected shape.
-        expected: Vec<usize>,
-        /// Shape found.
-        found: Vec<usize>,
-    },
     /// The tokenizer or chat template failed to load.
     #[error("{path}: {source}")]
     Text {

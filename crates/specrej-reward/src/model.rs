@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use specrej_candle::{LoadOptions, Model, load_safetensors_trunk};
+use specrej_candle::{LoadError, LoadOptions, Model, load_safetensors_trunk};
 use specrej_core::BackendError;
 use specrej_text::{ChatTemplate, Message, Tokenizer};
 
@@ -41,7 +41,7 @@ impl RewardModel {
     pub fn load(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Arc<Self>, RewardError> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
-            return Err(RewardError::Load(specrej_candle::LoadError::Missing { path: dir }));
+            return Err(RewardError::Load(LoadError::Missing { path: dir }));
         }
         let config_path = dir.join("config.json");
         let config: serde_json::Value = serde_json::from_slice(&read(&config_path)?).map_err(|e| RewardError::Config {
@@ -78,7 +78,7 @@ impl RewardModel {
         let weight = extras.get("score.weight").ok_or_else(|| RewardError::MissingScoreHead { path: dir.clone() })?;
         let dims = weight.dims().to_vec();
         if dims != [1, hidden] && dims != [hidden] {
-            return Err(RewardError::ShapeMismatch { path: dir, name: "score.weight".into(), expected: vec![1, hidden], found: dims });
+            return Err(LoadError::ShapeMismatch { path: dir, name: "score.weight".into(), expected: vec![1, hidden], found: dims }.into());
         }
         let score = weight.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| RewardError::Other(format!("{}: score.weight: {e}", dir.display())))?;
         let bias = match extras.get("score.bias") {
@@ -87,7 +87,7 @@ impl RewardModel {
                 let v = b.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| RewardError::Other(format!("{}: score.bias: {e}", dir.display())))?;
                 match v.as_slice() {
                     [x] => *x,
-                    _ => return Err(RewardError::ShapeMismatch { path: dir, name: "score.bias".into(), expected: vec![1], found: b.dims().to_vec() }),
+                    _ => return Err(LoadError::ShapeMismatch { path: dir, name: "score.bias".into(), expected: vec![1], found: b.dims().to_vec() }.into()),
                 }
             }
         };
