@@ -6,10 +6,15 @@ use std::sync::Arc;
 use specrej_core::sampling::sample;
 use specrej_core::{BackendError, Decoder, Sampling};
 
-use crate::model::{alloc_err, device_err, KvCache, Model, to_host_rows};
+use crate::model::{alloc_err, device_err, device_memory, greedy_rows, KvCache, Model, to_host_rows};
 
 /// Default K/V budget: 2 GiB.
 pub const DEFAULT_KV_BUDGET_BYTES: usize = 2 << 30;
+
+/// Share of a GPU's free memory that [`CandleDecoder::auto_budget_bytes`] gives the K/V
+/// cache. Below one half because `retain` builds the kept rows' cache before it frees the
+/// old one (peak: old + new), and activations, logits and the scorer need room too.
+pub const AUTO_BUDGET_FREE_FRACTION: f64 = 0.45;
 
 /// Batched lock-step decoding on a shared [`Model`].
 #[derive(Debug, Clone)]
@@ -29,7 +34,8 @@ pub struct CandleBatch {
     /// `[rows]`: tokens sampled by the last step but not yet run through the model.
     pending: Option<Vec<u32>>,
     /// `[rows, vocab]` f32 on the host: the distribution the next sample draws from
-    /// (valid while `pending` is `None`).
+    /// (valid while `pending` is `None`; empty after a greedy step on a device, whose
+    /// logits never leave it).
     logits: Vec<f32>,
     sampling: Sampling,
 }
@@ -63,6 +69,16 @@ impl CandleDecoder {
     /// (see [`DEFAULT_KV_BUDGET_BYTES`]).
     pub fn new(model: Arc<Model>, kv_budget_bytes: usize) -> Self {
         Self { model, kv_budget_bytes }
+    }
+
+    /// A K/V budget sized from the memory free on the model's device right now:
+    /// [`AUTO_BUDGET_FREE_FRACTION`] of it on a CUDA device (so call it after loading the
+    /// model and any scorer), [`DEFAULT_KV_BUDGET_BYTES`] on the CPU.
+    pub fn auto_budget_bytes(model: &Model) -> Result<usize, BackendError> {
+        match device_memory(&model.device).map_err(device_err)? {
+            Some((free, _total)) => Ok((free as f64 * AUTO_BUDGET_FREE_FRACTION) as usize),
+            None => Ok(DEFAULT_KV_BUDGET_BYTES),
+        }
     }
 
     /// The shared model.
@@ -120,28 +136,50 @@ impl CandleDecoder {
                 batch.pending = Some(pending); // the batch stays usable (e.g. after a retain)
                 return Err(e);
             }
+            let len_before = batch.cache.len;
             let result = model
                 .token_tensor(pending.clone(), rows, 1)
                 .and_then(|tokens| model.forward_hidden(&tokens, &mut batch.cache))
-                .and_then(|hidden| model.last_logits(&hidden)) // [rows, vocab]
-                .and_then(|logits| to_host_rows(&logits));
-            match result {
-                Ok(logits) => batch.logits = logits,
+                .and_then(|hidden| model.last_logits(&hidden)); // [rows, vocab]
+            let sampled = match result {
+                // Greedy on a device: the argmax runs there and only `rows` ids come back.
+                Ok(logits) if !model.device.is_cpu() && batch.sampling.temperature <= 0.0 => greedy_rows(&logits).map(Some),
+                // Otherwise the host samples (the row-keyed noise needs 32-bit integer hashing,
+                // which candle's tensor ops cannot express): the logits come back.
+                Ok(logits) => to_host_rows(&logits).map(|l| {
+                    batch.logits = l;
+                    None
+                }),
+                Err(e) => Err(e),
+            };
+            match sampled {
+                Ok(Some(tokens)) => {
+                    batch.logits.clear(); // not read back: nothing for `retain` to keep either
+                    return Ok(record(batch, tokens));
+                }
+                Ok(None) => {}
                 Err(e) => {
-                    // A failed forward may have written K/V at `len` but not advanced it:
-                    // the cache is still consistent and the step can be retried.
+                    // A failed step may have written K/V at `len` (and, if only sampling
+                    // failed, advanced it): rewinding keeps the cache consistent, so the step
+                    // can be retried.
+                    batch.cache.len = len_before;
                     batch.pending = Some(pending);
                     return Err(device_err(e));
                 }
             }
         }
         let tokens = sample_rows(&batch.logits, vocab, &batch.sampling, &batch.row_ids, &batch.generated);
-        for g in &mut batch.generated {
-            *g += 1;
-        }
-        batch.pending = Some(tokens.clone());
-        Ok(tokens)
+        Ok(record(batch, tokens))
     }
+}
+
+/// Records `tokens` as the rows' next tokens (run by the next step) and returns them.
+fn record(batch: &mut CandleBatch, tokens: Vec<u32>) -> Vec<u32> {
+    for g in &mut batch.generated {
+        *g += 1;
+    }
+    batch.pending = Some(tokens.clone());
+    tokens
 }
 
 /// One token per row from `logits` `[rows, vocab]`, split over two threads for large batches.
@@ -239,11 +277,17 @@ impl Decoder for CandleDecoder {
         if let Some(p) = &batch.pending {
             batch.pending = Some(keep.iter().map(|&i| p[i]).collect());
         }
-        let mut logits = Vec::with_capacity(keep.len() * vocab);
-        for &i in keep {
-            logits.extend_from_slice(&batch.logits[i * vocab..(i + 1) * vocab]);
+        // The logits are read only while nothing is pending (right after prefill); a greedy
+        // step on a device keeps none at all.
+        if batch.logits.len() == rows * vocab {
+            let mut logits = Vec::with_capacity(keep.len() * vocab);
+            for &i in keep {
+                logits.extend_from_slice(&batch.logits[i * vocab..(i + 1) * vocab]);
+            }
+            batch.logits = logits;
+        } else {
+            batch.logits.clear();
         }
-        batch.logits = logits;
         Ok(())
     }
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use specrej_core::BackendError;
 
-use crate::model::{alloc_err, device_err, KvCache, Model, to_host_rows};
+use crate::model::{alloc_err, device_err, nll_rows, KvCache, Model, to_host_rows};
 
 
 /// One cached sequence: the ids whose K/V `cache` holds (`cache.len == ids.len()`).
@@ -206,6 +206,18 @@ impl IncrementalRows {
     pub fn clear(&mut self) {
         self.rows.clear();
         self.prefix = None;
+    }
+
+    /// `−log p(targets[i])` under the head's distribution at each of `n` final-normed
+    /// hidden states `[n, hidden]` (needs the model's head). Computed on the model's device:
+    /// only the `n` values come back, not `[n, vocab]` logits.
+    pub fn head_nll(&self, normed: &[f32], targets: &[u32]) -> Result<Vec<f32>, BackendError> {
+        let model = &*self.model;
+        let h = model.config.hidden_size;
+        Tensor::from_slice(normed, (normed.len() / h, h), &model.device)
+            .and_then(|h| model.head_forward(&h)) // [n, vocab]
+            .and_then(|l| nll_rows(&l, targets))
+            .map_err(device_err)
     }
 
     /// Logits `[n, vocab]` (row-major) from `n` final-normed hidden states `[n, hidden]`

@@ -31,10 +31,22 @@
 //! logits then agree to rounding (tested to 1e-4 absolute; ~7e-7 observed), and greedy
 //! tokens agree unless two candidates tie to that precision.
 //!
+//! On CUDA (feature `cuda`, [`Device::Cuda`]) the same forward runs on candle's CUDA
+//! kernels (cuBLAS, its quantized matmuls); the row-by-row bit-exactness above is a CPU
+//! property: CUDA picks kernels by row count, so rows agree only to rounding there.
+//!
 //! # Memory
 //! The K/V cache is f32, `[rows, kv_heads, capacity, head_dim]` per layer, grown by
-//! doubling within the decoder's byte budget; running past the budget is reported as
-//! [`specrej_core::BackendError::OutOfMemory`] so the scheduler can decide early.
+//! doubling within the decoder's byte budget; running past the budget, or a failed device
+//! allocation, is reported as [`specrej_core::BackendError::OutOfMemory`] so the scheduler
+//! can decide early. [`CandleDecoder::auto_budget_bytes`] sizes a budget from the GPU's free
+//! memory.
+//!
+//! # Sampling on a device
+//! Greedy steps on a GPU take the argmax there, so only the sampled ids cross to the host.
+//! Sampling with temperature reads the logits back and samples on the host
+//! ([`specrej_core::sampling`]): its noise is a 32-bit integer hash, which candle's tensor
+//! ops cannot express.
 #![forbid(unsafe_code)]
 
 mod attention;
@@ -51,7 +63,7 @@ mod scorer;
 mod tests;
 
 pub use config::{Architecture, ModelConfig};
-pub use decoder::{CandleBatch, CandleDecoder, DEFAULT_KV_BUDGET_BYTES};
+pub use decoder::{AUTO_BUDGET_FREE_FRACTION, CandleBatch, CandleDecoder, DEFAULT_KV_BUDGET_BYTES};
 pub use error::LoadError;
 pub use incremental::IncrementalRows;
 pub use load::{load, load_gguf, load_safetensors, load_safetensors_trunk};

@@ -126,19 +126,12 @@ impl<S: TensorSource> Builder<'_, S> {
         let q8_ok = inp.is_multiple_of(GgmlDType::Q8_0.block_size());
         let dense = |weight: QMatMul| Linear { weight, bias: None, padded_in: inp };
         match (self.format, raw) {
-            (WeightFormat::Native, Raw::Quantized(q)) => {
-                let q = if self.device.is_cpu() {
-                    q
-                } else {
-                    QTensor::quantize_onto(&q.dequantize(&CDevice::Cpu)?, q.dtype(), self.device)?
-                };
-                Ok(dense(QMatMul::from_qtensor(q)?))
-            }
+            (WeightFormat::Native, Raw::Quantized(q)) => Ok(dense(QMatMul::from_qtensor(q_to_device(q, self.device)?)?)),
             (WeightFormat::Q8_0, raw) if q8_ok => {
                 let padded_in = self.q8_0_width(inp);
                 match raw {
-                    Raw::Quantized(q) if q.dtype() == GgmlDType::Q8_0 && padded_in == inp && self.device.is_cpu() => {
-                        Ok(dense(QMatMul::from_qtensor(q)?))
+                    Raw::Quantized(q) if q.dtype() == GgmlDType::Q8_0 && padded_in == inp => {
+                        Ok(dense(QMatMul::from_qtensor(q_to_device(q, self.device)?)?))
                     }
                     raw => {
                         let w = raw.to_f32()?.pad_with_zeros(1, 0, padded_in - inp)?; // [out, padded_in]
@@ -271,12 +264,13 @@ fn build<S: TensorSource>(
         (Raw::Quantized(q), WeightFormat::Native) if !is_float(q.dtype()) => Some(q.dtype()),
         (_, WeightFormat::Q8_0) if h.is_multiple_of(GgmlDType::Q8_0.block_size()) => Some(GgmlDType::Q8_0),
         _ => None,
-    };
+    }
+    .filter(|&dtype| has_quantized_lookup(dtype, &device));
     let cerr = |b: &Builder<'_, S>, e| b.candle_err(e);
     let embedding = match table_dtype {
         Some(dtype) => {
             let q = match embedding_raw {
-                Raw::Quantized(q) if q.dtype() == dtype && device.is_cpu() => q,
+                Raw::Quantized(q) if q.dtype() == dtype => q_to_device(q, &device).map_err(|e| cerr(&b, e))?,
                 raw => raw.to_f32().and_then(|t| QTensor::quantize_onto(&t, dtype, &device)).map_err(|e| cerr(&b, e))?,
             };
             Embedding::Quantized(Arc::new(q))
@@ -347,6 +341,35 @@ fn build<S: TensorSource>(
         inv_freq,
         vocab,
     }))
+}
+
+/// `q` on `device` with its bytes unchanged. Quantized data must not take a round trip
+/// through f32: re-quantizing dequantized Q4_1 (say) can pick other block scales.
+fn q_to_device(q: QTensor, device: &CDevice) -> candle_core::Result<QTensor> {
+    if device.is_cpu() {
+        return Ok(q);
+    }
+    let data = q.data()?; // the blocks as stored, on the host
+    candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &data, q.shape().dims().to_vec(), device)
+}
+
+/// Whether candle can look rows of a `dtype` table up on `device` (its CUDA row gather
+/// knows the 4/5/8-bit and K-quant block types only); otherwise the table is held as f32.
+fn has_quantized_lookup(dtype: GgmlDType, device: &CDevice) -> bool {
+    device.is_cpu()
+        || matches!(
+            dtype,
+            GgmlDType::Q4_0
+                | GgmlDType::Q4_1
+                | GgmlDType::Q5_0
+                | GgmlDType::Q5_1
+                | GgmlDType::Q8_0
+                | GgmlDType::Q2K
+                | GgmlDType::Q3K
+                | GgmlDType::Q4K
+                | GgmlDType::Q5K
+                | GgmlDType::Q6K
+        )
 }
 
 fn is_float(dtype: GgmlDType) -> bool {

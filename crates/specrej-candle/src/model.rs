@@ -343,10 +343,11 @@ impl From<candle_core::Error> for AllocError {
     }
 }
 
-/// Whether a candle error is a device allocation failure.
+/// Whether a candle error is a device allocation failure: the host allocator's, CUDA's
+/// (`CUDA_ERROR_OUT_OF_MEMORY`, "out of memory") or cuBLAS's (`CUBLAS_STATUS_ALLOC_FAILED`).
 pub(crate) fn is_oom(e: &candle_core::Error) -> bool {
     let msg = e.to_string().to_ascii_lowercase();
-    msg.contains("out of memory") || msg.contains("out_of_memory")
+    msg.contains("out of memory") || msg.contains("out_of_memory") || msg.contains("alloc_failed")
 }
 
 /// A zero-filled `[rows, kv_heads, cap, head_dim]` f32 buffer. On the CPU the allocation
@@ -421,6 +422,16 @@ impl KvCache {
             len: self.len,
             cap,
         };
+        if !model.device.is_cpu() {
+            // One gather kernel per buffer instead of one copy per row and buffer.
+            let index = Tensor::from_vec(source.iter().map(|&r| r as u32).collect::<Vec<u32>>(), source.len(), &model.device)?; // [n] u32
+            for (bufs, out_bufs) in [(&self.k, &mut out.k), (&self.v, &mut out.v)] {
+                for buf in bufs {
+                    out_bufs.push(gather_indexed(buf, &index, self.len, cap, model)?);
+                }
+            }
+            return Ok(out);
+        }
         for (bufs, out_bufs) in [(&self.k, &mut out.k), (&self.v, &mut out.v)] {
             for buf in bufs {
                 let dst = alloc_kv(source.len(), c.kv_heads, cap, c.head_dim, &model.device)?;
@@ -434,6 +445,74 @@ impl KvCache {
         }
         Ok(out)
     }
+}
+
+/// Rows `index` of one cache buffer, as a new buffer with room for `cap` positions, in a
+/// few whole-tensor ops (the device path of [`KvCache::gather_rows`]).
+///
+/// * `buf`: `[rows, kv_heads, old_cap, hd]` f32, contiguous; positions `0..len` are used.
+/// * `index`: `[n]` u32 row indices.
+///
+/// Returns `[n, kv_heads, cap, hd]` f32 whose positions `0..len` equal those of the rows.
+pub(crate) fn gather_indexed(buf: &Tensor, index: &Tensor, len: usize, cap: usize, model: &Model) -> Result<Tensor, AllocError> {
+    let (_, kv_heads, old_cap, hd) = buf.dims4()?;
+    let n = index.dim(0)?;
+    let picked = buf.index_select(index, 0)?; // [n, kv_heads, old_cap, hd]
+    if old_cap == cap {
+        return Ok(picked); // positions >= len are unused, whatever they hold
+    }
+    let dst = alloc_kv(n, kv_heads, cap, hd, &model.device)?; // [n, kv_heads, cap, hd]
+    let used = if len == old_cap { picked } else { picked.narrow(2, 0, len)?.contiguous()? }; // [n, kv_heads, len, hd]
+    dst.slice_set(&used, 2, 0)?;
+    Ok(dst)
+}
+
+/// Greedy tokens of `logits` `[rows, vocab]` f32, computed where the logits are, so only
+/// `rows` ids cross to the host. Equal to [`specrej_core::sampling::argmax`] of each row
+/// for finite logits, ties included (the lowest index wins): the row maximum is exact, and
+/// the first index holding it is found as the maximum of `vocab − index` over the
+/// positions equal to it. (Rows holding NaN may differ: the host never picks a NaN.)
+pub(crate) fn greedy_rows(logits: &Tensor) -> CResult<Vec<u32>> {
+    let (_rows, vocab) = logits.dims2()?;
+    let Ok(vocab32) = u32::try_from(vocab) else {
+        candle_core::bail!("greedy sampling: vocabulary of {vocab} entries does not fit u32 ids")
+    };
+    let device = logits.device();
+    let max = logits.max_keepdim(1)?; // [rows, 1] f32
+    let is_max = logits.broadcast_eq(&max)?; // [rows, vocab] u8
+    let rank = Tensor::from_vec((0..vocab32).map(|i| vocab32 - i).collect::<Vec<u32>>(), (1, vocab), device)?; // [1, vocab] u32
+    let ranked = is_max.to_dtype(DType::U32)?.broadcast_mul(&rank)?; // [rows, vocab] u32: vocab − i where maximal, else 0
+    let best = ranked.max(1)?.to_vec1::<u32>()?; // [rows]: vocab − first argmax
+    Ok(best.into_iter().map(|b| vocab32 - b.min(vocab32)).collect())
+}
+
+/// `−log softmax(logits)[target]` of each row of `logits` `[n, vocab]` f32, computed where
+/// the logits are, so only `n` numbers cross to the host (the device path of the likelihood
+/// scorer). Agrees with the host's `log_sum_exp(row) − row[target]` to f32 rounding (the
+/// host sums in f64).
+pub(crate) fn nll_rows(logits: &Tensor, targets: &[u32]) -> CResult<Vec<f32>> {
+    let n = logits.dim(0)?;
+    if targets.len() != n {
+        candle_core::bail!("nll: {} targets for {n} rows", targets.len())
+    }
+    let max = logits.max_keepdim(1)?; // [n, 1]
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?; // [n, 1]
+    let index = Tensor::from_slice(targets, (n, 1), logits.device())?; // [n, 1] u32
+    let picked = logits.contiguous()?.gather(&index, 1)?; // [n, 1]
+    (lse - picked)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Free and total bytes of memory on a CUDA device; `None` on the CPU (and on any
+/// device when the crate is built without `cuda`).
+pub(crate) fn device_memory(device: &CDevice) -> CResult<Option<(usize, usize)>> {
+    #[cfg(feature = "cuda")]
+    if let CDevice::Cuda(cuda) = device {
+        let stream = cuda.cuda_stream();
+        let info = stream.context().mem_get_info().map_err(|e| candle_core::Error::Msg(format!("cuda mem_get_info: {e}")))?;
+        return Ok(Some(info));
+    }
+    let _ = device; // only a CUDA device has memory of its own to ask about
+    Ok(None)
 }
 
 /// Numerically stable `log Σ exp(x)`.

@@ -12,7 +12,7 @@ use specrej_core::{BackendError, Response, Scored, Scorer};
 
 use crate::decoder::DEFAULT_KV_BUDGET_BYTES;
 use crate::incremental::IncrementalRows;
-use crate::model::{alloc_err, device_err, KvCache, Model, log_sum_exp, to_host_rows};
+use crate::model::{alloc_err, device_err, KvCache, Model, log_sum_exp, nll_rows, to_host_rows};
 
 /// Reward given to an empty response by [`LikelihoodScorer`]: finite, and below the
 /// reward of any non-empty response (whose perplexity is capped at `e^60`).
@@ -23,6 +23,10 @@ const MAX_MEAN_NLL: f64 = 60.0;
 
 /// Positions whose logits are materialised at once (`[LOGIT_CHUNK, vocab]` f32).
 const LOGIT_CHUNK: usize = 128;
+
+/// The same on a GPU, where only NLLs come back: `[512, vocab]` f32 is 256 MB for a
+/// 128k vocabulary.
+const DEVICE_LOGIT_CHUNK: usize = 512;
 
 
 /// A prefix run once with batch 1.
@@ -111,6 +115,25 @@ impl Runner {
             }
         }
         Ok(())
+    }
+}
+
+impl Runner {
+    /// NLL of `targets[k]` at flat position `at[k]` of `hidden` `[rows, width, hidden]`,
+    /// computed on the model's device in chunks; only the NLLs come back.
+    fn nll_at(&self, hidden: &Tensor, at: &[u32], targets: &[u32]) -> Result<Vec<f32>, BackendError> {
+        let model = &*self.model;
+        let flat = hidden.flatten_to(1).map_err(device_err)?; // [rows*width, hidden]
+        let mut out = Vec::with_capacity(at.len());
+        for (chunk, chunk_targets) in at.chunks(DEVICE_LOGIT_CHUNK).zip(targets.chunks(DEVICE_LOGIT_CHUNK)) {
+            let nll = Tensor::new(chunk, hidden.device())
+                .and_then(|ids| flat.index_select(&ids, 0)) // [n, hidden]
+                .and_then(|h| model.logits(&h)) // [n, vocab]
+                .and_then(|l| nll_rows(&l, chunk_targets)) // [n]
+                .map_err(device_err)?;
+            out.extend(nll);
+        }
+        Ok(out)
     }
 }
 
@@ -204,12 +227,20 @@ impl LikelihoodScorer {
             let h = self.runner.model.config.hidden_size;
             let start = first.max(p - 1);
             let positions: Vec<usize> = (start..input.len()).collect();
-            for chunk in positions.chunks(LOGIT_CHUNK) {
+            let on_cpu = self.runner.model.device.is_cpu();
+            for chunk in positions.chunks(if on_cpu { LOGIT_CHUNK } else { DEVICE_LOGIT_CHUNK }) {
                 let lo = (chunk[0] - first) * h;
                 let hi = (chunk[chunk.len() - 1] + 1 - first) * h;
-                let logits = inc.rows.head_logits(&normed[lo..hi])?;
-                for (row, &pos) in logits.chunks_exact(vocab).zip(chunk) {
-                    nll[pos] = f64::from(log_sum_exp(row) - row[full[pos + 1] as usize]);
+                if on_cpu {
+                    let logits = inc.rows.head_logits(&normed[lo..hi])?;
+                    for (row, &pos) in logits.chunks_exact(vocab).zip(chunk) {
+                        nll[pos] = f64::from(log_sum_exp(row) - row[full[pos + 1] as usize]);
+                    }
+                } else {
+                    let targets: Vec<u32> = chunk.iter().map(|&pos| full[pos + 1]).collect();
+                    for (x, &pos) in inc.rows.head_nll(&normed[lo..hi], &targets)?.into_iter().zip(chunk) {
+                        nll[pos] = f64::from(x);
+                    }
                 }
             }
             let sum: f64 = nll[p - 1..].iter().sum();
@@ -264,10 +295,17 @@ impl LikelihoodScorer {
                         targets.push((c * chunk + i, r.tokens[j]));
                     }
                 }
-                self.runner.logits_at(&hidden, &at, |k, row| {
-                    let (resp, target) = targets[k];
-                    nll[resp] += f64::from(log_sum_exp(row) - row[target as usize]);
-                })?;
+                if self.runner.model.device.is_cpu() {
+                    self.runner.logits_at(&hidden, &at, |k, row| {
+                        let (resp, target) = targets[k];
+                        nll[resp] += f64::from(log_sum_exp(row) - row[target as usize]);
+                    })?;
+                } else {
+                    let ids: Vec<u32> = targets.iter().map(|&(_, t)| t).collect();
+                    for (&(resp, _), x) in targets.iter().zip(self.runner.nll_at(&hidden, &at, &ids)?) {
+                        nll[resp] += f64::from(x);
+                    }
+                }
             }
         }
         let rewards = responses

@@ -2,6 +2,7 @@
 //! the real default model.
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
 
+mod cuda;
 mod decoding;
 mod loading;
 mod real_model;
