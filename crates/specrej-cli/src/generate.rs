@@ -154,7 +154,14 @@ pub fn run(args: Args) -> Result<()> {
         Method::SpeculativeRejection { .. } => args.min_new_tokens.min(args.max_new_tokens),
     };
     let bytes_per_token = weights.config().kv_bytes_per_token();
-    let capacity = args.kv_budget.tokens(bytes_per_token, args.n * (prompt.len() + auto_len));
+    let mut wanted = args.n * (prompt.len() + auto_len);
+    if args.backend == BackendArg::Cuda {
+        // On a GPU `auto` is also bounded by the memory free on the device (after the weights
+        // and the reward model loaded): the initial batch fills the card, as in the paper.
+        let free = CandleDecoder::auto_budget_bytes(&weights).map_err(|e| anyhow::anyhow!("{e}"))?;
+        wanted = wanted.min(free / bytes_per_token.max(1));
+    }
+    let capacity = args.kv_budget.tokens(bytes_per_token, wanted);
     let mut decoder = CandleDecoder::new(weights.clone(), capacity.saturating_mul(bytes_per_token));
     let mut reward = reward.scorer(&weights, &text, &args.prompt)?;
 
