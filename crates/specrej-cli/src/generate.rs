@@ -2,13 +2,14 @@
 
 use crate::budget::KvBudget;
 use crate::model::{self, Text};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use crate::backend::{BackendArg, Policy};
 use crate::reward::RewardArgs;
-use specrej_candle::{CandleDecoder, LoadOptions, WeightFormat};
+use specrej_candle::WeightFormat;
 use specrej_core::{
-    block_on_ready, Candidate, Decision, Event, Finish, Method, Options, Outcome, Sampling, Stats,
+    Candidate, Decision, Event, Finish, Method, Options, Outcome, Sampling, Stats,
 };
 use std::path::PathBuf;
 
@@ -18,14 +19,6 @@ pub enum MethodArg {
     Sr,
     /// Best-of-N.
     Bon,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum BackendArg {
-    /// candle on the CPU.
-    Cpu,
-    /// candle on an NVIDIA GPU (needs a build with `--features cuda`).
-    Cuda,
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,6 +70,9 @@ pub struct Args {
     /// Where to run.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
+    /// --backend wgpu: the adapter, by index or by a part of its name (`specrej adapters`).
+    #[arg(long)]
+    adapter: Option<String>,
     /// A system message for the chat template.
     #[arg(long)]
     system: Option<String>,
@@ -127,13 +123,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     args.reward.check()?;
     let path = model::locate(args.model.as_deref())?;
-    let device = match args.backend {
-        BackendArg::Cpu => specrej_candle::Device::Cpu,
-        BackendArg::Cuda => specrej_candle::Device::Cuda(0),
-    };
-    let reward = args.reward.load(device)?;
-    let weights = specrej_candle::load(&path, &LoadOptions { device, weights: args.weights.into() })
-        .with_context(|| format!("loading {}", path.display()))?;
+    let reward = args.reward.load(args.backend.candle_device())?;
+    let policy = Policy::load(&path, args.backend, args.weights, args.adapter.as_deref())?;
     let text = Text::load(&path)?;
     let prompt = text.prompt(&args.prompt, args.system.as_deref(), args.raw)?;
 
@@ -153,23 +144,21 @@ pub fn run(args: Args) -> Result<()> {
         Method::BestOfN => args.max_new_tokens,
         Method::SpeculativeRejection { .. } => args.min_new_tokens.min(args.max_new_tokens),
     };
-    let bytes_per_token = weights.config().kv_bytes_per_token();
+    let bytes_per_token = policy.kv_bytes_per_token();
     let mut wanted = args.n * (prompt.len() + auto_len);
-    if args.backend == BackendArg::Cuda {
+    if let Some(limit) = policy.auto_limit_bytes(args.backend)? {
         // On a GPU `auto` is also bounded by the memory free on the device (after the weights
         // and the reward model loaded): the initial batch fills the card, as in the paper.
-        let free = CandleDecoder::auto_budget_bytes(&weights).map_err(|e| anyhow::anyhow!("{e}"))?;
-        wanted = wanted.min(free / bytes_per_token.max(1));
+        wanted = wanted.min(limit / bytes_per_token.max(1));
     }
     let capacity = args.kv_budget.tokens(bytes_per_token, wanted);
-    let mut decoder = CandleDecoder::new(weights.clone(), capacity.saturating_mul(bytes_per_token));
-    let mut reward = reward.scorer(&weights, &text, &args.prompt)?;
+    let mut reward = reward.scorer(&policy, &text, &args.prompt)?;
 
     let progress = progress_bar(args.json, options.max_new_tokens as u64);
     let mut decisions = 0usize;
     let mut live = 0usize;
-    let outcome = block_on_ready(specrej_core::generate(
-        &mut decoder,
+    let outcome = policy.generate(
+        capacity.saturating_mul(bytes_per_token),
         &mut reward,
         &prompt,
         &options,
@@ -186,7 +175,7 @@ pub fn run(args: Args) -> Result<()> {
             }
             Event::Finished { .. } | Event::Scored { .. } => {}
         },
-    ));
+    );
     progress.finish_and_clear();
     let outcome = outcome?;
 

@@ -1,5 +1,6 @@
 //! `specrej`: Best-of-N and Speculative Rejection from the terminal.
 
+mod backend;
 mod bench;
 mod budget;
 mod eval;
@@ -26,6 +27,8 @@ enum Command {
     Bench(bench::Bench),
     /// Print what a model file holds (architecture, sizes, tokenizer, chat template).
     Info(model::InfoArgs),
+    /// List the WebGPU adapters `--backend wgpu --adapter` can pick.
+    Adapters,
 }
 
 fn main() -> ExitCode {
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Bench(bench) => bench::run(bench),
         Command::Info(args) => model::info(args),
+        Command::Adapters => backend::list_adapters(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,7 +3,9 @@
 
 use crate::model::Text;
 use anyhow::{Context, Result};
-use specrej_candle::{JudgeScorer, LikelihoodScorer, LoadOptions, Model, WeightFormat};
+use crate::backend::Policy;
+use specrej_candle::{JudgeScorer, LikelihoodScorer, LoadOptions, WeightFormat};
+use specrej_wgpu::{WgpuJudgeScorer, WgpuLikelihoodScorer};
 use specrej_core::{BackendError, Response, Scored, Scorer};
 use specrej_reward::{RemoteScorer, RewardModel, RewardScorer};
 use std::fmt;
@@ -132,19 +134,30 @@ pub struct RewardSource {
 
 impl RewardSource {
     /// A fresh scorer (no cached state) for the user's message `user`; `policy` and `text`
-    /// are the policy model (for the built-in rewards) and its tokenizer and chat template.
-    pub fn scorer(&self, policy: &Arc<Model>, text: &Text, user: &str) -> Result<Reward> {
+    /// are the policy model (for the built-in rewards, which run on its backend) and its
+    /// tokenizer and chat template. On wgpu the built-in rewards re-score in full.
+    pub fn scorer(&self, policy: &Policy, text: &Text, user: &str) -> Result<Reward> {
         let incremental = self.rescore == Rescore::Incremental;
         Ok(match &self.kind {
             Kind::Judge => {
                 let s = specrej_text::judge_segments(&text.tokenizer, &text.template, user)?;
-                let judge = JudgeScorer::new(policy.clone(), s.before, s.after, s.yes, s.no);
-                Reward::Judge(if incremental { judge.incremental() } else { judge })
+                match policy {
+                    Policy::Candle(model) => {
+                        let judge = JudgeScorer::new(model.clone(), s.before, s.after, s.yes, s.no);
+                        Reward::Judge(if incremental { judge.incremental() } else { judge })
+                    }
+                    Policy::Wgpu(model) => {
+                        Reward::WgpuJudge(WgpuJudgeScorer::new(model.clone(), s.before, s.after, s.yes, s.no))
+                    }
+                }
             }
-            Kind::Likelihood => {
-                let likelihood = LikelihoodScorer::new(policy.clone());
-                Reward::Likelihood(if incremental { likelihood.incremental() } else { likelihood })
-            }
+            Kind::Likelihood => match policy {
+                Policy::Candle(model) => {
+                    let likelihood = LikelihoodScorer::new(model.clone());
+                    Reward::Likelihood(if incremental { likelihood.incremental() } else { likelihood })
+                }
+                Policy::Wgpu(model) => Reward::WgpuLikelihood(WgpuLikelihoodScorer::new(model.clone())),
+            },
             Kind::Model(rm) => {
                 let tokenizer = text.tokenizer.clone();
                 Reward::Model(if incremental {
@@ -169,6 +182,8 @@ pub enum Reward {
     Likelihood(LikelihoodScorer),
     Model(RewardScorer),
     Remote(RemoteScorer),
+    WgpuJudge(WgpuJudgeScorer),
+    WgpuLikelihood(WgpuLikelihoodScorer),
 }
 
 impl Scorer for Reward {
@@ -178,6 +193,8 @@ impl Scorer for Reward {
             Reward::Likelihood(s) => s.score(prompt, responses).await,
             Reward::Model(s) => s.score(prompt, responses).await,
             Reward::Remote(s) => s.score(prompt, responses).await,
+            Reward::WgpuJudge(s) => s.score(prompt, responses).await,
+            Reward::WgpuLikelihood(s) => s.score(prompt, responses).await,
         }
     }
 
@@ -187,6 +204,8 @@ impl Scorer for Reward {
             Reward::Likelihood(s) => s.release(rows),
             Reward::Model(s) => s.release(rows),
             Reward::Remote(s) => s.release(rows),
+            Reward::WgpuJudge(s) => s.release(rows),
+            Reward::WgpuLikelihood(s) => s.release(rows),
         }
     }
 }

@@ -12,6 +12,7 @@ mod math;
 mod prompts;
 mod report;
 
+use crate::backend::Policy;
 use crate::generate::WeightsArg;
 use crate::reward::{Reward, RewardArgs, RewardSource};
 use crate::model::{self, Text};
@@ -224,7 +225,7 @@ pub fn run(args: PaperArgs) -> Result<()> {
         // is not charged for them.
         progress.set_message("warming up");
         let warm = text.prompt("Hello", None, false)?;
-        let mut warm_reward = source.scorer(&weights, &text, "Hello")?;
+        let mut warm_reward = source.scorer(&Policy::Candle(weights.clone()), &text, "Hello")?;
         let warm_options = Options {
             method: Method::BestOfN,
             n: 2,
@@ -361,6 +362,7 @@ fn run_prompt(
     label: &str,
 ) -> Result<PromptResult> {
     let prompt = text.prompt(user, None, false)?;
+    let policy = Policy::Candle(weights.clone());
     let seed = settings.seed + index as u64;
     let base = Options {
         method: Method::BestOfN,
@@ -373,7 +375,7 @@ fn run_prompt(
 
     // The largest Best-of-N, room for every row.
     let bon_capacity = base.n * (prompt.len() + base.max_new_tokens);
-    let bon_outcome = generate_one(weights, &mut reward.scorer(weights, text, user)?, &prompt, &base, bon_capacity, progress, label)?;
+    let bon_outcome = generate_one(weights, &mut reward.scorer(&policy, text, user)?, &prompt, &base, bon_capacity, progress, label)?;
     let bon = summarize_run(text, None, base.n, bon_capacity, &bon_outcome);
 
     // Speculative Rejection at every α, same seed, same rows to start with.
@@ -383,7 +385,7 @@ fn run_prompt(
     let mut sr = Vec::new();
     for &alpha in &settings.alphas {
         let options = Options { method: Method::SpeculativeRejection { alpha }, n: settings.sr_n, ..base.clone() };
-        let outcome = generate_one(weights, &mut reward.scorer(weights, text, user)?, &prompt, &options, sr_capacity, progress, label)?;
+        let outcome = generate_one(weights, &mut reward.scorer(&policy, text, user)?, &prompt, &options, sr_capacity, progress, label)?;
         sr.push(summarize_run(text, Some(alpha), settings.sr_n, sr_capacity, &outcome));
     }
 
@@ -416,7 +418,7 @@ fn run_prompt(
         let responses: Vec<Response<'_>> =
             alive.iter().map(|c| Response { row: c.row, tokens: &c.tokens[..position] }).collect();
         let (pearson, kendall) = if alive.len() >= 3 {
-            let partial = block_on_ready(reward.scorer(weights, text, user)?.score(&prompt, &responses))?;
+            let partial = block_on_ready(reward.scorer(&policy, text, user)?.score(&prompt, &responses))?;
             let x: Vec<f64> = partial.rewards.iter().map(|&r| f64::from(r)).collect();
             let y: Vec<f64> = alive.iter().map(|c| f64::from(c.score)).collect();
             (math::pearson(&x, &y), math::kendall_tau_b(&x, &y))

@@ -1,0 +1,120 @@
+//! `--backend cpu|cuda|wgpu`: the policy model on one backend, and driving the scheduler over it.
+
+use crate::generate::WeightsArg;
+use anyhow::{Context, Result};
+use specrej_candle::{CandleDecoder, LoadOptions, Model};
+use specrej_core::{Decoder, Event, Options, Outcome, Scorer};
+use specrej_wgpu::{AdapterChoice, WgpuDecoder, WgpuModel};
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    /// candle on the CPU.
+    Cpu,
+    /// candle on an NVIDIA GPU (needs a build with `--features cuda`).
+    Cuda,
+    /// WebGPU through wgpu (Vulkan, Metal, DX12); GGUF models; `specrej adapters` lists them.
+    Wgpu,
+}
+
+impl BackendArg {
+    /// The candle device holding reward models: the policy's, or the CPU next to wgpu.
+    pub fn candle_device(self) -> specrej_candle::Device {
+        match self {
+            BackendArg::Cuda => specrej_candle::Device::Cuda(0),
+            BackendArg::Cpu | BackendArg::Wgpu => specrej_candle::Device::Cpu,
+        }
+    }
+}
+
+/// The policy model, loaded on its backend.
+#[derive(Debug, Clone)]
+pub enum Policy {
+    Candle(Arc<Model>),
+    Wgpu(Arc<WgpuModel>),
+}
+
+impl Policy {
+    /// Loads `path` for `backend`. `weights` applies to candle; `adapter` to wgpu.
+    pub fn load(path: &Path, backend: BackendArg, weights: WeightsArg, adapter: Option<&str>) -> Result<Self> {
+        match backend {
+            BackendArg::Cpu | BackendArg::Cuda => {
+                let options = LoadOptions { device: backend.candle_device(), weights: weights.into() };
+                let model = specrej_candle::load(path, &options).with_context(|| format!("loading {}", path.display()))?;
+                Ok(Policy::Candle(model))
+            }
+            BackendArg::Wgpu => {
+                if path.is_dir() {
+                    anyhow::bail!("{}: --backend wgpu runs GGUF files, not safetensors directories", path.display());
+                }
+                let options = specrej_wgpu::Options {
+                    adapter: adapter.map(|a| a.parse::<AdapterChoice>().unwrap_or_else(|e| match e {})),
+                    ..specrej_wgpu::Options::default()
+                };
+                let model = WgpuModel::load_path_blocking(path, &options)
+                    .with_context(|| format!("loading {} on wgpu", path.display()))?;
+                Ok(Policy::Wgpu(model))
+            }
+        }
+    }
+
+    /// Bytes of K/V cache one cached token takes.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        match self {
+            Policy::Candle(model) => model.config().kv_bytes_per_token(),
+            Policy::Wgpu(model) => model.config().kv_bytes_per_token(),
+        }
+    }
+
+    /// The most K/V bytes `auto` may use on `backend`: a share of the free device memory on
+    /// CUDA (after the weights and reward model loaded), unbounded elsewhere (the CPU's budget
+    /// is the request's; the wgpu decoder is also bounded by the adapter's buffer limits).
+    pub fn auto_limit_bytes(&self, backend: BackendArg) -> Result<Option<usize>> {
+        match self {
+            Policy::Candle(model) if backend == BackendArg::Cuda => {
+                Ok(Some(CandleDecoder::auto_budget_bytes(model).map_err(|e| anyhow::anyhow!("{e}"))?))
+            }
+            Policy::Candle(_) | Policy::Wgpu(_) => Ok(None),
+        }
+    }
+
+    /// Runs one request with a fresh decoder holding `kv_bytes` of cache.
+    pub fn generate(
+        &self,
+        kv_bytes: usize,
+        reward: &mut impl Scorer,
+        prompt: &[u32],
+        options: &Options,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<Outcome> {
+        match self {
+            Policy::Candle(model) => drive(&mut CandleDecoder::new(model.clone(), kv_bytes), reward, prompt, options, on_event),
+            Policy::Wgpu(model) => drive(&mut WgpuDecoder::new(model.clone(), kv_bytes), reward, prompt, options, on_event),
+        }
+    }
+}
+
+/// Drives the scheduler to the end. `pollster` rather than `block_on_ready`: wgpu futures may
+/// wait for the device.
+fn drive<D: Decoder>(
+    decoder: &mut D,
+    reward: &mut impl Scorer,
+    prompt: &[u32],
+    options: &Options,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Outcome> {
+    Ok(pollster::block_on(specrej_core::generate(decoder, reward, prompt, options, on_event))?)
+}
+
+/// `specrej adapters`: the WebGPU adapters wgpu finds.
+pub fn list_adapters() -> Result<()> {
+    let adapters = specrej_wgpu::adapters_blocking();
+    if adapters.is_empty() {
+        anyhow::bail!("wgpu found no adapter (no Vulkan, Metal or DX12 driver; on Linux try mesa-vulkan-drivers)");
+    }
+    for adapter in adapters {
+        println!("{adapter}");
+    }
+    Ok(())
+}

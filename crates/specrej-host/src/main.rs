@@ -1,0 +1,135 @@
+//! `specrej-server`: the specrej component in wasmtime behind an OpenAI-compatible HTTP API.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use specrej_candle::WeightFormat;
+use specrej_host::api::RequestLimits;
+use specrej_host::{model, BackendKind, RealModel, Served, ServerConfig};
+
+/// The component `cargo xtask component` writes.
+const DEFAULT_COMPONENT: &str = "target/specrej-decoder.component.wasm";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BackendArg {
+    /// candle on the CPU.
+    Cpu,
+    /// candle on an NVIDIA GPU (needs specrej-candle's `cuda` feature).
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum WeightsArg {
+    /// As stored in the file.
+    Native,
+    /// Requantized to Q8_0 at load.
+    Q8_0,
+    /// Dequantized to f32 at load.
+    F32,
+}
+
+/// Serves Best-of-N and Speculative Rejection over HTTP (OpenAI-compatible), the scheduler
+/// running as a WebAssembly component in wasmtime and the model on candle.
+#[derive(Debug, Parser)]
+#[command(name = "specrej-server", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// The decoder component (default: target/specrej-decoder.component.wasm here or in this checkout).
+    #[arg(long)]
+    component: Option<PathBuf>,
+    /// GGUF model file, or a HF directory (default: $SPECREJ_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Where the model runs.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
+    /// How weights are held in memory.
+    #[arg(long, value_enum, default_value = "q8-0")]
+    weights: WeightsArg,
+    /// KV budget per request, in cached tokens (rows × positions). Default: 2 GiB worth.
+    #[arg(long)]
+    kv_budget_tokens: Option<usize>,
+    /// Largest n a request may ask for.
+    #[arg(long, default_value_t = 64)]
+    max_n: usize,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 2048)]
+    max_tokens: usize,
+    /// max_tokens when a request gives none.
+    #[arg(long, default_value_t = 256)]
+    default_max_tokens: usize,
+    /// Wall-clock limit of one request, in seconds.
+    #[arg(long, default_value_t = 600)]
+    request_timeout_secs: u64,
+    /// Connections handled at once (more get 503).
+    #[arg(long, default_value_t = 64)]
+    max_connections: usize,
+    /// Serve the fake backend (a hash "language model"; no model file): for smoke tests.
+    #[arg(long)]
+    fake: bool,
+}
+
+fn component_path(explicit: Option<&Path>) -> PathBuf {
+    if let Some(path) = explicit {
+        return path.to_path_buf();
+    }
+    let here = PathBuf::from(DEFAULT_COMPONENT);
+    if here.exists() {
+        return here;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(DEFAULT_COMPONENT)
+}
+
+fn main() {
+    if let Err(error) = run(Args::parse()) {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let component_path = component_path(args.component.as_deref());
+    let component = std::fs::read(&component_path).with_context(|| {
+        format!("reading the component {} (build it with `cargo xtask component`)", component_path.display())
+    })?;
+    let (served, model_id) = if args.fake {
+        (Served::Fake, "specrej-fake".to_string())
+    } else {
+        let path = model::locate(args.model.as_deref())?;
+        let backend = match args.backend {
+            BackendArg::Cpu => BackendKind::Cpu,
+            BackendArg::Cuda => BackendKind::Cuda,
+        };
+        let weights = match args.weights {
+            WeightsArg::Native => WeightFormat::Native,
+            WeightsArg::Q8_0 => WeightFormat::Q8_0,
+            WeightsArg::F32 => WeightFormat::F32,
+        };
+        let id = path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        (Served::Real(Box::new(RealModel::load(&path, backend, weights)?)), id)
+    };
+    let kv_budget_tokens =
+        args.kv_budget_tokens.unwrap_or(specrej_candle::DEFAULT_KV_BUDGET_BYTES / served.kv_bytes_per_token().max(1));
+    let config = ServerConfig {
+        limits: RequestLimits { max_n: args.max_n, max_tokens: args.max_tokens, default_max_tokens: args.default_max_tokens },
+        kv_budget_tokens,
+        request_timeout: Duration::from_secs(args.request_timeout_secs),
+        max_connections: args.max_connections,
+        model_id,
+    };
+    let listener = TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
+    let handle = specrej_host::spawn(listener, Arc::new(served), component, config)?;
+    eprintln!(
+        "specrej-server: listening on http://{} (component {}, KV budget {kv_budget_tokens} tokens)",
+        handle.addr,
+        component_path.display()
+    );
+    handle.accept.join().map_err(|_| anyhow::anyhow!("the accept loop panicked"))?;
+    Ok(())
+}

@@ -1,0 +1,543 @@
+//! The component in wasmtime: the host side of `wit/decoder.wit`.
+//!
+//! [`Runtime`] compiles the component once; [`Runtime::generate`] instantiates it in a
+//! fresh [`Store`] per request (so a trap poisons nothing), with a fuel budget and an
+//! epoch deadline, implements its `engine` and `progress` imports over an [`Engine`], and
+//! calls `decode.generate`.
+
+use std::any::Any;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use specrej_core::{
+    block_on_ready, BackendError, Candidate, Decision, Decoder, Event, Finish, Method, Options, Outcome, Rejected,
+    Response, Sampling, Scored, Scorer, Stats,
+};
+use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
+use wasmtime::{Config, Store, StoreLimits, StoreLimitsBuilder, Trap};
+
+/// The generated bindings (private; [`EventKinds`] is re-exported).
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "decoder",
+        with: { "specrej:decoder/engine.batch": crate::runtime::HostBatch },
+        // Resource-table lookups can fail: let every import trap instead of panicking.
+        imports: { default: trappable },
+    });
+}
+
+use bindings::exports::specrej::decoder::decode;
+use bindings::specrej::decoder::{engine as wit_engine, progress, types};
+
+pub use bindings::specrej::decoder::progress::EventKinds;
+
+/// The host's side of one request: a decoder and a reward model behind one object-safe
+/// trait (the component's `engine` import). Futures are driven with [`block_on_ready`]:
+/// every backend here is synchronous.
+pub trait Engine {
+    /// [`Decoder::token_capacity`].
+    fn token_capacity(&self) -> usize;
+    /// [`Decoder::kv_bytes_per_token`].
+    fn kv_bytes_per_token(&self) -> usize;
+    /// [`Decoder::max_sequence_len`].
+    fn max_sequence_len(&self) -> usize;
+    /// [`Decoder::prefill`], the batch type-erased.
+    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<AnyBatch, BackendError>;
+    /// [`Decoder::step`].
+    fn step(&mut self, batch: &mut AnyBatch) -> Result<Vec<u32>, BackendError>;
+    /// [`Decoder::retain`].
+    fn retain(&mut self, batch: &mut AnyBatch, keep: &[usize]) -> Result<(), BackendError>;
+    /// [`Scorer::score`].
+    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError>;
+    /// [`Scorer::release`].
+    fn release(&mut self, rows: &[u32]);
+}
+
+/// A decoder's batch, type-erased.
+pub type AnyBatch = Box<dyn Any + Send>;
+
+/// A [`Decoder`] and a [`Scorer`] as one [`Engine`].
+#[derive(Debug)]
+pub struct Pair<D, S> {
+    /// The language model.
+    pub decoder: D,
+    /// The reward model.
+    pub scorer: S,
+}
+
+impl<D, S> Pair<D, S> {
+    /// Both halves.
+    pub fn new(decoder: D, scorer: S) -> Self {
+        Self { decoder, scorer }
+    }
+}
+
+fn downcast<B: 'static>(batch: &mut AnyBatch) -> Result<&mut B, BackendError> {
+    batch.downcast_mut::<B>().ok_or_else(|| BackendError::device("a batch of another engine"))
+}
+
+impl<D, S> Engine for Pair<D, S>
+where
+    D: Decoder,
+    D::Batch: Send + 'static,
+    S: Scorer,
+{
+    fn token_capacity(&self) -> usize {
+        self.decoder.token_capacity()
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        self.decoder.kv_bytes_per_token()
+    }
+
+    fn max_sequence_len(&self) -> usize {
+        self.decoder.max_sequence_len()
+    }
+
+    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<AnyBatch, BackendError> {
+        Ok(Box::new(self.decoder.prefill(prompt, rows, sampling)?))
+    }
+
+    fn step(&mut self, batch: &mut AnyBatch) -> Result<Vec<u32>, BackendError> {
+        let batch = downcast::<D::Batch>(batch)?;
+        block_on_ready(self.decoder.step(batch))
+    }
+
+    fn retain(&mut self, batch: &mut AnyBatch, keep: &[usize]) -> Result<(), BackendError> {
+        let batch = downcast::<D::Batch>(batch)?;
+        self.decoder.retain(batch, keep)
+    }
+
+    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        block_on_ready(self.scorer.score(prompt, responses))
+    }
+
+    fn release(&mut self, rows: &[u32]) {
+        self.scorer.release(rows);
+    }
+}
+
+/// The host value behind the component's `batch` resource: the batch and its live rows
+/// (to check the guest's `retain` indices before the backend sees them).
+pub struct HostBatch {
+    batch: AnyBatch,
+    rows: usize,
+}
+
+impl std::fmt::Debug for HostBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBatch").field("rows", &self.rows).finish_non_exhaustive()
+    }
+}
+
+/// Limits on one `decode.generate` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Fuel (roughly, wasm instructions) the guest may spend.
+    pub fuel: u64,
+    /// Wall-clock limit of the whole call, host calls included (checked whenever the
+    /// guest runs, at [`EPOCH_TICK`] granularity).
+    pub timeout: Duration,
+    /// Largest linear memory the guest may grow to, in bytes.
+    pub memory_bytes: usize,
+}
+
+impl Limits {
+    /// Fuel for a request of `n` rows and `max_new_tokens`: a base plus a generous
+    /// allowance per generated token (measured: 800-1,400 fuel per generated token with
+    /// every event reported, on the fake backend; `tests/trajectory.rs` prints it).
+    pub fn for_request(n: usize, max_new_tokens: usize, timeout: Duration) -> Self {
+        let tokens = (n as u64).saturating_mul(max_new_tokens as u64 + 1);
+        Self {
+            fuel: FUEL_BASE.saturating_add(tokens.saturating_mul(FUEL_PER_TOKEN)),
+            timeout,
+            memory_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Fuel every call gets, whatever its size.
+pub const FUEL_BASE: u64 = 50_000_000;
+/// Fuel per row and generated token (over 100x what the scheduler spends).
+pub const FUEL_PER_TOKEN: u64 = 200_000;
+/// How often the epoch advances (the granularity of [`Limits::timeout`]).
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Why a run failed.
+#[derive(Debug)]
+pub enum RunError {
+    /// The request is wrong (the component's `invalid-request`); the message names what.
+    InvalidRequest(String),
+    /// The engine or the reward model failed.
+    Engine(BackendError),
+    /// The component used up its fuel.
+    OutOfFuel,
+    /// The call ran past [`Limits::timeout`].
+    Timeout,
+    /// The observer cancelled the run.
+    Cancelled,
+    /// Any other trap or host error, with wasmtime's message.
+    Trap(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::InvalidRequest(message) => write!(f, "invalid request: {message}"),
+            RunError::Engine(error) => write!(f, "engine error: {error}"),
+            RunError::OutOfFuel => f.write_str("the decoder component used up its fuel"),
+            RunError::Timeout => f.write_str("the request ran past its time limit"),
+            RunError::Cancelled => f.write_str("the request was cancelled"),
+            RunError::Trap(message) => write!(f, "the decoder component failed: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// What [`Runtime::generate`] gives back.
+pub struct Run {
+    /// The outcome, or why there is none.
+    pub result: Result<Outcome, RunError>,
+    /// The engine, for the next request.
+    pub engine: Box<dyn Engine>,
+    /// Fuel the guest spent.
+    pub fuel_used: u64,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run").field("result", &self.result).field("fuel_used", &self.fuel_used).finish_non_exhaustive()
+    }
+}
+
+/// What the observer of a run sees: the core's events, rebuilt on the host side. Returning
+/// `false` cancels the run (the `on-event` import traps; e.g. a streaming client left).
+pub type Observer = Box<dyn FnMut(&Event<'_>) -> bool>;
+
+/// The store's data: the engine, the batches the guest holds, the observer.
+struct State {
+    engine: Box<dyn Engine>,
+    table: ResourceTable,
+    observer: Observer,
+    limits: StoreLimits,
+}
+
+/// A compiled component, ready to run requests.
+pub struct Runtime {
+    engine: wasmtime::Engine,
+    pre: bindings::DecoderPre<State>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    /// Compiles the component file at `path`.
+    pub fn from_file(path: &Path) -> wasmtime::Result<Self> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| wasmtime::format_err!("reading the component {}: {e}", path.display()))?;
+        Self::from_bytes(&bytes)
+    }
+
+    /// Compiles a component from its bytes.
+    pub fn from_bytes(bytes: &[u8]) -> wasmtime::Result<Self> {
+        let mut config = Config::new();
+        config.wasm_component_model(true).consume_fuel(true).epoch_interruption(true);
+        let engine = wasmtime::Engine::new(&config)?;
+        let component = Component::from_binary(&engine, bytes)?;
+        let mut linker = Linker::<State>::new(&engine);
+        bindings::Decoder::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)?;
+        let pre = bindings::DecoderPre::new(linker.instantiate_pre(&component)?)?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&ticker_stop);
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("specrej-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| wasmtime::format_err!("starting the epoch thread: {e}"))?;
+        Ok(Self { engine, pre, ticker_stop })
+    }
+
+    /// Runs `decode.generate` once: `specrej_core::generate` inside the component over
+    /// `engine`, reporting the event kinds in `events` to `observer`. Gives the engine back
+    /// with the result. `stats.wall_seconds` is the host's measure (the guest has no clock).
+    pub fn generate(
+        &self,
+        engine: Box<dyn Engine>,
+        prompt: &[u32],
+        options: &Options,
+        events: EventKinds,
+        observer: Observer,
+        limits: Limits,
+    ) -> Run {
+        let start = Instant::now();
+        let state = State {
+            engine,
+            table: ResourceTable::new(),
+            observer,
+            limits: StoreLimitsBuilder::new().memory_size(limits.memory_bytes).instances(16).build(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        let result = self.call(&mut store, prompt, options, events, limits);
+        let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        let engine = store.into_data().engine;
+        let result = result.map(|mut outcome| {
+            outcome.stats.wall_seconds = start.elapsed().as_secs_f64();
+            outcome
+        });
+        Run { result, engine, fuel_used }
+    }
+
+    fn call(
+        &self,
+        store: &mut Store<State>,
+        prompt: &[u32],
+        options: &Options,
+        events: EventKinds,
+        limits: Limits,
+    ) -> Result<Outcome, RunError> {
+        let trap = |error: wasmtime::Error| match error.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) => RunError::OutOfFuel,
+            Some(Trap::Interrupt) => RunError::Timeout,
+            _ if error.downcast_ref::<Cancelled>().is_some() => RunError::Cancelled,
+            _ => RunError::Trap(format!("{error:?}")),
+        };
+        store.set_fuel(limits.fuel).map_err(trap)?;
+        let ticks = (limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        let instance = self.pre.instantiate(&mut *store).map_err(trap)?;
+        let options = to_wit_options(options, events);
+        let answer = instance.specrej_decoder_decode().call_generate(&mut *store, prompt, &options).map_err(trap)?;
+        match answer {
+            Ok(outcome) => Ok(from_wit_outcome(outcome)),
+            Err(decode::DecodeError::InvalidRequest(message)) => Err(RunError::InvalidRequest(message)),
+            Err(decode::DecodeError::Engine(error)) => Err(RunError::Engine(from_wit_error(error))),
+        }
+    }
+}
+
+// ---- the imports ----
+
+fn to_wit_error(error: BackendError) -> types::EngineError {
+    match error {
+        BackendError::OutOfMemory => types::EngineError::OutOfMemory,
+        BackendError::Device(message) => types::EngineError::Device(message),
+    }
+}
+
+fn from_wit_error(error: types::EngineError) -> BackendError {
+    match error {
+        types::EngineError::OutOfMemory => BackendError::OutOfMemory,
+        types::EngineError::Device(message) => BackendError::Device(message),
+    }
+}
+
+impl types::Host for State {}
+
+impl wit_engine::HostBatch for State {
+    fn step(&mut self, batch: Resource<HostBatch>) -> wasmtime::Result<Result<Vec<u32>, types::EngineError>> {
+        let batch = self.table.get_mut(&batch)?;
+        Ok(self.engine.step(&mut batch.batch).map_err(to_wit_error))
+    }
+
+    fn retain(&mut self, batch: Resource<HostBatch>, keep: Vec<u32>) -> wasmtime::Result<Result<(), types::EngineError>> {
+        let batch = self.table.get_mut(&batch)?;
+        let keep: Vec<usize> = keep.into_iter().map(|i| i as usize).collect();
+        // The backend's contract (strictly ascending, in range) is checked here, so a wrong
+        // guest gets an error instead of panicking the host.
+        if !keep.windows(2).all(|w| w[0] < w[1]) || keep.iter().any(|&i| i >= batch.rows) {
+            return Ok(Err(types::EngineError::Device(format!(
+                "retain: keep {keep:?} is not strictly ascending within {} rows",
+                batch.rows
+            ))));
+        }
+        let result = self.engine.retain(&mut batch.batch, &keep);
+        if result.is_ok() {
+            batch.rows = keep.len();
+        }
+        Ok(result.map_err(to_wit_error))
+    }
+
+    fn drop(&mut self, batch: Resource<HostBatch>) -> wasmtime::Result<()> {
+        self.table.delete(batch)?;
+        Ok(())
+    }
+}
+
+impl wit_engine::Host for State {
+    fn token_capacity(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.engine.token_capacity() as u64)
+    }
+
+    fn kv_bytes_per_token(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.engine.kv_bytes_per_token() as u64)
+    }
+
+    fn max_sequence_len(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.engine.max_sequence_len() as u64)
+    }
+
+    fn prefill(
+        &mut self,
+        prompt: Vec<u32>,
+        rows: types::RowRange,
+        sampling: types::Sampling,
+    ) -> wasmtime::Result<Result<Resource<HostBatch>, types::EngineError>> {
+        // The backend's contract (non-empty prompt and rows) is checked here, not panicked on.
+        if prompt.is_empty() || rows.start >= rows.end {
+            return Ok(Err(types::EngineError::Device("prefill: empty prompt or row range".into())));
+        }
+        let sampling = Sampling {
+            seed: sampling.seed,
+            temperature: sampling.temperature,
+            top_k: sampling.top_k as usize,
+            top_p: sampling.top_p,
+        };
+        match self.engine.prefill(&prompt, rows.start..rows.end, &sampling) {
+            Ok(batch) => Ok(Ok(self.table.push(HostBatch { batch, rows: (rows.end - rows.start) as usize })?)),
+            Err(error) => Ok(Err(to_wit_error(error))),
+        }
+    }
+
+    fn score(
+        &mut self,
+        prompt: Vec<u32>,
+        responses: Vec<types::Response>,
+    ) -> wasmtime::Result<Result<types::Scored, types::EngineError>> {
+        let responses: Vec<Response<'_>> = responses.iter().map(|r| Response { row: r.row, tokens: &r.tokens }).collect();
+        Ok(self
+            .engine
+            .score(&prompt, &responses)
+            .map(|s| types::Scored { rewards: s.rewards, tokens_processed: s.tokens_processed })
+            .map_err(to_wit_error))
+    }
+
+    fn release(&mut self, rows: Vec<u32>) -> wasmtime::Result<()> {
+        self.engine.release(&rows);
+        Ok(())
+    }
+}
+
+/// The trap `on-event` raises when the observer cancels the run.
+#[derive(Debug)]
+struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cancelled by the host")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
+impl progress::Host for State {
+    fn on_event(&mut self, event: progress::Event) -> wasmtime::Result<()> {
+        let observer = &mut self.observer;
+        let go_on = match event {
+            progress::Event::Prefilled((first_row, rows)) => observer(&Event::Prefilled { first_row, rows: rows as usize }),
+            progress::Event::Step(step) => {
+                observer(&Event::Step { position: step.position as usize, rows: &step.rows, tokens: &step.tokens })
+            }
+            progress::Event::Decision(d) => {
+                let decision = from_wit_decision(&d.decision);
+                observer(&Event::Decision { decision: &decision, rows: &d.rows, scores: &d.scores, kept: &d.kept })
+            }
+            progress::Event::Finished((row, finish)) => observer(&Event::Finished { row, finish: from_wit_finish(finish) }),
+            progress::Event::Scored(candidates) => {
+                let candidates: Vec<Candidate> = candidates.into_iter().map(from_wit_candidate).collect();
+                observer(&Event::Scored { candidates: &candidates })
+            }
+        };
+        if go_on { Ok(()) } else { Err(wasmtime::Error::new(Cancelled)) }
+    }
+}
+
+// ---- conversions ----
+
+fn to_wit_options(options: &Options, events: EventKinds) -> decode::Options {
+    let clamp = |value: usize| u32::try_from(value).unwrap_or(u32::MAX);
+    let s = &options.sampling;
+    decode::Options {
+        method: match options.method {
+            Method::BestOfN => decode::Method::BestOfN,
+            Method::SpeculativeRejection { alpha } => decode::Method::SpeculativeRejection(alpha),
+        },
+        n: clamp(options.n),
+        max_new_tokens: clamp(options.max_new_tokens),
+        min_new_tokens: clamp(options.min_new_tokens),
+        eos: options.eos.clone(),
+        sampling: types::Sampling { seed: s.seed, temperature: s.temperature, top_k: clamp(s.top_k), top_p: s.top_p },
+        events,
+    }
+}
+
+fn from_wit_finish(finish: types::Finish) -> Finish {
+    match finish {
+        types::Finish::Eos => Finish::Eos,
+        types::Finish::Length => Finish::Length,
+        types::Finish::Capacity => Finish::Capacity,
+    }
+}
+
+fn from_wit_candidate(c: types::Candidate) -> Candidate {
+    Candidate { row: c.row, tokens: c.tokens, score: c.score, finish: from_wit_finish(c.finish) }
+}
+
+fn from_wit_decision(d: &types::Decision) -> Decision {
+    Decision {
+        position: d.position as usize,
+        live_rows: d.live_rows as usize,
+        kept_rows: d.kept_rows as usize,
+        min: d.min,
+        median: d.median,
+        max: d.max,
+        threshold: d.threshold,
+        early: d.early,
+    }
+}
+
+fn from_wit_outcome(o: decode::Outcome) -> Outcome {
+    let s = o.stats;
+    Outcome {
+        candidates: o.candidates.into_iter().map(from_wit_candidate).collect(),
+        rejected: o.rejected.into_iter().map(|r| Rejected { row: r.row, tokens: r.tokens, score: r.score }).collect(),
+        trace: o.trace.iter().map(from_wit_decision).collect(),
+        stats: Stats {
+            prompt_tokens: s.prompt_tokens as usize,
+            prefill_tokens: s.prefill_tokens as usize,
+            tokens_generated: s.tokens_generated as usize,
+            steps: s.steps as usize,
+            initial_rows: s.initial_rows as usize,
+            batches: s.batches as usize,
+            reward_calls: s.reward_calls as usize,
+            reward_tokens: s.reward_tokens,
+            token_capacity: s.token_capacity as usize,
+            peak_kv_bytes: s.peak_kv_bytes,
+            wall_seconds: s.wall_seconds,
+        },
+    }
+}

@@ -1,0 +1,259 @@
+//! The HTTP server on 127.0.0.1, port 0: the fake backend (always) and the default model
+//! (ignored without `SPECREJ_MODEL`).
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use common::{events, get, post, raw};
+use serde_json::{json, Value};
+use specrej_host::api::RequestLimits;
+use specrej_host::{BackendKind, RealModel, Served, ServerConfig};
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn start(served: Served, config: ServerConfig) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let handle = specrej_host::spawn(listener, Arc::new(served), common::component_bytes(), config).expect("server starts");
+    handle.addr
+}
+
+/// One fake server for the whole binary.
+fn fake_server() -> SocketAddr {
+    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let config = ServerConfig {
+            limits: RequestLimits { max_n: 32, max_tokens: 512, default_max_tokens: 24 },
+            kv_budget_tokens: 2000,
+            request_timeout: Duration::from_secs(60),
+            max_connections: 64,
+            model_id: "specrej-fake".into(),
+        };
+        start(Served::Fake, config)
+    })
+}
+
+fn chat_body(extra: Value) -> String {
+    let mut body = json!({ "model": "x", "messages": [{ "role": "user", "content": "hello there" }] });
+    if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+        body.extend(extra);
+    }
+    body.to_string()
+}
+
+#[test]
+fn health_and_models() {
+    let addr = fake_server();
+    let health = get(addr, "/health");
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json()["status"], "ok");
+    let models = get(addr, "/v1/models");
+    assert_eq!(models.status, 200);
+    assert_eq!(models.json()["data"][0]["id"], "specrej-fake");
+    assert_eq!(get(addr, "/nowhere").status, 404);
+    assert_eq!(get(addr, CHAT).status, 405);
+}
+
+#[test]
+fn best_of_n_returns_every_choice_best_first() {
+    let addr = fake_server();
+    let answer = post(addr, CHAT, &chat_body(json!({ "n": 4, "max_tokens": 12, "seed": 2 })));
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let doc = answer.json();
+    assert_eq!(doc["object"], "chat.completion");
+    let choices = doc["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 4);
+    let scores: Vec<f64> = choices.iter().map(|c| c["specrej"]["score"].as_f64().expect("score")).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first: {scores:?}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["message"]["role"], "assistant");
+        assert!(["stop", "length"].contains(&c["finish_reason"].as_str().expect("finish_reason")));
+    }
+    let usage = &doc["usage"];
+    assert!(usage["prompt_tokens"].as_u64().expect("prompt_tokens") > 0);
+    assert!(usage["completion_tokens"].as_u64().expect("completion_tokens") > 0);
+    assert!(usage["reward_tokens"].as_u64().expect("reward_tokens") > 0);
+    assert_eq!(usage["rejection_trace"], json!([]));
+    assert_eq!(doc["specrej"]["method"], "best_of_n");
+
+    // Same seed, same answer; the winner only when asked.
+    let again = post(addr, CHAT, &chat_body(json!({ "n": 4, "max_tokens": 12, "seed": 2, "specrej": { "return_candidates": false } })));
+    let again = again.json();
+    assert_eq!(again["choices"].as_array().expect("choices").len(), 1);
+    assert_eq!(again["choices"][0]["message"], doc["choices"][0]["message"]);
+}
+
+#[test]
+fn speculative_rejection_reports_its_trace() {
+    let addr = fake_server();
+    let body = chat_body(json!({
+        "max_tokens": 40,
+        "specrej": { "method": "speculative_rejection", "n": 8, "alpha": 0.5, "min_new_tokens": 4 }
+    }));
+    let answer = post(addr, CHAT, &body);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let doc = answer.json();
+    let trace = doc["usage"]["rejection_trace"].as_array().expect("trace");
+    assert!(!trace.is_empty(), "a decision happens: {doc}");
+    assert!(!doc["usage"]["rejected"].as_array().expect("rejected").is_empty());
+    assert_eq!(doc["specrej"]["method"], "speculative_rejection");
+    assert_eq!(doc["specrej"]["alpha"], 0.5);
+}
+
+#[test]
+fn completions_endpoint() {
+    let addr = fake_server();
+    let answer = post(addr, "/v1/completions", &json!({ "prompt": "once upon a time", "n": 2, "max_tokens": 8 }).to_string());
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let doc = answer.json();
+    assert_eq!(doc["object"], "text_completion");
+    assert_eq!(doc["choices"].as_array().expect("choices").len(), 2);
+    assert!(doc["choices"][0]["text"].is_string());
+}
+
+#[test]
+fn bad_requests_get_400_naming_the_field() {
+    let addr = fake_server();
+    let cases: Vec<(String, u16, Option<&str>)> = vec![
+        ("{not json".into(), 400, None),
+        ("[1, 2]".into(), 400, None),
+        (json!({ "messages": "hi" }).to_string(), 400, Some("messages")),
+        (json!({ "messages": [] }).to_string(), 400, Some("messages")),
+        (json!({ "messages": [{ "role": "user", "content": "   " }] }).to_string(), 400, Some("messages")),
+        (chat_body(json!({ "n": 0 })), 400, Some("n")),
+        (chat_body(json!({ "n": -3 })), 400, Some("n")),
+        (chat_body(json!({ "n": 2.5 })), 400, Some("n")),
+        (chat_body(json!({ "n": 1000 })), 400, Some("n")),
+        (chat_body(json!({ "max_tokens": -1 })), 400, Some("max_tokens")),
+        (chat_body(json!({ "temperature": "warm" })), 400, Some("temperature")),
+        (chat_body(json!({ "top_p": 0 })), 400, Some("top_p")),
+        (chat_body(json!({ "stream": "yes" })), 400, Some("stream")),
+        (chat_body(json!({ "specrej": { "alpha": 1.0 } })), 400, Some("specrej.alpha")),
+        (chat_body(json!({ "specrej": { "alpha": -0.5 } })), 400, Some("specrej.alpha")),
+        (chat_body(json!({ "specrej": { "method": "beam" } })), 400, Some("specrej.method")),
+        (chat_body(json!({ "specrej": { "reward": 3 } })), 400, Some("specrej.reward")),
+        (chat_body(json!({ "specrej": { "surprise": true } })), 400, Some("specrej.surprise")),
+        (chat_body(json!({ "specrej": [] })), 400, Some("specrej")),
+        // The context holds 4096 tokens.
+        (chat_body(json!({ "max_tokens": 500, "messages": [{ "role": "user", "content": "x".repeat(3700) }] })), 400, Some("max_tokens")),
+        // One row of prompt (~1600 tokens) + 512 new ones does not fit the 2000-token KV budget.
+        (chat_body(json!({ "max_tokens": 512, "messages": [{ "role": "user", "content": "y".repeat(1600) }] })), 413, Some("max_tokens")),
+    ];
+    for (body, status, param) in cases {
+        let answer = post(addr, CHAT, &body);
+        assert_eq!(answer.status, status, "{body} → {}", answer.body);
+        let doc = answer.json();
+        let error = &doc["error"];
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", answer.body);
+        assert!(error["type"].is_string(), "{}", answer.body);
+        assert_eq!(error["param"].as_str(), param, "{body} → {}", answer.body);
+    }
+    let completion = post(addr, "/v1/completions", &json!({ "prompt": "" }).to_string());
+    assert_eq!((completion.status, completion.json()["error"]["param"].as_str()), (400, Some("prompt")));
+    // A body over the limit, and a request line that is not HTTP.
+    let big = format!("POST {CHAT} HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 10 << 20);
+    assert_eq!(raw(addr, big.as_bytes()).status, 413);
+    assert_eq!(raw(addr, b"HELLO\r\n\r\n").status, 400);
+    // The server is still fine.
+    assert_eq!(post(addr, CHAT, &chat_body(json!({ "max_tokens": 4 }))).status, 200);
+}
+
+#[test]
+fn concurrent_requests_are_all_answered() {
+    let addr = fake_server();
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let body = chat_body(json!({ "n": 3, "max_tokens": 16, "seed": i }));
+                let answer = post(addr, CHAT, &body);
+                assert_eq!(answer.status, 200, "{}", answer.body);
+                answer.json()["choices"].as_array().expect("choices").len()
+            })
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().expect("request thread"), 3);
+    }
+}
+
+#[test]
+fn streaming_sends_tokens_rejections_and_the_winner() {
+    let addr = fake_server();
+    let body = chat_body(json!({
+        "stream": true, "max_tokens": 30, "seed": 4,
+        "specrej": { "method": "speculative_rejection", "n": 6, "alpha": 0.5, "min_new_tokens": 4 }
+    }));
+    let answer = post(addr, CHAT, &body);
+    assert_eq!(answer.status, 200);
+    assert!(answer.headers.contains("content-type: text/event-stream"), "{}", answer.headers);
+    let events = events(&answer.body);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(events.last().map(|(_, d)| d.as_str()), Some("[DONE]"), "{names:?}");
+    assert!(names.contains(&"leader"), "{names:?}");
+    assert!(names.contains(&"rejected"), "{names:?}");
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter(|(n, d)| n == "message" && d != "[DONE]")
+        .map(|(_, d)| serde_json::from_str(d).expect("chunk JSON"))
+        .collect();
+    assert!(chunks.len() > 2, "token chunks arrive: {names:?}");
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert!(!streamed.is_empty());
+    let rejected: Value = serde_json::from_str(&events.iter().find(|(n, _)| n == "rejected").expect("rejected").1).expect("JSON");
+    assert!(!rejected["rejected"].as_array().expect("rows").is_empty());
+    let winner: Value = serde_json::from_str(&events.iter().find(|(n, _)| n == "winner").expect("winner").1).expect("JSON");
+    assert_eq!(winner["object"], "chat.completion");
+    assert!(!winner["usage"]["rejection_trace"].as_array().expect("trace").is_empty());
+    // The stream's winner is the non-streamed answer.
+    let plain = post(addr, CHAT, &body.replace("\"stream\":true", "\"stream\":false")).json();
+    assert_eq!(plain["choices"], winner["choices"]);
+}
+
+fn real_server() -> SocketAddr {
+    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let path = common::default_model();
+        let model = RealModel::load(Path::new(&path), BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0).expect("model");
+        let config = ServerConfig { model_id: "smollm2".into(), ..ServerConfig::default() };
+        start(Served::Real(Box::new(model)), config)
+    })
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn real_model_chat_completion_and_stream() {
+    let addr = real_server();
+    let body = json!({
+        "messages": [{ "role": "user", "content": "Name a fruit." }],
+        "n": 3, "max_tokens": 12, "seed": 1,
+    });
+    let answer = post(addr, CHAT, &body.to_string());
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let doc = answer.json();
+    assert_eq!(doc["choices"].as_array().expect("choices").len(), 3);
+    let text = doc["choices"][0]["message"]["content"].as_str().expect("content");
+    assert!(text.chars().any(char::is_alphabetic), "{text:?}");
+    assert!(doc["usage"]["reward_tokens"].as_u64().expect("reward tokens") > 0);
+
+    let body = json!({
+        "messages": [{ "role": "user", "content": "Name a fruit." }],
+        "stream": true, "max_tokens": 16, "seed": 2,
+        "specrej": { "method": "speculative_rejection", "n": 4, "alpha": 0.5, "min_new_tokens": 6, "reward": "likelihood" },
+    });
+    let answer = post(addr, CHAT, &body.to_string());
+    assert_eq!(answer.status, 200);
+    let events = events(&answer.body);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"rejected") && names.contains(&"winner"), "{names:?}");
+    assert_eq!(events.last().map(|(_, d)| d.as_str()), Some("[DONE]"));
+
+    let completion = json!({ "prompt": "The capital of France is", "max_tokens": 6, "n": 2, "specrej": { "reward": "likelihood" } });
+    let answer = post(addr, "/v1/completions", &completion.to_string());
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.json()["choices"].as_array().expect("choices").len(), 2);
+}

@@ -1,0 +1,92 @@
+//! What can go wrong while finding an adapter or loading a model.
+
+/// Loading a model or opening a device failed. Messages name the tensor, key or adapter.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No WebGPU adapter is available (no GPU driver, no software rasterizer, no browser support).
+    #[error("no WebGPU adapter found{hint}")]
+    NoAdapter {
+        /// Extra context (e.g. the request's error), may be empty.
+        hint: String,
+    },
+    /// The adapter asked for by index or name does not exist.
+    #[error("no WebGPU adapter matches {wanted:?}; available: {available:?}")]
+    AdapterNotFound {
+        /// What was asked for.
+        wanted: String,
+        /// Names of the adapters found, in index order.
+        available: Vec<String>,
+    },
+    /// The adapter refused to open a device.
+    #[error("cannot open a device on adapter {adapter:?}: {reason}")]
+    Device {
+        /// The adapter's name.
+        adapter: String,
+        /// wgpu's message.
+        reason: String,
+    },
+    /// A file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes are not a GGUF file, or its header is corrupt.
+    #[error("{0}")]
+    Gguf(#[from] specrej_text::GgufError),
+    /// The tensor infos or data are inconsistent with the file.
+    #[error("corrupt GGUF: {0}")]
+    Corrupt(String),
+    /// The model architecture is not one this backend implements.
+    #[error("unsupported architecture {0:?} (supported: llama, mistral, qwen2)")]
+    UnsupportedArchitecture(String),
+    /// A required metadata entry is missing or has the wrong type or value.
+    #[error("bad or missing GGUF metadata {key:?}: {reason}")]
+    Config {
+        /// The metadata key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A required tensor is absent.
+    #[error("missing tensor {0:?}")]
+    MissingTensor(String),
+    /// A tensor has another shape than the metadata implies.
+    #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// The tensor.
+        name: String,
+        /// The shape the metadata implies (outer dimension first).
+        expected: Vec<usize>,
+        /// The shape in the file (outer dimension first).
+        found: Vec<usize>,
+    },
+    /// A tensor is stored in a type this backend cannot read.
+    #[error(
+        "tensor {name:?} has unsupported type {ty} (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0; \
+         requantize the file, e.g. with llama.cpp's llama-quantize to Q8_0 or Q4_1)"
+    )]
+    UnsupportedTensorType {
+        /// The tensor.
+        name: String,
+        /// GGML's name for its type.
+        ty: String,
+    },
+    /// A tensor does not fit in one buffer binding on this adapter.
+    #[error("tensor {name:?} takes {bytes} bytes, more than this adapter binds at once ({limit})")]
+    TooLarge {
+        /// The tensor.
+        name: String,
+        /// Its size on the device.
+        bytes: u64,
+        /// The adapter's `max_storage_buffer_binding_size` / `max_buffer_size`.
+        limit: u64,
+    },
+    /// The device ran out of memory or reported an error while loading.
+    #[error("the device failed while loading the model: {0}")]
+    Upload(String),
+}

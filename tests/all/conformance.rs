@@ -1,0 +1,230 @@
+//! The backend conformance suite, written once over any `specrej_core::Decoder` and run on
+//! candle-cpu and on wgpu (any adapter; CI uses lavapipe, Mesa's software Vulkan driver).
+//!
+//! What must hold on the default model:
+//! * logits: wgpu's first distributions equal candle-cpu's (f32 weights) within
+//!   [`LOGIT_TOLERANCE`] (different summation orders through 30 layers, nothing more);
+//! * greedy decoding gives the same tokens for [`GREEDY_STEPS`] steps on both backends;
+//! * `retain` keeps exactly the chosen rows: after a retain, the survivors continue exactly
+//!   as the same rows of an un-retained run (row-keyed noise makes that exact);
+//! * a full Speculative Rejection run picks the same winner text on both backends.
+//!
+//! GPU tests skip (printing why) when no adapter exists, unless `SPECREJ_REQUIRE_GPU=1`.
+
+use std::sync::Arc;
+
+use specrej_candle::{CandleDecoder, JudgeScorer, LoadOptions, WeightFormat};
+use specrej_core::{block_on_ready, generate, Decoder, Method, Options, Outcome, Sampling, Scorer};
+use specrej_tests::default_model;
+use specrej_text::{judge_segments, ChatTemplate, GgufMetadata, Message, Tokenizer};
+use specrej_wgpu::{WgpuDecoder, WgpuJudgeScorer, WgpuModel};
+
+const QUESTION: &str = "Describe, step by step, how to bake a loaf of bread at home.";
+/// Largest |Δlogit| allowed between wgpu and candle-cpu (logits here span about ±30).
+const LOGIT_TOLERANCE: f32 = 2e-2;
+const GREEDY_STEPS: usize = 32;
+const BUDGET: usize = 256 << 20;
+
+struct Text {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    prompt: Vec<u32>,
+}
+
+fn text() -> Text {
+    let meta = GgufMetadata::from_path(default_model()).expect("metadata");
+    let tokenizer = Tokenizer::from_gguf(&meta).expect("tokenizer");
+    let template = ChatTemplate::from_gguf(&meta).expect("template");
+    let rendered = template.render(&[Message::user(QUESTION)], true).expect("render");
+    let prompt = tokenizer.encode(&rendered, false).expect("encode");
+    Text { tokenizer, template, prompt }
+}
+
+fn candle_model() -> Arc<specrej_candle::Model> {
+    // F32 weights: the same dequantized values the wgpu shaders compute with, in f32
+    // (the default Q8_0 format also quantizes activations, which wgpu does not).
+    let options = LoadOptions { weights: WeightFormat::F32, ..Default::default() };
+    specrej_candle::load(default_model(), &options).expect("candle model")
+}
+
+/// The model on the first adapter, or `None` (with the reason printed) when there is none.
+fn wgpu_model() -> Option<Arc<WgpuModel>> {
+    let require = std::env::var("SPECREJ_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    if specrej_wgpu::adapters_blocking().is_empty() {
+        assert!(!require, "SPECREJ_REQUIRE_GPU=1 but no WebGPU adapter was found");
+        eprintln!("skipped: no WebGPU adapter (install mesa-vulkan-drivers for lavapipe)");
+        return None;
+    }
+    Some(WgpuModel::load_path_blocking(default_model(), &Default::default()).expect("wgpu model"))
+}
+
+// ---------------------------------------------------------------------------------------
+// The suite, generic over any Decoder.
+
+/// Tokens of `steps` lock-step steps for rows `rows` (outer: step, inner: row).
+fn decode<D: Decoder>(d: &mut D, prompt: &[u32], rows: std::ops::Range<u32>, sampling: &Sampling, steps: usize) -> Vec<Vec<u32>> {
+    let mut batch = d.prefill(prompt, rows, sampling).expect("prefill");
+    (0..steps).map(|_| block_on_ready(d.step(&mut batch)).expect("step")).collect()
+}
+
+/// Greedy tokens of one row.
+fn greedy<D: Decoder>(d: &mut D, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let greedy = Sampling { temperature: 0.0, ..Sampling::default() };
+    decode(d, prompt, 0..1, &greedy, steps).into_iter().map(|t| t[0]).collect()
+}
+
+/// `retain` keeps exactly the chosen rows: sampled rows 0..4, retain rows 1 and 3 after
+/// `before` steps, and compare with the un-retained run (row-keyed noise: exact).
+fn check_retain<D: Decoder>(d: &mut D, prompt: &[u32], before: usize, after: usize) {
+    let sampling = Sampling { seed: 11, ..Sampling::default() };
+    let full = decode(d, prompt, 0..4, &sampling, before + after);
+    let mut batch = d.prefill(prompt, 0..4, &sampling).expect("prefill");
+    for s in 0..before {
+        let t = block_on_ready(d.step(&mut batch)).expect("step");
+        assert_eq!(t, full[s], "step {s} before retain");
+    }
+    d.retain(&mut batch, &[1, 3]).expect("retain");
+    for s in before..before + after {
+        let t = block_on_ready(d.step(&mut batch)).expect("step");
+        assert_eq!(t, vec![full[s][1], full[s][3]], "step {s} after retain");
+    }
+    // Rows are independent of each other: more rows never change a row's tokens.
+    let alone = decode(d, prompt, 3..4, &sampling, before + after);
+    for (s, t) in alone.iter().enumerate() {
+        assert_eq!(t[0], full[s][3], "row 3 alone, step {s}");
+    }
+}
+
+/// A small Speculative Rejection run whose budget forces decisions.
+fn speculative_rejection<D: Decoder, S: Scorer>(d: &mut D, s: &mut S, text: &Text) -> Outcome {
+    let options = Options {
+        method: Method::SpeculativeRejection { alpha: 0.5 },
+        n: 4,
+        max_new_tokens: 16,
+        min_new_tokens: 6,
+        eos: text.tokenizer.eos_ids().to_vec(),
+        sampling: Sampling { seed: 5, ..Sampling::default() },
+    };
+    block_on_ready(generate(d, s, &text.prompt, &options, &mut |_| {})).expect("generate")
+}
+
+fn winner_text(text: &Text, outcome: &Outcome) -> String {
+    text.tokenizer.decode(&outcome.winner().tokens, true).expect("decode")
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn candle_cpu_passes_the_suite() {
+    let text = text();
+    let mut d = CandleDecoder::new(candle_model(), BUDGET);
+    let tokens = greedy(&mut d, &text.prompt, 8);
+    assert_eq!(tokens.len(), 8);
+    check_retain(&mut d, &text.prompt, 3, 3);
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn wgpu_matches_candle_cpu() {
+    let start = std::time::Instant::now();
+    let Some(model) = wgpu_model() else { return };
+    let text = text();
+    let cmodel = candle_model();
+    eprintln!("[{:.1?}] loaded on {}", start.elapsed(), model.adapter().name);
+    let mut wd = WgpuDecoder::new(model.clone(), BUDGET);
+    let mut cd = CandleDecoder::new(cmodel.clone(), BUDGET);
+
+    // Logits of the first steps: wgpu's decode-step distributions against candle's full
+    // forward (final-normed hidden states) times the dequantized output matrix.
+    let bytes = std::fs::read(default_model()).expect("model file");
+    let head_name = if specrej_wgpu::dequantize_tensor(&bytes, "output.weight").is_ok() { "output.weight" } else { "token_embd.weight" };
+    let (shape, head) = specrej_wgpu::dequantize_tensor(&bytes, head_name).expect("head");
+    let (vocab, hidden) = (shape[0], shape[1]);
+    let greedy_sampling = Sampling { temperature: 0.0, ..Sampling::default() };
+    let mut batch = wd.prefill(&text.prompt, 0..2, &greedy_sampling).expect("prefill");
+    let mut ids = text.prompt.clone();
+    let mut worst = 0.0f32;
+    for step in 0..3 {
+        let logits = block_on_ready(wd.peek_logits(&mut batch)).expect("logits");
+        assert_eq!(logits.len(), 2 * vocab);
+        let h = cmodel.hidden_states(&ids).expect("candle hidden");
+        let last = &h[(ids.len() - 1) * hidden..ids.len() * hidden];
+        for (t, row) in head.chunks_exact(hidden).enumerate() {
+            let reference: f32 = row.iter().zip(last).map(|(a, b)| a * b).sum();
+            for r in 0..2 {
+                worst = worst.max((logits[r * vocab + t] - reference).abs());
+            }
+        }
+        let tokens = block_on_ready(wd.step(&mut batch)).expect("step");
+        assert_eq!(tokens[0], tokens[1], "greedy rows agree");
+        eprintln!("step {step}: max |Δlogit| so far {worst:.2e}, token {}", tokens[0]);
+        ids.push(tokens[0]);
+    }
+    assert!(worst <= LOGIT_TOLERANCE, "max |Δlogit| {worst} > {LOGIT_TOLERANCE}");
+
+    // Greedy generation: the same tokens for GREEDY_STEPS steps.
+    eprintln!("[{:.1?}] logits compared", start.elapsed());
+    let w = greedy(&mut wd, &text.prompt, GREEDY_STEPS);
+    eprintln!("[{:.1?}] wgpu greedy done", start.elapsed());
+    let c = greedy(&mut cd, &text.prompt, GREEDY_STEPS);
+    eprintln!("[{:.1?}] cpu greedy done", start.elapsed());
+    let same = w.iter().zip(&c).take_while(|(a, b)| a == b).count();
+    eprintln!("greedy: {same}/{GREEDY_STEPS} tokens equal; wgpu: {:?}", text.tokenizer.decode(&w, true));
+    assert_eq!(w, c, "greedy tokens differ after {same} steps");
+
+    // retain keeps exactly the chosen rows.
+    check_retain(&mut wd, &text.prompt, 2, 2);
+    eprintln!("[{:.1?}] retain checked", start.elapsed());
+
+    // Sampled decoding (T = 1, top-k 50) on the device: the same tokens as the host sampler
+    // for a few steps (the keyed noise is bit-exact; logits differ only by rounding).
+    let sampling = Sampling { seed: 9, ..Sampling::default() };
+    let ws = decode(&mut wd, &text.prompt, 0..3, &sampling, 4);
+    let cs = decode(&mut cd, &text.prompt, 0..3, &sampling, 4);
+    assert_eq!(ws, cs, "sampled tokens differ");
+    eprintln!("[{:.1?}] sampled tokens compared", start.elapsed());
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn speculative_rejection_on_wgpu_picks_the_cpu_winner() {
+    let Some(model) = wgpu_model() else { return };
+    let text = text();
+    let cmodel = candle_model();
+    let seg = judge_segments(&text.tokenizer, &text.template, QUESTION).expect("judge prompt");
+    // Room for 4 rows × (prompt + 6): decisions must happen.
+    let capacity = 4 * (text.prompt.len() + 6);
+    let per_token = model.config().kv_bytes_per_token();
+    let mut wd = WgpuDecoder::new(model.clone(), capacity * per_token);
+    let mut cd = CandleDecoder::new(cmodel.clone(), capacity * per_token);
+    assert_eq!(wd.token_capacity(), cd.token_capacity());
+    let mut wj = WgpuJudgeScorer::new(model.clone(), seg.before.clone(), seg.after.clone(), seg.yes, seg.no);
+    let mut cj = JudgeScorer::new(cmodel, seg.before, seg.after, seg.yes, seg.no);
+
+    // The judges agree on the same responses within rounding.
+    let responses: Vec<Vec<u32>> = vec![text.tokenizer.encode("Mix flour, water, yeast and salt.", false).expect("encode"), vec![]];
+    let rs: Vec<specrej_core::Response<'_>> =
+        responses.iter().enumerate().map(|(i, t)| specrej_core::Response { row: i as u32, tokens: t }).collect();
+    let a = block_on_ready(wj.score(&text.prompt, &rs)).expect("wgpu judge");
+    let b = block_on_ready(cj.score(&text.prompt, &rs)).expect("candle judge");
+    assert_eq!(a.tokens_processed, b.tokens_processed);
+    for (x, y) in a.rewards.iter().zip(&b.rewards) {
+        assert!((x - y).abs() < 1e-2, "judge rewards {:?} vs {:?}", a.rewards, b.rewards);
+    }
+
+    let start = std::time::Instant::now();
+    let w = speculative_rejection(&mut wd, &mut wj, &text);
+    eprintln!("[{:.1?}] wgpu SR run done", start.elapsed());
+    let c = speculative_rejection(&mut cd, &mut cj, &text);
+    eprintln!("[{:.1?}] cpu SR run done", start.elapsed());
+    assert!(!w.trace.is_empty(), "the budget forces decisions");
+    // Same decisions, same survivors, same winner: rewards differ only by rounding, and the
+    // sampled tokens are identical (checked above), so every ranking agrees unless two
+    // rewards tie within ~1e-3; a different winner would show up here with both texts.
+    let (wt, ct) = (winner_text(&text, &w), winner_text(&text, &c));
+    assert_eq!(w.winner().row, c.winner().row, "winners differ: wgpu {wt:?} vs cpu {ct:?}");
+    assert_eq!(wt, ct);
+    let rows = |o: &Outcome| o.rejected.iter().map(|r| r.row).collect::<Vec<_>>();
+    assert_eq!(rows(&w), rows(&c), "the same rows were rejected");
+}

@@ -1,0 +1,454 @@
+//! The browser demo: `cargo xtask serve` and its end-to-end test.
+//!
+//! [`build_web`] assembles `target/web-dist/`:
+//! - `pkg/`: `specrej-web` (the engine: WebGPU or CPU, plus the text layer) built for
+//!   `wasm32-unknown-unknown` and bound with `wasm-bindgen --target web`; the
+//!   `wasm-bindgen-cli` of the exact version in Cargo.lock is installed into
+//!   `target/wasm-bindgen-cli/` on first use (`cargo install`, minutes);
+//! - `component/` and `component-sync/`: the decoder component (the file the wasmtime server
+//!   runs, from [`crate::component::build_component`]) transpiled by jco, once with
+//!   `--async-mode jspi` (the engine's `batch.step` and `score` are async imports: WebGPU
+//!   reads back asynchronously) and once synchronous (browsers without JSPI, CPU engine);
+//! - the page itself, copied from `web/` (`index.html`, `style.css`, `src/`), and
+//!   `build.json` (the default model's URL).
+//!
+//! jco and playwright-core come from npm, pinned by `web/package.json` and
+//! `web/package-lock.json`, installed with `npm ci` into `target/web-node/` (not into `web/`).
+//!
+//! [`serve`] is a small std-only HTTP/1.1 server for `target/web-dist/` plus `/models/*.gguf`
+//! from `models/` (with Content-Length, so the page's download bar is real).
+//!
+//! [`e2e`] builds, serves on an ephemeral port and runs `web/e2e/run.mjs` (headless
+//! Chromium through playwright-core; needs Debian's `chromium`).
+
+use anyhow::{Context, Result, bail};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Where [`build_web`] assembles the site, relative to the workspace root.
+pub const DIST_DIR: &str = "target/web-dist";
+/// Cargo's target directory for the wasm build of `specrej-web`.
+const WEB_TARGET_DIR: &str = "target/web";
+/// npm installs (jco, playwright-core) from `web/package-lock.json`.
+const NODE_DIR: &str = "target/web-node";
+/// `cargo install --root` for the pinned `wasm-bindgen-cli`.
+const WASM_BINDGEN_DIR: &str = "target/wasm-bindgen-cli";
+const WASM_TARGET: &str = "wasm32-unknown-unknown";
+/// What the e2e test writes (screenshot, log).
+pub const E2E_OUT_DIR: &str = "target/web-e2e";
+/// The default model's file in `models/` (served as `/models/<file>`).
+const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The async imports of the JSPI build (`wit/decoder.wit`): the two that read a GPU back.
+const ASYNC_IMPORTS: &[&str] = &[
+    "specrej:decoder/engine#[method]batch.step",
+    "specrej:decoder/engine#score",
+];
+const ASYNC_EXPORTS: &[&str] = &["specrej:decoder/decode#generate"];
+
+fn run(command: &mut Command) -> Result<()> {
+    eprintln!("$ {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // Host-only flags (target-cpu) must not reach the wasm build.
+    command
+        .current_dir(root)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    command
+}
+
+/// Builds everything the page needs into [`DIST_DIR`] and returns its path.
+pub fn build_web(root: &Path) -> Result<PathBuf> {
+    let dist = root.join(DIST_DIR);
+    let node_modules = npm_install(root)?;
+
+    // 1. The engine (wasm-bindgen).
+    let target_dir = root.join(WEB_TARGET_DIR);
+    run(cargo(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "specrej-web",
+            "--target",
+            WASM_TARGET,
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false"))
+    .with_context(|| format!("building specrej-web (needs `rustup target add {WASM_TARGET}`)"))?;
+    let wasm = target_dir
+        .join(WASM_TARGET)
+        .join("release")
+        .join("specrej_web.wasm");
+    let bindgen = ensure_wasm_bindgen(root)?;
+    let fresh = dist.with_extension("partial");
+    if fresh.exists() {
+        std::fs::remove_dir_all(&fresh).with_context(|| format!("removing {}", fresh.display()))?;
+    }
+    std::fs::create_dir_all(&fresh)?;
+    run(Command::new(&bindgen)
+        .args([
+            "--target",
+            "web",
+            "--no-typescript",
+            "--out-name",
+            "specrej_web",
+            "--out-dir",
+        ])
+        .arg(fresh.join("pkg"))
+        .arg(&wasm))?;
+
+    // 2. The decoder component, transpiled by jco (JSPI and sync).
+    let component = crate::component::build_component(root)?;
+    let jco = node_modules.join(".bin").join("jco");
+    let mut jspi = Command::new(&jco);
+    jspi.arg("transpile")
+        .arg(&component)
+        .arg("-o")
+        .arg(fresh.join("component"));
+    jspi.args([
+        "--name",
+        "specrej-decoder",
+        "--instantiation",
+        "async",
+        "--no-typescript",
+        "--quiet",
+        "--async-mode",
+        "jspi",
+    ]);
+    for import in ASYNC_IMPORTS {
+        jspi.args(["--async-imports", import]);
+    }
+    for export in ASYNC_EXPORTS {
+        jspi.args(["--async-exports", export]);
+    }
+    run(&mut jspi)?;
+    run(Command::new(&jco)
+        .arg("transpile")
+        .arg(&component)
+        .arg("-o")
+        .arg(fresh.join("component-sync"))
+        .args([
+            "--name",
+            "specrej-decoder",
+            "--instantiation",
+            "async",
+            "--no-typescript",
+            "--quiet",
+        ]))?;
+
+    // 3. The page.
+    let web = root.join("web");
+    for file in ["index.html", "style.css"] {
+        std::fs::copy(web.join(file), fresh.join(file))
+            .with_context(|| format!("copying web/{file}"))?;
+    }
+    copy_dir(&web.join("src"), &fresh.join("src"))?;
+    let build = format!(
+        "{{\n  \"model\": \"models/{DEFAULT_MODEL_FILE}\",\n  \"component\": \"{}\"\n}}\n",
+        component.file_name().and_then(|n| n.to_str()).unwrap_or("")
+    );
+    std::fs::write(fresh.join("build.json"), build)?;
+
+    if dist.exists() {
+        std::fs::remove_dir_all(&dist).with_context(|| format!("removing {}", dist.display()))?;
+    }
+    std::fs::rename(&fresh, &dist)
+        .with_context(|| format!("moving {} to {}", fresh.display(), dist.display()))?;
+    eprintln!("web demo built: {}", dist.display());
+    Ok(dist)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            copy_dir(&path, &to.join(entry.file_name()))?;
+        } else {
+            std::fs::copy(&path, to.join(entry.file_name()))
+                .with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `npm ci` of `web/package-lock.json` into [`NODE_DIR`] (skipped when the lock is unchanged);
+/// returns its `node_modules`.
+fn npm_install(root: &Path) -> Result<PathBuf> {
+    let dir = root.join(NODE_DIR);
+    let node_modules = dir.join("node_modules");
+    let lock = std::fs::read(root.join("web/package-lock.json"))
+        .context("reading web/package-lock.json")?;
+    let stamp = dir.join("installed-package-lock.json");
+    if node_modules.join(".bin").join("jco").exists()
+        && std::fs::read(&stamp).ok().as_deref() == Some(&lock[..])
+    {
+        return Ok(node_modules);
+    }
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(root.join("web/package.json"), dir.join("package.json"))?;
+    std::fs::write(dir.join("package-lock.json"), &lock)?;
+    run(Command::new("npm").current_dir(&dir).args([
+        "ci",
+        "--no-audit",
+        "--no-fund",
+        "--loglevel=error",
+    ]))
+    .context("installing jco and playwright-core with npm (needs Node.js 20+ and npm)")?;
+    std::fs::write(&stamp, &lock)?;
+    Ok(node_modules)
+}
+
+/// The `wasm-bindgen` crate version in Cargo.lock: the CLI must match it exactly.
+fn locked_wasm_bindgen_version(root: &Path) -> Result<String> {
+    let lock = std::fs::read_to_string(root.join("Cargo.lock")).context("reading Cargo.lock")?;
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() == "name = \"wasm-bindgen\"" {
+            if let Some(version) = lines
+                .next()
+                .and_then(|l| l.trim().strip_prefix("version = \""))
+            {
+                return Ok(version.trim_end_matches('"').to_string());
+            }
+        }
+    }
+    bail!("Cargo.lock has no wasm-bindgen package (specrej-web depends on it)")
+}
+
+/// The path of a `wasm-bindgen` CLI of the locked version, installed into
+/// [`WASM_BINDGEN_DIR`] with `cargo install` if it is not there yet.
+fn ensure_wasm_bindgen(root: &Path) -> Result<PathBuf> {
+    let version = locked_wasm_bindgen_version(root)?;
+    let dir = root.join(WASM_BINDGEN_DIR);
+    let bin = dir.join("bin").join("wasm-bindgen");
+    let installed = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if installed
+        .as_deref()
+        .is_some_and(|v| v.split_whitespace().nth(1) == Some(version.as_str()))
+    {
+        return Ok(bin);
+    }
+    eprintln!(
+        "installing wasm-bindgen-cli {version} into {} (a few minutes, once)",
+        dir.display()
+    );
+    run(cargo(root)
+        .args([
+            "install",
+            "--quiet",
+            "--force",
+            "wasm-bindgen-cli",
+            "--version",
+        ])
+        .arg(format!("={version}"))
+        .arg("--root")
+        .arg(&dir)
+        .arg("--target-dir")
+        .arg(dir.join("build")))?;
+    Ok(bin)
+}
+
+/// Serves [`DIST_DIR`] and `/models/*.gguf` on `addr` (e.g. `127.0.0.1:8080`) until killed.
+pub fn serve(root: &Path, addr: &str) -> Result<()> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    let dist = root.join(DIST_DIR);
+    if !dist.join("index.html").exists() {
+        bail!("{} is not built: run build_web first", dist.display());
+    }
+    eprintln!(
+        "serving the demo on http://{}/ (Ctrl-C to stop)",
+        listener.local_addr()?
+    );
+    serve_on(listener, dist, root.join("models"))
+}
+
+/// Accepts connections on `listener` forever, one thread each.
+pub fn serve_on(listener: TcpListener, dist: PathBuf, models: PathBuf) -> Result<()> {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let (dist, models) = (dist.clone(), models.clone());
+        std::thread::spawn(move || {
+            if let Err(e) = handle(stream, &dist, &models) {
+                eprintln!("serve: {e:#}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn mime(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "html" => "text/html; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "json" => "application/json",
+        "wasm" => "application/wasm",
+        "svg" => "image/svg+xml",
+        "png" => "image/png",
+        "ico" => "image/x-icon",
+        "txt" | "md" | "ts" => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Maps a request path to a file: `/models/<name>.gguf` from `models`, the rest from `dist`.
+/// `None` for anything that would leave those folders.
+fn resolve(path: &str, dist: &Path, models: &Path) -> Option<PathBuf> {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let decoded = percent_decode(path)?;
+    let relative = Path::new(decoded.trim_start_matches('/'));
+    if relative
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return None;
+    }
+    if let Ok(name) = relative.strip_prefix("models") {
+        return (name.extension().is_some_and(|e| e == "gguf") && name.components().count() == 1)
+            .then(|| models.join(name));
+    }
+    let file = dist.join(relative);
+    Some(if decoded.ends_with('/') || decoded.is_empty() {
+        file.join("index.html")
+    } else {
+        file
+    })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn handle(mut stream: TcpStream, dist: &Path, models: &Path) -> Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    // Skip the headers.
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    let mut parts = request.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" && method != "HEAD" {
+        return respond(
+            &mut stream,
+            "405 Method Not Allowed",
+            "text/plain",
+            b"only GET and HEAD\n",
+            method == "HEAD",
+        );
+    }
+    let Some(file) = resolve(target, dist, models).filter(|f| f.is_file()) else {
+        return respond(
+            &mut stream,
+            "404 Not Found",
+            "text/plain",
+            format!("not found: {target}\n").as_bytes(),
+            method == "HEAD",
+        );
+    };
+    let mut body =
+        std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+    let len = body.metadata()?.len();
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {len}\r\nCache-Control: no-cache\r\n\
+         X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
+        mime(&file)
+    )?;
+    if method == "GET" {
+        // A client that goes away mid-download is not an error worth reporting.
+        let _ = std::io::copy(&mut Read::by_ref(&mut body).take(len), &mut stream);
+    }
+    let _ = stream.flush();
+    Ok(())
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    kind: &str,
+    body: &[u8],
+    head: bool,
+) -> Result<()> {
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    if !head {
+        stream.write_all(body)?;
+    }
+    Ok(())
+}
+
+/// The end-to-end test: builds the site, serves it on an ephemeral port of 127.0.0.1 and runs
+/// `web/e2e/run.mjs` (headless Chromium, `/usr/bin/chromium` or `$CHROMIUM`), which loads the
+/// model, runs Speculative Rejection (n 4, 16 tokens) and checks that decisions and a winner
+/// appear; it writes `target/web-e2e/screenshot.png` and `result.json`. The `SPECREJ_E2E_*`
+/// variables documented in `web/e2e/run.mjs` pass through (`SPECREJ_E2E_ENGINE=fake`: the
+/// test double, no model needed).
+pub fn e2e(root: &Path) -> Result<()> {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        bail!(
+            "{chromium} is missing: install Debian's `chromium` (apt-get install chromium), or set CHROMIUM"
+        );
+    }
+    let fake = std::env::var("SPECREJ_E2E_ENGINE").is_ok_and(|e| e == "fake");
+    if !fake && !root.join("models").join(DEFAULT_MODEL_FILE).exists() {
+        bail!("models/{DEFAULT_MODEL_FILE} is missing: run `cargo xtask fetch-model`");
+    }
+    let dist = build_web(root)?;
+    let node_modules = root.join(NODE_DIR).join("node_modules");
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let url = format!("http://{}/", listener.local_addr()?);
+    let models = root.join("models");
+    std::thread::spawn(move || serve_on(listener, dist, models));
+    let out = root.join(E2E_OUT_DIR);
+    std::fs::create_dir_all(&out)?;
+    run(Command::new("node")
+        .arg(root.join("web/e2e/run.mjs"))
+        .env("SPECREJ_WEB_URL", &url)
+        .env("SPECREJ_NODE_MODULES", &node_modules)
+        .env("SPECREJ_E2E_OUT", &out)
+        .env("CHROMIUM", &chromium))
+    .context("the browser end-to-end test failed (see target/web-e2e/)")
+}
