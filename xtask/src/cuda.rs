@@ -14,6 +14,7 @@
 //! Everything lives under `target/cuda-toolkit/` and is made once (idempotent: a marker
 //! file holds the pinned set; a changed pin reinstalls).
 
+use crate::run;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -56,16 +57,6 @@ fn cuda_home(root: &Path) -> PathBuf {
     toolkit_dir(root).join("wheels").join("nvidia").join("cu13")
 }
 
-fn run(command: &mut Command) -> Result<()> {
-    eprintln!("$ {command:?}");
-    let status = command
-        .status()
-        .with_context(|| format!("starting {command:?}"))?;
-    if !status.success() {
-        bail!("{command:?} failed: {status}");
-    }
-    Ok(())
-}
 
 /// Installs the pinned wheels into `target/cuda-toolkit/wheels` unless the marker says
 /// they are there.

@@ -15,6 +15,7 @@
 //!   conformance cases are its `tests::cuda::` tests, run with `--include-ignored`);
 //! - `tokenizer.gguf`.
 
+use crate::run;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -34,16 +35,6 @@ fn cargo(root: &Path, env: &[(String, String)]) -> Command {
     command
 }
 
-fn run(command: &mut Command) -> Result<()> {
-    eprintln!("$ {command:?}");
-    let status = command
-        .status()
-        .with_context(|| format!("starting {command:?}"))?;
-    if !status.success() {
-        bail!("{command:?} failed: {status}");
-    }
-    Ok(())
-}
 
 /// The `"executable"` paths cargo reports (JSON messages on stdout) for package `name`'s
 /// lib test.

@@ -21,6 +21,7 @@
 //! [`e2e`] builds, serves on an ephemeral port and runs `web/e2e/run.mjs` (headless
 //! Chromium through playwright-core; needs Debian's `chromium`).
 
+use crate::run;
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -48,16 +49,6 @@ const ASYNC_IMPORTS: &[&str] = &[
 ];
 const ASYNC_EXPORTS: &[&str] = &["specrej:decoder/decode#generate"];
 
-fn run(command: &mut Command) -> Result<()> {
-    eprintln!("$ {command:?}");
-    let status = command
-        .status()
-        .with_context(|| format!("starting {command:?}"))?;
-    if !status.success() {
-        bail!("{command:?} failed: {status}");
-    }
-    Ok(())
-}
 
 fn cargo(root: &Path) -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
