@@ -1,11 +1,13 @@
 //! `specrej bench`: engine measurements.
 
+use crate::backend::{BackendArg, Policy};
 use crate::generate::WeightsArg;
 use crate::model::{self, Text};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
-use specrej_candle::{CandleDecoder, Device, LoadOptions};
-use specrej_core::{block_on_ready, Decoder, Sampling};
+use specrej_candle::CandleDecoder;
+use specrej_core::{Decoder, Sampling};
+use specrej_wgpu::WgpuDecoder;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -24,6 +26,12 @@ pub struct ThroughputArgs {
     /// GGUF model file (default: the default model in models/).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Backends to measure, in one run (`cpu,wgpu` puts WebGPU beside candle-cpu).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "cpu")]
+    backends: Vec<BackendArg>,
+    /// --backends wgpu: the adapter, by index or by a part of its name (`specrej adapters`).
+    #[arg(long)]
+    adapter: Option<String>,
     /// Row counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
     rows: Vec<usize>,
@@ -33,7 +41,7 @@ pub struct ThroughputArgs {
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 128)]
     prefill_tokens: usize,
-    /// Weight formats to compare.
+    /// Weight formats to compare on candle (cpu, cuda); wgpu always runs the file's own format.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "native,q8-0")]
     weights: Vec<WeightsArg>,
     /// Print the results as JSON.
@@ -41,9 +49,19 @@ pub struct ThroughputArgs {
     json: bool,
 }
 
+/// One measured configuration: a backend and the weights it ran.
+#[derive(Debug, Serialize)]
+struct Engine {
+    /// e.g. `cpu/native`, `cpu/q8_0`, `wgpu/native`.
+    name: String,
+    /// What ran it: the thread count on the CPU, the adapter on wgpu, the device on CUDA.
+    device: String,
+    prefill_tokens_per_second: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Row {
-    weights: String,
+    engine: String,
     rows: usize,
     decode_tokens_per_second: f64,
 }
@@ -51,8 +69,8 @@ struct Row {
 #[derive(Debug, Serialize)]
 struct Report {
     model: String,
-    threads: usize,
-    prefill: Vec<(String, f64)>,
+    steps: usize,
+    engines: Vec<Engine>,
     decode: Vec<Row>,
 }
 
@@ -70,67 +88,137 @@ fn throughput(args: ThroughputArgs) -> Result<()> {
     if args.steps == 0 || args.prefill_tokens == 0 {
         bail!("--steps and --prefill-tokens must be at least 1");
     }
+    if args.backends.is_empty() {
+        bail!("--backends must name at least one backend (cpu, cuda, wgpu)");
+    }
     let path = model::locate(args.model.as_deref())?;
     let text = Text::load(&path)?;
     let mut sentence = text.tokenizer.encode("The quick brown fox jumps over the lazy dog while the band plays on. ", false)?;
     if sentence.is_empty() {
         sentence.push(0);
     }
-    let long: Vec<u32> = sentence.iter().copied().cycle().take(args.prefill_tokens).collect();
-    let short: Vec<u32> = sentence.iter().copied().cycle().take(16).collect();
-    let sampling = Sampling { seed: 1, ..Sampling::default() };
+    let prompts = Prompts {
+        long: sentence.iter().copied().cycle().take(args.prefill_tokens).collect(),
+        short: sentence.iter().copied().cycle().take(16).collect(),
+    };
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut report = Report { model: path.display().to_string(), threads, prefill: Vec::new(), decode: Vec::new() };
+    let mut report = Report { model: path.display().to_string(), steps: args.steps, engines: Vec::new(), decode: Vec::new() };
 
-    for &format in &args.weights {
-        let name = format!("{format:?}").to_lowercase();
-        let weights = specrej_candle::load(&path, &LoadOptions { device: Device::Cpu, weights: format.into() })
-            .with_context(|| format!("loading {}", path.display()))?;
-        let max_rows = args.rows.iter().copied().max().unwrap_or(1);
-        let tokens = max_rows * (long.len() + args.steps + 4);
-        let mut decoder = CandleDecoder::new(weights.clone(), tokens * weights.config().kv_bytes_per_token());
-
-        let start = Instant::now();
-        let mut batch = decoder.prefill(&long, 0..1, &sampling)?;
-        block_on_ready(decoder.step(&mut batch))?;
-        let prefill = long.len() as f64 / start.elapsed().as_secs_f64();
-        report.prefill.push((name.clone(), prefill));
-        if !args.json {
-            eprintln!("{name}: prefill {prefill:.1} tokens/s ({} tokens)", long.len());
-        }
-
-        for &rows in &args.rows {
-            let mut batch = decoder.prefill(&short, 0..rows as u32, &sampling)?;
-            for _ in 0..2 {
-                block_on_ready(decoder.step(&mut batch))?;
-            }
-            let start = Instant::now();
-            for _ in 0..args.steps {
-                block_on_ready(decoder.step(&mut batch))?;
-            }
-            let tps = (rows * args.steps) as f64 / start.elapsed().as_secs_f64();
+    for &backend in &args.backends {
+        let formats = if backend == BackendArg::Wgpu { vec![WeightsArg::Native] } else { args.weights.clone() };
+        for format in formats {
+            let name = format!("{}/{}", format!("{backend:?}").to_lowercase(), format!("{format:?}").to_lowercase());
+            let policy = Policy::load(&path, backend, format, args.adapter.as_deref())?;
+            let device = match (&policy, backend) {
+                (Policy::Wgpu(model), _) => model.adapter().to_string(),
+                (Policy::Candle(_), BackendArg::Cuda) => "CUDA device 0".to_string(),
+                (Policy::Candle(_), _) => format!("{threads} threads"),
+            };
             if !args.json {
-                eprintln!("{name}: {rows:>3} rows: {tps:>7.1} tokens/s");
+                eprintln!("{name}: {device}");
             }
-            report.decode.push(Row { weights: name.clone(), rows, decode_tokens_per_second: tps });
+            let max_rows = args.rows.iter().copied().max().unwrap_or(1);
+            // Room for the longer prompt plus the warm-up and timed steps, in every row.
+            let per_row = prompts.long.len().max(prompts.short.len()) + args.steps + 4;
+            let kv_bytes = max_rows * per_row * policy.kv_bytes_per_token();
+            let mut sink = |what: &str| {
+                if !args.json {
+                    eprintln!("{name}: {what}");
+                }
+            };
+            let (prefill, decode) = match &policy {
+                Policy::Candle(model) => {
+                    measure(&mut CandleDecoder::new(model.clone(), kv_bytes), &prompts, &args.rows, args.steps, &mut sink)?
+                }
+                Policy::Wgpu(model) => {
+                    measure(&mut WgpuDecoder::new(model.clone(), kv_bytes), &prompts, &args.rows, args.steps, &mut sink)?
+                }
+            };
+            report.engines.push(Engine { name: name.clone(), device, prefill_tokens_per_second: prefill });
+            report.decode.extend(
+                decode.into_iter().map(|(rows, tps)| Row { engine: name.clone(), rows, decode_tokens_per_second: tps }),
+            );
         }
     }
 
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("model {} · {threads} threads · {} timed steps", report.model, args.steps);
-        println!("| weights | prefill tok/s | {} |", args.rows.iter().map(|r| format!("{r} rows")).collect::<Vec<_>>().join(" | "));
-        println!("|---|---|{}", "---|".repeat(args.rows.len()));
-        for (name, prefill) in &report.prefill {
-            let cells: Vec<String> = report
-                .decode
-                .iter()
-                .filter(|r| &r.weights == name)
-                .map(|r| format!("{:.1}", r.decode_tokens_per_second))
-                .collect();
-            println!("| {name} | {prefill:.1} | {} |", cells.join(" | "));
-        }
+        print_table(&report, &args.rows);
     }
     Ok(())
+}
+
+struct Prompts {
+    /// The prefill measurement's prompt.
+    long: Vec<u32>,
+    /// The decode measurement's prompt, shared by every row.
+    short: Vec<u32>,
+}
+
+/// Prefill tokens/s of one `long` row, then decode tokens/s (all rows together) per row count.
+/// Every step is awaited to the end (sampled ids read back), so GPU work is not left queued.
+fn measure<D: Decoder>(
+    decoder: &mut D,
+    prompts: &Prompts,
+    rows: &[usize],
+    steps: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(f64, Vec<(usize, f64)>)> {
+    let sampling = Sampling { seed: 1, ..Sampling::default() };
+    let start = Instant::now();
+    let mut batch = decoder.prefill(&prompts.long, 0..1, &sampling)?;
+    pollster::block_on(decoder.step(&mut batch))?;
+    let prefill = prompts.long.len() as f64 / start.elapsed().as_secs_f64();
+    drop(batch);
+    progress(&format!("prefill {prefill:.1} tokens/s ({} tokens)", prompts.long.len()));
+
+    let mut decode = Vec::new();
+    for &n in rows {
+        let mut batch = decoder.prefill(&prompts.short, 0..n as u32, &sampling)?;
+        for _ in 0..2 {
+            pollster::block_on(decoder.step(&mut batch))?;
+        }
+        let start = Instant::now();
+        for _ in 0..steps {
+            pollster::block_on(decoder.step(&mut batch))?;
+        }
+        let tps = (n * steps) as f64 / start.elapsed().as_secs_f64();
+        progress(&format!("{n:>3} rows: {tps:>8.1} tokens/s"));
+        decode.push((n, tps));
+    }
+    Ok((prefill, decode))
+}
+
+fn print_table(report: &Report, rows: &[usize]) {
+    println!("model {} · {} timed steps · decode tokens/s (all rows together)", report.model, report.steps);
+    println!("| engine | device | prefill tok/s | {} |", rows.iter().map(|r| format!("{r} rows")).collect::<Vec<_>>().join(" | "));
+    println!("|---|---|---|{}", "---|".repeat(rows.len()));
+    for engine in &report.engines {
+        let cells: Vec<String> = report
+            .decode
+            .iter()
+            .filter(|r| r.engine == engine.name)
+            .map(|r| format!("{:.1}", r.decode_tokens_per_second))
+            .collect();
+        println!("| {} | {} | {:.1} | {} |", engine.name, engine.device, engine.prefill_tokens_per_second, cells.join(" | "));
+    }
+    // Ratios against the first engine, measured in this run.
+    if let Some(base) = report.engines.first() {
+        for engine in report.engines.iter().skip(1) {
+            let ratios: Vec<String> = rows
+                .iter()
+                .map(|&n| {
+                    let get = |e: &str| {
+                        report.decode.iter().find(|r| r.engine == e && r.rows == n).map(|r| r.decode_tokens_per_second)
+                    };
+                    match (get(&engine.name), get(&base.name)) {
+                        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+                        _ => "n/a".to_string(),
+                    }
+                })
+                .collect();
+            println!("| {} ÷ {} | | | {} |", engine.name, base.name, ratios.join(" | "));
+        }
+    }
 }

@@ -69,3 +69,37 @@ fn generate_json_on_the_default_model() {
     let again: serde_json::Value = serde_json::from_slice(&again.stdout).expect("JSON");
     assert_eq!(again["winner"]["tokens"], winner["tokens"]);
 }
+
+#[test]
+fn bad_bench_flags_are_named() {
+    fails_with(&["bench", "throughput", "--rows", "0"], "--rows must list row counts of at least 1");
+    fails_with(&["bench", "throughput", "--steps", "0"], "--steps and --prefill-tokens must be at least 1");
+    let output = specrej(&["bench", "throughput", "--backends", "tpu"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn bench_throughput_puts_wgpu_beside_the_cpu() {
+    let model = std::env::var("SPECREJ_MODEL").expect("SPECREJ_MODEL");
+    let output = specrej(&[
+        "bench", "throughput", "--model", &model, "--backends", "cpu,wgpu", "--weights", "native", "--rows", "1,2",
+        "--steps", "2", "--prefill-tokens", "8", "--json",
+    ]);
+    let err = stderr(&output);
+    if !output.status.success() && err.contains("no WebGPU adapter") {
+        assert!(std::env::var("SPECREJ_REQUIRE_GPU").as_deref() != Ok("1"), "SPECREJ_REQUIRE_GPU=1: {err}");
+        eprintln!("skipped the wgpu half: {err}");
+        return;
+    }
+    assert!(output.status.success(), "{err}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+    let engines: Vec<&str> =
+        report["engines"].as_array().expect("engines").iter().map(|e| e["name"].as_str().expect("name")).collect();
+    assert_eq!(engines, ["cpu/native", "wgpu/native"]);
+    let decode = report["decode"].as_array().expect("decode");
+    assert_eq!(decode.len(), 4, "two engines × two row counts: {decode:?}");
+    for row in decode {
+        assert!(row["decode_tokens_per_second"].as_f64().expect("tokens/s") > 0.0, "{row}");
+    }
+}
