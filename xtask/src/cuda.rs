@@ -249,19 +249,28 @@ pub fn build_cuda(root: &Path, release: bool) -> Result<()> {
     run(&mut command)
 }
 
-/// `cargo check` of specrej-candle with its `cuda` feature, all targets (lib, tests,
-/// examples, benches), with [`cuda_env`]'s environment: compiles every CUDA kernel and all
-/// the Rust, links nothing. Needs no GPU.
+/// `cargo build` with CUDA, with [`cuda_env`]'s environment, in the cheap `cuda-ci` profile
+/// (no optimisation, no debug info): the `specrej` CLI (feature `cuda`) and every target of
+/// specrej-candle (lib, its CUDA conformance tests, the `gpu_bench` example), in one cargo
+/// call so both share one feature resolution and nothing is compiled twice. Compiles every
+/// CUDA kernel and all the Rust and links the binaries against the stubs. Needs no GPU.
 pub fn check_cuda(root: &Path) -> Result<()> {
     let env = cuda_env(root)?;
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.current_dir(root).envs(env).args([
-        "check",
+        "build",
+        "--profile",
+        "cuda-ci",
+        "-p",
+        "specrej-cli",
+        "--bins",
         "-p",
         "specrej-candle",
+        "--lib",
+        "--tests",
+        "--examples",
         "--features",
-        "cuda",
-        "--all-targets",
+        "specrej-cli/cuda,specrej-candle/cuda",
     ]);
     run(&mut command)
 }
