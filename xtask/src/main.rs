@@ -8,10 +8,13 @@
 //!                           from source into target/llama-cpp-venv on first use: minutes)
 //! cargo xtask component     build the decoder component (wasm32) → target/specrej-decoder.component.wasm
 //! cargo xtask component-with-reward   the same, world decoder-with-reward
-//! cargo xtask cuda-check    `cargo check` specrej-candle with CUDA (toolkit wheels from PyPI, no GPU needed)
+//! cargo xtask cuda-check    build the CLI and specrej-candle's tests with CUDA, unoptimised (toolkit
+//!                           wheels from PyPI, link-time stubs, no GPU needed): what CI runs
 //! cargo xtask cuda-build [--release]   build the `specrej` CLI with CUDA (slow: nvcc kernels + codegen)
 //! cargo xtask gpu-check [--release]   stage CUDA binaries for scripts/gpu-check.sh (device machine)
-//! cargo xtask serve [ADDR]  build the browser demo and serve it with the model (default 127.0.0.1:8080)
+//! cargo xtask serve [ADDR]  specrej-server on ADDR (default 127.0.0.1:8080): the OpenAI-compatible API
+//!                           over the default model through the component, and the browser demo
+//! cargo xtask serve-static [ADDR]   the browser demo's files only (no API, no wasmtime build)
 //! cargo xtask web-e2e       the browser demo's end-to-end test in headless Chromium
 
 use anyhow::{bail, Context, Result};
@@ -47,7 +50,8 @@ fn main() -> Result<()> {
         Some("cuda-check") => cuda::check_cuda(&root()),
         Some("cuda-build") => cuda::build_cuda(&root(), rest.contains(&"--release")),
         Some("gpu-check") => gpu::gpu_check(&root(), &fetch_model()?, rest.contains(&"--release")),
-        Some("serve") => {
+        Some("serve") => serve(rest.first().copied().unwrap_or("127.0.0.1:8080")),
+        Some("serve-static") => {
             fetch_model()?;
             web::build_web(&root())?;
             web::serve(&root(), rest.first().copied().unwrap_or("127.0.0.1:8080"))
@@ -60,7 +64,7 @@ fn main() -> Result<()> {
             eprintln!(
                 "usage: cargo xtask <fetch-model | demo [specrej generate flags] | test [cargo test args] | bench | \
                  bench-llama-cpp | component | component-with-reward | cuda-check | cuda-build [--release] | gpu-check [--release] | \
-                 serve [ADDR] | web-e2e>"
+                 serve [ADDR] | serve-static [ADDR] | web-e2e>"
             );
             std::process::exit(2);
         }
@@ -138,12 +142,33 @@ fn test(extra: &[&str]) -> Result<()> {
     let model = fetch_model()?;
     // Real-model tests are #[ignore]d in a plain `cargo test` (they need the file);
     // here they run too, with the model's path in SPECREJ_MODEL.
-    // The decoder component, built once (wasm32) for the host's tests.
+    // The decoder components (both worlds), built once (wasm32) for the host's tests.
     let component = component::build_component(&root())?;
+    let with_reward = component::build_component_with_reward(&root())?;
     let mut command = cargo();
     command.env("SPECREJ_MODEL", &model).env("SPECREJ_COMPONENT", &component);
+    command.env("SPECREJ_COMPONENT_WITH_REWARD", &with_reward);
     command.args(["test", "--workspace"]).args(extra);
     run(command.args(["--", "--include-ignored"]))
+}
+
+/// `specrej-server` with the default model, the decoder component and the browser demo
+/// (`--static target/web-dist`, which also serves `/models/<file>.gguf`). Built in the dev
+/// profile: it reuses the test build, and dependencies (candle, wasmtime) and the hot crates
+/// are optimised there anyway (see the workspace's profiles); the component's wasm is
+/// compiled by wasmtime's Cranelift whatever the profile.
+fn serve(addr: &str) -> Result<()> {
+    let model = fetch_model()?;
+    let component = component::build_component(&root())?;
+    let dist = web::build_web(&root())?;
+    eprintln!(
+        "starting specrej-server: the demo at http://{addr}/, the API at http://{addr}/v1/chat/completions \
+         (once it says it is listening; Ctrl-C to stop)"
+    );
+    let mut command = cargo();
+    command.args(["run", "--quiet", "-p", "specrej-host", "--bin", "specrej-server", "--", "--listen", addr, "--model"]);
+    command.arg(&model).arg("--component").arg(&component).arg("--static").arg(&dist);
+    run(&mut command)
 }
 
 fn bench(extra: &[&str]) -> Result<()> {

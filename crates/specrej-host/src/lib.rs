@@ -2,12 +2,15 @@
 //!
 //! - [`runtime`]: loads the component (`cargo xtask component` builds it), implements its
 //!   `engine` and `progress` imports over any [`runtime::Engine`] (a `specrej_core`
-//!   decoder and scorer), and calls `decode.generate` with fuel and time limits.
+//!   decoder and scorer), and calls `decode.generate` with fuel and time limits. Components
+//!   of world `decoder-with-reward` (`cargo xtask component-with-reward`) run too: their
+//!   `reward` import is backed by any [`runtime::HostReward`] (every `specrej_core::Scorer`).
 //! - [`model`]: the served model: specrej-candle weights with the specrej-text tokenizer and
 //!   chat template, or the fake backend.
 //! - [`api`]: the OpenAI-compatible request and response documents.
 //! - [`server`]: HTTP on `std::net`: `/v1/chat/completions`, `/v1/completions`,
-//!   `/v1/models`, `/health`; one engine worker; server-sent events.
+//!   `/v1/models`, `/health`; one engine worker; server-sent events; optionally the static
+//!   files of the browser demo (`--static DIR`, what `cargo xtask serve` passes).
 
 pub mod api;
 pub mod model;
@@ -15,5 +18,5 @@ pub mod runtime;
 pub mod server;
 
 pub use model::{BackendKind, RealModel, RewardKind, Served};
-pub use runtime::{Engine, EventKinds, Limits, Pair, Run, RunError, Runtime};
+pub use runtime::{Engine, EventKinds, HostReward, Limits, Pair, Run, RunError, Runtime, World};
 pub use server::{spawn, ServerConfig, ServerHandle};

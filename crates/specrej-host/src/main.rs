@@ -40,7 +40,9 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
-    /// The decoder component (default: target/specrej-decoder.component.wasm here or in this checkout).
+    /// The decoder component (default: target/specrej-decoder.component.wasm here or in this
+    /// checkout). World `decoder` or `decoder-with-reward` (detected from its imports; the
+    /// latter's `reward` import is served by the request's reward model).
     #[arg(long)]
     component: Option<PathBuf>,
     /// GGUF model file, or a HF directory (default: $SPECREJ_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf).
@@ -73,6 +75,11 @@ struct Args {
     /// Serve the fake backend (a hash "language model"; no model file): for smoke tests.
     #[arg(long)]
     fake: bool,
+    /// Also serve the files under DIR (GET/HEAD; `/` is DIR/index.html) and
+    /// `/models/<file>.gguf` from the model's folder: the browser demo (`cargo xtask serve`
+    /// passes target/web-dist). The API routes come first.
+    #[arg(long = "static", value_name = "DIR")]
+    static_dir: Option<PathBuf>,
 }
 
 fn component_path(explicit: Option<&Path>) -> PathBuf {
@@ -98,6 +105,12 @@ fn run(args: Args) -> Result<()> {
     let component = std::fs::read(&component_path).with_context(|| {
         format!("reading the component {} (build it with `cargo xtask component`)", component_path.display())
     })?;
+    if let Some(dir) = &args.static_dir
+        && !dir.is_dir()
+    {
+        anyhow::bail!("--static {}: not a folder", dir.display());
+    }
+    let mut models_dir = None;
     let (served, model_id) = if args.fake {
         (Served::Fake, "specrej-fake".to_string())
     } else {
@@ -112,6 +125,9 @@ fn run(args: Args) -> Result<()> {
             WeightsArg::F32 => WeightFormat::F32,
         };
         let id = path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        if path.is_file() {
+            models_dir = Some(path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf));
+        }
         (Served::Real(Box::new(RealModel::load(&path, backend, weights)?)), id)
     };
     let kv_budget_tokens =
@@ -122,14 +138,20 @@ fn run(args: Args) -> Result<()> {
         request_timeout: Duration::from_secs(args.request_timeout_secs),
         max_connections: args.max_connections,
         model_id,
+        static_dir: args.static_dir.clone(),
+        models_dir: models_dir.filter(|_| args.static_dir.is_some()),
     };
     let listener = TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let handle = specrej_host::spawn(listener, Arc::new(served), component, config)?;
     eprintln!(
-        "specrej-server: listening on http://{} (component {}, KV budget {kv_budget_tokens} tokens)",
+        "specrej-server: listening on http://{} (component {}, world {}, KV budget {kv_budget_tokens} tokens)",
         handle.addr,
-        component_path.display()
+        component_path.display(),
+        handle.world.name()
     );
+    if let Some(dir) = &args.static_dir {
+        eprintln!("specrej-server: the demo from {} at http://{}/", dir.display(), handle.addr);
+    }
     handle.accept.join().map_err(|_| anyhow::anyhow!("the accept loop panicked"))?;
     Ok(())
 }

@@ -5,15 +5,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use specrej_candle::{CandleDecoder, JudgeScorer, LikelihoodScorer, LoadOptions, Model, WeightFormat};
 use specrej_core::testing::{FakeDecoder, FakeScorer, FAKE_EOS};
-use specrej_text::{ChatTemplate, Message, Tokenizer};
+use specrej_text::{Message, ModelText};
 
 use crate::runtime::{Engine, Pair};
 
 /// The default model's file name (`cargo xtask fetch-model` puts it in `models/`).
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub use specrej_text::DEFAULT_MODEL_FILE;
 
 /// The reward model a request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,29 +43,10 @@ pub enum BackendKind {
     Cuda,
 }
 
-/// The model: `--model`, else `$SPECREJ_MODEL`, else `models/<default>` here or in this checkout.
+/// The model: `--model`, else `$SPECREJ_MODEL`, else `models/<default>` here or in this
+/// checkout ([`specrej_text::locate_model`], as the CLI finds it).
 pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
-    if let Some(path) = explicit {
-        if !path.exists() {
-            bail!("model file {} does not exist", path.display());
-        }
-        return Ok(path.to_path_buf());
-    }
-    if let Some(path) = std::env::var_os("SPECREJ_MODEL") {
-        let path = PathBuf::from(path);
-        if !path.exists() {
-            bail!("SPECREJ_MODEL points to {}, which does not exist", path.display());
-        }
-        return Ok(path);
-    }
-    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models").join(DEFAULT_MODEL_FILE);
-    let here = Path::new("models").join(DEFAULT_MODEL_FILE);
-    for path in [here, checkout] {
-        if path.exists() {
-            return Ok(path);
-        }
-    }
-    bail!("no model given and the default model ({DEFAULT_MODEL_FILE}) is not in models/: run `cargo xtask fetch-model`, or pass --model PATH")
+    Ok(specrej_text::locate_model(explicit)?)
 }
 
 /// A loaded model: weights, tokenizer, chat template.
@@ -73,10 +54,10 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
 pub struct RealModel {
     /// The weights (shared by the decoder and the reward models).
     pub weights: Arc<Model>,
-    /// The tokenizer.
-    pub tokenizer: Tokenizer,
-    /// The chat template.
-    pub template: ChatTemplate,
+    /// The tokenizer and chat template ([`ModelText::load`], as the CLI loads them).
+    pub text: ModelText,
+    /// The file or directory it was loaded from.
+    pub path: PathBuf,
 }
 
 impl RealModel {
@@ -88,31 +69,9 @@ impl RealModel {
         };
         let model = specrej_candle::load(path, &LoadOptions { device, weights })
             .with_context(|| format!("loading {}", path.display()))?;
-        let (tokenizer, template) = load_text(path)?;
-        Ok(Self { weights: model, tokenizer, template })
+        let text = ModelText::load(path)?;
+        Ok(Self { weights: model, text, path: path.to_path_buf() })
     }
-}
-
-/// Tokenizer and chat template of a GGUF file or a HF directory (as the CLI loads them).
-fn load_text(path: &Path) -> Result<(Tokenizer, ChatTemplate)> {
-    if path.is_dir() {
-        let json = path.join("tokenizer.json");
-        let mut tokenizer =
-            Tokenizer::from_tokenizer_json_file(&json).with_context(|| format!("reading {}", json.display()))?;
-        let config_path = path.join("tokenizer_config.json");
-        if !config_path.exists() {
-            return Ok((tokenizer, ChatTemplate::chatml()));
-        }
-        let config = std::fs::read(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
-        tokenizer = tokenizer.with_tokenizer_config(&config).with_context(|| format!("{}", config_path.display()))?;
-        let template = ChatTemplate::from_tokenizer_config(&config)
-            .with_context(|| format!("chat template in {}", config_path.display()))?;
-        return Ok((tokenizer, template));
-    }
-    let metadata = specrej_text::GgufMetadata::from_path(path).with_context(|| format!("reading {}", path.display()))?;
-    let tokenizer = Tokenizer::from_gguf(&metadata).with_context(|| format!("tokenizer of {}", path.display()))?;
-    let template = ChatTemplate::from_gguf(&metadata).with_context(|| format!("chat template of {}", path.display()))?;
-    Ok((tokenizer, template))
 }
 
 /// The model behind the server.
@@ -132,10 +91,7 @@ impl Served {
     /// The prompt's token ids: the chat template over `messages`, or `raw` text as is.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
         match self {
-            Served::Real(m) => {
-                let text = m.template.render(messages, true).context("rendering the chat template")?;
-                self.encode_raw(&text)
-            }
+            Served::Real(m) => Ok(m.text.encode_chat(messages)?),
             Served::Fake => {
                 let text: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
                 self.encode_raw(&text)
@@ -146,15 +102,7 @@ impl Served {
     /// The token ids of `text` as is (a BOS first where the tokenizer adds one).
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
         match self {
-            Served::Real(m) => {
-                let mut ids = m.tokenizer.encode(text, false)?;
-                if let Some(bos) = m.tokenizer.bos().filter(|_| m.tokenizer.adds_bos())
-                    && ids.first() != Some(&bos)
-                {
-                    ids.insert(0, bos);
-                }
-                Ok(ids)
-            }
+            Served::Real(m) => Ok(m.text.encode(text)?),
             Served::Fake => Ok(text.bytes().map(|b| 1 + u32::from(b) % 15).collect()),
         }
     }
@@ -162,7 +110,7 @@ impl Served {
     /// Text of generated ids (special tokens left out).
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
-            Served::Real(m) => m.tokenizer.decode(ids, true).unwrap_or_else(|e| format!("<undecodable: {e}>")),
+            Served::Real(m) => m.text.decode(ids),
             Served::Fake => ids
                 .iter()
                 .filter(|&&t| t != FAKE_EOS)
@@ -174,7 +122,7 @@ impl Served {
     /// Tokens that end a row.
     pub fn eos(&self) -> Vec<u32> {
         match self {
-            Served::Real(m) => m.tokenizer.eos_ids().to_vec(),
+            Served::Real(m) => m.text.tokenizer.eos_ids().to_vec(),
             Served::Fake => vec![FAKE_EOS],
         }
     }
@@ -204,7 +152,7 @@ impl Served {
                 let decoder = CandleDecoder::new(Arc::clone(&m.weights), bytes);
                 Ok(match reward {
                     RewardKind::Judge => {
-                        let segments = specrej_text::judge_segments(&m.tokenizer, &m.template, question)?;
+                        let segments = specrej_text::judge_segments(&m.text.tokenizer, &m.text.template, question)?;
                         let judge = JudgeScorer::new(
                             Arc::clone(&m.weights),
                             segments.before,

@@ -4,6 +4,13 @@
 //! fresh [`Store`] per request (so a trap poisons nothing), with a fuel budget and an
 //! epoch deadline, implements its `engine` and `progress` imports over an [`Engine`], and
 //! calls `decode.generate`.
+//!
+//! Both worlds run: the bindings are those of `decoder-with-reward` (a superset of
+//! `decoder`'s imports), and [`Runtime::world`] says which one the component targets (read
+//! from its imports). A `decoder-with-reward` component scores through the `reward` import:
+//! [`Runtime::generate_with_reward`] backs it with any [`HostReward`] (every
+//! [`specrej_core::Scorer`] is one: the built-in judge, a specrej-reward model, a remote
+//! scorer); without one, with the engine's own scorer.
 
 use std::any::Any;
 use std::ops::Range;
@@ -23,7 +30,8 @@ use wasmtime::{Config, Store, StoreLimits, StoreLimitsBuilder, Trap};
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../../wit",
-        world: "decoder",
+        // A superset of world `decoder`: one linker instantiates components of either world.
+        world: "decoder-with-reward",
         with: { "specrej:decoder/engine.batch": crate::runtime::HostBatch },
         // Resource-table lookups can fail: let every import trap instead of panicking.
         imports: { default: trappable },
@@ -31,7 +39,7 @@ mod bindings {
 }
 
 use bindings::exports::specrej::decoder::decode;
-use bindings::specrej::decoder::{engine as wit_engine, progress, types};
+use bindings::specrej::decoder::{engine as wit_engine, progress, reward as wit_reward, types};
 
 pub use bindings::specrej::decoder::progress::EventKinds;
 
@@ -55,6 +63,45 @@ pub trait Engine {
     fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError>;
     /// [`Scorer::release`].
     fn release(&mut self, rows: &[u32]);
+}
+
+/// A reward function the host supplies through the `reward` import of world
+/// `decoder-with-reward`. Every [`Scorer`] is one (its futures driven with
+/// [`block_on_ready`]).
+pub trait HostReward {
+    /// [`Scorer::score`].
+    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError>;
+    /// [`Scorer::release`].
+    fn release(&mut self, rows: &[u32]);
+}
+
+impl<S: Scorer> HostReward for S {
+    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        block_on_ready(Scorer::score(self, prompt, responses))
+    }
+
+    fn release(&mut self, rows: &[u32]) {
+        Scorer::release(self, rows);
+    }
+}
+
+/// The WIT world a component targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum World {
+    /// `decoder`: rewards through `engine.score`.
+    Decoder,
+    /// `decoder-with-reward`: rewards through the separate `reward` import.
+    DecoderWithReward,
+}
+
+impl World {
+    /// The world's name in `wit/decoder.wit`.
+    pub fn name(self) -> &'static str {
+        match self {
+            World::Decoder => "decoder",
+            World::DecoderWithReward => "decoder-with-reward",
+        }
+    }
 }
 
 /// A decoder's batch, type-erased.
@@ -180,6 +227,8 @@ pub enum RunError {
     Timeout,
     /// The observer cancelled the run.
     Cancelled,
+    /// A host reward was given to a component of world `decoder` (no `reward` import).
+    NoRewardImport,
     /// Any other trap or host error, with wasmtime's message.
     Trap(String),
 }
@@ -192,6 +241,10 @@ impl std::fmt::Display for RunError {
             RunError::OutOfFuel => f.write_str("the decoder component used up its fuel"),
             RunError::Timeout => f.write_str("the request ran past its time limit"),
             RunError::Cancelled => f.write_str("the request was cancelled"),
+            RunError::NoRewardImport => f.write_str(
+                "the component targets world decoder, which has no reward import: build world \
+                 decoder-with-reward (cargo xtask component-with-reward) to supply a host reward",
+            ),
             RunError::Trap(message) => write!(f, "the decoder component failed: {message}"),
         }
     }
@@ -205,6 +258,8 @@ pub struct Run {
     pub result: Result<Outcome, RunError>,
     /// The engine, for the next request.
     pub engine: Box<dyn Engine>,
+    /// The host reward, if one was given.
+    pub reward: Option<Box<dyn HostReward>>,
     /// Fuel the guest spent.
     pub fuel_used: u64,
 }
@@ -219,9 +274,10 @@ impl std::fmt::Debug for Run {
 /// `false` cancels the run (the `on-event` import traps; e.g. a streaming client left).
 pub type Observer = Box<dyn FnMut(&Event<'_>) -> bool>;
 
-/// The store's data: the engine, the batches the guest holds, the observer.
+/// The store's data: the engine, the host reward, the batches the guest holds, the observer.
 struct State {
     engine: Box<dyn Engine>,
+    reward: Option<Box<dyn HostReward>>,
     table: ResourceTable,
     observer: Observer,
     limits: StoreLimits,
@@ -230,13 +286,14 @@ struct State {
 /// A compiled component, ready to run requests.
 pub struct Runtime {
     engine: wasmtime::Engine,
-    pre: bindings::DecoderPre<State>,
+    pre: bindings::DecoderWithRewardPre<State>,
+    world: World,
     ticker_stop: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").finish_non_exhaustive()
+        f.debug_struct("Runtime").field("world", &self.world).finish_non_exhaustive()
     }
 }
 
@@ -260,9 +317,12 @@ impl Runtime {
         config.wasm_component_model(true).consume_fuel(true).epoch_interruption(true);
         let engine = wasmtime::Engine::new(&config)?;
         let component = Component::from_binary(&engine, bytes)?;
+        let imports_reward =
+            component.component_type().imports(&engine).any(|(name, _)| name.starts_with("specrej:decoder/reward"));
+        let world = if imports_reward { World::DecoderWithReward } else { World::Decoder };
         let mut linker = Linker::<State>::new(&engine);
-        bindings::Decoder::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)?;
-        let pre = bindings::DecoderPre::new(linker.instantiate_pre(&component)?)?;
+        bindings::DecoderWithReward::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)?;
+        let pre = bindings::DecoderWithRewardPre::new(linker.instantiate_pre(&component)?)?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&ticker_stop);
         let weak = engine.weak();
@@ -278,7 +338,12 @@ impl Runtime {
                 }
             })
             .map_err(|e| wasmtime::format_err!("starting the epoch thread: {e}"))?;
-        Ok(Self { engine, pre, ticker_stop })
+        Ok(Self { engine, pre, world, ticker_stop })
+    }
+
+    /// The world the component targets (from its imports).
+    pub fn world(&self) -> World {
+        self.world
     }
 
     /// Runs `decode.generate` once: `specrej_core::generate` inside the component over
@@ -293,9 +358,31 @@ impl Runtime {
         observer: Observer,
         limits: Limits,
     ) -> Run {
+        self.generate_with_reward(engine, None, prompt, options, events, observer, limits)
+    }
+
+    /// [`Runtime::generate`] with the host's own reward function behind the `reward` import
+    /// (world `decoder-with-reward`; `engine`'s scorer is then not called). With `None`, a
+    /// `decoder-with-reward` component is scored by `engine`'s scorer; with `Some`, a
+    /// `decoder` component fails with [`RunError::NoRewardImport`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_with_reward(
+        &self,
+        engine: Box<dyn Engine>,
+        reward: Option<Box<dyn HostReward>>,
+        prompt: &[u32],
+        options: &Options,
+        events: EventKinds,
+        observer: Observer,
+        limits: Limits,
+    ) -> Run {
+        if reward.is_some() && self.world == World::Decoder {
+            return Run { result: Err(RunError::NoRewardImport), engine, reward, fuel_used: 0 };
+        }
         let start = Instant::now();
         let state = State {
             engine,
+            reward,
             table: ResourceTable::new(),
             observer,
             limits: StoreLimitsBuilder::new().memory_size(limits.memory_bytes).instances(16).build(),
@@ -304,12 +391,12 @@ impl Runtime {
         store.limiter(|state| &mut state.limits);
         let result = self.call(&mut store, prompt, options, events, limits);
         let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
-        let engine = store.into_data().engine;
+        let State { engine, reward, .. } = store.into_data();
         let result = result.map(|mut outcome| {
             outcome.stats.wall_seconds = start.elapsed().as_secs_f64();
             outcome
         });
-        Run { result, engine, fuel_used }
+        Run { result, engine, reward, fuel_used }
     }
 
     fn call(
@@ -438,6 +525,29 @@ impl wit_engine::Host for State {
 
     fn release(&mut self, rows: Vec<u32>) -> wasmtime::Result<()> {
         self.engine.release(&rows);
+        Ok(())
+    }
+}
+
+impl wit_reward::Host for State {
+    fn score(
+        &mut self,
+        prompt: Vec<u32>,
+        responses: Vec<types::Response>,
+    ) -> wasmtime::Result<Result<types::Scored, types::EngineError>> {
+        let Some(reward) = self.reward.as_mut() else { return wit_engine::Host::score(self, prompt, responses) };
+        let responses: Vec<Response<'_>> = responses.iter().map(|r| Response { row: r.row, tokens: &r.tokens }).collect();
+        Ok(reward
+            .score(&prompt, &responses)
+            .map(|s| types::Scored { rewards: s.rewards, tokens_processed: s.tokens_processed })
+            .map_err(to_wit_error))
+    }
+
+    fn release(&mut self, rows: Vec<u32>) -> wasmtime::Result<()> {
+        match self.reward.as_mut() {
+            Some(reward) => reward.release(&rows),
+            None => self.engine.release(&rows),
+        }
         Ok(())
     }
 }

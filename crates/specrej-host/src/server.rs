@@ -1,14 +1,19 @@
-//! The HTTP server: hand-written HTTP/1.1 on `std::net` (as `specrej-reward`'s scorer
-//! server), a thread per connection for parsing, validating, tokenizing and writing, and
-//! one engine worker that runs requests in arrival order through the component.
+//! The HTTP server: HTTP/1.1 on `std::net` (the request reader of `specrej-http`, shared
+//! with `specrej-reward`'s scorer server), a thread per connection for parsing, validating,
+//! tokenizing and writing, and one engine worker that runs requests in arrival order
+//! through the component.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or, with
-//! `"stream": true`, server-sent events), `GET /v1/models`, `GET /health`.
+//! `"stream": true`, server-sent events), `GET /v1/models`, `GET /health`. With
+//! [`ServerConfig::static_dir`] also `GET`/`HEAD` of the files under it (the browser demo,
+//! `index.html` at `/`) and of `/models/<file>.gguf` from [`ServerConfig::models_dir`]; the
+//! API routes come first.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -19,7 +24,7 @@ use specrej_core::{Event, Method, Options, Outcome, Sampling};
 
 use crate::api::{self, ApiError, Endpoint, GenerateRequest, Prompt, RequestLimits, ResponseContext};
 use crate::model::{RewardKind, Served};
-use crate::runtime::{EventKinds, Limits, Observer, RunError, Runtime};
+use crate::runtime::{EventKinds, Limits, Observer, RunError, Runtime, World};
 
 /// Largest request body accepted (larger: 413).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -39,6 +44,11 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// The model's id in responses and `/v1/models`.
     pub model_id: String,
+    /// Serve the files under this folder too (`GET`/`HEAD`; `/` is its `index.html`).
+    pub static_dir: Option<PathBuf>,
+    /// With `static_dir`: serve `/models/<file>.gguf` from this folder (the demo downloads
+    /// the model from there).
+    pub models_dir: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +59,8 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(600),
             max_connections: 64,
             model_id: "specrej".into(),
+            static_dir: None,
+            models_dir: None,
         }
     }
 }
@@ -60,6 +72,8 @@ pub struct ServerHandle {
     pub addr: SocketAddr,
     /// The accept loop.
     pub accept: JoinHandle<()>,
+    /// The world the component targets.
+    pub world: World,
 }
 
 /// What the worker sends back to a connection.
@@ -109,13 +123,13 @@ pub fn spawn(
 ) -> anyhow::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     let (jobs, queue) = mpsc::channel::<Job>();
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<World, String>>();
     let worker_served = Arc::clone(&served);
     let timeout = config.request_timeout;
     std::thread::Builder::new().name("specrej-engine".into()).spawn(move || {
         let runtime = match Runtime::from_bytes(&component) {
             Ok(runtime) => {
-                let _ = ready_tx.send(Ok(()));
+                let _ = ready_tx.send(Ok(runtime.world()));
                 runtime
             }
             Err(error) => {
@@ -127,11 +141,11 @@ pub fn spawn(
             work(&runtime, &worker_served, job, timeout);
         }
     })?;
-    match ready_rx.recv() {
-        Ok(Ok(())) => {}
+    let world = match ready_rx.recv() {
+        Ok(Ok(world)) => world,
         Ok(Err(message)) => anyhow::bail!("loading the component: {message}"),
         Err(_) => anyhow::bail!("the engine thread died while loading the component"),
-    }
+    };
     let shared = Arc::new(Shared {
         served,
         config,
@@ -163,7 +177,7 @@ pub fn spawn(
             }
         }
     })?;
-    Ok(ServerHandle { addr, accept })
+    Ok(ServerHandle { addr, accept, world })
 }
 
 /// Runs one job on the engine thread; never panics out (a panic becomes a 500).
@@ -222,113 +236,54 @@ fn error_text(error: &RunError) -> String {
     error.to_string()
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Internal Server Error",
-    }
-}
-
 fn write_json(stream: &mut TcpStream, status: u16, body: &Value) -> std::io::Result<()> {
-    let body = body.to_string();
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        reason(status),
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    stream.flush()
+    specrej_http::write_json(stream, status, &body.to_string())
 }
 
-/// A parsed request: method, path (no query), body.
-struct HttpRequest {
-    method: String,
-    path: String,
-    body: Vec<u8>,
+const HTTP_LIMITS: specrej_http::Limits =
+    specrej_http::Limits { max_header_bytes: MAX_HEADER_BYTES, max_body_bytes: MAX_BODY_BYTES, require_length: false };
+
+/// Reads one request ([`specrej_http::read_request`]; only a POST has a body).
+fn read_request(stream: &TcpStream) -> Result<specrej_http::Request, ApiError> {
+    specrej_http::read_request(stream, &HTTP_LIMITS, |method| method == "POST").map_err(|e| match e.status {
+        400 => ApiError::bad_request(e.message),
+        status => ApiError::status(status, "invalid_request_error", e.message),
+    })
 }
 
-fn read_request(stream: &mut TcpStream) -> Result<HttpRequest, ApiError> {
-    let reader_stream = stream.try_clone().map_err(|e| ApiError::status(500, "server_error", e.to_string()))?;
-    let mut reader = BufReader::new(reader_stream.take((MAX_HEADER_BYTES + MAX_BODY_BYTES + 1) as u64));
-    let bad = |m: &str| ApiError::bad_request(m);
-    let mut header_bytes = 0usize;
-    let mut line = String::new();
-    let mut read_line = |reader: &mut BufReader<_>, line: &mut String| -> Result<(), ApiError> {
-        line.clear();
-        let n = reader.read_line(line).map_err(|e| bad(&format!("cannot read the request: {e}")))?;
-        header_bytes += n;
-        if header_bytes > MAX_HEADER_BYTES {
-            return Err(ApiError::status(431, "invalid_request_error", "request headers too large"));
-        }
-        if n == 0 {
-            return Err(bad("connection closed before the end of the headers"));
-        }
-        Ok(())
-    };
-    read_line(&mut reader, &mut line)?;
-    let mut parts = line.split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(bad("malformed request line"));
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(bad("only HTTP/1.x is supported"));
+/// `GET`/`HEAD` of a static file: `/models/<file>.gguf` from `models_dir`, the rest from
+/// `static_dir`. Returns false when no static folder is configured.
+fn serve_static(config: &ServerConfig, stream: &mut TcpStream, method: &str, path: &str) -> bool {
+    let Some(root) = &config.static_dir else { return false };
+    if let (Some(models), Some(name)) = (&config.models_dir, path.strip_prefix("/models/"))
+        && (method == "GET" || method == "HEAD")
+    {
+        let head = method == "HEAD";
+        let plain = "text/plain; charset=utf-8";
+        let decoded = specrej_http::files::percent_decode(name).unwrap_or_default();
+        let _ = if decoded.ends_with(".gguf") && !decoded.contains(['/', '\\']) {
+            match specrej_http::files::resolve(models, &format!("/{name}")) {
+                Ok(file) => specrej_http::files::serve_file(stream, &file, head).map(|_| ()),
+                Err(specrej_http::files::Refused::NotFound) => {
+                    specrej_http::write_response(stream, 404, plain, format!("not found: {path}\n").as_bytes(), !head)
+                }
+                Err(specrej_http::files::Refused::Forbidden) => {
+                    specrej_http::write_response(stream, 403, plain, format!("forbidden: {path}\n").as_bytes(), !head)
+                }
+            }
+        } else {
+            specrej_http::write_response(stream, 403, plain, b"only /models/<file>.gguf\n", !head)
+        };
+        return true;
     }
-    let method = method.to_string();
-    let path = target.split('?').next().unwrap_or_default().to_string();
-    let mut length = None;
-    let mut chunked = false;
-    let mut expect_continue = false;
-    loop {
-        read_line(&mut reader, &mut line)?;
-        let l = line.trim_end_matches(['\r', '\n']);
-        if l.is_empty() {
-            break;
-        }
-        let Some((name, value)) = l.split_once(':') else { return Err(bad("malformed header line")) };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            length = Some(value.parse::<usize>().map_err(|_| bad("invalid Content-Length"))?);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") && value.to_ascii_lowercase().contains("chunked") {
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("expect") && value.eq_ignore_ascii_case("100-continue") {
-            expect_continue = true;
-        }
-    }
-    if method != "POST" {
-        return Ok(HttpRequest { method, path, body: Vec::new() });
-    }
-    if chunked {
-        return Err(ApiError::status(411, "invalid_request_error", "chunked bodies are not supported: send a Content-Length"));
-    }
-    let length = length.unwrap_or(0);
-    if length > MAX_BODY_BYTES {
-        return Err(ApiError::status(
-            413,
-            "invalid_request_error",
-            format!("body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}"),
-        ));
-    }
-    if expect_continue {
-        let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
-    }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body).map_err(|e| bad(&format!("body shorter than its Content-Length: {e}")))?;
-    Ok(HttpRequest { method, path, body })
+    let _ = specrej_http::files::serve(stream, root, method, path);
+    true
 }
 
 fn connection(shared: &Shared, mut stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let request = match read_request(&mut stream) {
+    let request = match read_request(&stream) {
         Ok(request) => request,
         Err(error) => {
             let _ = write_json(&mut stream, error.status, &error.body());
@@ -360,6 +315,7 @@ fn connection(shared: &Shared, mut stream: TcpStream) {
             let _ = write_json(&mut stream, 405, &error.body());
             return;
         }
+        (method @ ("GET" | "HEAD"), path) if serve_static(&shared.config, &mut stream, method, path) => return,
         (_, path) => {
             let error = ApiError::status(404, "not_found_error", format!("no route {path}"));
             let _ = write_json(&mut stream, 404, &error.body());

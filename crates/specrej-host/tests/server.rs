@@ -3,12 +3,13 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use common::{events, get, post, raw};
+use common::{events, get, head, post, raw};
 use serde_json::{json, Value};
 use specrej_host::api::RequestLimits;
 use specrej_host::{BackendKind, RealModel, Served, ServerConfig};
@@ -21,16 +22,47 @@ fn start(served: Served, config: ServerConfig) -> SocketAddr {
     handle.addr
 }
 
-/// One fake server for the whole binary.
+/// The static files the fake server serves: (name, content type, body).
+const STATIC_FILES: &[(&str, &str, &str)] = &[
+    ("index.html", "text/html; charset=utf-8", "<!doctype html><title>demo</title>"),
+    ("src/app.js", "text/javascript; charset=utf-8", "export const x = 1;"),
+    ("pkg/engine.wasm", "application/wasm", "\0asm-not-really"),
+    ("build.json", "application/json", "{\"model\":\"models/tiny.gguf\"}"),
+    ("style.css", "text/css; charset=utf-8", "body{}"),
+    ("logo.svg", "image/svg+xml", "<svg/>"),
+    ("icon.png", "image/png", "PNG-ish"),
+];
+
+/// A folder with [`STATIC_FILES`], a `models/` folder with `tiny.gguf` beside it, and a
+/// secret outside both.
+fn static_fixture() -> (PathBuf, PathBuf) {
+    let base = std::env::temp_dir().join(format!("specrej-host-static-{}", std::process::id()));
+    let (site, models) = (base.join("site"), base.join("models"));
+    for (name, _, body) in STATIC_FILES {
+        let path = site.join(name);
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(path, body).expect("write");
+    }
+    std::fs::create_dir_all(&models).expect("mkdir");
+    std::fs::write(models.join("tiny.gguf"), "GGUF0123456789").expect("write");
+    std::fs::write(models.join("notes.txt"), "not a model").expect("write");
+    std::fs::write(base.join("secret.gguf"), "secret").expect("write");
+    (site, models)
+}
+
+/// One fake server for the whole binary (serving [`static_fixture`] too).
 fn fake_server() -> SocketAddr {
     static ADDR: OnceLock<SocketAddr> = OnceLock::new();
     *ADDR.get_or_init(|| {
+        let (site, models) = static_fixture();
         let config = ServerConfig {
             limits: RequestLimits { max_n: 32, max_tokens: 512, default_max_tokens: 24 },
             kv_budget_tokens: 2000,
             request_timeout: Duration::from_secs(60),
             max_connections: 64,
             model_id: "specrej-fake".into(),
+            static_dir: Some(site),
+            models_dir: Some(models),
         };
         start(Served::Fake, config)
     })
@@ -55,6 +87,62 @@ fn health_and_models() {
     assert_eq!(models.json()["data"][0]["id"], "specrej-fake");
     assert_eq!(get(addr, "/nowhere").status, 404);
     assert_eq!(get(addr, CHAT).status, 405);
+}
+
+#[test]
+fn static_files_with_their_content_types() {
+    let addr = fake_server();
+    for (name, kind, body) in STATIC_FILES {
+        let answer = get(addr, &format!("/{name}"));
+        assert_eq!(answer.status, 200, "{name}: {}", answer.body);
+        assert!(answer.headers.contains(&format!("content-type: {kind}")), "{name}: {}", answer.headers);
+        assert!(answer.headers.contains(&format!("content-length: {}", body.len())), "{name}: {}", answer.headers);
+        assert_eq!(answer.body, *body, "{name}");
+    }
+    // `/` is index.html; a query string is ignored; HEAD sends the head only.
+    assert_eq!(get(addr, "/").body, STATIC_FILES[0].2);
+    assert_eq!(get(addr, "/src/app.js?v=3").body, STATIC_FILES[1].2);
+    let answer = head(addr, "/pkg/engine.wasm");
+    assert_eq!(answer.status, 200);
+    assert!(answer.headers.contains("content-type: application/wasm"), "{}", answer.headers);
+    assert!(answer.headers.contains(&format!("content-length: {}", STATIC_FILES[2].2.len())), "{}", answer.headers);
+    assert!(answer.body.is_empty(), "HEAD has no body: {:?}", answer.body);
+    // The model, from the models folder, with its length (the page's progress bar).
+    let model = get(addr, "/models/tiny.gguf");
+    assert_eq!((model.status, model.body.as_str()), (200, "GGUF0123456789"));
+    assert!(model.headers.contains("content-length: 14") && model.headers.contains("application/octet-stream"), "{}", model.headers);
+    // The API keeps its routes.
+    assert_eq!(get(addr, "/health").json()["status"], "ok");
+    assert_eq!(get(addr, "/v1/models").json()["data"][0]["id"], "specrej-fake");
+    assert_eq!(get(addr, CHAT).status, 405);
+    assert_eq!(post(addr, "/index.html", "{}").status, 404);
+}
+
+#[test]
+fn static_files_refuse_traversal_and_answer_404_for_missing_ones() {
+    let addr = fake_server();
+    for path in ["/missing.js", "/src/", "/models/missing.gguf"] {
+        assert_eq!(get(addr, path).status, 404, "{path}");
+    }
+    for path in [
+        "/../secret.gguf",
+        "/src/../../secret.gguf",
+        "/%2e%2e/secret.gguf",
+        "/src/%2e%2e/%2e%2e/secret.gguf",
+        "/%2e%2e%2fsecret.gguf",
+        "/models/../secret.gguf",
+        "/models/%2e%2e%2fsecret.gguf",
+        "/models/..%5csecret.gguf",
+        "/models/notes.txt",
+        "/a%00b",
+        "/%zz",
+    ] {
+        let answer = get(addr, path);
+        assert!((400..500).contains(&answer.status), "{path} → {}", answer.status);
+        assert!(!answer.body.contains("secret") || answer.body.contains(path), "{path} leaks: {}", answer.body);
+    }
+    // Still serving.
+    assert_eq!(get(addr, "/").status, 200);
 }
 
 #[test]
@@ -256,4 +344,99 @@ fn real_model_chat_completion_and_stream() {
     let answer = post(addr, "/v1/completions", &completion.to_string());
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.json()["choices"].as_array().expect("choices").len(), 2);
+}
+
+/// Milliseconds at quantile `q` of sorted `values`.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// Request `i` of the load test: (a key naming what it asks for, the body, streamed?).
+fn load_request(i: usize) -> (String, String, bool) {
+    let seed = i % 5;
+    let stream = i % 8 == 7;
+    let (key, specrej) = if i % 2 == 0 {
+        let n = 2 + i % 3;
+        (format!("bon n={n} seed={seed}"), json!({ "method": "best_of_n", "n": n }))
+    } else {
+        (
+            format!("sr seed={seed}"),
+            json!({ "method": "speculative_rejection", "n": 4, "alpha": 0.5, "min_new_tokens": 4 }),
+        )
+    };
+    let body = json!({
+        "messages": [{ "role": "user", "content": "Name a fruit." }],
+        "max_tokens": 8, "seed": seed, "stream": stream, "specrej": specrej,
+    });
+    (key, body.to_string(), stream)
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn load_32_requests_from_8_clients_are_all_answered() {
+    const CLIENTS: usize = 8;
+    const PER_CLIENT: usize = 4;
+    let addr = real_server();
+    // (key, winner text, id, latency in ms) of every answer.
+    let answers: Arc<Mutex<Vec<(String, String, String, f64)>>> = Arc::default();
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let answers = Arc::clone(&answers);
+            std::thread::spawn(move || {
+                for k in 0..PER_CLIENT {
+                    let (key, body, stream) = load_request(client * PER_CLIENT + k);
+                    let sent = Instant::now();
+                    let answer = post(addr, CHAT, &body);
+                    let ms = sent.elapsed().as_secs_f64() * 1e3;
+                    assert_eq!(answer.status, 200, "{body} → {}", answer.body);
+                    let doc = if stream {
+                        assert!(answer.headers.contains("text/event-stream"), "{}", answer.headers);
+                        let events = events(&answer.body);
+                        assert_eq!(events.last().map(|(_, d)| d.as_str()), Some("[DONE]"), "{body}");
+                        let winner = events.iter().find(|(n, _)| n == "winner").expect("a winner event");
+                        serde_json::from_str::<Value>(&winner.1).expect("winner JSON")
+                    } else {
+                        answer.json()
+                    };
+                    assert_eq!(doc["object"], "chat.completion", "{doc}");
+                    let choices = doc["choices"].as_array().expect("choices");
+                    assert!(!choices.is_empty(), "{doc}");
+                    let text = choices[0]["message"]["content"].as_str().expect("content").to_string();
+                    assert!(doc["usage"]["completion_tokens"].as_u64().expect("usage") > 0, "{doc}");
+                    let id = doc["id"].as_str().expect("id").to_string();
+                    answers.lock().expect("lock").push((key, text, id, ms));
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("a client thread");
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let answers = answers.lock().expect("lock");
+    assert_eq!(answers.len(), CLIENTS * PER_CLIENT, "every request is answered");
+    // Identical seeded requests (streamed or not) get identical winners.
+    let mut winners: HashMap<&str, &str> = HashMap::new();
+    for (key, text, _, _) in answers.iter() {
+        let first = *winners.entry(key).or_insert(text);
+        assert_eq!(first, text, "{key}: identical requests, different winners");
+    }
+    let mut ids: Vec<&str> = answers.iter().map(|a| a.2.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), answers.len(), "every answer has its own id");
+    let mut latencies: Vec<f64> = answers.iter().map(|a| a.3).collect();
+    latencies.sort_by(f64::total_cmp);
+    eprintln!(
+        "load: {} requests from {CLIENTS} clients ({} distinct) in {wall:.2} s: {:.2} requests/s, \
+         latency p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+        answers.len(),
+        winners.len(),
+        answers.len() as f64 / wall,
+        quantile(&latencies, 0.5),
+        quantile(&latencies, 0.95),
+        latencies.last().copied().unwrap_or(0.0),
+    );
 }

@@ -13,7 +13,7 @@ use specrej_core::testing::{FakeDecoder, FakeScorer, FAKE_EOS};
 use specrej_core::{
     block_on_ready, generate, BackendError, Decoder, Method, Options, Outcome, Response, Sampling, Scored, Scorer,
 };
-use specrej_host::runtime::{AnyBatch, Engine, EventKinds, Limits, Pair, RunError, Runtime};
+use specrej_host::runtime::{AnyBatch, Engine, EventKinds, HostReward, Limits, Pair, RunError, Runtime, World};
 
 fn runtime() -> Runtime {
     Runtime::from_bytes(&common::component_bytes()).expect("the component compiles")
@@ -43,13 +43,24 @@ fn component(
     prompt: &[u32],
     options: &Options,
 ) -> (Result<Outcome, RunError>, Vec<String>, u64) {
+    component_with_reward(runtime, engine, None, prompt, options)
+}
+
+/// [`component`] with a host reward behind the `reward` import.
+fn component_with_reward(
+    runtime: &Runtime,
+    engine: Box<dyn Engine>,
+    reward: Option<Box<dyn HostReward>>,
+    prompt: &[u32],
+    options: &Options,
+) -> (Result<Outcome, RunError>, Vec<String>, u64) {
     let events = Rc::new(RefCell::new(Vec::new()));
     let sink = Rc::clone(&events);
     let observer = Box::new(move |e: &specrej_core::Event<'_>| {
         sink.borrow_mut().push(format!("{e:?}"));
         true
     });
-    let run = runtime.generate(engine, prompt, options, EventKinds::all(), observer, limits(options));
+    let run = runtime.generate_with_reward(engine, reward, prompt, options, EventKinds::all(), observer, limits(options));
     let events = events.borrow().clone();
     (run.result.map(zero_wall), events, run.fuel_used)
 }
@@ -121,6 +132,49 @@ fn component_matches_native_on_the_fake_backend() {
     let mut nucleus = options(Method::SpeculativeRejection { alpha: 0.5 }, 8, 20, 4, 9);
     nucleus.sampling = Sampling { seed: 9, temperature: 0.7, top_k: 5, top_p: 0.9 };
     assert_same(&runtime, 8 * 12, None, &nucleus);
+}
+
+/// A scorer that must not be called: the engine's, when the host reward is in charge.
+struct Unreachable;
+
+impl Scorer for Unreachable {
+    async fn score(&mut self, _prompt: &[u32], _responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        Err(BackendError::device("engine.score was called; the reward import should have been"))
+    }
+}
+
+#[test]
+fn decoder_with_reward_scores_through_the_host_reward() {
+    let plain = runtime();
+    let with_reward = Runtime::from_bytes(&common::component_with_reward_bytes()).expect("the component compiles");
+    assert_eq!((plain.world(), with_reward.world()), (World::Decoder, World::DecoderWithReward));
+    let prompt: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
+    for options in [
+        options(Method::SpeculativeRejection { alpha: 0.5 }, 16, 40, 6, 7),
+        options(Method::BestOfN, 5, 16, 0, 2),
+    ] {
+        let capacity = 16 * (8 + 6);
+        let expected = component(&plain, Box::new(Pair::new(fake(capacity, None), FakeScorer::default())), &prompt, &options);
+        let expected_outcome = expected.0.expect("world decoder runs");
+        // The host's reward through the `reward` import; the engine's scorer is never asked.
+        let engine = Box::new(Pair::new(fake(capacity, None), Unreachable));
+        let reward: Box<dyn HostReward> = Box::new(FakeScorer::default());
+        let got = component_with_reward(&with_reward, engine, Some(reward), &prompt, &options);
+        assert_eq!(got.0.expect("world decoder-with-reward runs"), expected_outcome, "{options:?}");
+        assert_eq!(got.1, expected.1, "the same events for {options:?}");
+        // Without a host reward, the engine's scorer serves the `reward` import.
+        let engine = Box::new(Pair::new(fake(capacity, None), FakeScorer::default()));
+        let fallback = component(&with_reward, engine, &prompt, &options);
+        assert_eq!(fallback.0.expect("fallback runs"), expected_outcome);
+        if matches!(options.method, Method::SpeculativeRejection { .. }) {
+            assert!(!expected_outcome.trace.is_empty(), "decisions were scored");
+        }
+    }
+    // A host reward for a component that has no reward import is refused, not ignored.
+    let engine = Box::new(Pair::new(fake(1000, None), FakeScorer::default()));
+    let reward: Box<dyn HostReward> = Box::new(FakeScorer::default());
+    let refused = component_with_reward(&plain, engine, Some(reward), &prompt, &options(Method::BestOfN, 2, 4, 0, 0));
+    assert!(matches!(refused.0, Err(RunError::NoRewardImport)), "{:?}", refused.0);
 }
 
 #[test]
@@ -261,6 +315,12 @@ fn component_matches_native_on_the_default_model() {
     let expected = expected.expect("native run");
     assert!(!expected.trace.is_empty(), "the budget forces a decision");
     assert_eq!(got.expect("component run"), expected);
+    assert_eq!(got_events, expected_events);
+    // World decoder-with-reward, the judge supplied by the host through the `reward` import.
+    let with_reward = Runtime::from_bytes(&common::component_with_reward_bytes()).expect("the component compiles");
+    let engine = Box::new(Pair::new(decoder(), LikelihoodScorer::new(Arc::clone(&model))));
+    let (got, got_events, _) = component_with_reward(&with_reward, engine, Some(Box::new(judge())), &prompt, &sr);
+    assert_eq!(got.expect("decoder-with-reward run"), expected, "the host's judge gives the same trajectory");
     assert_eq!(got_events, expected_events);
 
     // Best-of-N with the likelihood reward.

@@ -3,7 +3,7 @@
 //! `Connection: close`); the schema is in the crate docs.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,85 +57,22 @@ pub struct ScoreResponse {
 
 struct HttpError(u16, String);
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        _ => "Internal Server Error",
+impl From<specrej_http::HttpError> for HttpError {
+    fn from(e: specrej_http::HttpError) -> Self {
+        HttpError(e.status, e.message)
     }
 }
 
-fn write_response(stream: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        reason(status),
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    stream.flush()
-}
+const LIMITS: specrej_http::Limits =
+    specrej_http::Limits { max_header_bytes: MAX_HEADER_BYTES, max_body_bytes: MAX_BODY_BYTES, require_length: true };
 
-/// Reads one request: (method, body).
-fn read_request(stream: &TcpStream) -> Result<(String, Vec<u8>), HttpError> {
-    let mut reader = BufReader::new(stream.take((MAX_HEADER_BYTES + MAX_BODY_BYTES + 1) as u64));
-    let bad = |m: &str| HttpError(400, m.to_string());
-    let mut header_bytes = 0usize;
-    let mut line = String::new();
-    let mut read_line = |reader: &mut BufReader<_>, line: &mut String| -> Result<(), HttpError> {
-        line.clear();
-        let n = reader.read_line(line).map_err(|e| bad(&format!("cannot read the request: {e}")))?;
-        header_bytes += n;
-        if header_bytes > MAX_HEADER_BYTES {
-            return Err(HttpError(431, "request headers too large".into()));
-        }
-        if n == 0 {
-            return Err(bad("connection closed before the end of the headers"));
-        }
-        Ok(())
-    };
-    read_line(&mut reader, &mut line)?;
-    let mut parts = line.split_whitespace();
-    let (Some(method), Some(_path), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(bad("malformed request line"));
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(bad("only HTTP/1.x is supported"));
+/// Reads one request ([`specrej_http::read_request`]): its body, or 405 for anything but POST.
+fn read_request(stream: &TcpStream) -> Result<Vec<u8>, HttpError> {
+    let request = specrej_http::read_request(stream, &LIMITS, |method| method == "POST")?;
+    if request.method != "POST" {
+        return Err(HttpError(405, format!("method {} not allowed: POST a JSON scoring request", request.method)));
     }
-    let method = method.to_string();
-    let mut length = None;
-    let mut chunked = false;
-    loop {
-        read_line(&mut reader, &mut line)?;
-        let l = line.trim_end_matches(['\r', '\n']);
-        if l.is_empty() {
-            break;
-        }
-        let Some((name, value)) = l.split_once(':') else { return Err(bad("malformed header line")) };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            length = Some(value.parse::<usize>().map_err(|_| bad("invalid Content-Length"))?);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") && value.to_ascii_lowercase().contains("chunked") {
-            chunked = true;
-        }
-    }
-    if method != "POST" {
-        return Err(HttpError(405, format!("method {method} not allowed: POST a JSON scoring request")));
-    }
-    let Some(length) = length.filter(|_| !chunked) else {
-        return Err(HttpError(411, "a Content-Length is required (chunked bodies are not supported)".into()));
-    };
-    if length > MAX_BODY_BYTES {
-        return Err(HttpError(413, format!("body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}")));
-    }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body).map_err(|e| bad(&format!("body shorter than its Content-Length: {e}")))?;
-    Ok((method, body))
+    Ok(request.body)
 }
 
 /// The server's state: the model and a few incremental sessions.
@@ -184,14 +121,14 @@ impl Server {
     fn connection(&mut self, mut stream: TcpStream) {
         let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
         let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-        let result = read_request(&stream).and_then(|(_, body)| self.handle(&body));
+        let result = read_request(&stream).and_then(|body| self.handle(&body));
         let _ = match result {
             Ok(resp) => match serde_json::to_string(&resp) {
-                Ok(json) => write_response(&mut stream, 200, &json),
-                Err(e) => write_response(&mut stream, 500, &serde_json::json!({ "error": e.to_string() }).to_string()),
+                Ok(json) => specrej_http::write_json(&mut stream, 200, &json),
+                Err(e) => specrej_http::write_json(&mut stream, 500, &serde_json::json!({ "error": e.to_string() }).to_string()),
             },
             Err(HttpError(status, message)) => {
-                write_response(&mut stream, status, &serde_json::json!({ "error": message }).to_string())
+                specrej_http::write_json(&mut stream, status, &serde_json::json!({ "error": message }).to_string())
             }
         };
     }

@@ -6,15 +6,19 @@
 //!   ([`StreamDecoder`]).
 //! - [`ChatTemplate`]: renders a model's Jinja chat template (HF semantics) with minijinja.
 //! - [`judge_segments`]: the token segments of an LLM-as-judge prompt.
+//! - [`locate_model`] and [`ModelText`]: finding the model file and loading its tokenizer
+//!   and chat template, shared by the front ends (`specrej`, `specrej-server`).
 
 pub mod chat;
 pub mod gguf;
 pub mod judge;
+pub mod model;
 pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Message};
 pub use gguf::{GgufError, GgufMetadata, GgufType, GgufValue};
 pub use judge::{JudgeSegments, judge_segments};
+pub use model::{DEFAULT_MODEL_FILE, ModelText, locate_model};
 pub use tokenizer::{StreamDecoder, Tokenizer};
 
 /// Errors of this crate.
@@ -57,6 +61,17 @@ pub enum Error {
     /// The judge prompt could not be built.
     #[error("judge prompt: {0}")]
     Judge(String),
+    /// No model file, or an unusable prompt; the message says which.
+    #[error("{0}")]
+    Model(String),
+    /// An error while doing `context` (which names the file).
+    #[error("{context}: {error}")]
+    Context {
+        /// What was being done.
+        context: String,
+        /// What went wrong.
+        error: Box<Error>,
+    },
 }
 
 impl From<tokenizers::Error> for Error {

@@ -27,6 +27,20 @@ pub fn component_bytes() -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
+/// The `decoder-with-reward` component's bytes: `$SPECREJ_COMPONENT_WITH_REWARD` if set, else
+/// built here with xtask's `build_component_with_reward`.
+pub fn component_with_reward_bytes() -> Vec<u8> {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    let path = PATH.get_or_init(|| {
+        if let Some(path) = std::env::var_os("SPECREJ_COMPONENT_WITH_REWARD") {
+            return PathBuf::from(path);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        component::build_component_with_reward(&root).unwrap_or_else(|e| panic!("building the component: {e:#}"))
+    });
+    std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
 /// The default model (`SPECREJ_MODEL`); the real-model tests are ignored without it.
 pub fn default_model() -> PathBuf {
     let path = std::env::var_os("SPECREJ_MODEL").expect("SPECREJ_MODEL must point to the default model");
@@ -58,6 +72,10 @@ pub fn raw(addr: SocketAddr, request: &[u8]) -> Answer {
     let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status");
     Answer { status, headers: head.to_ascii_lowercase(), body: body.to_string() }
+}
+
+pub fn head(addr: SocketAddr, path: &str) -> Answer {
+    raw(addr, format!("HEAD {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
 }
 
 pub fn get(addr: SocketAddr, path: &str) -> Answer {

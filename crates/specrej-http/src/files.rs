@@ -1,0 +1,160 @@
+//! Static files: `GET`/`HEAD` of the files under a folder, with a `Content-Type` from the
+//! extension and a `Content-Length` (download progress bars need it). Paths are
+//! percent-decoded and must stay inside the folder: `..`, absolute paths, backslashes and
+//! NUL are refused; `/` and folders serve their `index.html`.
+
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use crate::reason;
+
+/// The `Content-Type` of a file, from its extension.
+pub fn content_type(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref().unwrap_or("") {
+        "html" | "htm" => "text/html; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "json" | "map" => "application/json",
+        "wasm" => "application/wasm",
+        "svg" => "image/svg+xml",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "ico" => "image/x-icon",
+        "txt" | "md" => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Percent-decodes `s`; `None` for a bad escape or bytes that are not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Why a path maps to no file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// It would leave the folder, or it is not a valid path (403).
+    Forbidden,
+    /// Nothing is there (404).
+    NotFound,
+}
+
+/// The file under `root` that `path` (a request path, still percent-encoded, without its
+/// query) names: `root/index.html` for `/`, `dir/index.html` for a folder.
+pub fn resolve(root: &Path, path: &str) -> Result<PathBuf, Refused> {
+    let decoded = percent_decode(path).ok_or(Refused::Forbidden)?;
+    if !decoded.starts_with('/') || decoded.contains(['\\', '\0']) {
+        return Err(Refused::Forbidden);
+    }
+    let relative = Path::new(decoded.trim_start_matches('/'));
+    if relative.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(Refused::Forbidden);
+    }
+    let mut file = root.join(relative);
+    if file.is_dir() {
+        file = file.join("index.html");
+    }
+    if file.is_file() { Ok(file) } else { Err(Refused::NotFound) }
+}
+
+/// Answers `GET`/`HEAD` of `path` from `root` on `stream`: 200 with the file, 403 for a
+/// path outside `root`, 404 for no file, 405 for another method. Returns the status sent.
+pub fn serve(stream: &mut impl Write, root: &Path, method: &str, path: &str) -> std::io::Result<u16> {
+    let head = method == "HEAD";
+    if method != "GET" && !head {
+        let message = b"only GET and HEAD\n";
+        crate::write_response(stream, 405, "text/plain; charset=utf-8", message, true)?;
+        return Ok(405);
+    }
+    let file = match resolve(root, path) {
+        Ok(file) => file,
+        Err(refused) => {
+            let (status, message) = match refused {
+                Refused::Forbidden => (403, format!("forbidden: {path}\n")),
+                Refused::NotFound => (404, format!("not found: {path}\n")),
+            };
+            crate::write_response(stream, status, "text/plain; charset=utf-8", message.as_bytes(), !head)?;
+            return Ok(status);
+        }
+    };
+    serve_file(stream, &file, head)
+}
+
+/// Sends `file` (a file known to exist) with status 200; only the head when `head_only`.
+pub fn serve_file(stream: &mut impl Write, file: &Path, head_only: bool) -> std::io::Result<u16> {
+    let mut body = match std::fs::File::open(file) {
+        Ok(body) => body,
+        Err(_) => {
+            crate::write_response(stream, 404, "text/plain; charset=utf-8", b"not found\n", !head_only)?;
+            return Ok(404);
+        }
+    };
+    let len = body.metadata()?.len();
+    write!(
+        stream,
+        "HTTP/1.1 200 {}\r\nContent-Type: {}\r\nContent-Length: {len}\r\nCache-Control: no-cache\r\n\
+         X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
+        reason(200),
+        content_type(file)
+    )?;
+    if !head_only {
+        std::io::copy(&mut Read::by_ref(&mut body).take(len), stream)?;
+    }
+    stream.flush()?;
+    Ok(200)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_inside_the_root_only() {
+        let root = std::env::temp_dir().join(format!("specrej-http-files-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("sub")).expect("mkdir");
+        std::fs::write(root.join("index.html"), "<p>hi</p>").expect("write");
+        std::fs::write(root.join("sub/a b.js"), "x").expect("write");
+        assert_eq!(resolve(&root, "/"), Ok(root.join("index.html")));
+        assert_eq!(resolve(&root, "/sub/a%20b.js"), Ok(root.join("sub/a b.js")));
+        assert_eq!(resolve(&root, "/sub/"), Err(Refused::NotFound));
+        assert_eq!(resolve(&root, "/missing.css"), Err(Refused::NotFound));
+        for bad in ["/../etc/passwd", "/sub/../../x", "/%2e%2e/x", "/sub/%2e%2e/%2e%2e/x", "//etc/passwd", "/a\\b", "/%00", "/%zz", "x"] {
+            assert!(resolve(&root, bad).is_err(), "{bad}");
+        }
+        assert_eq!(resolve(&root, "/%2e%2e/x"), Err(Refused::Forbidden));
+        let mut out = Vec::new();
+        assert_eq!(serve(&mut out, &root, "HEAD", "/").expect("io"), 200);
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.contains("Content-Type: text/html") && text.contains("Content-Length: 9") && text.ends_with("\r\n\r\n"), "{text}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn content_types() {
+        for (name, kind) in [
+            ("a.wasm", "application/wasm"),
+            ("a.js", "text/javascript; charset=utf-8"),
+            ("a.json", "application/json"),
+            ("a.css", "text/css; charset=utf-8"),
+            ("a.svg", "image/svg+xml"),
+            ("a.png", "image/png"),
+            ("a.HTML", "text/html; charset=utf-8"),
+            ("a.gguf", "application/octet-stream"),
+        ] {
+            assert_eq!(content_type(Path::new(name)), kind, "{name}");
+        }
+    }
+}
