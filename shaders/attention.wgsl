@@ -5,6 +5,12 @@
 //
 // One workgroup per (row, head). Keys are visited in chunks of 64 positions with a running
 // max and sum (online softmax), so no score buffer is needed at any length.
+//
+// The cache element type kv_t is f32 here and f16 in the f16kv variant (adapters with
+// shader-f16); cached keys and values are widened to f32, and all arithmetic is f32.
+
+alias kv_t = f32; //-f16kv
+//+f16kv alias kv_t = f16;
 
 struct Step {
     n: u32,            // activation rows in the trunk: rows * t
@@ -27,8 +33,8 @@ struct Attn {
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<uniform> attn: Attn;
 @group(0) @binding(2) var<storage, read> q: array<vec4<f32>>;        // [n, heads, head_dim] f32
-@group(0) @binding(3) var<storage, read> cache_k: array<vec4<f32>>;  // [rows, cap, kv_heads, head_dim] f32
-@group(0) @binding(4) var<storage, read> cache_v: array<f32>;        // [rows, cap, kv_heads, head_dim] f32
+@group(0) @binding(3) var<storage, read> cache_k: array<vec4<kv_t>>; // [rows, cap, kv_heads, head_dim] f32|f16
+@group(0) @binding(4) var<storage, read> cache_v: array<kv_t>;       // [rows, cap, kv_heads, head_dim] f32|f16
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;      // [n, heads, head_dim] f32
 
 const WG: u32 = 64u;
@@ -66,7 +72,7 @@ fn attention(
             let k_base = ((r * step.cap + j) * attn.kv_heads + g) * hd4;
             var d = 0.0;
             for (var e = 0u; e < hd4; e++) {
-                d += dot(q[q_base + e], cache_k[k_base + e]);
+                d += dot(q[q_base + e], vec4<f32>(cache_k[k_base + e]));
             }
             score = d * attn.scale;
         }
@@ -101,7 +107,7 @@ fn attention(
             if d < hd {
                 var a = acc[c] * correction;
                 for (var jj = 0u; jj < count; jj++) {
-                    a += sc[jj] * cache_v[(r * step.cap + c0 + jj) * width + g * hd + d];
+                    a += sc[jj] * f32(cache_v[(r * step.cap + c0 + jj) * width + g * hd + d]);
                 }
                 acc[c] = a;
             }

@@ -1,5 +1,9 @@
 // Appends this pass's keys and values to the cache: activation row i = r * t + s goes to
-// cache row r, position step.pos + s.
+// cache row r, position step.pos + s. The cache element type kv_t is f32 here and f16 in the
+// f16kv variant (adapters with shader-f16): the f32 activations are rounded to it.
+
+alias kv_t = f32; //-f16kv
+//+f16kv alias kv_t = f16;
 
 struct Step {
     n: u32,            // activation rows in the trunk: rows * t
@@ -23,8 +27,8 @@ struct Width {
 @group(0) @binding(1) var<uniform> kv: Width;
 @group(0) @binding(2) var<storage, read> k: array<f32>;               // [n, kv_heads * head_dim] f32
 @group(0) @binding(3) var<storage, read> v: array<f32>;               // [n, kv_heads * head_dim] f32
-@group(0) @binding(4) var<storage, read_write> cache_k: array<f32>;   // [rows, cap, kv_heads, head_dim] f32
-@group(0) @binding(5) var<storage, read_write> cache_v: array<f32>;   // [rows, cap, kv_heads, head_dim] f32
+@group(0) @binding(4) var<storage, read_write> cache_k: array<kv_t>;  // [rows, cap, kv_heads, head_dim] f32|f16
+@group(0) @binding(5) var<storage, read_write> cache_v: array<kv_t>;  // [rows, cap, kv_heads, head_dim] f32|f16
 
 @compute @workgroup_size(64)
 fn kv_append(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -37,6 +41,6 @@ fn kv_append(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     let r = i / step.t;
     let s = i % step.t;
     let dst = (r * step.cap + step.pos + s) * kv.width + e;
-    cache_k[dst] = k[idx];
-    cache_v[dst] = v[idx];
+    cache_k[dst] = kv_t(k[idx]);
+    cache_v[dst] = kv_t(v[idx]);
 }

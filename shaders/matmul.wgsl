@@ -143,7 +143,12 @@ fn matmul(
     let row = o * (wt.in_dim / 32u) * bb;
     let x_row = wt.in_dim / 4u;
     for (var r0 = 0u; r0 < n; r0 += TILE) {
+        // Zeroed by stores, every tile: Chromium's WGSL compiler (Tint, seen on SwiftShader)
+        // zeroes a loop-local `var` without initializer once, not at each iteration.
         var acc: array<f32, 8>;
+        for (var j = 0u; j < TILE; j++) {
+            acc[j] = 0.0;
+        }
         for (var u = lid; u < units; u += WG) {
             let b = u / 4u;
             let p = u % 4u;
@@ -235,7 +240,12 @@ fn matmul_thread(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     let row = o * (wt.in_dim / 32u) * bb;
     let x_row = wt.in_dim / 4u;
     for (var r0 = 0u; r0 < n; r0 += TILE) {
+        // Zeroed by stores, every tile: Chromium's WGSL compiler (Tint, seen on SwiftShader)
+        // zeroes a loop-local `var` without initializer once, not at each iteration.
         var acc: array<f32, 8>;
+        for (var j = 0u; j < TILE; j++) {
+            acc[j] = 0.0;
+        }
         for (var u = 0u; u < units; u++) {
             let b = u / 4u;
             let p = u % 4u;

@@ -63,7 +63,7 @@ impl Policy {
     pub fn kv_bytes_per_token(&self) -> usize {
         match self {
             Policy::Candle(model) => model.config().kv_bytes_per_token(),
-            Policy::Wgpu(model) => model.config().kv_bytes_per_token(),
+            Policy::Wgpu(model) => model.kv_bytes_per_token(),
         }
     }
 

@@ -236,17 +236,19 @@ impl Decoder for WgpuDecoder {
     }
 
     fn kv_bytes_per_token(&self) -> usize {
-        self.model.config.kv_bytes_per_token()
+        self.model.kv_bytes_per_token()
     }
 
     fn max_sequence_len(&self) -> usize {
         self.model.config.context_length
     }
 
-    #[track_caller]
     fn prefill(&mut self, prompt: &[u32], ids: Range<u32>, sampling: &Sampling) -> Result<WgpuBatch, BackendError> {
-        assert!(!ids.is_empty(), "prefill: the row id range must not be empty, got {ids:?}");
-        assert!(!prompt.is_empty(), "prefill: the prompt must not be empty");
+        // Contract violations are errors here, not panics: in the browser a panic aborts the
+        // whole wasm module (and with it the page's engine).
+        if ids.is_empty() || prompt.is_empty() {
+            return Err(BackendError::device(format!("prefill: empty prompt ({} tokens) or row id range {ids:?}", prompt.len())));
+        }
         let rows = ids.len();
         let model = self.model.clone();
         model.check_tokens(prompt)?;
@@ -258,7 +260,8 @@ impl Decoder for WgpuDecoder {
         model.ensure_work(&mut self.work, len, 1)?;
         let Some(work) = self.work.as_ref() else { return Err(BackendError::device("scratch missing")) };
         let single = model.cache(1, len)?;
-        let logits = gpu.storage("logits", (rows * vocab * 4) as u64)?;
+        // Sizes in u64: usize is 32 bits on wasm32.
+        let logits = gpu.storage("logits", rows as u64 * vocab as u64 * 4)?;
         let p = StepParams { n: len as u32, rows: 1, t: len as u32, pos: 0, cap: len as u32, m: 1, logit_stride: 0, generation: 0 };
         model.set_step(work, &p);
         gpu.queue.write_buffer(&work.tokens, 0, bytemuck::cast_slice(prompt));
@@ -277,12 +280,12 @@ impl Decoder for WgpuDecoder {
             row_ids_buf: gpu.storage_init("row ids", bytemuck::cast_slice(&row_ids)),
             row_ids,
             generated: 0,
-            tokens: gpu.storage("sampled", (rows * 4) as u64)?,
+            tokens: gpu.storage("sampled", rows as u64 * 4)?,
             pending: None,
             logits,
             logit_stride: Some(0),
             sampling_u: gpu.uniform("sampling", &words),
-            sel: gpu.storage("sampler scratch", (rows * sel_stride * 4) as u64)?,
+            sel: gpu.storage("sampler scratch", rows as u64 * sel_stride as u64 * 4)?,
         };
         gpu.submit(encoder)?;
         drop(single);

@@ -311,7 +311,8 @@ pub struct Config {
 }
 
 impl Config {
-    /// Bytes of f32 K/V cache one cached token takes over all layers.
+    /// Bytes of f32 K/V cache one cached token takes over all layers (a model with an f16
+    /// cache takes half: use [`crate::WgpuModel::kv_bytes_per_token`]).
     pub fn kv_bytes_per_token(&self) -> usize {
         2 * self.layers * self.kv_heads * self.head_dim * 4
     }

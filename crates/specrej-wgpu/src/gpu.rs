@@ -36,6 +36,8 @@ pub(crate) struct Gpu {
     pub(crate) pipelines: Pipelines,
     pub(crate) limits: wgpu::Limits,
     pub(crate) info: wgpu::AdapterInfo,
+    /// The features the adapter offers (a subset of them is enabled on `device`).
+    pub(crate) offered: wgpu::Features,
     pub(crate) variant: Variant,
     /// Run matmuls with one invocation per output (`matmul_thread`): CPU adapters, where
     /// workgroup barriers are expensive. GPUs use the workgroup-reduction `matmul`.
@@ -51,9 +53,13 @@ impl Gpu {
         let info = adapter.get_info();
         let offered = adapter.features();
         let subgroups = allow.subgroups && offered.contains(wgpu::Features::SUBGROUP);
+        let f16_kv = allow.f16_kv && offered.contains(wgpu::Features::SHADER_F16);
         let mut required_features = wgpu::Features::empty();
         if subgroups {
             required_features |= wgpu::Features::SUBGROUP;
+        }
+        if f16_kv {
+            required_features |= wgpu::Features::SHADER_F16;
         }
         let limits = adapter.limits();
         let (device, queue) = adapter
@@ -78,7 +84,7 @@ impl Gpu {
                 *s = Some(mapped);
             }
         }));
-        let variant = Variant { subgroups };
+        let variant = Variant { subgroups, f16_kv };
         let browser = cfg!(target_arch = "wasm32");
         let module = |name: &str, source: &str| {
             device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -113,7 +119,7 @@ impl Gpu {
             margin: pipeline(&logprob, "margin"),
         };
         let thread_matmul = info.device_type == wgpu::DeviceType::Cpu;
-        let gpu = Self { device, queue, pipelines, limits, info, variant, thread_matmul, errors };
+        let gpu = Self { device, queue, pipelines, limits, info, offered, variant, thread_matmul, errors };
         if let Some(e) = gpu.take_error() {
             return Err(crate::Error::Device { adapter: gpu.info.name.clone(), reason: e.to_string() });
         }

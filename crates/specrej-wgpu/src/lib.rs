@@ -11,14 +11,23 @@
 //!   the same forward, so a whole Speculative Rejection run stays on the device.
 //!
 //! Subgroup operations are used for the matmul and RMSNorm reductions when the adapter offers
-//! them; the shaders on disk are the portable variant (see [`shaders`]). No kernel needs
-//! `shader-f16`: f16 block scales are read with `unpack2x16float` and all arithmetic is f32, so
-//! adapters without it (SwiftShader) run the same code.
+//! them; the shaders on disk are the portable variant (see [`shaders`]).
+//!
+//! `shader-f16` is used for one thing, the K/V cache: when the adapter offers it (and
+//! [`Options::f16_kv`] allows it, the default), `kv_append` rounds keys and values to f16,
+//! `attention` reads them back into f32, and `gather_rows` copies them as they are. That halves
+//! [`WgpuModel::kv_bytes_per_token`], so the same K/V budget (and the same adapter buffer
+//! limits) hold twice the tokens: Speculative Rejection starts more rows and decides later.
+//! Everything else (weights' f16 block scales read with `unpack2x16float`, activations,
+//! logits, every sum) is f32 on every adapter. Without the feature (SwiftShader) or with
+//! `f16_kv: false` the cache is f32 and the kernels are exactly the portable files on disk.
 //!
 //! On native targets the `*_blocking` helpers drive the futures with `pollster`; on wasm32
 //! nothing blocks: `step` and `score` await the buffer map.
 
 mod decoder;
+#[doc(hidden)]
+pub mod diag;
 mod error;
 mod gguf;
 mod gpu;
@@ -73,11 +82,14 @@ pub struct Options {
     pub adapter: Option<AdapterChoice>,
     /// Use the subgroup variants of the shaders when the adapter offers subgroups.
     pub subgroups: bool,
+    /// Store the K/V cache as f16 when the adapter offers `shader-f16` (half the bytes per
+    /// cached token; logits move by rounding, about 1e-2). `false` keeps the f32 cache.
+    pub f16_kv: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { adapter: None, subgroups: true }
+        Self { adapter: None, subgroups: true, f16_kv: true }
     }
 }
 
@@ -98,6 +110,9 @@ pub struct AdapterInfo {
     pub shader_f16: bool,
     /// Whether it offers subgroup operations.
     pub subgroups: bool,
+    /// Whether the K/V cache is stored as f16: for [`adapters`], what the default [`Options`]
+    /// choose there (it offers `shader-f16`); for [`WgpuModel::adapter`], what the model uses.
+    pub f16_kv: bool,
     /// Largest buffer it can create, in bytes.
     pub max_buffer_size: u64,
     /// Largest storage buffer binding, in bytes.
@@ -114,6 +129,7 @@ impl AdapterInfo {
             driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
+            f16_kv: features.contains(wgpu::Features::SHADER_F16),
             max_buffer_size: limits.max_buffer_size,
             max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
         }
@@ -124,13 +140,14 @@ impl fmt::Display for AdapterInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}: {} ({}, {}; f16: {}, subgroups: {}, max buffer {} MiB)",
+            "{}: {} ({}, {}; f16: {}, subgroups: {}, K/V cache: {}, max buffer {} MiB)",
             self.index,
             self.name,
             self.backend,
             self.device_type,
             if self.shader_f16 { "yes" } else { "no" },
             if self.subgroups { "yes" } else { "no" },
+            if self.f16_kv { "f16" } else { "f32" },
             self.max_buffer_size >> 20
         )
     }

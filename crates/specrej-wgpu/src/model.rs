@@ -99,11 +99,12 @@ pub(crate) struct Work {
     pub(crate) step: wgpu::Buffer,
 }
 
-/// Per-layer K/V of rows that all sit at the same position.
+/// Per-layer K/V of rows that all sit at the same position. Elements are f16 in the f16kv
+/// variant (adapters with `shader-f16`, [`crate::Options::f16_kv`]), f32 otherwise.
 #[derive(Debug)]
 pub(crate) struct Cache {
-    k: Vec<wgpu::Buffer>, // per layer: [rows, cap, kv_heads, head_dim] f32
-    v: Vec<wgpu::Buffer>, // per layer: [rows, cap, kv_heads, head_dim] f32
+    k: Vec<wgpu::Buffer>, // per layer: [rows, cap, kv_heads, head_dim] f32|f16
+    v: Vec<wgpu::Buffer>, // per layer: [rows, cap, kv_heads, head_dim] f32|f16
     pub(crate) cap: usize,
     /// Cached positions (the same for every row).
     pub(crate) len: usize,
@@ -144,7 +145,7 @@ impl WgpuModel {
         let config = Config::from_gguf(&parsed)?;
         let instance = crate::instance();
         let adapter = pick_adapter(&instance, options.adapter.as_ref()).await?;
-        let allow = crate::shaders::Variant { subgroups: options.subgroups };
+        let allow = crate::shaders::Variant { subgroups: options.subgroups, f16_kv: options.f16_kv };
         let gpu = Gpu::open(adapter, allow).await?;
         let model = Self::upload(gpu, config, &parsed)?;
         Ok(Arc::new(model))
@@ -313,12 +314,31 @@ impl WgpuModel {
 
     /// The adapter the model lives on.
     pub fn adapter(&self) -> crate::AdapterInfo {
-        crate::AdapterInfo::from_parts(0, self.gpu.info.clone(), self.gpu.device.features(), &self.gpu.limits)
+        let mut info = crate::AdapterInfo::from_parts(0, self.gpu.info.clone(), self.gpu.offered, &self.gpu.limits);
+        info.f16_kv = self.gpu.variant.f16_kv;
+        info
     }
 
     /// Whether the shaders run their subgroup variant.
     pub fn uses_subgroups(&self) -> bool {
         self.gpu.variant.subgroups
+    }
+
+    /// Whether the K/V cache is stored as f16 (the adapter offers `shader-f16` and
+    /// [`crate::Options::f16_kv`] allowed it).
+    pub fn uses_f16_kv(&self) -> bool {
+        self.gpu.variant.f16_kv
+    }
+
+    /// Bytes of K/V cache one cached token takes over all layers, in the element type this
+    /// model's cache uses (half of [`Config::kv_bytes_per_token`] with an f16 cache).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.config.layers * self.kv_width_bytes()
+    }
+
+    /// Bytes of one position of one layer's K (or V): `kv_heads × head_dim` elements.
+    fn kv_width_bytes(&self) -> usize {
+        self.config.kv_heads * self.config.head_dim * self.gpu.variant.kv_elem_bytes()
     }
 
     /// Bytes of weights on the device.
@@ -328,7 +348,7 @@ impl WgpuModel {
 
     /// Positions per cache row the adapter can bind in one K or V buffer.
     pub(crate) fn max_cached_tokens_per_buffer(&self) -> usize {
-        let per_token = (self.config.kv_heads * self.config.head_dim * 4) as u64;
+        let per_token = self.kv_width_bytes() as u64;
         usize::try_from(self.gpu.max_binding() / per_token).unwrap_or(usize::MAX)
     }
 
@@ -381,7 +401,7 @@ impl WgpuModel {
         let c = &self.config;
         let bytes = (rows as u64)
             .checked_mul(cap as u64)
-            .and_then(|x| x.checked_mul((c.kv_heads * c.head_dim * 4) as u64))
+            .and_then(|x| x.checked_mul(self.kv_width_bytes() as u64))
             .ok_or(BackendError::OutOfMemory)?;
         let mut k = Vec::with_capacity(c.layers);
         let mut v = Vec::with_capacity(c.layers);
@@ -401,7 +421,9 @@ impl WgpuModel {
         if src.len == 0 || keep.is_empty() {
             return Ok(out);
         }
-        let width = (self.config.kv_heads * self.config.head_dim) as u32;
+        // gather_rows copies 32-bit words: head_dim is a multiple of 4, so a position of f16
+        // (or f32) elements is a whole number of words.
+        let width = (self.kv_width_bytes() / 4) as u32;
         let gpu = &self.gpu;
         let params = gpu.uniform("gather", &[keep.len() as u32, src.len as u32, width, src.cap as u32, cap as u32, 0, 0, 0]);
         let keep_buf = gpu.storage_init("keep", bytemuck::cast_slice(keep));

@@ -74,7 +74,7 @@ impl Runner {
 
     /// Rows per chunk so that `rows × total_len` cached tokens fit the budget.
     fn chunk_rows(&self, total_len: usize) -> usize {
-        let per_token = self.model.config.kv_bytes_per_token().max(1);
+        let per_token = self.model.kv_bytes_per_token().max(1);
         let by_budget = self.kv_budget_bytes / per_token / total_len.max(1);
         let by_binding = self.model.max_cached_tokens_per_buffer() / total_len.max(1);
         by_budget.min(by_binding).max(1)

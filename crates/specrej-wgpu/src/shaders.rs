@@ -4,7 +4,11 @@
 //! The files live outside the crate because nothing is published (cargo#13309 would matter
 //! otherwise). A file on disk is always valid WGSL and is the portable variant. Markers:
 //! a line starting with `//+subgroups ` is uncommented, and a line ending in `//-subgroups`
-//! is dropped, in the variant for adapters with subgroup operations. No other templating.
+//! is dropped, in the variant for adapters with subgroup operations; `//+f16kv ` and
+//! `//-f16kv` likewise in the variant that stores the K/V cache as f16 (adapters with
+//! `shader-f16`), which also gets `enable f16;` prepended. The f16 switch is one line per
+//! file, `alias kv_t = f32; //-f16kv` / `//+f16kv alias kv_t = f16;`, and only the K/V cache
+//! buffers are `kv_t`: arithmetic stays f32. No other templating.
 
 /// Matrix products on quantized weights, and the embedding lookup (`matmul`, `embed`).
 pub const MATMUL: &str = include_str!("../../../shaders/matmul.wgsl");
@@ -44,15 +48,28 @@ pub struct Variant {
     /// Subgroup operations (`subgroupAdd`, `subgroup_invocation_id`): markers `//+subgroups `
     /// and `//-subgroups`.
     pub subgroups: bool,
+    /// `shader-f16`: the K/V cache is stored as f16 (`kv_t = f16`; read into f32 for the
+    /// arithmetic), markers `//+f16kv ` and `//-f16kv`, and `enable f16;` prepended.
+    pub f16_kv: bool,
 }
 
 impl Variant {
     /// Every variant a shader may be built in (the naga test validates each).
-    pub const ALL: [Variant; 2] = [Variant { subgroups: false }, Variant { subgroups: true }];
+    pub const ALL: [Variant; 4] = [
+        Variant { subgroups: false, f16_kv: false },
+        Variant { subgroups: true, f16_kv: false },
+        Variant { subgroups: false, f16_kv: true },
+        Variant { subgroups: true, f16_kv: true },
+    ];
 
     /// The marker names this variant switches on.
     fn features(self) -> impl Iterator<Item = &'static str> {
-        [("subgroups", self.subgroups)].into_iter().filter(|(_, on)| *on).map(|(n, _)| n)
+        [("subgroups", self.subgroups), ("f16kv", self.f16_kv)].into_iter().filter(|(_, on)| *on).map(|(n, _)| n)
+    }
+
+    /// Bytes of one K/V cache element: 2 (f16) or 4 (f32).
+    pub fn kv_elem_bytes(self) -> usize {
+        if self.f16_kv { 2 } else { 4 }
     }
 }
 
@@ -67,8 +84,13 @@ pub fn has_marker(source: &str, feature: &str) -> bool {
 ///
 /// `browser_directive`: prepend `enable subgroups;` to a subgroup variant. The browser's
 /// WGSL compiler requires it; naga (native wgpu) rejects it and needs only the device feature.
+/// An f16 variant of a file with `f16kv` markers always gets `enable f16;` (every WGSL
+/// compiler, naga included, requires it before `f16` may be named).
 pub fn preprocess(source: &str, variant: Variant, browser_directive: bool) -> String {
     let mut out = String::with_capacity(source.len() + 32);
+    if variant.f16_kv && has_marker(source, "f16kv") {
+        out.push_str("enable f16;\n");
+    }
     if variant.subgroups && browser_directive && has_marker(source, "subgroups") {
         out.push_str("enable subgroups;\n");
     }

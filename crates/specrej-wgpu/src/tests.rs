@@ -174,3 +174,136 @@ fn the_sampler_matches_the_host_sampler() {
         }
     }
 }
+
+/// Attention shape of the K/V tests: `rows` cache rows × `t` fresh positions each (a prefill
+/// pass, causal), grouped-query heads.
+const ROWS: usize = 3;
+const T: usize = 5;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = 8;
+const CAP: usize = 7;
+
+/// Host attention of `q` `[n, heads, head_dim]` over `kc`/`vc` `[rows, CAP, kv_heads, head_dim]`.
+fn host_attention(q: &[f32], kc: &[f32], vc: &[f32]) -> Vec<f32> {
+    let width = KV_HEADS * HEAD_DIM;
+    let scale = 1.0 / (HEAD_DIM as f32).sqrt();
+    let mut out = vec![0.0; ROWS * T * HEADS * HEAD_DIM];
+    for i in 0..ROWS * T {
+        let (r, len) = (i / T, i % T + 1);
+        for h in 0..HEADS {
+            let g = h / (HEADS / KV_HEADS);
+            let qh = &q[(i * HEADS + h) * HEAD_DIM..][..HEAD_DIM];
+            let at = |j: usize| (r * CAP + j) * width + g * HEAD_DIM;
+            let scores: Vec<f32> = (0..len).map(|j| qh.iter().zip(&kc[at(j)..][..HEAD_DIM]).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+            let max = scores.iter().copied().fold(f32::MIN, f32::max);
+            let p: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f32 = p.iter().sum();
+            for d in 0..HEAD_DIM {
+                out[(i * HEADS + h) * HEAD_DIM + d] = (0..len).map(|j| p[j] * vc[at(j) + d]).sum::<f32>() / sum;
+            }
+        }
+    }
+    out
+}
+
+/// `kv_append` of fresh K/V, then `attention`, on `gpu`'s variant: (attention output, the
+/// cache's K and V buffers).
+fn append_and_attend(gpu: &Gpu, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, wgpu::Buffer, wgpu::Buffer) {
+    let (n, width) = (ROWS * T, KV_HEADS * HEAD_DIM);
+    let cache_bytes = (ROWS * CAP * width * gpu.variant.kv_elem_bytes()) as u64;
+    let cache_k = gpu.storage("cache k", cache_bytes).expect("cache k");
+    let cache_v = gpu.storage("cache v", cache_bytes).expect("cache v");
+    let step = gpu.uniform("step", &[n as u32, ROWS as u32, T as u32, 0, CAP as u32, 0, 0, 0]);
+    let kv_u = gpu.uniform("kv width", &[width as u32, 0, 0, 0]);
+    let scale = 1.0 / (HEAD_DIM as f32).sqrt();
+    let attn_u = gpu.uniform("attention", &[HEADS as u32, KV_HEADS as u32, HEAD_DIM as u32, scale.to_bits()]);
+    let (qb, kb, vb) = (gpu.storage_init("q", bytemuck::cast_slice(q)), gpu.storage_init("k", bytemuck::cast_slice(k)), gpu.storage_init("v", bytemuck::cast_slice(v)));
+    let out = gpu.storage("out", (n * HEADS * HEAD_DIM * 4) as u64).expect("out");
+    let mut enc = gpu.encoder();
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        let pl = &gpu.pipelines;
+        gpu.dispatch(&mut pass, &pl.kv_append, &[(0, &step), (1, &kv_u), (2, &kb), (3, &vb), (4, &cache_k), (5, &cache_v)], ((n * width) as u32).div_ceil(64));
+        gpu.dispatch(&mut pass, &pl.attention, &[(0, &step), (1, &attn_u), (2, &qb), (3, &cache_k), (4, &cache_v), (5, &out)], (n * HEADS) as u32);
+    }
+    gpu.submit(enc).expect("submit");
+    (read_f32(gpu, &out, n * HEADS * HEAD_DIM), cache_k, cache_v)
+}
+
+/// The cache's elements as f32 (f16 bits widened in the f16 variant).
+fn read_cache(gpu: &Gpu, buf: &wgpu::Buffer) -> Vec<f32> {
+    let count = ROWS * CAP * KV_HEADS * HEAD_DIM;
+    if gpu.variant.f16_kv {
+        let bytes = pollster::block_on(gpu.read_back(gpu.encoder(), buf, (count * 2) as u64)).expect("read back");
+        bytes.chunks_exact(2).map(|b| crate::gguf::f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect()
+    } else {
+        read_f32(gpu, buf, count)
+    }
+}
+
+#[test]
+fn the_f16_kv_cache_matches_the_f32_cache_within_rounding() {
+    let (n, width) = (ROWS * T, KV_HEADS * HEAD_DIM);
+    let signed = |seed, count| words(seed, count).iter().map(|&x| (x % 20001) as f32 / 10000.0 - 1.0).collect::<Vec<f32>>();
+    let (q, k, v) = (signed(21, n * HEADS * HEAD_DIM), signed(22, n * width), signed(23, n * width));
+    // The cache as the host lays it out: activation row r * T + s at cache row r, position s.
+    let mut kc = vec![0.0; ROWS * CAP * width];
+    let mut vc = kc.clone();
+    for i in 0..n {
+        let dst = ((i / T) * CAP + i % T) * width;
+        kc[dst..dst + width].copy_from_slice(&k[i * width..(i + 1) * width]);
+        vc[dst..dst + width].copy_from_slice(&v[i * width..(i + 1) * width]);
+    }
+    let exact = host_attention(&q, &kc, &vc);
+    let mut outputs = Vec::new();
+    for f16_kv in [false, true] {
+        let Some(gpu) = gpu(Variant { subgroups: false, f16_kv }) else { return };
+        if gpu.variant.f16_kv != f16_kv {
+            eprintln!("skipped the f16 K/V case: the adapter does not offer shader-f16");
+            continue;
+        }
+        let (out, cache_k, cache_v) = append_and_attend(&gpu, &q, &k, &v);
+        let (gk, gv) = (read_cache(&gpu, &cache_k), read_cache(&gpu, &cache_v));
+        // kv_append put every element in its place, rounded to the cache type (f16: one of
+        // the two nearest halves, relative step 2^-10 at most; f32: exact).
+        let ulp = if f16_kv { 1.0 / 1024.0 } else { 0.0 };
+        for (got, want) in gk.iter().zip(&kc).chain(gv.iter().zip(&vc)) {
+            assert!((got - want).abs() <= ulp * want.abs() + 1e-7, "f16_kv={f16_kv}: cached {got} for {want}");
+        }
+        // Attention over what is cached is f32 arithmetic: the host's on the same values.
+        let want = host_attention(&q, &gk, &gv);
+        for (j, (g, w)) in out.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-5, "f16_kv={f16_kv} out[{j}]: {g} vs {w}");
+        }
+        // gather_rows copies the cache bit for bit, whatever its element type: keep rows 2, 0
+        // into a larger allocation.
+        let keep = [2u32, 0];
+        let words_per_pos = (width * gpu.variant.kv_elem_bytes() / 4) as u32;
+        let dst_cap = CAP + 4;
+        let dst = gpu.storage("dst", (keep.len() * dst_cap * width * gpu.variant.kv_elem_bytes()) as u64).expect("dst");
+        let params = gpu.uniform("gather", &[keep.len() as u32, T as u32, words_per_pos, CAP as u32, dst_cap as u32, 0, 0, 0]);
+        let keep_buf = gpu.storage_init("keep", bytemuck::cast_slice(&keep));
+        let mut enc = gpu.encoder();
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            gpu.dispatch(&mut pass, &gpu.pipelines.gather, &[(0, &params), (1, &keep_buf), (2, &cache_k), (3, &dst)], (keep.len() as u32 * T as u32 * words_per_pos).div_ceil(64));
+        }
+        gpu.submit(enc).expect("submit");
+        let row_bytes = |cap: usize| cap * width * gpu.variant.kv_elem_bytes();
+        let src_bytes = pollster::block_on(gpu.read_back(gpu.encoder(), &cache_k, (ROWS * row_bytes(CAP)) as u64)).expect("read back");
+        let dst_bytes = pollster::block_on(gpu.read_back(gpu.encoder(), &dst, (keep.len() * row_bytes(dst_cap)) as u64)).expect("read back");
+        let used = T * width * gpu.variant.kv_elem_bytes();
+        for (j, &r) in keep.iter().enumerate() {
+            let r = r as usize;
+            assert_eq!(&dst_bytes[j * row_bytes(dst_cap)..][..used], &src_bytes[r * row_bytes(CAP)..][..used], "f16_kv={f16_kv} gathered row {j}");
+        }
+        drop(cache_v);
+        outputs.push(out);
+    }
+    // And the f16 cache stays close to exact attention (inputs in [-1, 1], head_dim 8).
+    for out in &outputs {
+        let worst = out.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 4e-3, "max |Δ| {worst} against exact attention");
+    }
+}

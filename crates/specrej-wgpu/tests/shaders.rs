@@ -16,6 +16,9 @@ fn validate(name: &str, source: &str, variant: Variant) {
     if variant.subgroups {
         caps |= naga::valid::Capabilities::SUBGROUP;
     }
+    if variant.f16_kv {
+        caps |= naga::valid::Capabilities::SHADER_FLOAT16;
+    }
     let stages = if variant.subgroups { naga::valid::SubgroupOperationSet::all() } else { naga::valid::SubgroupOperationSet::empty() };
     let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
     validator.subgroup_stages(naga::valid::ShaderStages::COMPUTE).subgroup_operations(stages);
@@ -39,7 +42,7 @@ fn the_portable_variant_is_the_file_on_disk() {
     for &(name, source) in shaders::ALL {
         let text = shaders::preprocess(source, Variant::default(), false);
         assert_eq!(text.trim_end(), source.trim_end(), "{name}");
-        // The portable variant must not use subgroup builtins anywhere.
+        // The portable variant must not use subgroup builtins or f16 anywhere.
         let code = |l: &str| l.split("//").next().unwrap_or("").to_string();
         assert!(!text.lines().any(|l| code(l).contains("subgroup") || code(l).contains("f16;")), "{name}");
     }
@@ -68,8 +71,30 @@ fn every_file_is_referenced_once() {
 
 #[test]
 fn the_browser_variant_enables_subgroups() {
-    let text = shaders::preprocess(shaders::MATMUL, Variant { subgroups: true }, true);
+    let sg = Variant { subgroups: true, f16_kv: false };
+    let text = shaders::preprocess(shaders::MATMUL, sg, true);
     assert!(text.starts_with("enable subgroups;\n"));
-    let text = shaders::preprocess(shaders::SILU_MUL, Variant { subgroups: true }, true);
+    let text = shaders::preprocess(shaders::SILU_MUL, sg, true);
     assert!(!text.contains("enable"));
+}
+
+#[test]
+fn the_f16_variant_stores_only_the_kv_cache_as_f16() {
+    let f16 = Variant { subgroups: false, f16_kv: true };
+    // The cache's writer and reader switch their element type; the gather copies words.
+    for source in [shaders::KV_APPEND, shaders::ATTENTION] {
+        let text = shaders::preprocess(source, f16, false);
+        assert!(text.starts_with("enable f16;\n"), "{text}");
+        assert!(text.contains("\nalias kv_t = f16;\n") && !text.contains("alias kv_t = f32"));
+        let both = shaders::preprocess(source, Variant { subgroups: true, f16_kv: true }, true);
+        assert!(both.starts_with("enable f16;\n"));
+    }
+    // Every other file is unchanged: no f16 arithmetic anywhere else.
+    for &(name, source) in shaders::ALL {
+        if !shaders::has_marker(source, "f16kv") {
+            assert_eq!(shaders::preprocess(source, f16, false), shaders::preprocess(source, Variant::default(), false), "{name}");
+        }
+    }
+    assert_eq!(f16.kv_elem_bytes(), 2);
+    assert_eq!(Variant::default().kv_elem_bytes(), 4);
 }
