@@ -1,27 +1,37 @@
 // End-to-end test of the browser demo: headless Chromium (Debian's, no browser download)
 // driven by playwright-core against the page served on 127.0.0.1.
 //
-// It loads the model (the real download path: bytes with Content-Length, then the cache),
-// runs Speculative Rejection with n 4 and 16 new tokens (first decision after 8), waits for
-// the run to finish, and checks that at least one decision happened, rows were cut and a
-// winner with a finite reward is shown. It writes screenshot.png and result.json into
-// $SPECREJ_E2E_OUT (default target/web-e2e).
+// 1. On a WebGPU adapter, the kernel self-check (`WebEngine.selfTest`: every WGSL kernel
+//    against a host reference, compiled by the browser's WGSL compiler, not naga).
+// 2. For each engine (default: WebGPU when the browser has an adapter, then the CPU engine),
+//    loads the model (the real download path: bytes with Content-Length, then the cache) and
+//    runs a small Speculative Rejection request (n 4, 6 new tokens, first decision after 3,
+//    temperature 0), then checks that a decision happened, rows were cut, the chart shows the
+//    cut, and a winner with a finite reward is shown; with temperature 0 its text must equal
+//    the native CPU CLI's winner for the same request (`SPECREJ_E2E_CLI_JSON`, written by
+//    `specrej generate --json`: xtask runs it).
+// 3. Reloads the page and checks the model is read from the browser's cache.
+// It writes screenshot.png (the first engine's run), screenshot-<engine>.png and result.json
+// into $SPECREJ_E2E_OUT (default target/web-e2e).
 //
 // Environment:
 //   SPECREJ_WEB_URL        the served page (required), e.g. http://127.0.0.1:8080/
 //   SPECREJ_NODE_MODULES   where playwright-core is installed (default target/web-node/node_modules)
 //   SPECREJ_E2E_OUT        output folder (default target/web-e2e)
-//   SPECREJ_E2E_ENGINE     auto (default) | webgpu | cpu | fake (the JS test double, no model)
-//   SPECREJ_E2E_TIMEOUT_S  how long loading, and then the run, may each take (default 1800:
-//                          a software adapter such as SwiftShader is slow)
-//   SPECREJ_E2E_MAX_TOKENS / SPECREJ_E2E_MIN_TOKENS   the run's max new tokens (16) and
-//                          first decision (8): smaller on slow software adapters
+//   SPECREJ_E2E_ENGINES    comma-separated engines to run: webgpu, cpu, auto, fake (the JS test
+//                          double, no model) (default "webgpu,cpu"; webgpu is skipped, with a
+//                          note, when the browser has no adapter). SPECREJ_E2E_ENGINE: one engine.
+//   SPECREJ_E2E_N, SPECREJ_E2E_MAX_TOKENS, SPECREJ_E2E_MIN_TOKENS, SPECREJ_E2E_TEMPERATURE,
+//   SPECREJ_E2E_SEED, SPECREJ_E2E_PROMPT   the request (4, 6, 3, 0, 1, the page's default prompt)
+//   SPECREJ_E2E_CLI_JSON   the native CLI's `--json` result for the same request (optional)
+//   SPECREJ_E2E_TIMEOUT_S  how long loading, and then each run, may take (default 900)
 //   CHROMIUM               the browser (default /usr/bin/chromium)
 //
-// `cargo xtask` runs it through `xtask/src/web.rs` `e2e(root)`, which builds and serves.
+// `cargo xtask web-e2e` runs it through `xtask/src/web.rs` `e2e(root)`, which builds, runs
+// the CLI and serves.
 
 import { createRequire } from 'node:module';
-import { mkdirSync, writeFileSync, rmSync } from 'node:fs';
+import { mkdirSync, writeFileSync, rmSync, readFileSync, copyFileSync } from 'node:fs';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { tmpdir } from 'node:os';
@@ -33,12 +43,20 @@ if (!url) {
   console.error('set SPECREJ_WEB_URL to the served page (cargo xtask runs this through xtask/src/web.rs e2e)');
   process.exit(2);
 }
-const nodeModules = process.env.SPECREJ_NODE_MODULES || join(root, 'target', 'web-node', 'node_modules');
-const out = process.env.SPECREJ_E2E_OUT || join(root, 'target', 'web-e2e');
-const engine = process.env.SPECREJ_E2E_ENGINE || 'auto';
-const timeoutMs = Number(process.env.SPECREJ_E2E_TIMEOUT_S || 1800) * 1000;
-const maxTokens = Number(process.env.SPECREJ_E2E_MAX_TOKENS || 16);
-const minTokens = Number(process.env.SPECREJ_E2E_MIN_TOKENS || 8);
+const env = process.env;
+const nodeModules = env.SPECREJ_NODE_MODULES || join(root, 'target', 'web-node', 'node_modules');
+const out = env.SPECREJ_E2E_OUT || join(root, 'target', 'web-e2e');
+const engines = (env.SPECREJ_E2E_ENGINES || env.SPECREJ_E2E_ENGINE || 'webgpu,cpu').split(',').map((e) => e.trim()).filter(Boolean);
+const timeoutMs = Number(env.SPECREJ_E2E_TIMEOUT_S || 900) * 1000;
+const request = {
+  n: Number(env.SPECREJ_E2E_N || 4),
+  maxTokens: Number(env.SPECREJ_E2E_MAX_TOKENS || 6),
+  minTokens: Number(env.SPECREJ_E2E_MIN_TOKENS || 3),
+  temperature: Number(env.SPECREJ_E2E_TEMPERATURE ?? 0),
+  seed: Number(env.SPECREJ_E2E_SEED || 1),
+  prompt: env.SPECREJ_E2E_PROMPT || null,
+};
+const cli = env.SPECREJ_E2E_CLI_JSON ? JSON.parse(readFileSync(env.SPECREJ_E2E_CLI_JSON, 'utf8')) : null;
 const require = createRequire(join(nodeModules, 'noop.js'));
 const { chromium } = require('playwright-core');
 
@@ -62,9 +80,10 @@ const context = await chromium.launchPersistentContext(userDataDir, {
   args,
   viewport: { width: 1280, height: 1100 },
 });
-const result = { url, engine, ok: false, checks: {} };
+const result = { url, engines, request, ok: false, runs: {}, cli: cli ? { winner: cli.winner.text } : null };
 const log = [];
 let failure = null;
+const t00 = Date.now();
 try {
   const page = context.pages()[0] ?? (await context.newPage());
   page.on('console', (m) => log.push(`console.${m.type()}: ${m.text()}`));
@@ -82,6 +101,7 @@ try {
       vendor: a.info?.vendor,
       architecture: a.info?.architecture,
       description: a.info?.description,
+      isFallbackAdapter: a.info?.isFallbackAdapter,
       features: [...a.features].sort(),
       maxStorageBufferBindingSize: a.limits.maxStorageBufferBindingSize,
       maxBufferSize: a.limits.maxBufferSize,
@@ -91,63 +111,44 @@ try {
   console.log(`WebGPU adapter: ${JSON.stringify({ ...result.adapter, features: result.adapter.features?.join(',') })}`);
   console.log(`JSPI: ${result.jspi}`);
 
-  // 1. Load the model.
-  await page.selectOption('#backend', engine);
-  const t0 = Date.now();
-  await page.click('#load');
-  await page.waitForFunction(() => ['ready', 'error'].includes(document.body.dataset.state), null, { timeout: timeoutMs });
-  if ((await page.getAttribute('body', 'data-state')) === 'error') throw new Error(`loading failed: ${await page.getAttribute('body', 'data-error')}`);
-  result.loadSeconds = (Date.now() - t0) / 1000;
-  result.modelInfo = await page.textContent('#model-info');
-  result.backend = await page.getAttribute('#model-info', 'data-backend');
-  result.download = await page.textContent('#progress-text');
-  console.log(`loaded in ${result.loadSeconds.toFixed(1)} s: ${result.modelInfo} (${result.download})`);
-
-  // 2. A small Speculative Rejection run.
-  await page.selectOption('#method', 'sr');
-  await page.fill('#n', '4');
-  await page.fill('#alpha', '0.5');
-  await page.fill('#max-tokens', String(maxTokens));
-  await page.fill('#min-tokens', String(minTokens));
-  await page.fill('#temperature', '1');
-  await page.fill('#seed', '1');
-  const t1 = Date.now();
-  await page.click('#run');
-  await page.waitForFunction(() => ['done', 'error'].includes(document.body.dataset.state), null, { timeout: timeoutMs });
-  result.runSeconds = (Date.now() - t1) / 1000;
-  await page.screenshot({ path: join(out, 'screenshot.png'), fullPage: true });
-  if ((await page.getAttribute('body', 'data-state')) === 'error') throw new Error(`the run failed: ${await page.getAttribute('body', 'data-error')}`);
-
-  // 3. Checks.
-  const decisions = Number(await page.getAttribute('#stats', 'data-decisions'));
-  const winnerRow = await page.getAttribute('#winner', 'data-row');
-  const winnerScore = Number(await page.getAttribute('#winner', 'data-score'));
-  const rows = await page.locator('.rows .r').count();
-  const rejected = await page.locator('.rows .r.rejected').count();
-  const winnerText = await page.textContent('#winner .body');
-  const cutLines = await page.locator('#chart .cutline').count();
-  result.checks = { decisions, winnerRow, winnerScore, rows, rejected, cutLines, winnerText };
-  result.stats = await page.$$eval('#stats tr', (trs) => Object.fromEntries(trs.map((tr) => [tr.cells[0].textContent, tr.cells[1].textContent])));
-  const problems = [];
-  if (!(decisions >= 1)) problems.push(`expected at least one decision, saw ${decisions}`);
-  if (cutLines !== decisions) problems.push(`expected ${decisions} cut lines in the chart, saw ${cutLines}`);
-  if (rows !== 4) problems.push(`expected 4 rows, saw ${rows}`);
-  if (!(rejected >= 1)) problems.push(`expected rejected rows, saw ${rejected}`);
-  if (winnerRow === null) problems.push('no winner shown');
-  if (!Number.isFinite(winnerScore)) problems.push(`winner reward is not finite: ${winnerScore}`);
-  if (problems.length) throw new Error(problems.join('; '));
-  // 4. The model is now in the browser's cache: a new visit reads it from there.
-  if (result.backend !== 'fake') {
-    await page.reload({ waitUntil: 'load' });
-    await page.waitForFunction(() => document.body.dataset.state === 'idle' && /cached|not loaded/.test(document.getElementById('progress-text').textContent));
-    result.checks.cachedOnReload = await page.textContent('#progress-text');
-    if (!/cached in this browser/.test(result.checks.cachedOnReload)) throw new Error(`the model is not cached after a run: ${result.checks.cachedOnReload}`);
-    console.log(`after reload: ${result.checks.cachedOnReload}`);
+  // 1. The kernels, as the browser's WGSL compiler builds them.
+  if (result.adapter.available && engines.some((e) => e === 'webgpu' || e === 'auto')) {
+    const t = Date.now();
+    result.selfTest = await page.evaluate(async () => {
+      const m = await import(new URL('pkg/specrej_web.js', location.href).href);
+      await m.default();
+      const r = await m.WebEngine.selfTest(true);
+      return { ok: r.ok, report: r.report };
+    });
+    result.selfTest.seconds = (Date.now() - t) / 1000;
+    console.log(`kernel self-check (${result.selfTest.seconds.toFixed(1)} s):\n${result.selfTest.report}`);
+    if (!result.selfTest.ok) throw new Error('the WGSL kernel self-check failed on this adapter (see above)');
   }
+
+  // 2. A small Speculative Rejection run per engine.
+  let first = true;
+  for (const engine of engines) {
+    if (engine === 'webgpu' && !result.adapter.available) {
+      console.log(`skipping the webgpu engine: no WebGPU adapter (${result.adapter.why})`);
+      result.runs.webgpu = { skipped: result.adapter.why };
+      continue;
+    }
+    const run = await runOnce(page, engine);
+    result.runs[engine] = run;
+    const name = `screenshot-${engine}.png`;
+    if (first) copyFileSync(join(out, name), join(out, 'screenshot.png'));
+    first = false;
+    // 3. The model is now in the browser's cache: a new visit reads it from there.
+    if (run.backend !== 'fake' && !result.cachedOnReload) {
+      await page.reload({ waitUntil: 'load' });
+      await page.waitForFunction(() => document.body.dataset.state === 'idle' && /cached|not loaded/.test(document.getElementById('progress-text').textContent));
+      result.cachedOnReload = await page.textContent('#progress-text');
+      if (!/cached in this browser/.test(result.cachedOnReload)) throw new Error(`the model is not cached after a run: ${result.cachedOnReload}`);
+      console.log(`after reload: ${result.cachedOnReload}`);
+    }
+  }
+  if (!Object.values(result.runs).some((r) => !r.skipped)) throw new Error('no engine ran');
   result.ok = true;
-  console.log(`run: ${result.runSeconds.toFixed(1)} s, ${decisions} decision(s), ${rejected} of ${rows} rows cut, winner row ${winnerRow} reward ${winnerScore.toFixed(3)}`);
-  console.log(`winner text: ${JSON.stringify(winnerText)}`);
-  console.log(`stats: ${JSON.stringify(result.stats)}`);
 } catch (e) {
   failure = e;
   result.error = String(e && e.message ? e.message : e);
@@ -158,12 +159,13 @@ try {
     /* no page */
   }
 } finally {
+  result.seconds = (Date.now() - t00) / 1000;
   result.log = log;
   writeFileSync(join(out, 'result.json'), JSON.stringify(result, null, 2));
   await context.close();
   rmSync(userDataDir, { recursive: true, force: true });
 }
-console.log(`screenshot: ${join(out, 'screenshot.png')}`);
+console.log(`screenshot: ${join(out, 'screenshot.png')} (browser part: ${result.seconds.toFixed(1)} s)`);
 if (failure) {
   console.error(`e2e failed: ${result.error}`);
   for (const line of log.slice(-30)) console.error(`  ${line}`);
@@ -171,3 +173,61 @@ if (failure) {
   process.exit(1);
 }
 console.log('e2e: 1 passed, 0 failed');
+
+/** Loads the model on `engine`, runs the request, checks the page; returns what it saw. */
+async function runOnce(page, engine) {
+  const run = { engine };
+  await page.selectOption('#backend', engine);
+  const t0 = Date.now();
+  await page.click('#load');
+  await page.waitForFunction(() => ['ready', 'error'].includes(document.body.dataset.state), null, { timeout: timeoutMs });
+  if ((await page.getAttribute('body', 'data-state')) === 'error') throw new Error(`${engine}: loading failed: ${await page.getAttribute('body', 'data-error')}`);
+  run.loadSeconds = (Date.now() - t0) / 1000;
+  run.modelInfo = await page.textContent('#model-info');
+  run.backend = await page.getAttribute('#model-info', 'data-backend');
+  run.download = await page.textContent('#progress-text');
+  console.log(`[${engine}] loaded in ${run.loadSeconds.toFixed(1)} s: ${run.modelInfo} (${run.download})`);
+
+  await page.selectOption('#method', 'sr');
+  await page.fill('#n', String(request.n));
+  await page.fill('#alpha', '0.5');
+  await page.fill('#max-tokens', String(request.maxTokens));
+  await page.fill('#min-tokens', String(request.minTokens));
+  await page.fill('#temperature', String(request.temperature));
+  await page.fill('#seed', String(request.seed));
+  if (request.prompt) await page.fill('#prompt', request.prompt);
+  const t1 = Date.now();
+  await page.click('#run');
+  await page.waitForFunction(() => ['done', 'error'].includes(document.body.dataset.state), null, { timeout: timeoutMs });
+  run.runSeconds = (Date.now() - t1) / 1000;
+  await page.screenshot({ path: join(out, `screenshot-${engine}.png`), fullPage: true });
+  if ((await page.getAttribute('body', 'data-state')) === 'error') throw new Error(`${engine}: the run failed: ${await page.getAttribute('body', 'data-error')}`);
+
+  const decisions = Number(await page.getAttribute('#stats', 'data-decisions'));
+  const winnerRow = await page.getAttribute('#winner', 'data-row');
+  const winnerScore = Number(await page.getAttribute('#winner', 'data-score'));
+  const rows = await page.locator('.rows .r').count();
+  const rejected = await page.locator('.rows .r.rejected').count();
+  const winnerText = await page.textContent('#winner .body');
+  const cutLines = await page.locator('#chart .cutline').count();
+  run.checks = { decisions, winnerRow, winnerScore, rows, rejected, cutLines, winnerText };
+  run.stats = await page.$$eval('#stats tr', (trs) => Object.fromEntries(trs.map((tr) => [tr.cells[0].textContent, tr.cells[1].textContent])));
+  const problems = [];
+  if (!(decisions >= 1)) problems.push(`expected at least one decision, saw ${decisions}`);
+  if (cutLines !== decisions) problems.push(`expected ${decisions} cut lines in the chart, saw ${cutLines}`);
+  if (rows !== request.n) problems.push(`expected ${request.n} rows, saw ${rows}`);
+  if (!(rejected >= 1)) problems.push(`expected rejected rows, saw ${rejected}`);
+  if (winnerRow === null) problems.push('no winner shown');
+  if (!Number.isFinite(winnerScore)) problems.push(`winner reward is not finite: ${winnerScore}`);
+  // Greedy decoding: every row is the same text, whichever wins, and it must be the native
+  // CPU CLI's (the WebGPU forward agrees with candle's to ~1e-4 in the logits).
+  if (cli && run.backend !== 'fake' && request.temperature === 0) {
+    run.checks.cliWinnerText = cli.winner.text;
+    if (winnerText.trim() !== cli.winner.text.trim()) problems.push(`winner text ${JSON.stringify(winnerText)} differs from the CLI's ${JSON.stringify(cli.winner.text)}`);
+  }
+  console.log(`[${engine}] run: ${run.runSeconds.toFixed(1)} s, ${decisions} decision(s), ${rejected} of ${rows} rows cut, winner row ${winnerRow} reward ${winnerScore.toFixed(3)}`);
+  console.log(`[${engine}] winner text: ${JSON.stringify(winnerText)}${cli ? ` (CLI: ${JSON.stringify(cli.winner.text)})` : ''}`);
+  console.log(`[${engine}] stats: ${JSON.stringify(run.stats)}`);
+  if (problems.length) throw new Error(`${engine}: ${problems.join('; ')}`);
+  return run;
+}

@@ -48,14 +48,13 @@ async function checkPlatform() {
   }
   const jspi = typeof WebAssembly.Suspending === 'function';
   if (problems.length) {
-    banner(`<strong>WebGPU is unavailable.</strong> ${problems.join(' ')} This build runs the model on WebGPU only
-      (a CPU path compiled to WebAssembly is planned: see web/README.md). The backend is set to the
-      <em>test double</em>, which shows how the page and the scheduler work without a model.
+    banner(`<strong>WebGPU is unavailable.</strong> ${problems.join(' ')} The model runs on the
+      <em>CPU</em> instead (candle compiled to WebAssembly, one thread: slower).
       ${jspi ? '' : 'This browser also lacks JSPI, so the scheduler runs in its synchronous build.'}`);
-    if ($('backend').value === 'auto' || $('backend').value === 'webgpu') $('backend').value = 'fake';
+    if ($('backend').value === 'auto' || $('backend').value === 'webgpu') $('backend').value = 'cpu';
   } else if (!jspi) {
-    banner('<strong>This browser lacks JSPI</strong> (WebAssembly JavaScript Promise Integration), which the WebGPU path needs to wait for GPU results under the synchronous component interface: use Chromium 137 or later. The backend is set to the <em>test double</em>.');
-    if ($('backend').value === 'auto' || $('backend').value === 'webgpu') $('backend').value = 'fake';
+    banner('<strong>This browser lacks JSPI</strong> (WebAssembly JavaScript Promise Integration), which the WebGPU path needs to wait for GPU results under the synchronous component interface (Chromium 137 or later has it). The model runs on the <em>CPU</em> instead (WebAssembly, synchronous).');
+    if ($('backend').value === 'auto' || $('backend').value === 'webgpu') $('backend').value = 'cpu';
   }
   $('model-info').dataset.adapter = adapterInfo ?? '';
   return { adapterInfo, jspi };
@@ -121,7 +120,7 @@ function onMessage(m) {
     case 'ready': {
       loadedBackend = m.info.backend;
       const i = m.info;
-      $('model-info').textContent = `${i.model} · backend ${i.backend}${i.adapter ? ` (${i.adapter})` : ''} · ${m.jspi ? 'JSPI' : 'sync'} component · ready in ${m.loadSeconds.toFixed(1)} s`;
+      $('model-info').textContent = `${i.model} · backend ${i.backend}${i.adapter ? ` (${i.adapter})` : ''} · ${m.jspi ? 'JSPI' : 'sync'} component · ready in ${m.loadSeconds.toFixed(1)} s${i.fallbackReason ? ` · WebGPU unavailable (${i.fallbackReason})` : ''}${i.autoReason ? ` · auto: ${i.autoReason}` : ''}`;
       $('model-info').dataset.backend = i.backend;
       if (i.backend === 'fake') $('progress-text').textContent = 'test double: no model file';
       setState('ready');

@@ -209,13 +209,12 @@ fn locked_wasm_bindgen_version(root: &Path) -> Result<String> {
     let lock = std::fs::read_to_string(root.join("Cargo.lock")).context("reading Cargo.lock")?;
     let mut lines = lock.lines();
     while let Some(line) = lines.next() {
-        if line.trim() == "name = \"wasm-bindgen\"" {
-            if let Some(version) = lines
+        if line.trim() == "name = \"wasm-bindgen\""
+            && let Some(version) = lines
                 .next()
                 .and_then(|l| l.trim().strip_prefix("version = \""))
-            {
-                return Ok(version.trim_end_matches('"').to_string());
-            }
+        {
+            return Ok(version.trim_end_matches('"').to_string());
         }
     }
     bail!("Cargo.lock has no wasm-bindgen package (specrej-web depends on it)")
@@ -256,6 +255,8 @@ fn ensure_wasm_bindgen(root: &Path) -> Result<PathBuf> {
         .arg(&dir)
         .arg("--target-dir")
         .arg(dir.join("build")))?;
+    // The binaries are in `bin/`; the build's ~400 MB of artifacts are not needed again.
+    let _ = std::fs::remove_dir_all(dir.join("build"));
     Ok(bin)
 }
 
@@ -410,12 +411,29 @@ fn respond(
     Ok(())
 }
 
-/// The end-to-end test: builds the site, serves it on an ephemeral port of 127.0.0.1 and runs
-/// `web/e2e/run.mjs` (headless Chromium, `/usr/bin/chromium` or `$CHROMIUM`), which loads the
-/// model, runs Speculative Rejection (n 4, 16 tokens) and checks that decisions and a winner
-/// appear; it writes `target/web-e2e/screenshot.png` and `result.json`. The `SPECREJ_E2E_*`
-/// variables documented in `web/e2e/run.mjs` pass through (`SPECREJ_E2E_ENGINE=fake`: the
-/// test double, no model needed).
+/// The e2e request, shared by the page and the native CLI run it is compared with:
+/// (environment variable, CLI flag, default).
+const E2E_REQUEST: &[(&str, &str, &str)] = &[
+    ("SPECREJ_E2E_N", "-n", "4"),
+    ("SPECREJ_E2E_MAX_TOKENS", "--max-new-tokens", "6"),
+    ("SPECREJ_E2E_MIN_TOKENS", "--min-new-tokens", "3"),
+    ("SPECREJ_E2E_TEMPERATURE", "--temperature", "0"),
+    ("SPECREJ_E2E_SEED", "--seed", "1"),
+];
+/// The page's default prompt (`web/index.html`), unless `SPECREJ_E2E_PROMPT`.
+const E2E_PROMPT: &str = "Give three tips for staying healthy.";
+
+/// The end-to-end test: builds the site (installing the pinned `wasm-bindgen-cli` into
+/// `target/wasm-bindgen-cli/` and jco/playwright-core into `target/web-node/` on first use),
+/// runs the native CLI on the CPU for the e2e request (`specrej generate --json`, dev profile:
+/// the test build's binary), serves the site on an ephemeral port of 127.0.0.1 and runs
+/// `web/e2e/run.mjs` (headless Chromium, `/usr/bin/chromium` or `$CHROMIUM`): the WGSL
+/// kernel self-check on the browser's WebGPU adapter, then Speculative Rejection (n 4,
+/// 6 tokens, first decision after 3, temperature 0) on the WebGPU and the CPU engines, each
+/// checked for decisions, cut rows and a winner whose text equals the CLI's. It writes
+/// `target/web-e2e/screenshot.png` (and one per engine), `result.json` and `cli.json`. The
+/// `SPECREJ_E2E_*` variables documented in `web/e2e/run.mjs` pass through
+/// (`SPECREJ_E2E_ENGINES=fake`: the test double, no model, no CLI run).
 pub fn e2e(root: &Path) -> Result<()> {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     if !Path::new(&chromium).exists() {
@@ -423,23 +441,71 @@ pub fn e2e(root: &Path) -> Result<()> {
             "{chromium} is missing: install Debian's `chromium` (apt-get install chromium), or set CHROMIUM"
         );
     }
-    let fake = std::env::var("SPECREJ_E2E_ENGINE").is_ok_and(|e| e == "fake");
-    if !fake && !root.join("models").join(DEFAULT_MODEL_FILE).exists() {
+    let engines = std::env::var("SPECREJ_E2E_ENGINES")
+        .or_else(|_| std::env::var("SPECREJ_E2E_ENGINE"))
+        .unwrap_or_default();
+    let fake = engines == "fake";
+    let model = root.join("models").join(DEFAULT_MODEL_FILE);
+    if !fake && !model.exists() {
         bail!("models/{DEFAULT_MODEL_FILE} is missing: run `cargo xtask fetch-model`");
     }
+    let started = std::time::Instant::now();
     let dist = build_web(root)?;
+    let built = started.elapsed();
+    let out = root.join(E2E_OUT_DIR);
+    std::fs::create_dir_all(&out)?;
+
+    // The native CPU CLI's answer to the same request, for the page to compare with.
+    let cli_json = out.join("cli.json");
+    let _ = std::fs::remove_file(&cli_json);
+    if !fake {
+        let prompt = std::env::var("SPECREJ_E2E_PROMPT").unwrap_or_else(|_| E2E_PROMPT.into());
+        let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        command
+            .current_dir(root)
+            .args(["run", "--quiet", "-p", "specrej-cli", "--", "generate"])
+            .arg(&prompt)
+            .args(["--json", "--backend", "cpu", "--method", "sr", "--alpha", "0.5", "--model"])
+            .arg(&model);
+        for (var, flag, default) in E2E_REQUEST {
+            command
+                .arg(flag)
+                .arg(std::env::var(var).unwrap_or_else(|_| (*default).into()));
+        }
+        let output = command
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("running the CLI (specrej generate) for the e2e test's reference answer")?;
+        if !output.status.success() {
+            bail!("specrej generate failed ({})", output.status);
+        }
+        std::fs::write(&cli_json, &output.stdout)?;
+    }
+
     let node_modules = root.join(NODE_DIR).join("node_modules");
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let url = format!("http://{}/", listener.local_addr()?);
     let models = root.join("models");
     std::thread::spawn(move || serve_on(listener, dist, models));
-    let out = root.join(E2E_OUT_DIR);
-    std::fs::create_dir_all(&out)?;
-    run(Command::new("node")
-        .arg(root.join("web/e2e/run.mjs"))
+    let mut node = Command::new("node");
+    node.arg(root.join("web/e2e/run.mjs"))
         .env("SPECREJ_WEB_URL", &url)
         .env("SPECREJ_NODE_MODULES", &node_modules)
         .env("SPECREJ_E2E_OUT", &out)
-        .env("CHROMIUM", &chromium))
-    .context("the browser end-to-end test failed (see target/web-e2e/)")
+        .env("CHROMIUM", &chromium);
+    if cli_json.exists() {
+        node.env("SPECREJ_E2E_CLI_JSON", &cli_json);
+    }
+    for (var, _, default) in E2E_REQUEST {
+        if std::env::var_os(var).is_none() {
+            node.env(var, default);
+        }
+    }
+    let result = run(&mut node).context("the browser end-to-end test failed (see target/web-e2e/)");
+    eprintln!(
+        "web-e2e: {:.0} s in all ({:.0} s building the site)",
+        started.elapsed().as_secs_f64(),
+        built.as_secs_f64()
+    );
+    result
 }

@@ -66,7 +66,7 @@ pub use config::{Architecture, ModelConfig};
 pub use decoder::{AUTO_BUDGET_FREE_FRACTION, CandleBatch, CandleDecoder, DEFAULT_KV_BUDGET_BYTES};
 pub use error::LoadError;
 pub use incremental::IncrementalRows;
-pub use load::{load, load_gguf, load_safetensors, load_safetensors_trunk};
+pub use load::{load, load_gguf, load_gguf_bytes, load_safetensors, load_safetensors_trunk};
 pub use model::Model;
 pub use options::{Device, LoadOptions, WeightFormat};
 pub use scorer::{EMPTY_RESPONSE_REWARD, JudgeScorer, LikelihoodScorer};

@@ -397,13 +397,13 @@ fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
 // ---------------------------------------------------------------------------------------
 // GGUF
 
-struct GgufSource {
+struct GgufSource<R> {
     path: PathBuf,
     content: gguf_file::Content,
-    reader: BufReader<File>,
+    reader: R,
 }
 
-impl TensorSource for GgufSource {
+impl<R: Read + Seek> TensorSource for GgufSource<R> {
     fn path(&self) -> &Path {
         &self.path
     }
@@ -463,18 +463,28 @@ fn value_f32(v: &Value) -> Option<f32> {
 /// tensor types F32/F16/BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants.
 pub fn load_gguf(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Arc<Model>, LoadError> {
     let path = path.as_ref().to_path_buf();
+    let file = open(&path)?;
+    load_gguf_reader(path, BufReader::new(file), options)
+}
+
+/// [`load_gguf`] from a whole GGUF file held in memory (the browser, where there is no file
+/// system: `wasm32-unknown-unknown`). Errors name the file `<memory>`.
+pub fn load_gguf_bytes(bytes: &[u8], options: &LoadOptions) -> Result<Arc<Model>, LoadError> {
+    load_gguf_reader(PathBuf::from("<memory>"), std::io::Cursor::new(bytes), options)
+}
+
+/// [`load_gguf`] from any reader of a GGUF file; `path` only names it in errors.
+fn load_gguf_reader<R: Read + Seek>(path: PathBuf, mut reader: R, options: &LoadOptions) -> Result<Arc<Model>, LoadError> {
     let device = options.device.to_candle()?;
-    let mut file = open(&path)?;
     let mut magic = Vec::with_capacity(4);
-    (&mut file)
+    (&mut reader)
         .take(4)
         .read_to_end(&mut magic)
         .map_err(|source| LoadError::Io { path: path.clone(), source })?;
     if magic != b"GGUF" {
         return Err(LoadError::NotGguf { path, found: magic });
     }
-    file.seek(SeekFrom::Start(0)).map_err(|source| LoadError::Io { path: path.clone(), source })?;
-    let mut reader = BufReader::new(file);
+    reader.seek(SeekFrom::Start(0)).map_err(|source| LoadError::Io { path: path.clone(), source })?;
     let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut reader)));
     let content = match content {
         Ok(Ok(c)) => c,

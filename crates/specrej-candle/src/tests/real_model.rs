@@ -129,3 +129,29 @@ fn real_model_likelihood_prefers_sense() {
     let s = block_on_ready(scorer.score(&prompt, &rs)).unwrap();
     assert!(s.rewards[0] > s.rewards[1], "{:?}", s.rewards);
 }
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn loading_from_bytes_gives_the_same_logits_as_loading_from_the_path() {
+    let bytes = std::fs::read(model_path()).unwrap();
+    for format in [WeightFormat::default(), WeightFormat::Native] {
+        let options = LoadOptions { weights: format, ..Default::default() };
+        let from_path = load_gguf(model_path(), &options).unwrap();
+        let from_bytes = crate::load_gguf_bytes(&bytes, &options).unwrap();
+        assert_eq!(from_path.config(), from_bytes.config());
+        assert_eq!(from_path.vocab(), from_bytes.vocab());
+        let prompt = chat_prompt(&Vocab::new(&from_path));
+        let logits = |model: &Arc<Model>| {
+            let mut dec = CandleDecoder::new(model.clone(), 1 << 30);
+            let batch = dec.prefill(&prompt, 0..1, &Sampling::default()).unwrap();
+            batch.logits().to_vec()
+        };
+        let (a, b) = (logits(&from_path), logits(&from_bytes));
+        assert_eq!(a.len(), from_path.config().vocab_size);
+        assert_eq!(a, b, "{format:?}: logits differ");
+    }
+    // Not a GGUF file: the same error as from a path, naming the buffer.
+    let err = crate::load_gguf_bytes(b"nope, not gguf", &LoadOptions::default()).unwrap_err();
+    assert!(matches!(err, crate::LoadError::NotGguf { .. }), "{err}");
+    assert!(err.to_string().contains("<memory>"), "{err}");
+}
