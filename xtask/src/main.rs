@@ -2,7 +2,8 @@
 //!
 //! cargo xtask fetch-model   download, verify and cache the default model (models/)
 //! cargo xtask demo          fetch the model, then run a sample Speculative Rejection generation
-//! cargo xtask test          fetch the model, then run every test (real-model tests included)
+//! cargo xtask test          fetch the model, then run every test (real-model tests included),
+//!                           then the browser demo's end-to-end test (skipped without Chromium)
 //! cargo xtask bench         fetch the model, then measure batched decode throughput
 //! cargo xtask bench-llama-cpp   the same measurement with llama.cpp (llama-cpp-python, built
 //!                           from source into target/llama-cpp-venv on first use: minutes)
@@ -149,7 +150,19 @@ fn test(extra: &[&str]) -> Result<()> {
     command.env("SPECREJ_MODEL", &model).env("SPECREJ_COMPONENT", &component);
     command.env("SPECREJ_COMPONENT_WITH_REWARD", &with_reward);
     command.args(["test", "--workspace"]).args(extra);
-    run(command.args(["--", "--include-ignored"]))
+    run(command.args(["--", "--include-ignored"]))?;
+    // The browser demo end to end, in headless Chromium: skipped (saying so) where there is
+    // no Chromium or Node.js, unless SPECREJ_REQUIRE_BROWSER=1 (CI sets it).
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !Path::new(&chromium).exists() || !node {
+        if std::env::var("SPECREJ_REQUIRE_BROWSER").as_deref() == Ok("1") {
+            bail!("SPECREJ_REQUIRE_BROWSER=1 but {chromium} or node is missing (apt-get install chromium nodejs)");
+        }
+        eprintln!("skipped the browser end-to-end test: {chromium} or node is missing (apt-get install chromium)");
+        return Ok(());
+    }
+    web::e2e(&root())
 }
 
 /// `specrej-server` with the default model, the decoder component and the browser demo

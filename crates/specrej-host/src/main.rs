@@ -18,7 +18,7 @@ const DEFAULT_COMPONENT: &str = "target/specrej-decoder.component.wasm";
 enum BackendArg {
     /// candle on the CPU.
     Cpu,
-    /// candle on an NVIDIA GPU (needs specrej-candle's `cuda` feature).
+    /// candle on an NVIDIA GPU (needs a build with `--features cuda`).
     Cuda,
 }
 
