@@ -365,7 +365,7 @@ impl Runtime {
     /// (world `decoder-with-reward`; `engine`'s scorer is then not called). With `None`, a
     /// `decoder-with-reward` component is scored by `engine`'s scorer; with `Some`, a
     /// `decoder` component fails with [`RunError::NoRewardImport`].
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, reason = "generate's arguments plus the reward; a struct would only rename them")]
     pub fn generate_with_reward(
         &self,
         engine: Box<dyn Engine>,

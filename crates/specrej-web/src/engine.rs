@@ -18,8 +18,7 @@ use specrej_text::{ChatTemplate, GgufMetadata, Message, Tokenizer, judge_segment
 use specrej_wgpu::{WgpuBatch, WgpuDecoder, WgpuJudgeScorer, WgpuModel};
 
 /// The model on one backend, with its live batches and the judge of the current question.
-// One value per loaded engine: the size difference between the variants does not matter.
-#[allow(clippy::large_enum_variant)]
+#[allow(clippy::large_enum_variant, reason = "one value per loaded engine: the size difference does not matter")]
 enum Backend {
     /// specrej-wgpu on the browser's WebGPU adapter: `step` and `score` await a buffer map.
     Gpu {
@@ -373,7 +372,7 @@ impl WebEngine {
     }
 
     /// Prefills `prompt` once for rows `start..end`; returns a batch id.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, reason = "a wasm-bindgen export: JS passes plain numbers, not a struct")]
     pub fn prefill(
         &self,
         prompt: &[u32],

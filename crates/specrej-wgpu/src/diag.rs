@@ -136,7 +136,7 @@ fn failed(name: String, e: impl std::fmt::Display) -> Check {
 }
 
 /// The `Step` uniform: n, rows, t, pos, cap, m, logit_stride, generation.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, reason = "one argument per word of the uniform, in its order")]
 fn step_words(n: u32, rows: u32, t: u32, pos: u32, cap: u32, m: u32, logit_stride: u32, generation: u32) -> [u32; 8] {
     [n, rows, t, pos, cap, m, logit_stride, generation]
 }
@@ -377,7 +377,7 @@ async fn silu(gpu: &Gpu, width: usize, n: usize) -> Check {
 
 /// `kv_append` of `rows × t` fresh positions at `pos` into a cache that already holds
 /// positions `0..pos`, then `attention` over it.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, reason = "the case's shape, one argument per dimension")]
 async fn attention(gpu: &Gpu, rows: usize, t: usize, pos: usize, heads: usize, kv_heads: usize, hd: usize, cap: usize) -> Check {
     let name = format!("kv_append+attention rows={rows} t={t} pos={pos} heads={heads}/{kv_heads} head_dim={hd}");
     if gpu.variant.f16_kv {

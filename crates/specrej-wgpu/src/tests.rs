@@ -21,49 +21,8 @@ fn gpu(allow: Variant) -> Option<Gpu> {
     }
 }
 
-/// Deterministic pseudo-random words.
-fn words(seed: u32, n: usize) -> Vec<u32> {
-    (0..n as u32).map(|i| specrej_core::sampling::pcg_hash(seed.wrapping_mul(0x9e37_79b9) ^ i)).collect()
-}
-
-/// A finite half in about ±0.004..±2 from random bits.
-fn half(bits: u32) -> u16 {
-    let sign = ((bits >> 15) & 1) as u16;
-    let exp = 7 + (bits >> 10) % 9; // 2^-8 .. 2^0
-    (sign << 15) | ((exp as u16) << 10) | (bits & 0x3ff) as u16
-}
-
-/// `rows × in` random weights of type `ty`, as GGML bytes.
-fn weights(ty: GgmlType, out: usize, inp: usize, seed: u32) -> Vec<u8> {
-    let blocks = out * inp / 32;
-    let r = words(seed, blocks * 40);
-    let mut bytes = Vec::new();
-    for b in 0..blocks {
-        let w = &r[b * 40..(b + 1) * 40];
-        match ty {
-            GgmlType::F32 => {
-                for &x in &w[..32] {
-                    bytes.extend_from_slice(&((x as f32 / u32::MAX as f32) * 2.0 - 1.0).to_le_bytes());
-                }
-            }
-            GgmlType::F16 => {
-                for &x in &w[..32] {
-                    bytes.extend_from_slice(&half(x).to_le_bytes());
-                }
-            }
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
-                bytes.extend_from_slice(&(half(w[0]) & 0x7fff).to_le_bytes());
-                if ty == GgmlType::Q4_1 {
-                    bytes.extend_from_slice(&half(w[1]).to_le_bytes());
-                }
-                let n = if ty == GgmlType::Q8_0 { 32 } else { 16 };
-                bytes.extend(w[2..2 + n].iter().map(|&x| x as u8));
-            }
-            _ => unreachable!(),
-        }
-    }
-    bytes
-}
+// The inputs are diag's, so the native tests and the browser self-check use the same data.
+use crate::diag::{weights, words};
 
 fn read_f32(gpu: &Gpu, buf: &wgpu::Buffer, n: usize) -> Vec<f32> {
     let bytes = pollster::block_on(gpu.read_back(gpu.encoder(), buf, (n * 4) as u64)).expect("read back");
