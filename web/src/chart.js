@@ -39,8 +39,10 @@ export function drawChart(svg, decisions, finals, maxTokens) {
 
   el('line', { class: 'axis', x1: M.left, y1: H - M.bottom, x2: W - M.right, y2: H - M.bottom }, svg);
   el('line', { class: 'axis', x1: M.left, y1: M.top, x2: M.left, y2: H - M.bottom }, svg);
+  // Enough decimals that the three labels differ (a narrow range needs more than one).
+  const digits = Math.min(4, Math.max(1, Math.ceil(-Math.log10((hi - lo - 2 * pad) / 2)) + 1));
   for (const v of [lo + pad, (lo + hi) / 2, hi - pad]) {
-    el('text', { x: 4, y: y(v) + 3 }, svg).textContent = v.toFixed(1);
+    el('text', { x: 4, y: y(v) + 3 }, svg).textContent = v.toFixed(digits);
   }
   for (const t of [0, Math.round(xMax / 2), xMax]) {
     el('text', { x: x(t) - 6, y: H - M.bottom + 14 }, svg).textContent = String(t);
