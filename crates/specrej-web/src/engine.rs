@@ -172,13 +172,9 @@ impl WebEngine {
                     WgpuDecoder::new(Arc::clone(&model), specrej_wgpu::DEFAULT_KV_BUDGET_BYTES);
                 eos.extend(decoder.eos_token_ids());
                 let config = model.config();
-                // wgpu leaves the name empty on the web (browsers hide it): the page adds the
-                // browser's vendor/architecture; say at least what kind of adapter it is.
-                let adapter_name = if adapter.name.is_empty() {
-                    format!("WebGPU adapter ({})", adapter.device_type)
-                } else {
-                    format!("{} ({})", adapter.name, adapter.device_type)
-                };
+                // Browsers hide the name (specrej-wgpu says so): the page adds the browser's
+                // vendor/architecture.
+                let adapter_name = format!("{} ({})", adapter.name, adapter.device_type);
                 info.extend([
                     ("backend", JsValue::from_str("webgpu")),
                     ("adapter", JsValue::from_str(&adapter_name)),

@@ -123,7 +123,12 @@ impl AdapterInfo {
     fn from_parts(index: usize, info: wgpu::AdapterInfo, features: wgpu::Features, limits: &wgpu::Limits) -> Self {
         Self {
             index,
-            name: info.name,
+            // Browsers hide the adapter's name (wgpu reports it empty on the web).
+            name: match (info.name.is_empty(), info.backend) {
+                (false, _) => info.name,
+                (true, wgpu::Backend::BrowserWebGpu) => "(name hidden by the browser)".to_string(),
+                (true, _) => "(unnamed)".to_string(),
+            },
             backend: format!("{:?}", info.backend),
             device_type: format!("{:?}", info.device_type),
             driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
