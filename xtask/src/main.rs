@@ -166,21 +166,30 @@ fn test(extra: &[&str]) -> Result<()> {
 }
 
 /// `specrej-server` with the default model, the decoder component and the browser demo
-/// (`--static target/web-dist`, which also serves `/models/<file>.gguf`). Built in the dev
-/// profile: it reuses the test build, and dependencies (candle, wasmtime) and the hot crates
-/// are optimised there anyway (see the workspace's profiles); the component's wasm is
-/// compiled by wasmtime's Cranelift whatever the profile.
+/// (`--static target/web-dist`, which also serves `/models/<file>.gguf`).
+///
+/// The binary is the one `cargo test --workspace` builds (`--no-run` here), not a `cargo run
+/// -p specrej-host`: cargo resolves features over the packages it is asked for, so a build of
+/// the host alone differs from the workspace's test build all the way down (proc-macro2,
+/// serde, wasmtime) and would compile everything again (~10 minutes on 2 cores) after
+/// `cargo xtask test`. That build is the dev profile, where dependencies (candle, wasmtime) and
+/// the hot crates are optimised anyway; the component is compiled by Cranelift either way.
 fn serve(addr: &str) -> Result<()> {
     let model = fetch_model()?;
     let component = component::build_component(&root())?;
     let dist = web::build_web(&root())?;
+    run(cargo().args(["test", "--workspace", "--no-run", "--quiet"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let server = target.join("debug").join("specrej-server");
+    if !server.exists() {
+        bail!("{} is missing after `cargo test --workspace --no-run`", server.display());
+    }
     eprintln!(
         "starting specrej-server: the demo at http://{addr}/, the API at http://{addr}/v1/chat/completions \
          (once it says it is listening; Ctrl-C to stop)"
     );
-    let mut command = cargo();
-    command.args(["run", "--quiet", "-p", "specrej-host", "--bin", "specrej-server", "--", "--listen", addr, "--model"]);
-    command.arg(&model).arg("--component").arg(&component).arg("--static").arg(&dist);
+    let mut command = Command::new(server);
+    command.args(["--listen", addr, "--model"]).arg(&model).arg("--component").arg(&component).arg("--static").arg(&dist);
     run(&mut command)
 }
 
