@@ -15,17 +15,17 @@
 //! jco and playwright-core come from npm, pinned by `web/package.json` and
 //! `web/package-lock.json`, installed with `npm ci` into `target/web-node/` (not into `web/`).
 //!
-//! [`serve`] is a small std-only HTTP/1.1 server for `target/web-dist/` plus `/models/*.gguf`
-//! from `models/` (with Content-Length, so the page's download bar is real).
+//! [`serve`] serves `target/web-dist/` plus `/models/*.gguf` from `models/` (with
+//! Content-Length, so the page's download bar is real) with `specrej-http`, the same request
+//! reader and static files as `specrej-server --static`.
 //!
 //! [`e2e`] builds, serves on an ephemeral port and runs `web/e2e/run.mjs` (headless
 //! Chromium through playwright-core; needs Debian's `chromium`).
 
 use crate::run;
 use anyhow::{Context, Result, bail};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -294,126 +294,23 @@ pub fn serve_on(listener: TcpListener, dist: PathBuf, models: PathBuf) -> Result
     Ok(())
 }
 
-fn mime(path: &Path) -> &'static str {
-    match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
-        "html" => "text/html; charset=utf-8",
-        "js" | "mjs" => "text/javascript; charset=utf-8",
-        "css" => "text/css; charset=utf-8",
-        "json" => "application/json",
-        "wasm" => "application/wasm",
-        "svg" => "image/svg+xml",
-        "png" => "image/png",
-        "ico" => "image/x-icon",
-        "txt" | "md" | "ts" => "text/plain; charset=utf-8",
-        _ => "application/octet-stream",
-    }
-}
+/// What a request to the demo's file server may be: a request line and headers, no body.
+const LIMITS: specrej_http::Limits =
+    specrej_http::Limits { max_header_bytes: 16 * 1024, max_body_bytes: 0, require_length: false };
 
-/// Maps a request path to a file: `/models/<name>.gguf` from `models`, the rest from `dist`.
-/// `None` for anything that would leave those folders.
-fn resolve(path: &str, dist: &Path, models: &Path) -> Option<PathBuf> {
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    let decoded = percent_decode(path)?;
-    let relative = Path::new(decoded.trim_start_matches('/'));
-    if relative
-        .components()
-        .any(|c| !matches!(c, Component::Normal(_)))
-    {
-        return None;
-    }
-    if let Ok(name) = relative.strip_prefix("models") {
-        return (name.extension().is_some_and(|e| e == "gguf") && name.components().count() == 1)
-            .then(|| models.join(name));
-    }
-    let file = dist.join(relative);
-    Some(if decoded.ends_with('/') || decoded.is_empty() {
-        file.join("index.html")
-    } else {
-        file
-    })
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
+/// One connection: [`specrej_http::files::serve_site`] (the server's own static files).
 fn handle(mut stream: TcpStream, dist: &Path, models: &Path) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request = String::new();
-    reader.read_line(&mut request)?;
-    // Skip the headers.
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
-            break;
+    let request = match specrej_http::read_request(&stream, &LIMITS, |_| false) {
+        Ok(request) => request,
+        Err(e) => {
+            let body = format!("{e}\n");
+            specrej_http::write_response(&mut stream, e.status, "text/plain; charset=utf-8", body.as_bytes(), true)?;
+            return Ok(());
         }
-    }
-    let mut parts = request.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" && method != "HEAD" {
-        return respond(
-            &mut stream,
-            "405 Method Not Allowed",
-            "text/plain",
-            b"only GET and HEAD\n",
-            method == "HEAD",
-        );
-    }
-    let Some(file) = resolve(target, dist, models).filter(|f| f.is_file()) else {
-        return respond(
-            &mut stream,
-            "404 Not Found",
-            "text/plain",
-            format!("not found: {target}\n").as_bytes(),
-            method == "HEAD",
-        );
     };
-    let mut body =
-        std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
-    let len = body.metadata()?.len();
-    write!(
-        stream,
-        "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nContent-Length: {len}\r\nCache-Control: no-cache\r\n\
-         X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n",
-        mime(&file)
-    )?;
-    if method == "GET" {
-        // A client that goes away mid-download is not an error worth reporting.
-        let _ = std::io::copy(&mut Read::by_ref(&mut body).take(len), &mut stream);
-    }
-    let _ = stream.flush();
-    Ok(())
-}
-
-fn respond(
-    stream: &mut TcpStream,
-    status: &str,
-    kind: &str,
-    body: &[u8],
-    head: bool,
-) -> Result<()> {
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
-    if !head {
-        stream.write_all(body)?;
-    }
+    // A client that goes away mid-download is not an error worth reporting.
+    let _ = specrej_http::files::serve_site(&mut stream, dist, Some(models), &request.method, &request.path);
     Ok(())
 }
 

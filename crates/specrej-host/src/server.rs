@@ -251,32 +251,12 @@ fn read_request(stream: &TcpStream) -> Result<specrej_http::Request, ApiError> {
     })
 }
 
-/// `GET`/`HEAD` of a static file: `/models/<file>.gguf` from `models_dir`, the rest from
-/// `static_dir`. Returns false when no static folder is configured.
+/// `GET`/`HEAD` of a static file ([`specrej_http::files::serve_site`]): `/models/<file>.gguf`
+/// from `models_dir`, the rest from `static_dir`. Returns false when no static folder is
+/// configured.
 fn serve_static(config: &ServerConfig, stream: &mut TcpStream, method: &str, path: &str) -> bool {
     let Some(root) = &config.static_dir else { return false };
-    if let (Some(models), Some(name)) = (&config.models_dir, path.strip_prefix("/models/"))
-        && (method == "GET" || method == "HEAD")
-    {
-        let head = method == "HEAD";
-        let plain = "text/plain; charset=utf-8";
-        let decoded = specrej_http::files::percent_decode(name).unwrap_or_default();
-        let _ = if decoded.ends_with(".gguf") && !decoded.contains(['/', '\\']) {
-            match specrej_http::files::resolve(models, &format!("/{name}")) {
-                Ok(file) => specrej_http::files::serve_file(stream, &file, head).map(|_| ()),
-                Err(specrej_http::files::Refused::NotFound) => {
-                    specrej_http::write_response(stream, 404, plain, format!("not found: {path}\n").as_bytes(), !head)
-                }
-                Err(specrej_http::files::Refused::Forbidden) => {
-                    specrej_http::write_response(stream, 403, plain, format!("forbidden: {path}\n").as_bytes(), !head)
-                }
-            }
-        } else {
-            specrej_http::write_response(stream, 403, plain, b"only /models/<file>.gguf\n", !head)
-        };
-        return true;
-    }
-    let _ = specrej_http::files::serve(stream, root, method, path);
+    let _ = specrej_http::files::serve_site(stream, root, config.models_dir.as_deref(), method, path);
     true
 }
 

@@ -93,6 +93,38 @@ pub fn serve(stream: &mut impl Write, root: &Path, method: &str, path: &str) -> 
     serve_file(stream, &file, head)
 }
 
+/// Answers `GET`/`HEAD` of the browser demo's site: `/models/<file>.gguf` from `models`
+/// (a single `.gguf` file name, else 403), everything else from `root` as [`serve`] does.
+/// Without `models`, `/models/…` is looked up under `root` like any path.
+pub fn serve_site(
+    stream: &mut impl Write,
+    root: &Path,
+    models: Option<&Path>,
+    method: &str,
+    path: &str,
+) -> std::io::Result<u16> {
+    let (Some(models), Some(name)) = (models, path.strip_prefix("/models/")) else {
+        return serve(stream, root, method, path);
+    };
+    if method != "GET" && method != "HEAD" {
+        return serve(stream, root, method, path);
+    }
+    let head = method == "HEAD";
+    let plain = "text/plain; charset=utf-8";
+    let decoded = percent_decode(name).unwrap_or_default();
+    let (status, message) = if decoded.ends_with(".gguf") && !decoded.contains(['/', '\\']) {
+        match resolve(models, &format!("/{name}")) {
+            Ok(file) => return serve_file(stream, &file, head),
+            Err(Refused::NotFound) => (404, format!("not found: {path}\n")),
+            Err(Refused::Forbidden) => (403, format!("forbidden: {path}\n")),
+        }
+    } else {
+        (403, "only /models/<file>.gguf\n".to_owned())
+    };
+    crate::write_response(stream, status, plain, message.as_bytes(), !head)?;
+    Ok(status)
+}
+
 /// Sends `file` (a file known to exist) with status 200; only the head when `head_only`.
 pub fn serve_file(stream: &mut impl Write, file: &Path, head_only: bool) -> std::io::Result<u16> {
     let mut body = match std::fs::File::open(file) {
@@ -140,6 +172,35 @@ mod tests {
         let text = String::from_utf8(out).expect("utf-8");
         assert!(text.contains("Content-Type: text/html") && text.contains("Content-Length: 9") && text.ends_with("\r\n\r\n"), "{text}");
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn site_serves_models_from_their_own_folder() {
+        let base = std::env::temp_dir().join(format!("specrej-http-site-{}", std::process::id()));
+        let (root, models) = (base.join("dist"), base.join("models"));
+        std::fs::create_dir_all(&root).expect("mkdir");
+        std::fs::create_dir_all(&models).expect("mkdir");
+        std::fs::write(root.join("index.html"), "<p>hi</p>").expect("write");
+        std::fs::write(models.join("m.gguf"), "GGUF1234").expect("write");
+        std::fs::write(models.join("notes.txt"), "x").expect("write");
+        let status = |models: Option<&Path>, method: &str, path: &str| {
+            let mut out = Vec::new();
+            let status = serve_site(&mut out, &root, models, method, path).expect("io");
+            (status, String::from_utf8_lossy(&out).into_owned())
+        };
+        let (code, text) = status(Some(&models), "GET", "/models/m.gguf");
+        assert_eq!(code, 200);
+        assert!(text.contains("Content-Length: 8") && text.ends_with("GGUF1234"), "{text}");
+        assert_eq!(status(Some(&models), "HEAD", "/models/m.gguf").0, 200);
+        assert_eq!(status(Some(&models), "GET", "/models/missing.gguf").0, 404);
+        for bad in ["/models/notes.txt", "/models/..%2fdist%2findex.html", "/models/%2e%2e/x.gguf", "/models/a%5cb.gguf"] {
+            assert_eq!(status(Some(&models), "GET", bad).0, 403, "{bad}");
+        }
+        assert_eq!(status(Some(&models), "POST", "/models/m.gguf").0, 405);
+        assert_eq!(status(Some(&models), "GET", "/").0, 200);
+        // Without a models folder, /models/ is just a path under the root.
+        assert_eq!(status(None, "GET", "/models/m.gguf").0, 404);
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]
