@@ -4,6 +4,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use specrej_core::sampling::sample;
+use specrej_core::backend::{cap_limit, check_fits};
 use specrej_core::{BackendError, Decoder, Sampling};
 
 use crate::model::{alloc_err, device_err, device_memory, greedy_rows, KvCache, Model, to_host_rows};
@@ -101,25 +102,6 @@ impl CandleDecoder {
         self.model.config.bos_token_id
     }
 
-    /// Most positions a cache of `rows` rows may allocate: the budget, the context.
-    fn cap_limit(&self, rows: usize) -> usize {
-        (self.token_capacity() / rows.max(1)).min(self.max_sequence_len())
-    }
-
-    /// Errors unless `rows` rows of `len` positions fit the budget and the context.
-    fn check_fits(&self, rows: usize, len: usize) -> Result<(), BackendError> {
-        if len > self.max_sequence_len() {
-            return Err(BackendError::device(format!(
-                "sequence length {len} exceeds the model's context length {}",
-                self.max_sequence_len()
-            )));
-        }
-        if rows.saturating_mul(len) > self.token_capacity() {
-            return Err(BackendError::OutOfMemory);
-        }
-        Ok(())
-    }
-
     fn step_sync(&mut self, batch: &mut CandleBatch) -> Result<Vec<u32>, BackendError> {
         let model = &*self.model;
         let vocab = model.config.vocab_size;
@@ -129,8 +111,8 @@ impl CandleDecoder {
         }
         if let Some(pending) = batch.pending.take() {
             let new_len = batch.cache.len + 1;
-            let fits = self.check_fits(rows, new_len).and_then(|()| {
-                batch.cache.reserve(model, new_len, self.cap_limit(rows)).map_err(alloc_err)
+            let fits = check_fits(self, rows, new_len).and_then(|()| {
+                batch.cache.reserve(model, new_len, cap_limit(self, rows)).map_err(alloc_err)
             });
             if let Err(e) = fits {
                 batch.pending = Some(pending); // the batch stays usable (e.g. after a retain)
@@ -229,7 +211,7 @@ impl Decoder for CandleDecoder {
         model.check_tokens(prompt).map_err(BackendError::Device)?;
         let len = prompt.len();
         // The budget counts the batch's cache; the transient batch-1 pass is not counted.
-        self.check_fits(rows, len)?;
+        check_fits(self, rows, len)?;
         let mut single = KvCache::new(model, 1, len).map_err(alloc_err)?;
         let logits = model
             .token_tensor(prompt.to_vec(), 1, len)
@@ -238,7 +220,7 @@ impl Decoder for CandleDecoder {
             .and_then(|logits| to_host_rows(&logits))
             .map_err(device_err)?;
         // Room for a few steps so the first ones do not reallocate.
-        let cap = (len + 64).min(self.cap_limit(rows)).max(len);
+        let cap = (len + 64).min(cap_limit(self, rows)).max(len);
         let cache = single.gather_rows(model, &vec![0; rows], cap).map_err(alloc_err)?;
         drop(single);
         Ok(CandleBatch {
@@ -269,7 +251,7 @@ impl Decoder for CandleDecoder {
             return Ok(()); // strictly ascending and in range: the identity
         }
         let model = &*self.model;
-        let cap = batch.cache.cap.min(self.cap_limit(keep.len().max(1))).max(batch.cache.len);
+        let cap = batch.cache.cap.min(cap_limit(self, keep.len().max(1))).max(batch.cache.len);
         batch.cache = batch.cache.gather_rows(model, keep, cap).map_err(alloc_err)?;
         let vocab = model.config.vocab_size;
         batch.row_ids = keep.iter().map(|&i| batch.row_ids[i]).collect();

@@ -69,4 +69,5 @@ pub use incremental::IncrementalRows;
 pub use load::{load, load_gguf, load_gguf_bytes, load_safetensors, load_safetensors_trunk};
 pub use model::Model;
 pub use options::{Device, LoadOptions, WeightFormat};
-pub use scorer::{EMPTY_RESPONSE_REWARD, JudgeScorer, LikelihoodScorer};
+pub use scorer::{JudgeScorer, LikelihoodScorer};
+pub use specrej_core::likelihood::EMPTY_RESPONSE_REWARD;

@@ -515,15 +515,6 @@ pub(crate) fn device_memory(device: &CDevice) -> CResult<Option<(usize, usize)>>
     Ok(None)
 }
 
-/// Numerically stable `log Σ exp(x)`.
-pub(crate) fn log_sum_exp(x: &[f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return max;
-    }
-    let sum: f64 = x.iter().map(|&v| f64::from(v - max).exp()).sum();
-    max + sum.ln() as f32
-}
 
 /// `[n, vocab]` logits tensor → host rows.
 pub(crate) fn to_host_rows(logits: &Tensor) -> CResult<Vec<f32>> {

@@ -8,18 +8,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::Tensor;
+use specrej_core::likelihood::{self, EMPTY_RESPONSE_REWARD, Targets, log_sum_exp};
 use specrej_core::{BackendError, Response, Scored, Scorer};
 
 use crate::decoder::DEFAULT_KV_BUDGET_BYTES;
 use crate::incremental::IncrementalRows;
-use crate::model::{alloc_err, device_err, KvCache, Model, log_sum_exp, nll_rows, to_host_rows};
-
-/// Reward given to an empty response by [`LikelihoodScorer`]: finite, and below the
-/// reward of any non-empty response (whose perplexity is capped at `e^60`).
-pub const EMPTY_RESPONSE_REWARD: f32 = -1.0e30;
-
-/// Mean NLL above which perplexity is capped (keeps rewards finite).
-const MAX_MEAN_NLL: f64 = 60.0;
+use crate::model::{alloc_err, device_err, KvCache, Model, nll_rows, to_host_rows};
 
 /// Positions whose logits are materialised at once (`[LOGIT_CHUNK, vocab]` f32).
 const LOGIT_CHUNK: usize = 128;
@@ -243,9 +237,7 @@ impl LikelihoodScorer {
                     }
                 }
             }
-            let sum: f64 = nll[p - 1..].iter().sum();
-            let mean = sum / m as f64;
-            rewards.push(-(mean.min(MAX_MEAN_NLL).exp() as f32));
+            rewards.push(likelihood::reward(nll[p - 1..].iter().sum(), m));
             inc.nll.insert(r.row, nll);
         }
         Ok(Scored { rewards, tokens_processed: processed })
@@ -255,15 +247,7 @@ impl LikelihoodScorer {
         if responses.is_empty() {
             return Ok(Scored::default());
         }
-        let bos;
-        let prompt = if prompt.is_empty() {
-            bos = [self.runner.model.config.bos_token_id.ok_or_else(|| {
-                BackendError::device("likelihood scorer: empty prompt and the model has no BOS token")
-            })?];
-            &bos[..]
-        } else {
-            prompt
-        };
+        let prompt = &*likelihood::context(prompt, self.runner.model.config.bos_token_id)?;
         for r in responses {
             self.runner.check(r.tokens)?;
         }
@@ -286,40 +270,19 @@ impl LikelihoodScorer {
                     group.iter().map(|r| &r.tokens[..r.tokens.len().saturating_sub(1)]).collect();
                 let hidden = self.runner.suffixes(&prefix, &inputs, width)?;
                 processed += (group.len() * width) as u64;
-                // (response index, target token) for every flat position read.
-                let mut at = Vec::new();
-                let mut targets = Vec::new();
-                for (i, r) in group.iter().enumerate() {
-                    for j in 1..r.tokens.len() {
-                        at.push((i * width + j - 1) as u32);
-                        targets.push((c * chunk + i, r.tokens[j]));
-                    }
-                }
+                let t = Targets::of(group, width);
                 if self.runner.model.device.is_cpu() {
-                    self.runner.logits_at(&hidden, &at, |k, row| {
-                        let (resp, target) = targets[k];
-                        nll[resp] += f64::from(log_sum_exp(row) - row[target as usize]);
+                    self.runner.logits_at(&hidden, &t.at, |k, row| {
+                        nll[c * chunk + t.response[k]] += f64::from(log_sum_exp(row) - row[t.tokens[k] as usize]);
                     })?;
                 } else {
-                    let ids: Vec<u32> = targets.iter().map(|&(_, t)| t).collect();
-                    for (&(resp, _), x) in targets.iter().zip(self.runner.nll_at(&hidden, &at, &ids)?) {
-                        nll[resp] += f64::from(x);
+                    for (k, x) in self.runner.nll_at(&hidden, &t.at, &t.tokens)?.into_iter().enumerate() {
+                        nll[c * chunk + t.response[k]] += f64::from(x);
                     }
                 }
             }
         }
-        let rewards = responses
-            .iter()
-            .zip(&nll)
-            .map(|(r, &sum)| {
-                if r.tokens.is_empty() {
-                    EMPTY_RESPONSE_REWARD
-                } else {
-                    let mean = sum / r.tokens.len() as f64;
-                    -(mean.min(MAX_MEAN_NLL).exp() as f32)
-                }
-            })
-            .collect();
+        let rewards = responses.iter().zip(&nll).map(|(r, &sum)| likelihood::reward(sum, r.tokens.len())).collect();
         Ok(Scored { rewards, tokens_processed: processed })
     }
 }
@@ -330,10 +293,8 @@ impl Scorer for LikelihoodScorer {
             (None, _, _) => self.score_sync(prompt, responses),
             (Some(_), true, _) => Ok(Scored::default()),
             (Some(_), false, false) => self.score_incremental(prompt, responses),
-            (Some(_), false, true) => match self.runner.model.config.bos_token_id {
-                Some(bos) => self.score_incremental(&[bos], responses),
-                None => Err(BackendError::device("likelihood scorer: empty prompt and the model has no BOS token")),
-            },
+            (Some(_), false, true) => likelihood::context(prompt, self.runner.model.config.bos_token_id)
+                .and_then(|context| self.score_incremental(&context, responses)),
         };
         std::future::ready(result)
     }

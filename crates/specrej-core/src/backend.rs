@@ -107,6 +107,29 @@ pub trait Decoder {
     fn retain(&mut self, batch: &mut Self::Batch, keep: &[usize]) -> Result<(), BackendError>;
 }
 
+/// The check a backend makes before it grows a cache to `rows` rows of `len` positions:
+/// `len` must fit the model's context (else a device error naming both), and `rows × len`
+/// the token capacity (else [`BackendError::OutOfMemory`], which the scheduler answers with
+/// a decision).
+pub fn check_fits<D: Decoder + ?Sized>(decoder: &D, rows: usize, len: usize) -> Result<(), BackendError> {
+    if len > decoder.max_sequence_len() {
+        return Err(BackendError::device(format!(
+            "sequence length {len} exceeds the model's context length {}",
+            decoder.max_sequence_len()
+        )));
+    }
+    if rows.saturating_mul(len) > decoder.token_capacity() {
+        return Err(BackendError::OutOfMemory);
+    }
+    Ok(())
+}
+
+/// Most positions per row a cache of `rows` rows may allocate: the token capacity shared
+/// out, and at most the model's context.
+pub fn cap_limit<D: Decoder + ?Sized>(decoder: &D, rows: usize) -> usize {
+    (decoder.token_capacity() / rows.max(1)).min(decoder.max_sequence_len())
+}
+
 /// One partial or finished response handed to a [`Scorer`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Response<'a> {

@@ -3,6 +3,7 @@
 
 pub mod backend;
 mod block_on;
+pub mod likelihood;
 pub mod sampling;
 
 pub use backend::{BackendError, Decoder, Response, Sampling, Scored, Scorer};

@@ -218,10 +218,10 @@ pub fn validate(prompt: &[u32], options: &Options, max_sequence_len: usize) -> R
     if options.max_new_tokens == 0 {
         return Err(invalid("max_new_tokens must be at least 1"));
     }
-    if let Method::SpeculativeRejection { alpha } = options.method {
-        if !(0.0..1.0).contains(&alpha) {
-            return Err(invalid(format!("alpha must be in [0, 1), got {alpha}")));
-        }
+    if let Method::SpeculativeRejection { alpha } = options.method
+        && !(0.0..1.0).contains(&alpha)
+    {
+        return Err(invalid(format!("alpha must be in [0, 1), got {alpha}")));
     }
     let s = &options.sampling;
     if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
@@ -383,11 +383,11 @@ impl Run<'_> {
             }
             // After the next step every row caches prompt + `generated` tokens.
             let next_len = self.prompt.len() + generated;
-            if let Some(alpha) = alpha {
-                if live.len() * next_len > self.capacity {
-                    self.decide(decoder, scorer, &mut batch, &mut live, alpha, next_len, false, observer).await?;
-                    continue;
-                }
+            if let Some(alpha) = alpha
+                && live.len() * next_len > self.capacity
+            {
+                self.decide(decoder, scorer, &mut batch, &mut live, alpha, next_len, false, observer).await?;
+                continue;
             }
             let tokens = match decoder.step(&mut batch).await {
                 Ok(tokens) => tokens,

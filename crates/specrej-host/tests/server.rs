@@ -355,8 +355,8 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 /// Request `i` of the load test: (a key naming what it asks for, the body, streamed?).
 fn load_request(i: usize) -> (String, String, bool) {
     let seed = i % 5;
-    let stream = i % 8 == 7;
-    let (key, specrej) = if i % 2 == 0 {
+    let stream = (i + 1).is_multiple_of(8);
+    let (key, specrej) = if i.is_multiple_of(2) {
         let n = 2 + i % 3;
         (format!("bon n={n} seed={seed}"), json!({ "method": "best_of_n", "n": n }))
     } else {
@@ -379,7 +379,8 @@ fn load_32_requests_from_8_clients_are_all_answered() {
     const PER_CLIENT: usize = 4;
     let addr = real_server();
     // (key, winner text, id, latency in ms) of every answer.
-    let answers: Arc<Mutex<Vec<(String, String, String, f64)>>> = Arc::default();
+    type Answer = (String, String, String, f64);
+    let answers: Arc<Mutex<Vec<Answer>>> = Arc::default();
     let started = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|client| {

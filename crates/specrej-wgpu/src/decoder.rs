@@ -3,6 +3,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use specrej_core::backend::{cap_limit, check_fits};
 use specrej_core::{BackendError, Decoder, Sampling};
 
 use crate::model::{Cache, StepParams, Work, WgpuModel};
@@ -87,23 +88,6 @@ impl WgpuDecoder {
         self.model.config.bos_token_id
     }
 
-    fn cap_limit(&self, rows: usize) -> usize {
-        (self.token_capacity() / rows.max(1)).min(self.max_sequence_len())
-    }
-
-    fn check_fits(&self, rows: usize, len: usize) -> Result<(), BackendError> {
-        if len > self.max_sequence_len() {
-            return Err(BackendError::device(format!(
-                "sequence length {len} exceeds the model's context length {}",
-                self.max_sequence_len()
-            )));
-        }
-        if rows.saturating_mul(len) > self.token_capacity() {
-            return Err(BackendError::OutOfMemory);
-        }
-        Ok(())
-    }
-
     fn sampling_words(&self, s: &Sampling) -> ([u32; 8], usize) {
         let vocab = self.vocab_size();
         let top_k = if s.top_k == 0 { vocab } else { s.top_k.min(vocab) };
@@ -136,9 +120,9 @@ impl WgpuDecoder {
         let model = self.model.clone();
         let rows = batch.rows();
         let new_len = batch.cache.len + 1;
-        self.check_fits(rows, new_len)?;
+        check_fits(self, rows, new_len)?;
         if new_len > batch.cache.cap {
-            let limit = self.cap_limit(rows);
+            let limit = cap_limit(self, rows);
             let cap = new_len.max(batch.cache.cap.saturating_mul(2).max(16).min(limit));
             let identity: Vec<u32> = (0..rows as u32).collect();
             let grown = model.gather(encoder, &batch.cache, &identity, cap)?;
@@ -253,7 +237,7 @@ impl Decoder for WgpuDecoder {
         let model = self.model.clone();
         model.check_tokens(prompt)?;
         let len = prompt.len();
-        self.check_fits(rows, len)?;
+        check_fits(self, rows, len)?;
         let gpu = &model.gpu;
         gpu.check()?;
         let vocab = model.config.vocab_size;
@@ -271,7 +255,7 @@ impl Decoder for WgpuDecoder {
         model.encode_head(&mut encoder, work, &logits, &p);
         let mut single = single;
         single.len = len;
-        let cap = (len + 64).min(self.cap_limit(rows)).max(len);
+        let cap = (len + 64).min(cap_limit(self, rows)).max(len);
         let cache = model.gather(&mut encoder, &single, &vec![0; rows], cap)?;
         let row_ids: Vec<u32> = ids.collect();
         let (words, sel_stride) = self.sampling_words(sampling);
@@ -309,7 +293,7 @@ impl Decoder for WgpuDecoder {
         let model = self.model.clone();
         let gpu = &model.gpu;
         let keep32: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
-        let cap = batch.cache.cap.min(self.cap_limit(keep.len().max(1))).max(batch.cache.len);
+        let cap = batch.cache.cap.min(cap_limit(self, keep.len().max(1))).max(batch.cache.len);
         let mut encoder = gpu.encoder();
         let cache = model.gather(&mut encoder, &batch.cache, &keep32, cap)?;
         let vocab = model.config.vocab_size;

@@ -44,7 +44,8 @@ pub use decoder::{WgpuBatch, WgpuDecoder, DEFAULT_KV_BUDGET_BYTES};
 pub use error::Error;
 pub use gguf::{Architecture, Config};
 pub use model::WgpuModel;
-pub use scorer::{WgpuJudgeScorer, WgpuLikelihoodScorer, EMPTY_RESPONSE_REWARD};
+pub use scorer::{WgpuJudgeScorer, WgpuLikelihoodScorer};
+pub use specrej_core::likelihood::EMPTY_RESPONSE_REWARD;
 
 /// Which adapter to use.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -4,16 +4,11 @@
 
 use std::sync::Arc;
 
+use specrej_core::likelihood::{self, Targets, log_sum_exp};
 use specrej_core::{BackendError, Response, Scored, Scorer};
 
 use crate::decoder::DEFAULT_KV_BUDGET_BYTES;
 use crate::model::{Cache, StepParams, Work, WgpuModel};
-
-/// Reward given to an empty response by [`WgpuLikelihoodScorer`] (as specrej-candle's).
-pub const EMPTY_RESPONSE_REWARD: f32 = -1.0e30;
-
-/// Mean NLL above which perplexity is capped.
-const MAX_MEAN_NLL: f64 = 60.0;
 
 /// Positions whose logits are materialised at once (`[LOGIT_CHUNK, vocab]` f32).
 const LOGIT_CHUNK: usize = 128;
@@ -150,16 +145,6 @@ impl Runner {
     }
 }
 
-/// `log Σ exp(x)` in f64 (as specrej-candle computes it).
-fn log_sum_exp(x: &[f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return max;
-    }
-    let sum: f64 = x.iter().map(|&v| f64::from(v - max).exp()).sum();
-    max + sum.ln() as f32
-}
-
 /// Reward = −perplexity of the response given the prompt, `−exp(mean NLL)`, as
 /// specrej-candle's `LikelihoodScorer` (non-incremental) computes it, on the device.
 #[derive(Debug)]
@@ -182,15 +167,7 @@ impl WgpuLikelihoodScorer {
         if responses.is_empty() {
             return Ok(Scored::default());
         }
-        let bos;
-        let prompt = if prompt.is_empty() {
-            bos = [self.runner.model.config.bos_token_id.ok_or_else(|| {
-                BackendError::device("likelihood scorer: empty prompt and the model has no BOS token")
-            })?];
-            &bos[..]
-        } else {
-            prompt
-        };
+        let prompt = &*likelihood::context(prompt, self.runner.model.config.bos_token_id)?;
         for r in responses {
             self.runner.model.check_tokens(r.tokens)?;
         }
@@ -206,34 +183,15 @@ impl WgpuLikelihoodScorer {
             let chunk = self.runner.chunk_rows(prompt.len() + width);
             for (c, group) in responses.chunks(chunk).enumerate() {
                 let inputs: Vec<&[u32]> = group.iter().map(|r| &r.tokens[..r.tokens.len().saturating_sub(1)]).collect();
-                let mut at = Vec::new();
-                let mut targets = Vec::new();
-                let mut owner = Vec::new();
-                for (i, r) in group.iter().enumerate() {
-                    for j in 1..r.tokens.len() {
-                        at.push((i * width + j - 1) as u32);
-                        targets.push(r.tokens[j]);
-                        owner.push(c * chunk + i);
-                    }
-                }
-                let values = self.runner.suffixes(&prefix, &inputs, width, &at, Reduce::Nll { targets: &targets }).await?;
+                let t = Targets::of(group, width);
+                let values = self.runner.suffixes(&prefix, &inputs, width, &t.at, Reduce::Nll { targets: &t.tokens }).await?;
                 processed += (group.len() * width) as u64;
                 for (k, v) in values.into_iter().enumerate() {
-                    nll[owner[k]] += f64::from(v);
+                    nll[c * chunk + t.response[k]] += f64::from(v);
                 }
             }
         }
-        let rewards = responses
-            .iter()
-            .zip(&nll)
-            .map(|(r, &sum)| {
-                if r.tokens.is_empty() {
-                    EMPTY_RESPONSE_REWARD
-                } else {
-                    -((sum / r.tokens.len() as f64).min(MAX_MEAN_NLL).exp() as f32)
-                }
-            })
-            .collect();
+        let rewards = responses.iter().zip(&nll).map(|(r, &sum)| likelihood::reward(sum, r.tokens.len())).collect();
         Ok(Scored { rewards, tokens_processed: processed })
     }
 }

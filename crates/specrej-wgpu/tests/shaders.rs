@@ -98,3 +98,28 @@ fn the_f16_variant_stores_only_the_kv_cache_as_f16() {
     assert_eq!(f16.kv_elem_bytes(), 2);
     assert_eq!(Variant::default().kv_elem_bytes(), 4);
 }
+
+/// WGSL has no includes, so every kernel declares the `Step` uniform itself (each file stays
+/// valid on its own). The copies must agree with each other and with the eight words
+/// `StepParams` writes (`src/model.rs`), member for member, at the same offsets.
+#[test]
+fn every_step_uniform_has_the_layout_the_host_writes() {
+    const STEP: [&str; 8] = ["n", "rows", "t", "pos", "cap", "m", "logit_stride", "gen"];
+    let mut seen = 0;
+    for &(name, source) in shaders::ALL {
+        let module = naga::front::wgsl::parse_str(source).expect("parses (checked above)");
+        let Some((_, ty)) = module.types.iter().find(|(_, ty)| ty.name.as_deref() == Some("Step")) else { continue };
+        let naga::TypeInner::Struct { members, span } = &ty.inner else { panic!("{name}: Step is not a struct") };
+        let layout: Vec<(&str, u32)> = members.iter().map(|m| (m.name.as_deref().unwrap_or(""), m.offset)).collect();
+        let want: Vec<(&str, u32)> = STEP.iter().zip((0..).step_by(4)).map(|(&n, o)| (n, o)).collect();
+        assert_eq!(layout, want, "{name}: struct Step");
+        assert_eq!(*span, 32, "{name}: struct Step is 8 words");
+        for m in members {
+            let inner = &module.types[m.ty].inner;
+            assert!(matches!(inner, naga::TypeInner::Scalar(s) if *s == naga::Scalar::U32), "{name}: Step.{:?} is not u32", m.name);
+        }
+        seen += 1;
+    }
+    let declared = shaders::ALL.iter().filter(|(_, source)| source.contains("struct Step {")).count();
+    assert!(seen == declared && seen >= 7, "{seen} of the {declared} declarations of Step checked");
+}

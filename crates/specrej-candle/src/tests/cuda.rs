@@ -153,7 +153,7 @@ fn nll_rows_is_the_host_formula() {
     let t = Tensor::from_slice(&logits, (PROMPT.len(), v), &CDevice::Cpu).unwrap();
     let got = crate::model::nll_rows(&t, &targets).unwrap();
     for ((row, &target), g) in logits.chunks_exact(v).zip(&targets).zip(got) {
-        let want = crate::model::log_sum_exp(row) - row[target as usize];
+        let want = specrej_core::likelihood::log_sum_exp(row) - row[target as usize];
         assert!(
             (g - want).abs() <= 1e-4 * want.abs().max(1.0),
             "{g} vs {want}"

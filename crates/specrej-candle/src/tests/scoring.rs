@@ -5,7 +5,7 @@ use specrej_core::{Response, Scorer, block_on_ready};
 
 use super::loading::full_logits;
 use super::*;
-use crate::model::log_sum_exp;
+use specrej_core::likelihood::log_sum_exp;
 use crate::{EMPTY_RESPONSE_REWARD, JudgeScorer, LikelihoodScorer};
 
 /// −exp(mean NLL) of `response` after `prompt`, from one full causal pass.
