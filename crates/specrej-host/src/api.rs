@@ -204,8 +204,15 @@ impl Fields<'_> {
     }
 }
 
-/// Parses and validates a request body for `endpoint`.
-pub fn parse_request(endpoint: Endpoint, body: &[u8], limits: &RequestLimits) -> Result<GenerateRequest, ApiError> {
+/// Parses and validates a request body for `endpoint`; `rewards` are the names
+/// `specrej.reward` may take ([`crate::Served::reward_names`]: `judge`, `likelihood` and the
+/// server's own reward models).
+pub fn parse_request(
+    endpoint: Endpoint,
+    body: &[u8],
+    limits: &RequestLimits,
+    rewards: &[&str],
+) -> Result<GenerateRequest, ApiError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
     let Value::Object(object) = &value else {
@@ -282,10 +289,12 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8], limits: &RequestLimits) ->
         reward = match ext.string("reward")? {
             None | Some("judge") => RewardKind::Judge,
             Some("likelihood") => RewardKind::Likelihood,
+            Some(name) if rewards.contains(&name) => RewardKind::Named(name.to_owned()),
             Some(other) => {
+                let known: Vec<String> = rewards.iter().map(|n| format!("{n:?}")).collect();
                 return Err(ApiError::invalid(
                     "specrej.reward",
-                    format!("specrej.reward must be \"judge\" or \"likelihood\", got {other:?}"),
+                    format!("specrej.reward must be one of this server's reward models ({}), got {other:?}", known.join(", ")),
                 ));
             }
         };
@@ -552,7 +561,7 @@ mod tests {
     use super::*;
 
     fn chat(body: &str) -> Result<GenerateRequest, ApiError> {
-        parse_request(Endpoint::Chat, body.as_bytes(), &RequestLimits::default())
+        parse_request(Endpoint::Chat, body.as_bytes(), &RequestLimits::default(), &["judge", "likelihood", "rm"])
     }
 
     #[test]
@@ -565,6 +574,15 @@ mod tests {
         assert_eq!(r.n, 4);
         assert_eq!(r.method, Method::SpeculativeRejection { alpha: 0.25 });
         assert_eq!((r.reward, r.return_candidates, r.max_tokens, r.min_new_tokens), (RewardKind::Likelihood, false, 8, 8));
+        let r = chat(r#"{"messages":[{"role":"user","content":"hi"}],"specrej":{"reward":"rm"}}"#).expect("valid");
+        assert_eq!(r.reward, RewardKind::Named("rm".into()));
+    }
+
+    #[test]
+    fn an_unknown_reward_lists_the_known_ones() {
+        let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"specrej":{"reward":"gpt-judge"}}"#).expect_err("unknown");
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("specrej.reward")));
+        assert!(e.message.contains(r#"("judge", "likelihood", "rm"), got "gpt-judge""#), "{}", e.message);
     }
 
     #[test]
@@ -584,7 +602,7 @@ mod tests {
         assert_eq!(param(r#"{"messages":[]}"#).as_deref(), Some("messages"));
         assert_eq!(param(r#"{"messages":[{"role":"user","content":"  "}]}"#).as_deref(), Some("messages"));
         assert_eq!(param(r#"{"messages":[{"role":"robot","content":"x"}]}"#).as_deref(), Some("messages[0].role"));
-        let completion = parse_request(Endpoint::Completions, br#"{"prompt":""}"#, &RequestLimits::default());
+        let completion = parse_request(Endpoint::Completions, br#"{"prompt":""}"#, &RequestLimits::default(), &["judge", "likelihood"]);
         assert_eq!(completion.expect_err("empty").param.as_deref(), Some("prompt"));
     }
 }

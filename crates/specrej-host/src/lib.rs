@@ -6,7 +6,8 @@
 //!   of world `decoder-with-reward` (`cargo xtask component-with-reward`) run too: their
 //!   `reward` import is backed by any [`runtime::HostReward`] (every `specrej_core::Scorer`).
 //! - [`model`]: the served model: specrej-candle weights with the specrej-text tokenizer and
-//!   chat template, or the fake backend.
+//!   chat template, or the fake backend; the rewards a request may pick (`judge`,
+//!   `likelihood`, and specrej-reward models or reward servers the server was started with).
 //! - [`api`]: the OpenAI-compatible request and response documents.
 //! - [`server`]: HTTP on `std::net`: `/v1/chat/completions`, `/v1/completions`,
 //!   `/v1/models`, `/health`; one engine worker; server-sent events; optionally the static
@@ -17,6 +18,6 @@ pub mod model;
 pub mod runtime;
 pub mod server;
 
-pub use model::{BackendKind, RealModel, RewardKind, Served};
+pub use model::{BackendKind, ExtraReward, RealModel, RewardKind, Served};
 pub use runtime::{Engine, EventKinds, HostReward, Limits, Pair, Run, RunError, Runtime, World};
 pub use server::{spawn, ServerConfig, ServerHandle};

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use specrej_candle::WeightFormat;
 use specrej_host::api::RequestLimits;
-use specrej_host::{model, BackendKind, RealModel, Served, ServerConfig};
+use specrej_host::{model, BackendKind, ExtraReward, RealModel, Served, ServerConfig};
 
 /// The component `cargo xtask component` writes.
 const DEFAULT_COMPONENT: &str = "target/specrej-decoder.component.wasm";
@@ -80,6 +80,21 @@ struct Args {
     /// passes target/web-dist). The API routes come first.
     #[arg(long = "static", value_name = "DIR")]
     static_dir: Option<PathBuf>,
+    /// A reward model requests may pick with `"specrej": {"reward": "NAME"}`: a Hugging Face
+    /// `*ForSequenceClassification` directory (config.json, *.safetensors, tokenizer.json),
+    /// loaded at start on the model's device. Repeatable.
+    #[arg(long, value_name = "NAME=DIR")]
+    reward_model: Vec<String>,
+    /// The same for a `specrej-reward-server` (`http://host:port/path`). Repeatable.
+    #[arg(long, value_name = "NAME=URL")]
+    reward_url: Vec<String>,
+}
+
+/// `NAME=VALUE` of `--flag`.
+fn named<'a>(flag: &str, spec: &'a str) -> Result<(&'a str, &'a str)> {
+    spec.split_once('=')
+        .filter(|(name, value)| !name.is_empty() && !value.is_empty())
+        .with_context(|| format!("--{flag} {spec:?}: expected NAME=VALUE"))
 }
 
 fn component_path(explicit: Option<&Path>) -> PathBuf {
@@ -110,6 +125,26 @@ fn run(args: Args) -> Result<()> {
     {
         anyhow::bail!("--static {}: not a folder", dir.display());
     }
+    // Bad reward flags fail before anything loads.
+    let mut reward_dirs = Vec::new();
+    for spec in &args.reward_model {
+        let (name, dir) = named("reward-model", spec)?;
+        if !Path::new(dir).is_dir() {
+            anyhow::bail!("--reward-model {spec}: {dir} is not a reward-model directory");
+        }
+        reward_dirs.push((name, Path::new(dir)));
+    }
+    let mut reward_urls = Vec::new();
+    for spec in &args.reward_url {
+        let (name, url) = named("reward-url", spec)?;
+        if !url.starts_with("http://") {
+            anyhow::bail!("--reward-url {spec}: expected NAME=http://host:port/path");
+        }
+        reward_urls.push((name, url));
+    }
+    if args.fake && !(reward_dirs.is_empty() && reward_urls.is_empty()) {
+        anyhow::bail!("--reward-model and --reward-url need a real model, not --fake");
+    }
     let mut models_dir = None;
     let (served, model_id) = if args.fake {
         (Served::Fake, "specrej-fake".to_string())
@@ -128,7 +163,14 @@ fn run(args: Args) -> Result<()> {
         if path.is_file() {
             models_dir = Some(path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf));
         }
-        (Served::Real(Box::new(RealModel::load(&path, backend, weights)?)), id)
+        let mut model = RealModel::load(&path, backend, weights)?;
+        for (name, dir) in reward_dirs {
+            model.load_reward(name, dir).with_context(|| format!("--reward-model {name}={}", dir.display()))?;
+        }
+        for (name, url) in reward_urls {
+            model.add_reward(name, ExtraReward::Remote(url.to_owned())).with_context(|| format!("--reward-url {name}={url}"))?;
+        }
+        (Served::Real(Box::new(model)), id)
     };
     let kv_budget_tokens =
         args.kv_budget_tokens.unwrap_or(specrej_candle::DEFAULT_KV_BUDGET_BYTES / served.kv_bytes_per_token().max(1));
@@ -142,13 +184,16 @@ fn run(args: Args) -> Result<()> {
         models_dir: models_dir.filter(|_| args.static_dir.is_some()),
     };
     let listener = TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
-    let handle = specrej_host::spawn(listener, Arc::new(served), component, config)?;
+    let served = Arc::new(served);
+    let served_rewards: Vec<String> = served.reward_names().into_iter().map(str::to_owned).collect();
+    let handle = specrej_host::spawn(listener, served, component, config)?;
     eprintln!(
         "specrej-server: listening on http://{} (component {}, world {}, KV budget {kv_budget_tokens} tokens)",
         handle.addr,
         component_path.display(),
         handle.world.name()
     );
+    eprintln!("specrej-server: rewards {}", served_rewards.join(", "));
     if let Some(dir) = &args.static_dir {
         eprintln!("specrej-server: the demo from {} at http://{}/", dir.display(), handle.addr);
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use specrej_candle::{CandleDecoder, JudgeScorer, LikelihoodScorer, LoadOptions, Model, WeightFormat};
 use specrej_core::testing::{FakeDecoder, FakeScorer, FAKE_EOS};
+use specrej_reward::{RemoteScorer, RewardModel, RewardScorer};
 use specrej_text::{Message, ModelText};
 
 use crate::runtime::{Engine, Pair};
@@ -15,23 +16,36 @@ use crate::runtime::{Engine, Pair};
 /// The default model's file name (`cargo xtask fetch-model` puts it in `models/`).
 pub use specrej_text::DEFAULT_MODEL_FILE;
 
-/// The reward model a request asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The reward model a request asks for (`specrej.reward`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RewardKind {
     /// The policy asked whether the answer is good: logit(Yes) − logit(No).
     Judge,
     /// −perplexity of the answer under the policy.
     Likelihood,
+    /// A reward model the server was started with ([`RealModel::add_reward`]).
+    Named(String),
 }
 
 impl RewardKind {
     /// The name used in the API.
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &str {
         match self {
             RewardKind::Judge => "judge",
             RewardKind::Likelihood => "likelihood",
+            RewardKind::Named(name) => name,
         }
     }
+}
+
+/// A reward model beside the built-in two (`specrej-server --reward-model NAME=DIR`,
+/// `--reward-url NAME=URL`), scored incrementally (one RM K/V cache per surviving row).
+#[derive(Debug)]
+pub enum ExtraReward {
+    /// A Hugging Face `*ForSequenceClassification` directory, loaded ([`RewardModel::load`]).
+    Model(Arc<RewardModel>),
+    /// A `specrej-reward-server` at this URL (`http://host:port/path`).
+    Remote(String),
 }
 
 /// Where the model runs.
@@ -58,6 +72,10 @@ pub struct RealModel {
     pub text: ModelText,
     /// The file or directory it was loaded from.
     pub path: PathBuf,
+    /// Where the weights live (reward models load there too).
+    pub device: specrej_candle::Device,
+    /// Reward models a request may name besides `judge` and `likelihood`.
+    pub rewards: Vec<(String, ExtraReward)>,
 }
 
 impl RealModel {
@@ -70,7 +88,28 @@ impl RealModel {
         let model = specrej_candle::load(path, &LoadOptions { device, weights })
             .with_context(|| format!("loading {}", path.display()))?;
         let text = ModelText::load(path)?;
-        Ok(Self { weights: model, text, path: path.to_path_buf() })
+        Ok(Self { weights: model, text, path: path.to_path_buf(), device, rewards: Vec::new() })
+    }
+
+    /// Offers `reward` to requests as `"specrej": {"reward": name}`. The name must be new
+    /// and not `judge` or `likelihood`.
+    pub fn add_reward(&mut self, name: &str, reward: ExtraReward) -> Result<()> {
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            anyhow::bail!("reward model name {name:?}: expected a non-empty word");
+        }
+        if matches!(name, "judge" | "likelihood") || self.rewards.iter().any(|(n, _)| n == name) {
+            anyhow::bail!("reward model name {name:?} is already taken");
+        }
+        self.rewards.push((name.to_owned(), reward));
+        Ok(())
+    }
+
+    /// Loads the reward-model directory `dir` on this model's device (f32, so incremental
+    /// and full scoring agree to rounding) and offers it as `name`.
+    pub fn load_reward(&mut self, name: &str, dir: &Path) -> Result<()> {
+        let options = LoadOptions { device: self.device, weights: WeightFormat::F32 };
+        let rm = RewardModel::load(dir, &options).with_context(|| format!("loading the reward model {}", dir.display()))?;
+        self.add_reward(name, ExtraReward::Model(rm))
     }
 }
 
@@ -127,6 +166,15 @@ impl Served {
         }
     }
 
+    /// The names a request may give as `specrej.reward`.
+    pub fn reward_names(&self) -> Vec<&str> {
+        let mut names = vec!["judge", "likelihood"];
+        if let Served::Real(m) = self {
+            names.extend(m.rewards.iter().map(|(name, _)| name.as_str()));
+        }
+        names
+    }
+
     /// The model's context length.
     pub fn context_length(&self) -> usize {
         match self {
@@ -145,7 +193,7 @@ impl Served {
 
     /// The engine for one request: a decoder holding `capacity` cached tokens and the
     /// reward model; `question` is the user's text (the judge asks about it).
-    pub fn engine(&self, capacity: usize, reward: RewardKind, question: &str) -> Result<Box<dyn Engine>> {
+    pub fn engine(&self, capacity: usize, reward: &RewardKind, question: &str) -> Result<Box<dyn Engine>> {
         match self {
             Served::Real(m) => {
                 let bytes = capacity.saturating_mul(m.weights.config().kv_bytes_per_token());
@@ -164,6 +212,22 @@ impl Served {
                     }
                     RewardKind::Likelihood => {
                         Box::new(Pair::new(decoder, LikelihoodScorer::new(Arc::clone(&m.weights))))
+                    }
+                    RewardKind::Named(name) => {
+                        let Some((_, reward)) = m.rewards.iter().find(|(n, _)| n == name) else {
+                            anyhow::bail!("no reward model {name:?}");
+                        };
+                        let tokenizer = m.text.tokenizer.clone();
+                        match reward {
+                            ExtraReward::Model(rm) => {
+                                Box::new(Pair::new(decoder, RewardScorer::new(Arc::clone(rm), tokenizer, question)))
+                            }
+                            ExtraReward::Remote(url) => {
+                                let remote = RemoteScorer::new(url, tokenizer, question)
+                                    .with_context(|| format!("reward server {url}"))?;
+                                Box::new(Pair::new(decoder, remote))
+                            }
+                        }
                     }
                 })
             }

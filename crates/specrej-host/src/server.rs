@@ -185,7 +185,7 @@ fn work(runtime: &Runtime, served: &Served, job: Job, timeout: Duration) {
     let reply = job.reply.clone();
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let engine = served
-            .engine(job.capacity, job.reward, &job.question)
+            .engine(job.capacity, &job.reward, &job.question)
             .map_err(|e| ApiError::status(500, "server_error", format!("building the engine: {e:#}")))?;
         let events = if job.stream {
             EventKinds::PREFILLED | EventKinds::STEP | EventKinds::DECISION | EventKinds::FINISHED
@@ -283,7 +283,10 @@ fn connection(shared: &Shared, mut stream: TcpStream) {
         ("GET", "/v1/models") => {
             let body = json!({
                 "object": "list",
-                "data": [{ "id": shared.config.model_id, "object": "model", "created": 0, "owned_by": "specrej" }],
+                "data": [{
+                    "id": shared.config.model_id, "object": "model", "created": 0, "owned_by": "specrej",
+                    "specrej": { "rewards": shared.served.reward_names() },
+                }],
             });
             let _ = write_json(&mut stream, 200, &body);
             return;
@@ -334,8 +337,8 @@ fn now() -> u64 {
 }
 
 fn generate(shared: &Shared, endpoint: Endpoint, body: &[u8], stream: &mut TcpStream) -> Result<(), ApiError> {
-    let request = api::parse_request(endpoint, body, &shared.config.limits)?;
     let served = &*shared.served;
+    let request = api::parse_request(endpoint, body, &shared.config.limits, &served.reward_names())?;
     let (prompt, prompt_param) = match &request.prompt {
         Prompt::Chat(messages) => (served.encode_chat(messages), "messages"),
         Prompt::Text(text) => (served.encode_raw(text), "prompt"),
@@ -373,7 +376,7 @@ fn generate(shared: &Shared, endpoint: Endpoint, body: &[u8], stream: &mut TcpSt
     let job = Job {
         prompt,
         options,
-        reward: request.reward,
+        reward: request.reward.clone(),
         question: request.prompt.question().to_string(),
         capacity,
         stream: request.stream,

@@ -346,6 +346,64 @@ fn real_model_chat_completion_and_stream() {
     assert_eq!(answer.json()["choices"].as_array().expect("choices").len(), 2);
 }
 
+/// Removes a folder when dropped, so a failing test leaves no ~270 MB export behind.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn real_model_with_a_reward_model_directory_and_a_reward_server() {
+    let path = common::default_model();
+    // The default model's judge as a Hugging Face reward-model directory (f16, ~270 MB).
+    let rm_dir = TempDir(std::env::temp_dir().join(format!("specrej-host-rm-{}", std::process::id())));
+    specrej_reward::export_judge_rm(&path, &rm_dir.0, specrej_reward::ExportDtype::F16).expect("export");
+    let mut model = RealModel::load(&path, BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0).expect("model");
+    model.load_reward("rm", &rm_dir.0).expect("reward model");
+    // The same reward model behind specrej-reward's server.
+    let options = specrej_candle::LoadOptions { weights: specrej_candle::WeightFormat::F32, ..Default::default() };
+    let rm = specrej_reward::RewardModel::load(&rm_dir.0, &options).expect("reward model");
+    let (rm_addr, _rm_server) = specrej_reward::spawn_server("127.0.0.1:0", rm).expect("reward server");
+    model.add_reward("remote", specrej_host::ExtraReward::Remote(format!("http://{rm_addr}/score"))).expect("remote");
+    for taken in ["judge", "rm", ""] {
+        let again = specrej_host::ExtraReward::Remote("http://127.0.0.1:1/".into());
+        assert!(model.add_reward(taken, again).is_err(), "{taken:?}");
+    }
+    let addr = start(Served::Real(Box::new(model)), ServerConfig { model_id: "smollm2".into(), ..ServerConfig::default() });
+
+    let models = get(addr, "/v1/models").json();
+    assert_eq!(models["data"][0]["specrej"]["rewards"], json!(["judge", "likelihood", "rm", "remote"]));
+
+    let ask = |reward: &str| {
+        let body = json!({
+            "messages": [{ "role": "user", "content": "Name a fruit." }],
+            "max_tokens": 12, "seed": 3,
+            "specrej": { "method": "speculative_rejection", "n": 4, "alpha": 0.5, "min_new_tokens": 4, "reward": reward },
+        });
+        let answer = post(addr, CHAT, &body.to_string());
+        assert_eq!(answer.status, 200, "{reward}: {}", answer.body);
+        answer.json()
+    };
+    let local = ask("rm");
+    assert_eq!(local["specrej"]["reward"], "rm");
+    assert!(local["usage"]["reward_tokens"].as_u64().expect("reward tokens") > 0);
+    assert!(!local["usage"]["rejection_trace"].as_array().expect("trace").is_empty(), "SR made a decision");
+    let remote = ask("remote");
+    assert_eq!(remote["specrej"]["winner_row"], local["specrej"]["winner_row"]);
+    assert_eq!(remote["choices"][0]["message"]["content"], local["choices"][0]["message"]["content"]);
+    assert_eq!(remote["usage"]["reward_tokens"], local["usage"]["reward_tokens"], "both score incrementally");
+
+    let unknown = post(addr, CHAT, &json!({ "messages": [{ "role": "user", "content": "hi" }], "specrej": { "reward": "nope" } }).to_string());
+    assert_eq!(unknown.status, 400);
+    let error = &unknown.json()["error"];
+    assert_eq!(error["param"], "specrej.reward");
+    assert!(error["message"].as_str().expect("message").contains(r#""rm", "remote"), got "nope""#), "{error}");
+}
+
 /// Milliseconds at quantile `q` of sorted `values`.
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
