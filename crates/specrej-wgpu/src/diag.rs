@@ -375,6 +375,50 @@ async fn silu(gpu: &Gpu, width: usize, n: usize) -> Check {
     }
 }
 
+/// The shape of an attention case ([`host_attention`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttentionShape {
+    /// Cache rows.
+    pub(crate) rows: usize,
+    /// New positions per row.
+    pub(crate) t: usize,
+    /// Cached positions before this pass.
+    pub(crate) pos: usize,
+    /// Query heads.
+    pub(crate) heads: usize,
+    /// Key/value heads.
+    pub(crate) kv_heads: usize,
+    /// Width of a head.
+    pub(crate) head_dim: usize,
+    /// Allocated positions per cache row.
+    pub(crate) cap: usize,
+}
+
+/// The host's attention, what `attention.wgsl` computes: `q` `[rows * t, heads, head_dim]`
+/// over the cache `kc`/`vc` `[rows, cap, kv_heads, head_dim]` f32, activation row
+/// `r * t + s` attending to positions `0..=pos + s` of cache row `r`, scores times `scale`.
+pub(crate) fn host_attention(shape: AttentionShape, scale: f32, q: &[f32], kc: &[f32], vc: &[f32]) -> Vec<f32> {
+    let AttentionShape { rows, t, pos, heads, kv_heads, head_dim: hd, cap } = shape;
+    let width = kv_heads * hd;
+    let mut out = vec![0.0f32; rows * t * heads * hd]; // [rows * t, heads, head_dim] f32
+    for i in 0..rows * t {
+        let (r, len) = (i / t, pos + i % t + 1);
+        for h in 0..heads {
+            let g = h / (heads / kv_heads);
+            let qh = &q[(i * heads + h) * hd..][..hd];
+            let at = |j: usize| (r * cap + j) * width + g * hd;
+            let scores: Vec<f32> = (0..len).map(|j| qh.iter().zip(&kc[at(j)..][..hd]).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+            let max = scores.iter().copied().fold(f32::MIN, f32::max);
+            let p: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f32 = p.iter().sum();
+            for d in 0..hd {
+                out[(i * heads + h) * hd + d] = (0..len).map(|j| p[j] * vc[at(j) + d]).sum::<f32>() / sum;
+            }
+        }
+    }
+    out
+}
+
 /// `kv_append` of `rows × t` fresh positions at `pos` into a cache that already holds
 /// positions `0..pos`, then `attention` over it.
 #[allow(clippy::too_many_arguments, reason = "the case's shape, one argument per dimension")]
@@ -416,22 +460,8 @@ async fn attention(gpu: &Gpu, rows: usize, t: usize, pos: usize, heads: usize, k
     if let Err(e) = gpu.submit(enc) {
         return failed(name, e);
     }
-    let mut want = vec![0.0f32; n * heads * hd];
-    for i in 0..n {
-        let (r, len) = (i / t, pos + i % t + 1);
-        for h in 0..heads {
-            let g = h / (heads / kv_heads);
-            let qh = &q[(i * heads + h) * hd..][..hd];
-            let at = |j: usize| (r * cap + j) * width + g * hd;
-            let scores: Vec<f32> = (0..len).map(|j| qh.iter().zip(&kc[at(j)..][..hd]).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
-            let max = scores.iter().copied().fold(f32::MIN, f32::max);
-            let p: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-            let sum: f32 = p.iter().sum();
-            for d in 0..hd {
-                want[(i * heads + h) * hd + d] = (0..len).map(|j| p[j] * vc[at(j) + d]).sum::<f32>() / sum;
-            }
-        }
-    }
+    let shape = AttentionShape { rows, t, pos, heads, kv_heads, head_dim: hd, cap };
+    let want = host_attention(shape, scale, &q, &kc, &vc);
     let mut check = match read_f32(gpu, &out, want.len()).await {
         Ok(got) => compare(name.clone(), &got, &want, 1e-5),
         Err(e) => return failed(name, e),

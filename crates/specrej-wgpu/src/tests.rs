@@ -5,6 +5,7 @@
 
 use specrej_core::Sampling;
 
+use crate::diag::AttentionShape;
 use crate::gguf::{dequantize, GgmlType};
 use crate::gpu::Gpu;
 use crate::shaders::Variant;
@@ -143,27 +144,10 @@ const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = 8;
 const CAP: usize = 7;
 
-/// Host attention of `q` `[n, heads, head_dim]` over `kc`/`vc` `[rows, CAP, kv_heads, head_dim]`.
+/// The host's attention ([`crate::diag::host_attention`]) at this file's shape, from position 0.
 fn host_attention(q: &[f32], kc: &[f32], vc: &[f32]) -> Vec<f32> {
-    let width = KV_HEADS * HEAD_DIM;
-    let scale = 1.0 / (HEAD_DIM as f32).sqrt();
-    let mut out = vec![0.0; ROWS * T * HEADS * HEAD_DIM];
-    for i in 0..ROWS * T {
-        let (r, len) = (i / T, i % T + 1);
-        for h in 0..HEADS {
-            let g = h / (HEADS / KV_HEADS);
-            let qh = &q[(i * HEADS + h) * HEAD_DIM..][..HEAD_DIM];
-            let at = |j: usize| (r * CAP + j) * width + g * HEAD_DIM;
-            let scores: Vec<f32> = (0..len).map(|j| qh.iter().zip(&kc[at(j)..][..HEAD_DIM]).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
-            let max = scores.iter().copied().fold(f32::MIN, f32::max);
-            let p: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-            let sum: f32 = p.iter().sum();
-            for d in 0..HEAD_DIM {
-                out[(i * HEADS + h) * HEAD_DIM + d] = (0..len).map(|j| p[j] * vc[at(j) + d]).sum::<f32>() / sum;
-            }
-        }
-    }
-    out
+    let shape = AttentionShape { rows: ROWS, t: T, pos: 0, heads: HEADS, kv_heads: KV_HEADS, head_dim: HEAD_DIM, cap: CAP };
+    crate::diag::host_attention(shape, 1.0 / (HEAD_DIM as f32).sqrt(), q, kc, vc)
 }
 
 /// `kv_append` of fresh K/V, then `attention`, on `gpu`'s variant: (attention output, the
