@@ -185,15 +185,14 @@ fn run(args: Args) -> Result<()> {
     };
     let listener = TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let served = Arc::new(served);
-    let served_rewards: Vec<String> = served.reward_names().into_iter().map(str::to_owned).collect();
-    let handle = specrej_host::spawn(listener, served, component, config)?;
+    let handle = specrej_host::spawn(listener, Arc::clone(&served), component, config)?;
     eprintln!(
         "specrej-server: listening on http://{} (component {}, world {}, KV budget {kv_budget_tokens} tokens)",
         handle.addr,
         component_path.display(),
         handle.world.name()
     );
-    eprintln!("specrej-server: rewards {}", served_rewards.join(", "));
+    eprintln!("specrej-server: rewards {}", served.reward_names().join(", "));
     if let Some(dir) = &args.static_dir {
         eprintln!("specrej-server: the demo from {} at http://{}/", dir.display(), handle.addr);
     }
