@@ -130,6 +130,7 @@ fn speculative_rejection<D: Decoder, S: Scorer>(d: &mut D, s: &mut S, text: &Tex
         min_new_tokens: 6,
         eos: text.tokenizer.eos_ids().to_vec(),
         sampling: Sampling { seed: 5, ..Sampling::default() },
+        rules: Default::default(),
     };
     block_on_ready(generate(d, s, &text.prompt, &options, &mut |_| {})).expect("generate")
 }

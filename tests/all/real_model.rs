@@ -34,6 +34,7 @@ fn options(fx: &Fixture, method: Method, n: usize) -> Options {
         min_new_tokens: 12,
         eos: fx.tokenizer.eos_ids().to_vec(),
         sampling: Sampling { seed: 3, ..Sampling::default() },
+        rules: Default::default(),
     }
 }
 

@@ -268,10 +268,7 @@ fn load(args: &[String]) -> Result<(PathBuf, Arc<Model>, f64)> {
     let start = Instant::now();
     let model = load_gguf(
         &path,
-        &LoadOptions {
-            device: device(args)?,
-            weights: WeightFormat::Q8_0,
-        },
+        &LoadOptions { device: device(args)?, weights: WeightFormat::Q8_0, ..Default::default() },
     )?;
     Ok((path, model, start.elapsed().as_secs_f64()))
 }
@@ -362,6 +359,7 @@ fn methods(args: &[String]) -> Result<()> {
                 seed: 7,
                 ..Sampling::default()
             },
+            rules: Default::default(),
         };
         let outcome = block_on_ready(specrej_core::generate(
             &mut decoder,

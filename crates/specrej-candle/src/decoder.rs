@@ -1,20 +1,28 @@
 //! [`specrej_core::Decoder`] on a [`Model`].
+//!
+//! On the CPU a batch is a set of [`Seq`]s over one frozen prompt sequence (its K/V held
+//! once), each row holding blocks of its own from the decoder's [`KvPool`]: `retain` drops
+//! rows (their blocks go back to the pool), `fork` shares blocks. On a GPU a batch is a dense
+//! cache `[rows, kv_heads, cap, head_dim]` per layer and `retain` is a row gather.
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
+use specrej_core::backend::{cap_limit, check_fits, check_fork, check_retain};
 use specrej_core::sampling::sample;
-use specrej_core::backend::{cap_limit, check_fits};
-use specrej_core::{BackendError, Decoder, Sampling};
+use specrej_core::{BackendError, Decoder, KvLayout, Sampling};
 
-use crate::model::{alloc_err, device_err, device_memory, greedy_rows, KvCache, Model, to_host_rows};
+use crate::host::{with_host, PassError};
+use crate::kv::{KvPool, Seq, BLOCK};
+use crate::model::{alloc_err, device_err, device_memory, greedy_rows, to_host_rows, KvCache, Model};
 
 /// Default K/V budget: 2 GiB.
 pub const DEFAULT_KV_BUDGET_BYTES: usize = 2 << 30;
 
 /// Share of a GPU's free memory that [`CandleDecoder::auto_budget_bytes`] gives the K/V
-/// cache. Below one half because `retain` builds the kept rows' cache before it frees the
-/// old one (peak: old + new), and activations, logits and the scorer need room too.
+/// cache. Below one half because `retain` on a GPU builds the kept rows' cache before it
+/// frees the old one (peak: old + new), and activations, logits and the scorer need room too.
 pub const AUTO_BUDGET_FREE_FRACTION: f64 = 0.45;
 
 /// Batched lock-step decoding on a shared [`Model`].
@@ -22,22 +30,34 @@ pub const AUTO_BUDGET_FREE_FRACTION: f64 = 0.45;
 pub struct CandleDecoder {
     model: Arc<Model>,
     kv_budget_bytes: usize,
+    /// The CPU's K/V blocks (every batch of this decoder draws on it).
+    pool: Arc<KvPool>,
 }
 
-/// The state of one request: K/V cache, pending tokens or logits, row ids, counters.
+/// Where a batch's K/V lives.
+#[derive(Debug)]
+enum Kv {
+    /// CPU: one sequence per row over the shared prompt.
+    Host(Vec<Seq>),
+    /// GPU: one dense cache for all rows.
+    Dense(KvCache),
+}
+
+/// The state of one request: K/V, pending tokens, row ids, counters.
 #[derive(Debug)]
 pub struct CandleBatch {
-    cache: KvCache,
-    /// `[rows]`: each row's id from [`Decoder::prefill`], kept across `retain`.
+    kv: Kv,
+    /// `[rows]`: each row's id from [`Decoder::prefill`] (or a fork), kept across `retain`.
     row_ids: Vec<u32>,
     /// `[rows]`: tokens each row has generated (sampled) so far.
     generated: Vec<u32>,
     /// `[rows]`: tokens sampled by the last step but not yet run through the model.
     pending: Option<Vec<u32>>,
-    /// `[rows, vocab]` f32 on the host: the distribution the next sample draws from
-    /// (valid while `pending` is `None`; empty after a greedy step on a device, whose
-    /// logits never leave it).
-    logits: Vec<f32>,
+    /// `[vocab]` f32: the prompt's next-token logits, which every row's first token is
+    /// drawn from (valid while `pending` is `None`).
+    first: Arc<Vec<f32>>,
+    /// Prompt length.
+    prompt_len: usize,
     sampling: Sampling,
 }
 
@@ -54,22 +74,22 @@ impl CandleBatch {
 
     /// Cached positions per row (prompt plus generated tokens already run).
     pub fn cached_len(&self) -> usize {
-        self.cache.len
+        match &self.kv {
+            Kv::Host(seqs) => seqs.first().map_or(self.prompt_len, Seq::len),
+            Kv::Dense(cache) => cache.len,
+        }
     }
 
-    /// `[rows, vocab]` logits the next sample draws from (tests, diagnostics).
-    #[cfg(test)]
-    pub(crate) fn logits(&self) -> &[f32] {
-        &self.logits
-    }
 }
-
 
 impl CandleDecoder {
     /// A decoder whose K/V cache may use up to `kv_budget_bytes`
     /// (see [`DEFAULT_KV_BUDGET_BYTES`]).
     pub fn new(model: Arc<Model>, kv_budget_bytes: usize) -> Self {
-        Self { model, kv_budget_bytes }
+        let shape = model.kv_shape();
+        let block_bytes = shape.block_elems() * model.kv_format.bytes();
+        let pool = KvPool::new(shape, model.kv_format, kv_budget_bytes / block_bytes.max(1));
+        Self { model, kv_budget_bytes, pool }
     }
 
     /// A K/V budget sized from the memory free on the model's device right now:
@@ -102,56 +122,125 @@ impl CandleDecoder {
         self.model.config.bos_token_id
     }
 
-    fn step_sync(&mut self, batch: &mut CandleBatch) -> Result<Vec<u32>, BackendError> {
+    /// Bytes of K/V the CPU pool holds right now, and at most since the decoder was made
+    /// (0 on a GPU, whose caches are dense tensors).
+    pub fn kv_bytes_held(&self) -> (u64, u64) {
+        let block = self.pool.block_bytes() as u64;
+        (self.pool.in_use() as u64 * block, self.pool.peak() as u64 * block)
+    }
+
+    fn on_host(&self) -> bool {
+        self.model.device.is_cpu()
+    }
+
+    /// The logits `[rows, vocab]` (row-major) the next [`Decoder::step`] of `batch` will
+    /// sample from, without changing `batch` (diagnostics and tests). On the CPU the rows
+    /// are forked for the look (blocks shared), so it costs one step's compute.
+    pub fn peek_logits(&mut self, batch: &CandleBatch) -> Result<Vec<f32>, BackendError> {
         let model = &*self.model;
-        let vocab = model.config.vocab_size;
+        let Some(pending) = &batch.pending else {
+            return Ok(batch.first.repeat(batch.rows()));
+        };
+        match &batch.kv {
+            Kv::Host(seqs) => {
+                let mut forks: Vec<Seq> = seqs.iter().map(Seq::fork).collect();
+                let mut pass: Vec<(&mut Seq, &[u32])> = forks.iter_mut().zip(pending.chunks_exact(1)).collect();
+                let hidden = model.forward_seqs(&mut pass, &self.pool).map_err(PassError::backend)?;
+                model.logits(&hidden).and_then(|l| to_host_rows(&l)).map_err(device_err)
+            }
+            Kv::Dense(cache) => {
+                let rows: Vec<usize> = (0..batch.rows()).collect();
+                let mut copy = cache.gather_rows(model, &rows, cache.len + 1).map_err(alloc_err)?;
+                model
+                    .token_tensor(pending.clone(), batch.rows(), 1)
+                    .and_then(|tokens| model.forward_hidden(&tokens, &mut copy))
+                    .and_then(|hidden| model.last_logits(&hidden))
+                    .and_then(|l| to_host_rows(&l))
+                    .map_err(device_err)
+            }
+        }
+    }
+
+    fn step_sync(&mut self, batch: &mut CandleBatch) -> Result<Vec<u32>, BackendError> {
         let rows = batch.rows();
         if rows == 0 {
             return Ok(Vec::new());
         }
-        if let Some(pending) = batch.pending.take() {
-            let new_len = batch.cache.len + 1;
-            let fits = check_fits(self, rows, new_len).and_then(|()| {
-                batch.cache.reserve(model, new_len, cap_limit(self, rows)).map_err(alloc_err)
-            });
-            if let Err(e) = fits {
+        let Some(pending) = batch.pending.take() else {
+            // The first step draws from the prompt's logits.
+            let vocab = self.model.config.vocab_size;
+            let first = Arc::clone(&batch.first);
+            let tokens = sample_rows(&first, 0, vocab, &batch.sampling, &batch.row_ids, &batch.generated);
+            return Ok(record(batch, tokens));
+        };
+        let result = match &mut batch.kv {
+            Kv::Host(seqs) => self.step_host(seqs, &pending, &batch.sampling, &batch.row_ids, &batch.generated),
+            Kv::Dense(cache) => self.step_dense(cache, &pending, &batch.sampling, &batch.row_ids, &batch.generated),
+        };
+        match result {
+            Ok(tokens) => Ok(record(batch, tokens)),
+            Err(e) => {
                 batch.pending = Some(pending); // the batch stays usable (e.g. after a retain)
-                return Err(e);
-            }
-            let len_before = batch.cache.len;
-            let result = model
-                .token_tensor(pending.clone(), rows, 1)
-                .and_then(|tokens| model.forward_hidden(&tokens, &mut batch.cache))
-                .and_then(|hidden| model.last_logits(&hidden)); // [rows, vocab]
-            let sampled = match result {
-                // Greedy on a device: the argmax runs there and only `rows` ids come back.
-                Ok(logits) if !model.device.is_cpu() && batch.sampling.temperature <= 0.0 => greedy_rows(&logits).map(Some),
-                // Otherwise the host samples (the row-keyed noise needs 32-bit integer hashing,
-                // which candle's tensor ops cannot express): the logits come back.
-                Ok(logits) => to_host_rows(&logits).map(|l| {
-                    batch.logits = l;
-                    None
-                }),
-                Err(e) => Err(e),
-            };
-            match sampled {
-                Ok(Some(tokens)) => {
-                    batch.logits.clear(); // not read back: nothing for `retain` to keep either
-                    return Ok(record(batch, tokens));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    // A failed step may have written K/V at `len` (and, if only sampling
-                    // failed, advanced it): rewinding keeps the cache consistent, so the step
-                    // can be retried.
-                    batch.cache.len = len_before;
-                    batch.pending = Some(pending);
-                    return Err(device_err(e));
-                }
+                Err(e)
             }
         }
-        let tokens = sample_rows(&batch.logits, vocab, &batch.sampling, &batch.row_ids, &batch.generated);
-        Ok(record(batch, tokens))
+    }
+
+    /// Runs each row's pending token and samples the next (CPU).
+    fn step_host(
+        &self,
+        seqs: &mut [Seq],
+        pending: &[u32],
+        sampling: &Sampling,
+        row_ids: &[u32],
+        generated: &[u32],
+    ) -> Result<Vec<u32>, BackendError> {
+        let model = &*self.model;
+        let mut pass: Vec<(&mut Seq, &[u32])> =
+            seqs.iter_mut().zip(pending.chunks_exact(1)).collect();
+        let hidden = model.forward_seqs(&mut pass, &self.pool).map_err(PassError::backend)?; // [rows, hidden]
+        let logits = model.logits(&hidden).map_err(device_err)?; // [rows, vocab]
+        let vocab = model.config.vocab_size;
+        // Sampled straight from the logits' storage: nothing is copied.
+        with_host(&logits, |l| sample_rows(l, vocab, vocab, sampling, row_ids, generated)).map_err(device_err)
+    }
+
+    /// Runs each row's pending token and samples the next (GPU, dense cache).
+    fn step_dense(
+        &self,
+        cache: &mut KvCache,
+        pending: &[u32],
+        sampling: &Sampling,
+        row_ids: &[u32],
+        generated: &[u32],
+    ) -> Result<Vec<u32>, BackendError> {
+        let model = &*self.model;
+        let rows = pending.len();
+        let new_len = cache.len + 1;
+        check_fits(self, rows, new_len)?;
+        cache.reserve(model, new_len, cap_limit(self, rows)).map_err(alloc_err)?;
+        let len_before = cache.len;
+        let result = model
+            .token_tensor(pending.to_vec(), rows, 1)
+            .and_then(|tokens| model.forward_hidden(&tokens, cache))
+            .and_then(|hidden| model.last_logits(&hidden)); // [rows, vocab]
+        let vocab = model.config.vocab_size;
+        let sampled = result.and_then(|logits| {
+            if sampling.temperature <= 0.0 {
+                // Greedy on a device: the argmax runs there and only `rows` ids come back.
+                greedy_rows(&logits)
+            } else {
+                // The host samples (the row-keyed noise needs 32-bit integer hashing, which
+                // candle's tensor ops cannot express): the logits come back.
+                to_host_rows(&logits).map(|l| sample_rows(&l, vocab, vocab, sampling, row_ids, generated))
+            }
+        });
+        sampled.map_err(|e| {
+            // A failed step may have written K/V at `len`: rewinding keeps the cache
+            // consistent, so the step can be retried.
+            cache.len = len_before;
+            device_err(e)
+        })
     }
 }
 
@@ -164,71 +253,96 @@ fn record(batch: &mut CandleBatch, tokens: Vec<u32>) -> Vec<u32> {
     tokens
 }
 
-/// One token per row from `logits` `[rows, vocab]`, split over two threads for large batches.
-fn sample_rows(logits: &[f32], vocab: usize, sampling: &Sampling, row_ids: &[u32], generated: &[u32]) -> Vec<u32> {
+/// One token per row: row `r` draws from `logits[r * stride..r * stride + vocab]` (a
+/// `stride` of 0 gives every row the same logits). Rows run in parallel on candle's
+/// persistent thread pool; each row's draw depends only on its logits and its noise key.
+fn sample_rows(logits: &[f32], stride: usize, vocab: usize, sampling: &Sampling, row_ids: &[u32], generated: &[u32]) -> Vec<u32> {
     let rows = row_ids.len();
-    let one = |r: usize| sample(&logits[r * vocab..(r + 1) * vocab], sampling, row_ids[r], generated[r]);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
-    if rows < 8 || threads < 2 || sampling.temperature <= 0.0 {
+    let one = |r: usize| sample(&logits[r * stride..r * stride + vocab], sampling, row_ids[r], generated[r]);
+    if rows < 4 {
         return (0..rows).map(one).collect();
     }
-    let chunk = rows.div_ceil(threads);
-    let mut out = vec![0u32; rows];
-    std::thread::scope(|s| {
-        for (c, part) in out.chunks_mut(chunk).enumerate() {
-            let one = &one;
-            s.spawn(move || {
-                for (i, slot) in part.iter_mut().enumerate() {
-                    *slot = one(c * chunk + i);
-                }
-            });
+    let out: Vec<AtomicU32> = (0..rows).map(|_| AtomicU32::new(0)).collect();
+    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+        for r in range {
+            out[r].store(one(r), Ordering::Relaxed);
         }
     });
-    out
+    out.into_iter().map(AtomicU32::into_inner).collect()
 }
 
 impl Decoder for CandleDecoder {
     type Batch = CandleBatch;
 
     fn token_capacity(&self) -> usize {
-        self.kv_budget_bytes / self.kv_bytes_per_token()
+        if self.on_host() {
+            self.pool.capacity() * BLOCK
+        } else {
+            self.kv_budget_bytes / self.kv_bytes_per_token()
+        }
     }
 
     fn kv_bytes_per_token(&self) -> usize {
-        self.model.config.kv_bytes_per_token()
+        self.model.kv_bytes_per_token()
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        if self.on_host() { KvLayout { shared_prompt: true, block: BLOCK } } else { KvLayout::DENSE }
     }
 
     fn max_sequence_len(&self) -> usize {
         self.model.config.context_length
     }
 
-    #[track_caller]
     fn prefill(&mut self, prompt: &[u32], ids: Range<u32>, sampling: &Sampling) -> Result<CandleBatch, BackendError> {
-        assert!(!ids.is_empty(), "prefill: the row id range must not be empty, got {ids:?}");
+        if ids.is_empty() {
+            return Err(BackendError::device(format!("prefill: the row id range must not be empty, got {ids:?}")));
+        }
+        if prompt.is_empty() {
+            return Err(BackendError::device("prefill: the prompt must not be empty"));
+        }
         let rows = ids.len();
-        assert!(!prompt.is_empty(), "prefill: the prompt must not be empty");
         let model = &*self.model;
         model.check_tokens(prompt).map_err(BackendError::Device)?;
         let len = prompt.len();
-        // The budget counts the batch's cache; the transient batch-1 pass is not counted.
-        check_fits(self, rows, len)?;
-        let mut single = KvCache::new(model, 1, len).map_err(alloc_err)?;
-        let logits = model
-            .token_tensor(prompt.to_vec(), 1, len)
-            .and_then(|tokens| model.forward_hidden(&tokens, &mut single))
-            .and_then(|hidden| model.last_logits(&hidden)) // [1, vocab]
-            .and_then(|logits| to_host_rows(&logits))
-            .map_err(device_err)?;
-        // Room for a few steps so the first ones do not reallocate.
-        let cap = (len + 64).min(cap_limit(self, rows)).max(len);
-        let cache = single.gather_rows(model, &vec![0; rows], cap).map_err(alloc_err)?;
-        drop(single);
+        if len > model.config.context_length {
+            return Err(BackendError::device(format!(
+                "sequence length {len} exceeds the model's context length {}",
+                model.config.context_length
+            )));
+        }
+        let (kv, first) = if self.on_host() {
+            let mut prefix = Seq::new();
+            let hidden = model.forward_seqs(&mut [(&mut prefix, prompt)], &self.pool).map_err(PassError::backend)?; // [len, hidden]
+            let first = hidden
+                .narrow(0, len - 1, 1)
+                .and_then(|last| model.logits(&last))
+                .and_then(|l| to_host_rows(&l))
+                .map_err(device_err)?;
+            let prefix = Arc::new(prefix);
+            (Kv::Host((0..rows).map(|_| Seq::on_prefix(&prefix, len)).collect()), first)
+        } else {
+            // The budget counts the batch's cache; the transient batch-1 pass is not counted.
+            check_fits(self, rows, len)?;
+            let mut single = KvCache::new(model, 1, len).map_err(alloc_err)?;
+            let first = model
+                .token_tensor(prompt.to_vec(), 1, len)
+                .and_then(|tokens| model.forward_hidden(&tokens, &mut single))
+                .and_then(|hidden| model.last_logits(&hidden)) // [1, vocab]
+                .and_then(|logits| to_host_rows(&logits))
+                .map_err(device_err)?;
+            // Room for a few steps so the first ones do not reallocate.
+            let cap = (len + 64).min(cap_limit(self, rows)).max(len);
+            let cache = single.gather_rows(model, &vec![0; rows], cap).map_err(alloc_err)?;
+            (Kv::Dense(cache), first)
+        };
         Ok(CandleBatch {
-            cache,
+            kv,
             row_ids: ids.collect(),
             generated: vec![0; rows],
             pending: None,
-            logits: logits.repeat(rows),
+            first: Arc::new(first),
+            prompt_len: len,
             sampling: *sampling,
         })
     }
@@ -237,38 +351,53 @@ impl Decoder for CandleDecoder {
         std::future::ready(self.step_sync(batch))
     }
 
-    #[track_caller]
     fn retain(&mut self, batch: &mut CandleBatch, keep: &[usize]) -> Result<(), BackendError> {
         let rows = batch.rows();
-        assert!(
-            keep.windows(2).all(|w| w[0] < w[1]),
-            "retain: indices must be strictly ascending, got {keep:?}"
-        );
-        if let Some(&last) = keep.last() {
-            assert!(last < rows, "retain: index {last} out of range for {rows} rows");
-        }
+        check_retain(keep, rows)?;
         if keep.len() == rows {
             return Ok(()); // strictly ascending and in range: the identity
         }
-        let model = &*self.model;
-        let cap = batch.cache.cap.min(cap_limit(self, keep.len().max(1))).max(batch.cache.len);
-        batch.cache = batch.cache.gather_rows(model, keep, cap).map_err(alloc_err)?;
-        let vocab = model.config.vocab_size;
+        match &mut batch.kv {
+            Kv::Host(seqs) => {
+                // Dropped rows' blocks go back to the pool; nothing is copied or allocated.
+                let mut next = keep.iter().peekable();
+                let mut i = 0;
+                seqs.retain(|_| {
+                    let kept = next.peek() == Some(&&i);
+                    if kept {
+                        next.next();
+                    }
+                    i += 1;
+                    kept
+                });
+            }
+            Kv::Dense(cache) => {
+                let model = &*self.model;
+                let cap = cache.cap.min(cap_limit(self, keep.len().max(1))).max(cache.len);
+                *cache = cache.gather_rows(model, keep, cap).map_err(alloc_err)?;
+            }
+        }
         batch.row_ids = keep.iter().map(|&i| batch.row_ids[i]).collect();
         batch.generated = keep.iter().map(|&i| batch.generated[i]).collect();
         if let Some(p) = &batch.pending {
             batch.pending = Some(keep.iter().map(|&i| p[i]).collect());
         }
-        // The logits are read only while nothing is pending (right after prefill); a greedy
-        // step on a device keeps none at all.
-        if batch.logits.len() == rows * vocab {
-            let mut logits = Vec::with_capacity(keep.len() * vocab);
-            for &i in keep {
-                logits.extend_from_slice(&batch.logits[i * vocab..(i + 1) * vocab]);
+        Ok(())
+    }
+
+    fn fork(&mut self, batch: &mut CandleBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+        check_fork(children, batch.rows())?;
+        let Kv::Host(seqs) = &mut batch.kv else {
+            return Err(BackendError::device("fork: rows can be forked on the CPU only"));
+        };
+        for &(parent, id) in children {
+            let child = seqs[parent].fork();
+            seqs.push(child);
+            batch.row_ids.push(id);
+            batch.generated.push(batch.generated[parent]);
+            if let Some(p) = &mut batch.pending {
+                p.push(p[parent]);
             }
-            batch.logits = logits;
-        } else {
-            batch.logits.clear();
         }
         Ok(())
     }

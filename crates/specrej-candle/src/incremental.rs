@@ -4,14 +4,16 @@
 //! Each row remembers the token ids its cache holds. Asked for the hidden state at the end
 //! of new ids, it keeps the cache for the longest common prefix (LCP) of the new ids with the
 //! cached ones (a *truncation*: later positions are simply overwritten), and runs the rest.
-//! That is exact, not an approximation: position `i`'s K/V depends only on ids `..=i`.
+//! That is exact, not an approximation: position `i`'s K/V depends only on ids `..=i`, and
+//! on the CPU it is computed by the same arithmetic however the ids are split into calls.
 //!
 //! The LCP matters when the ids are a re-tokenization of text that grew: BPE merges across
 //! the old end of the text, and any fixed suffix (a chat template's end-of-turn, a judge's
 //! question), change the last few ids, which are then re-run.
 //!
-//! Rows are run one at a time (batch 1, `t` new tokens each): rows hold different lengths,
-//! and the cost is in the tokens run, not in the batching.
+//! On the CPU all rows of a call run in one pass ([`crate::host`]): their new tokens side by
+//! side, each at its own position, over one shared prefix held once. On a GPU rows run one
+//! at a time (batch 1) over dense caches.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,14 +21,22 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use specrej_core::BackendError;
 
-use crate::model::{alloc_err, device_err, nll_rows, KvCache, Model, to_host_rows};
+use crate::host::{host_vec, PassError};
+use crate::kv::{KvPool, Seq};
+use crate::model::{alloc_err, device_err, nll_rows, to_host_rows, KvCache, Model};
 
+/// One row's cache.
+#[derive(Debug)]
+enum Cache {
+    Host(Seq),
+    Dense(KvCache),
+}
 
-/// One cached sequence: the ids whose K/V `cache` holds (`cache.len == ids.len()`).
+/// One cached sequence: the ids whose K/V `cache` holds.
 #[derive(Debug)]
 struct Cached {
     ids: Vec<u32>,
-    cache: KvCache,
+    cache: Cache,
 }
 
 fn lcp(a: &[u32], b: &[u32]) -> usize {
@@ -36,8 +46,8 @@ fn lcp(a: &[u32], b: &[u32]) -> usize {
 /// Per-row K/V caches of a model's trunk, reused across calls by longest common prefix.
 ///
 /// Row ids are the scheduler's stable row ids; [`IncrementalRows::release`] drops rows the
-/// scheduler rejected. A shared prefix ([`IncrementalRows::set_prefix`]) is run once and
-/// copied into each new row's cache.
+/// scheduler rejected. A shared prefix ([`IncrementalRows::set_prefix`]) is run once; on the
+/// CPU new rows read it in place, on a GPU it is copied into each new row's cache.
 ///
 /// Built with [`IncrementalRows::full`], nothing is kept: every call runs every id from
 /// scratch (the baseline the incremental mode is measured against).
@@ -47,25 +57,50 @@ fn lcp(a: &[u32], b: &[u32]) -> usize {
 pub struct IncrementalRows {
     model: Arc<Model>,
     reuse: bool,
-    prefix: Option<Cached>,
+    /// The CPU caches' blocks.
+    pool: Arc<KvPool>,
+    prefix: Option<(Vec<u32>, Prefix)>,
     rows: HashMap<u32, Cached>,
+}
+
+/// A shared prefix's K/V.
+#[derive(Debug)]
+enum Prefix {
+    Host(Arc<Seq>),
+    Dense(KvCache),
 }
 
 impl Clone for IncrementalRows {
     fn clone(&self) -> Self {
-        Self { model: Arc::clone(&self.model), reuse: self.reuse, prefix: None, rows: HashMap::new() }
+        Self::with_reuse(Arc::clone(&self.model), self.reuse)
     }
+}
+
+/// What one row of a batched call ran: the final-normed hidden states of the positions
+/// run (`[t, hidden]` row-major) and the first position run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ran {
+    /// `[t, hidden]` f32, row-major: positions `first..ids.len()`.
+    pub hidden: Vec<f32>,
+    /// First position run (the cached positions before it were reused).
+    pub first: usize,
 }
 
 impl IncrementalRows {
     /// Incremental caches on `model` (a full model or a trunk).
     pub fn new(model: Arc<Model>) -> Self {
-        Self { model, reuse: true, prefix: None, rows: HashMap::new() }
+        Self::with_reuse(model, true)
     }
 
     /// No reuse: every call runs all of its ids (the paper's behaviour).
     pub fn full(model: Arc<Model>) -> Self {
-        Self { reuse: false, ..Self::new(model) }
+        Self::with_reuse(model, false)
+    }
+
+    fn with_reuse(model: Arc<Model>, reuse: bool) -> Self {
+        // The caches live as long as their rows; allocation failure is the only limit.
+        let pool = KvPool::new(model.kv_shape(), model.kv_format, usize::MAX);
+        Self { model, reuse, pool, prefix: None, rows: HashMap::new() }
     }
 
     /// Whether caches are kept between calls.
@@ -88,6 +123,15 @@ impl IncrementalRows {
         self.rows.values().map(|c| c.ids.len()).sum()
     }
 
+    /// Bytes of K/V the CPU caches hold right now, the shared prefix included (0 on a GPU).
+    pub fn kv_bytes_held(&self) -> u64 {
+        self.pool.in_use() as u64 * self.pool.block_bytes() as u64
+    }
+
+    fn on_host(&self) -> bool {
+        self.model.device.is_cpu()
+    }
+
     fn check(&self, ids: &[u32]) -> Result<(), BackendError> {
         self.model.check_tokens(ids).map_err(BackendError::Device)?;
         let ctx = self.model.config.context_length;
@@ -101,7 +145,7 @@ impl IncrementalRows {
     /// and runs them once, unless they are already the prefix. Returns the tokens run.
     /// A no-op (0) in [`IncrementalRows::full`] mode.
     pub fn set_prefix(&mut self, ids: &[u32]) -> Result<u64, BackendError> {
-        if !self.reuse || self.prefix.as_ref().is_some_and(|p| p.ids == ids) {
+        if !self.reuse || self.prefix.as_ref().is_some_and(|(p, _)| p == ids) {
             return Ok(0);
         }
         self.prefix = None;
@@ -110,12 +154,19 @@ impl IncrementalRows {
         }
         self.check(ids)?;
         let model = &*self.model;
-        let mut cache = KvCache::new(model, 1, ids.len()).map_err(alloc_err)?;
-        model
-            .token_tensor(ids.to_vec(), 1, ids.len())
-            .and_then(|t| model.forward_hidden(&t, &mut cache))
-            .map_err(device_err)?;
-        self.prefix = Some(Cached { ids: ids.to_vec(), cache });
+        let prefix = if self.on_host() {
+            let mut seq = Seq::new();
+            model.forward_seqs(&mut [(&mut seq, ids)], &self.pool).map_err(PassError::backend)?;
+            Prefix::Host(Arc::new(seq))
+        } else {
+            let mut cache = KvCache::new(model, 1, ids.len()).map_err(alloc_err)?;
+            model
+                .token_tensor(ids.to_vec(), 1, ids.len())
+                .and_then(|t| model.forward_hidden(&t, &mut cache))
+                .map_err(device_err)?;
+            Prefix::Dense(cache)
+        };
+        self.prefix = Some((ids.to_vec(), prefix));
         Ok(ids.len() as u64)
     }
 
@@ -126,16 +177,19 @@ impl IncrementalRows {
     /// longest common prefix with `ids`, capped at `ids.len() − 1` so that the last
     /// position is always run. `ids` must not be empty.
     pub fn last_hidden(&mut self, row: u32, ids: &[u32]) -> Result<(Vec<f32>, u64), BackendError> {
-        let (hidden, keep) = self.advance(row, ids, 0)?;
-        let model = &*self.model;
-        let t = ids.len() - keep;
-        let hidden = hidden
-            .narrow(1, t - 1, 1)
-            .and_then(|h| h.squeeze(1)) // [1, hidden]
-            .and_then(|h| model.final_norm(&h))
-            .and_then(|h| to_host_rows(&h))
-            .map_err(device_err)?;
-        Ok((hidden, t as u64))
+        let (mut hidden, run) = self.last_hidden_many(&[(row, ids)])?;
+        Ok((hidden.swap_remove(0), run))
+    }
+
+    /// [`IncrementalRows::last_hidden`] for many rows at once (on the CPU, one pass):
+    /// the final-normed last hidden state of each, and the tokens run over all of them.
+    /// A row may appear only once.
+    pub fn last_hidden_many(&mut self, items: &[(u32, &[u32])]) -> Result<(Vec<Vec<f32>>, u64), BackendError> {
+        let h = self.model.config.hidden_size;
+        let ran = self.run_many(items, 0, true)?;
+        let run: u64 = items.iter().zip(&ran).map(|((_, ids), r)| (ids.len() - r.first) as u64).sum();
+        let last = ran.into_iter().map(|r| r.hidden[r.hidden.len() - h..].to_vec()).collect();
+        Ok((last, run))
     }
 
     /// Like [`IncrementalRows::last_hidden`], but returns the final-normed hidden states of
@@ -144,55 +198,142 @@ impl IncrementalRows {
     /// common prefix are re-run too (so that position `first` sees its old successor
     /// replaced when needed). The number of tokens run is `ids.len() − first`.
     pub fn hidden_from(&mut self, row: u32, ids: &[u32], back: usize) -> Result<(Vec<f32>, usize), BackendError> {
-        let (hidden, keep) = self.advance(row, ids, back)?;
-        let model = &*self.model;
-        let normed = hidden
-            .squeeze(0)
-            .and_then(|h| model.final_norm(&h))
-            .and_then(|h| to_host_rows(&h))
-            .map_err(device_err)?;
-        Ok((normed, keep))
+        let mut ran = self.hidden_from_many(&[(row, ids)], back)?;
+        let r = ran.swap_remove(0);
+        Ok((r.hidden, r.first))
     }
 
-    /// Brings `row`'s cache to `ids`, keeping at most `lcp − back` (and at most
-    /// `ids.len() − 1`) cached positions; returns the pre-norm hidden states of the positions
-    /// run (`[1, t, hidden]`) and the number kept.
-    fn advance(&mut self, row: u32, ids: &[u32], back: usize) -> Result<(Tensor, usize), BackendError> {
-        if ids.is_empty() {
-            return Err(BackendError::device("incremental scoring: empty input"));
+    /// [`IncrementalRows::hidden_from`] for many rows at once (on the CPU, one pass).
+    pub fn hidden_from_many(&mut self, items: &[(u32, &[u32])], back: usize) -> Result<Vec<Ran>, BackendError> {
+        self.run_many(items, back, false)
+    }
+
+    /// Brings each row's cache to its ids, keeping at most `lcp − back` (and at most
+    /// `ids.len() − 1`) cached positions, and returns the final-normed hidden states of the
+    /// positions run (all of them, or only the last when `last_only`, as `[1, hidden]`)
+    /// with the first position run.
+    fn run_many(&mut self, items: &[(u32, &[u32])], back: usize, last_only: bool) -> Result<Vec<Ran>, BackendError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
         }
-        self.check(ids)?;
+        for (_, ids) in items {
+            if ids.is_empty() {
+                return Err(BackendError::device("incremental scoring: empty input"));
+            }
+            self.check(ids)?;
+        }
+        for (i, (row, _)) in items.iter().enumerate() {
+            if items[..i].iter().any(|(r, _)| r == row) {
+                return Err(BackendError::device(format!("incremental scoring: row {row} appears twice in one call")));
+            }
+        }
+        let cap = |lcp: usize, ids: &[u32]| lcp.saturating_sub(back).min(ids.len() - 1);
+        if !self.on_host() {
+            let mut out = Vec::with_capacity(items.len());
+            for &(row, ids) in items {
+                out.push(self.advance_dense(row, ids, cap, last_only)?);
+            }
+            return Ok(out);
+        }
+        // Each row's sequence, cut back to what it can keep.
+        let mut seqs: Vec<(Seq, usize)> = Vec::with_capacity(items.len());
+        for &(row, ids) in items {
+            let reused = if self.reuse { self.rows.remove(&row) } else { None };
+            let (seq, keep) = match reused {
+                Some(Cached { ids: old, cache: Cache::Host(mut seq) }) => {
+                    let keep = cap(lcp(&old, ids), ids);
+                    seq.truncate(keep);
+                    (seq, keep)
+                }
+                _ => match &self.prefix {
+                    Some((p_ids, Prefix::Host(p))) if self.reuse && cap(lcp(p_ids, ids), ids) > 0 => {
+                        let keep = cap(lcp(p_ids, ids), ids);
+                        (Seq::on_prefix(p, keep), keep)
+                    }
+                    _ => (Seq::new(), 0),
+                },
+            };
+            seqs.push((seq, keep));
+        }
+        let model = Arc::clone(&self.model);
+        let h = model.config.hidden_size;
+        let hidden = {
+            let mut pass: Vec<(&mut Seq, &[u32])> =
+                seqs.iter_mut().zip(items).map(|((seq, keep), (_, ids))| (seq, &ids[*keep..])).collect();
+            model.forward_seqs(&mut pass, &self.pool).map_err(PassError::backend)?
+        }; // [Σ t, hidden]
+        // Final norm of the positions asked for.
+        let mut picked = Vec::new(); // flat token indices
+        let mut offset = 0;
+        for ((_, keep), (_, ids)) in seqs.iter().zip(items) {
+            let t = ids.len() - keep;
+            if last_only {
+                picked.push((offset + t - 1) as u32);
+            } else {
+                picked.extend((offset..offset + t).map(|i| i as u32));
+            }
+            offset += t;
+        }
+        let normed = Tensor::new(picked.as_slice(), hidden.device())
+            .and_then(|ids| hidden.index_select(&ids, 0))
+            .and_then(|h| model.final_norm(&h))
+            .and_then(|h| host_vec(&h))
+            .map_err(device_err)?;
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for ((seq, keep), &(row, ids)) in seqs.into_iter().zip(items) {
+            let t = if last_only { 1 } else { ids.len() - keep };
+            out.push(Ran { hidden: normed[at * h..(at + t) * h].to_vec(), first: keep });
+            at += t;
+            if self.reuse {
+                self.rows.insert(row, Cached { ids: ids.to_vec(), cache: Cache::Host(seq) });
+            }
+        }
+        Ok(out)
+    }
+
+    /// One row on a GPU: batch 1 over a dense cache.
+    fn advance_dense(
+        &mut self,
+        row: u32,
+        ids: &[u32],
+        cap: impl Fn(usize, &[u32]) -> usize,
+        last_only: bool,
+    ) -> Result<Ran, BackendError> {
         let model = Arc::clone(&self.model);
         let model = &*model;
         let ctx = model.config.context_length;
-        let cap = |lcp: usize| lcp.saturating_sub(back).min(ids.len() - 1);
-        let (mut cache, keep) = match (self.reuse, self.rows.remove(&row)) {
-            (true, Some(mut c)) => {
-                let keep = cap(lcp(&c.ids, ids));
-                c.cache.len = keep;
-                (c.cache, keep)
+        let reused = if self.reuse { self.rows.remove(&row) } else { None };
+        let (mut cache, keep) = match reused {
+            Some(Cached { ids: old, cache: Cache::Dense(mut c) }) => {
+                let keep = cap(lcp(&old, ids), ids);
+                c.len = keep;
+                (c, keep)
             }
-            (true, None) => match &self.prefix {
-                Some(p) if cap(lcp(&p.ids, ids)) > 0 => {
-                    let keep = cap(lcp(&p.ids, ids));
-                    let mut cache = p.cache.gather_rows(model, &[0], ids.len()).map_err(alloc_err)?;
+            _ => match &self.prefix {
+                Some((p_ids, Prefix::Dense(p))) if self.reuse && cap(lcp(p_ids, ids), ids) > 0 => {
+                    let keep = cap(lcp(p_ids, ids), ids);
+                    let mut cache = p.gather_rows(model, &[0], ids.len()).map_err(alloc_err)?;
                     cache.len = keep;
                     (cache, keep)
                 }
                 _ => (KvCache::new(model, 1, ids.len()).map_err(alloc_err)?, 0),
             },
-            (false, _) => (KvCache::new(model, 1, ids.len()).map_err(alloc_err)?, 0),
         };
         cache.reserve(model, ids.len(), ctx).map_err(alloc_err)?;
         let run = &ids[keep..];
         let hidden = model
             .token_tensor(run.to_vec(), 1, run.len())
             .and_then(|t| model.forward_hidden(&t, &mut cache)) // [1, t, hidden]
+            .and_then(|h| h.squeeze(0))
+            .and_then(|h| if last_only { h.narrow(0, run.len() - 1, 1) } else { Ok(h) })
+            .and_then(|h| model.final_norm(&h))
+            .and_then(|h| to_host_rows(&h))
             .map_err(device_err)?;
         if self.reuse {
-            self.rows.insert(row, Cached { ids: ids.to_vec(), cache });
+            self.rows.insert(row, Cached { ids: ids.to_vec(), cache: Cache::Dense(cache) });
         }
-        Ok((hidden, keep))
+        Ok(Ran { hidden, first: keep })
     }
 
     /// Drops the caches of `rows` (the scheduler will not ask about them again).

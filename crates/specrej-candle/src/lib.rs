@@ -20,27 +20,30 @@
 //! between scoring calls and reuses it up to the longest common prefix with the new ids, so
 //! re-scoring a grown sequence runs only what changed. [`JudgeScorer::incremental`] uses it.
 //!
-//! # Row independence
-//! A row's logits do not depend on which other rows share its batch: every row of a
-//! batch sits at the same position, the prompt runs once with batch 1 and its cache is
-//! copied to every row, and every per-row computation (quantized matmul with per-row
-//! activation quantization, RMSNorm, RoPE, single-query attention over the cache) is the
-//! same whatever the batch size. With [`WeightFormat::Q8_0`] (the default) and
-//! [`WeightFormat::Native`] on Q4/Q5/Q8 files this holds bit for bit (tested). With
-//! [`WeightFormat::F32`] the dense gemm picks different kernels for different row counts:
-//! logits then agree to rounding (tested to 1e-4 absolute; ~7e-7 observed), and greedy
-//! tokens agree unless two candidates tie to that precision.
+//! # Batch invariance
+//! On the CPU a token's logits (and so a row's samples and a response's reward) depend only
+//! on the ids before it, bit for bit: never on the batch size, the other rows, how the ids
+//! were split into passes (prefill, steps, incremental scoring), or padding (there is none).
+//! Every CPU pass is [`crate::host`]'s varlen forward, in which every per-token computation
+//! is fixed: the projections through candle's quantized matmul, whose per-row arithmetic
+//! does not depend on the row count (dense f32 weights through gemm calls of a fixed shape,
+//! for the same reason), RMSNorm, RoPE and the SwiGLU per token, and one attention kernel
+//! ([`crate::attention`]) with a fixed summation order. Tests check it on tiny models and
+//! on the default model.
 //!
-//! On CUDA (feature `cuda`, [`Device::Cuda`]) the same forward runs on candle's CUDA
-//! kernels (cuBLAS, its quantized matmuls); the row-by-row bit-exactness above is a CPU
-//! property: CUDA picks kernels by row count, so rows agree only to rounding there.
+//! On CUDA (feature `cuda`, [`Device::Cuda`]) the dense forward runs on candle's CUDA
+//! kernels (cuBLAS, its quantized matmuls), which pick kernels by shape: rows agree there
+//! only to rounding.
 //!
 //! # Memory
-//! The K/V cache is f32, `[rows, kv_heads, capacity, head_dim]` per layer, grown by
-//! doubling within the decoder's byte budget; running past the budget, or a failed device
-//! allocation, is reported as [`specrej_core::BackendError::OutOfMemory`] so the scheduler
-//! can decide early. [`CandleDecoder::auto_budget_bytes`] sizes a budget from the GPU's free
-//! memory.
+//! On the CPU every decoder and scorer owns a pool of K/V blocks (16 positions of every
+//! layer, f16 by default: [`KvFormat`]) within its byte budget: a batch's prompt is held once
+//! and shared by its rows, each row holds blocks of its own, `retain` drops rows' blocks back
+//! into the pool without copying or allocating anything, and forked rows share their
+//! parent's blocks (copied on write). Running past the budget, or a failed allocation, is
+//! [`specrej_core::BackendError::OutOfMemory`], so the scheduler can decide early. On a GPU
+//! the cache is f32, `[rows, kv_heads, capacity, head_dim]` per layer, grown by doubling;
+//! [`CandleDecoder::auto_budget_bytes`] sizes a budget from its free memory.
 //!
 //! # Sampling on a device
 //! Greedy steps on a GPU take the argmax there, so only the sampled ids cross to the host.
@@ -53,7 +56,9 @@ mod attention;
 mod config;
 mod decoder;
 mod error;
+mod host;
 mod incremental;
+mod kv;
 mod load;
 mod model;
 mod options;
@@ -65,6 +70,7 @@ mod tests;
 pub use config::{Architecture, ModelConfig};
 pub use decoder::{AUTO_BUDGET_FREE_FRACTION, CandleBatch, CandleDecoder, DEFAULT_KV_BUDGET_BYTES};
 pub use error::LoadError;
+pub use kv::KvFormat;
 pub use incremental::IncrementalRows;
 pub use load::{load, load_gguf, load_gguf_bytes, load_safetensors, load_safetensors_trunk};
 pub use model::Model;

@@ -332,6 +332,7 @@ fn build<S: TensorSource>(
     Ok(Arc::new(Model {
         config,
         format: options.weights,
+        kv_format: options.kv,
         device,
         embedding,
         layers,

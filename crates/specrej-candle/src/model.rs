@@ -9,6 +9,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device as CDevice, Module, Tensor};
 
 use crate::config::ModelConfig;
+use crate::kv::KvFormat;
 use crate::options::WeightFormat;
 
 type CResult<T> = candle_core::Result<T>;
@@ -33,8 +34,12 @@ impl Linear {
     }
 
     /// `x`: `[n, in]` or `[n, padded_in]` f32 contiguous → `[n, out]` f32.
-    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let y = self.weight.forward(&self.pad(x)?)?;
+    pub(crate) fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let x = self.pad(x)?;
+        let y = match &self.weight {
+            QMatMul::Tensor(w) if x.device().is_cpu() => dense_rows(&x, w)?,
+            weight => weight.forward(&x)?,
+        };
         self.add_bias(y)
     }
 
@@ -46,10 +51,30 @@ impl Linear {
     }
 }
 
+/// Rows per gemm call of a dense f32 projection on the CPU.
+const DENSE_TILE: usize = 16;
+
+/// `x Wᵀ` for `x` `[n, in]` and `w` `[out, in]` (f32, CPU), as gemm calls of exactly
+/// [`DENSE_TILE`] rows (the last padded with zeros): the gemm picks its kernels and its
+/// split by shape, so a fixed shape makes a row's result independent of `n` and of the
+/// other rows.
+fn dense_rows(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    let n = x.dim(0)?;
+    let wt = w.t()?;
+    let mut parts = Vec::with_capacity(n.div_ceil(DENSE_TILE));
+    for start in (0..n).step_by(DENSE_TILE) {
+        let rows = DENSE_TILE.min(n - start);
+        let tile = x.narrow(0, start, rows)?;
+        let tile = if rows < DENSE_TILE { tile.pad_with_zeros(0, 0, DENSE_TILE - rows)? } else { tile.contiguous()? };
+        parts.push(tile.matmul(&wt)?.narrow(0, 0, rows)?); // [rows, out]
+    }
+    Tensor::cat(&parts, 0)
+}
+
 /// Several projections of the same input (q/k/v, gate/up). Uses candle's fused kernel
 /// (one activation quantization, one parallel region) where it applies; that choice
 /// depends only on the weights, never on the row count, so rows stay independent.
-fn forward_group<const N: usize>(linears: [&Linear; N], x: &Tensor) -> CResult<[Tensor; N]> {
+pub(crate) fn forward_group<const N: usize>(linears: [&Linear; N], x: &Tensor) -> CResult<[Tensor; N]> {
     let x = linears[0].pad(x)?; // [n, padded_in]
     let same_width = linears.iter().all(|l| l.padded_in == linears[0].padded_in);
     let quantized: Option<Vec<&QTensor>> = linears
@@ -90,7 +115,7 @@ pub(crate) enum Embedding {
 
 impl Embedding {
     /// `ids`: `[n]` u32 → `[n, hidden]` f32.
-    fn forward(&self, ids: &Tensor) -> CResult<Tensor> {
+    pub(crate) fn forward(&self, ids: &Tensor) -> CResult<Tensor> {
         match self {
             Embedding::Quantized(q) => q.embedding(ids),
             Embedding::F32(t) => t.index_select(ids, 0),
@@ -118,6 +143,8 @@ pub(crate) struct Layer {
 pub struct Model {
     pub(crate) config: ModelConfig,
     pub(crate) format: WeightFormat,
+    /// How CPU K/V caches on this model store K and V.
+    pub(crate) kv_format: KvFormat,
     pub(crate) device: CDevice,
     pub(crate) embedding: Embedding,
     pub(crate) layers: Vec<Layer>,
@@ -143,6 +170,19 @@ impl Model {
     /// How the projection weights are held in memory.
     pub fn weight_format(&self) -> WeightFormat {
         self.format
+    }
+
+    /// How K/V caches on the CPU store K and V.
+    pub fn kv_format(&self) -> KvFormat {
+        self.kv_format
+    }
+
+    /// Bytes one cached token's K/V takes over all layers: in [`Model::kv_format`] on the
+    /// CPU, f32 on a GPU.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.config;
+        let bytes = if self.device.is_cpu() { self.kv_format.bytes() } else { 4 };
+        2 * c.layers * c.kv_heads * c.head_dim * bytes
     }
 
     /// The token strings of a GGUF file's `tokenizer.ggml.tokens`, indexed by id.
@@ -224,10 +264,7 @@ impl Model {
             let k = self.rope(&k, &cos, &sin)?;
             cache.k[l].slice_set(&k, 2, pos)?;
             cache.v[l].slice_set(&v, 2, pos)?;
-            let y = if t == 1 && self.device.is_cpu() {
-                // [rows, heads*hd]: one query per row, K/V read in place.
-                crate::attention::decode_attention(&q, &cache.k[l], &cache.v[l], total, scale as f32)?
-            } else {
+            let y = {
                 let keys = cache.k[l].narrow(2, 0, total)?; // [rows, kv_heads, total, hd] strided view
                 let values = cache.v[l].narrow(2, 0, total)?; // [rows, kv_heads, total, hd] strided view
                 // Grouped-query attention without copying K/V: the `group` query heads that share
@@ -281,8 +318,9 @@ impl Model {
     }
 
     /// A direct full forward of `ids` (batch 1, fresh cache): the final-normed hidden
-    /// states `[ids.len() × hidden]`, row-major. The reference that incremental scorers are
-    /// tested against; also usable to build any head on top of the trunk.
+    /// states `[ids.len() × hidden]`, row-major. On the CPU this is the same arithmetic as
+    /// every other pass (so the same bits as incremental scoring); use it to build any head
+    /// on top of the trunk.
     pub fn hidden_states(&self, ids: &[u32]) -> Result<Vec<f32>, specrej_core::BackendError> {
         use specrej_core::BackendError;
         if ids.is_empty() {
@@ -296,16 +334,19 @@ impl Model {
                 self.config.context_length
             )));
         }
-        let mut cache = KvCache::new(self, 1, ids.len()).map_err(|e| match e {
-            AllocError::OutOfMemory => BackendError::OutOfMemory,
-            AllocError::Other(e) => BackendError::device(e),
-        })?;
+        if self.device.is_cpu() {
+            let pool = crate::kv::KvPool::new(self.kv_shape(), self.kv_format, usize::MAX);
+            let mut seq = crate::kv::Seq::new();
+            let hidden = self.forward_seqs(&mut [(&mut seq, ids)], &pool).map_err(crate::host::PassError::backend)?;
+            return self.final_norm(&hidden).and_then(|h| to_host_rows(&h)).map_err(device_err);
+        }
+        let mut cache = KvCache::new(self, 1, ids.len()).map_err(alloc_err)?;
         self.token_tensor(ids.to_vec(), 1, ids.len())
             .and_then(|t| self.forward_hidden(&t, &mut cache))
             .and_then(|h| h.squeeze(0))
             .and_then(|h| self.final_norm(&h))
             .and_then(|h| to_host_rows(&h))
-            .map_err(|e| if is_oom(&e) { BackendError::OutOfMemory } else { BackendError::device(e) })
+            .map_err(device_err)
     }
 
     /// Logits at the last position of `[rows, t, hidden]` hidden states → `[rows, vocab]`.

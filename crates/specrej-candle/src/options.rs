@@ -33,12 +33,12 @@ impl Device {
 
 /// How the projection weights (attention, MLP, output) are held in memory.
 ///
-/// A row's logits never depend on which other rows share its batch beyond rounding;
-/// the default ([`WeightFormat::Q8_0`]) makes them bit-identical.
+/// On the CPU every format keeps a row's logits bit-identical whatever else shares its
+/// batch (see the crate docs); they differ in speed, memory and precision.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
     /// As stored in the file (GGUF quant types through candle's quantized matmul;
-    /// f16/bf16/f32 checkpoints as f32). Row independence is bit-exact for Q4_0/Q4_1/
+    /// f16/bf16/f32 checkpoints as f32). Batch invariance is bit-exact for Q4_0/Q4_1/
     /// Q5_x/Q8_0 files; for K-quants candle picks kernels by row count (Q6_K, and Q4_K on
     /// AMX CPUs), so rows agree only to rounding there.
     Native,
@@ -48,9 +48,8 @@ pub enum WeightFormat {
     /// default model at every batch size measured (see the crate's `decode` bench).
     #[default]
     Q8_0,
-    /// Dequantized to f32 (dense gemm). The most precise, 4x the memory of Q8_0.
-    /// The gemm's kernels depend on the row count, so rows agree only to rounding
-    /// (~1e-6 relative), not bit for bit.
+    /// Dequantized to f32 (dense gemm, in calls of a fixed row count). The most precise,
+    /// 4x the memory of Q8_0.
     F32,
 }
 
@@ -61,4 +60,6 @@ pub struct LoadOptions {
     pub device: Device,
     /// How the projection weights are held.
     pub weights: WeightFormat,
+    /// How K/V caches on the CPU store K and V (a GPU's are f32).
+    pub kv: crate::KvFormat,
 }

@@ -1,8 +1,12 @@
 //! Reward models on a shared [`Model`]: the policy's own likelihood, and an LLM judge.
 //!
-//! Both run the shared prefix once (batch 1), fan its K/V out to the responses, and run
-//! the responses right-padded to a common length: causal attention keeps the padding
-//! (which only ever follows a row's real tokens) from influencing anything that is read.
+//! Both run the shared prefix once (batch 1) and then every response after it. On the CPU
+//! the responses run in one pass ([`crate::host`]) over the prefix's K/V, held once, each at
+//! its own length: no padding, and every response's reward is computed by the same
+//! arithmetic as if it ran alone (or incrementally, or in another batch). On a GPU the
+//! prefix's K/V is copied to every response and the responses run right-padded to a common
+//! length: causal attention keeps the padding (which only ever follows a row's real tokens)
+//! from influencing anything that is read.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +16,9 @@ use specrej_core::likelihood::{self, EMPTY_RESPONSE_REWARD, Targets, log_sum_exp
 use specrej_core::{BackendError, Response, Scored, Scorer};
 
 use crate::decoder::DEFAULT_KV_BUDGET_BYTES;
+use crate::host::{host_vec, PassError};
 use crate::incremental::IncrementalRows;
+use crate::kv::{KvPool, Seq, BLOCK};
 use crate::model::{alloc_err, device_err, KvCache, Model, nll_rows, to_host_rows};
 
 /// Positions whose logits are materialised at once (`[LOGIT_CHUNK, vocab]` f32).
@@ -29,14 +35,124 @@ struct Prefix {
     logits: Vec<f32>, // [vocab] f32 at the prefix's last position
 }
 
-/// Shared machinery: prefix once, then padded suffix chunks within a K/V budget.
+/// Shared machinery: prefix once, then the suffixes in chunks within a K/V budget.
 #[derive(Debug, Clone)]
 struct Runner {
     model: Arc<Model>,
     kv_budget_bytes: usize,
 }
 
+/// A prefix run once on the CPU.
+struct HostPrefix {
+    seq: Arc<Seq>,
+    logits: Vec<f32>, // [vocab] f32 at the prefix's last position
+}
+
 impl Runner {
+    fn on_host(&self) -> bool {
+        self.model.device.is_cpu()
+    }
+
+    /// The CPU pool of one scoring call.
+    fn pool(&self) -> Arc<KvPool> {
+        let shape = self.model.kv_shape();
+        let block = shape.block_elems() * self.model.kv_format.bytes();
+        KvPool::new(shape, self.model.kv_format, (self.kv_budget_bytes / block.max(1)).max(1))
+    }
+
+    fn host_prefix(&self, tokens: &[u32], pool: &Arc<KvPool>) -> Result<HostPrefix, BackendError> {
+        let model = &*self.model;
+        self.check(tokens)?;
+        let mut seq = Seq::new();
+        let hidden = model.forward_seqs(&mut [(&mut seq, tokens)], pool).map_err(PassError::backend)?; // [len, hidden]
+        let logits = hidden
+            .narrow(0, tokens.len() - 1, 1)
+            .and_then(|last| model.logits(&last))
+            .and_then(|l| to_host_rows(&l))
+            .map_err(device_err)?;
+        Ok(HostPrefix { seq: Arc::new(seq), logits })
+    }
+
+    /// Runs every non-empty `inputs[i]` after the prefix, in chunks of inputs whose blocks
+    /// fit `pool`, and calls `f(i, normed)` per input with the final-normed hidden states
+    /// of its positions (`[len, hidden]` f32, row-major; only the last when `last_only`).
+    fn host_suffixes(
+        &self,
+        prefix: &HostPrefix,
+        inputs: &[&[u32]],
+        last_only: bool,
+        pool: &Arc<KvPool>,
+        mut f: impl FnMut(usize, &[f32]),
+    ) -> Result<(), BackendError> {
+        let model = &*self.model;
+        let h = model.config.hidden_size;
+        let todo: Vec<usize> = (0..inputs.len()).filter(|&i| !inputs[i].is_empty()).collect();
+        let free = pool.capacity().saturating_sub(pool.in_use());
+        let mut start = 0;
+        while start < todo.len() {
+            // As many inputs as fit the pool's free blocks (at least one: it may still fit).
+            let mut end = start;
+            let mut blocks = 0;
+            while end < todo.len() {
+                let need = inputs[todo[end]].len().div_ceil(BLOCK);
+                if end > start && blocks + need > free {
+                    break;
+                }
+                blocks += need;
+                end += 1;
+            }
+            let chunk = &todo[start..end];
+            let mut seqs: Vec<Seq> = chunk.iter().map(|_| Seq::on_prefix(&prefix.seq, prefix.seq.len())).collect();
+            let hidden = {
+                let mut pass: Vec<(&mut Seq, &[u32])> = seqs.iter_mut().zip(chunk).map(|(s, &i)| (s, inputs[i])).collect();
+                model.forward_seqs(&mut pass, pool).map_err(PassError::backend)?
+            }; // [Σ len, hidden]
+            let mut picked = Vec::new();
+            let mut offset = 0u32;
+            for &i in chunk {
+                let len = inputs[i].len() as u32;
+                if last_only {
+                    picked.push(offset + len - 1);
+                } else {
+                    picked.extend(offset..offset + len);
+                }
+                offset += len;
+            }
+            let normed = Tensor::new(picked.as_slice(), hidden.device())
+                .and_then(|ids| hidden.index_select(&ids, 0))
+                .and_then(|x| model.final_norm(&x))
+                .and_then(|x| host_vec(&x))
+                .map_err(device_err)?;
+            let mut at = 0;
+            for &i in chunk {
+                let t = if last_only { 1 } else { inputs[i].len() };
+                f(i, &normed[at * h..(at + t) * h]);
+                at += t;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Logits `[n, vocab]` of final-normed hidden states `[n, hidden]`, in chunks of
+    /// [`LOGIT_CHUNK`] rows: calls `f(row index, logits row)`.
+    fn head_chunks(&self, normed: &[f32], mut f: impl FnMut(usize, &[f32])) -> Result<(), BackendError> {
+        let model = &*self.model;
+        let (h, vocab) = (model.config.hidden_size, model.config.vocab_size);
+        for (c, chunk) in normed.chunks(LOGIT_CHUNK * h).enumerate() {
+            let logits = Tensor::from_slice(chunk, (chunk.len() / h, h), &model.device)
+                .and_then(|x| model.head_forward(&x))
+                .map_err(device_err)?;
+            crate::host::with_host(&logits, |l| {
+                for (i, row) in l.chunks_exact(vocab).enumerate() {
+                    f(c * LOGIT_CHUNK + i, row);
+                }
+            })
+            .map_err(device_err)?;
+        }
+        Ok(())
+    }
+
     fn check(&self, tokens: &[u32]) -> Result<(), BackendError> {
         self.model.check_tokens(tokens).map_err(BackendError::Device)
     }
@@ -187,6 +303,7 @@ impl LikelihoodScorer {
         }
         self.runner.check(prompt)?;
         let vocab = self.runner.model.config.vocab_size;
+        let on_cpu = self.runner.on_host();
         let Some(inc) = self.incremental.as_mut() else {
             return Err(BackendError::device("likelihood: not incremental"));
         };
@@ -197,18 +314,24 @@ impl LikelihoodScorer {
         }
         let p = prompt.len();
         let mut processed = inc.rows.set_prefix(prompt)?;
-        let mut rewards = Vec::with_capacity(responses.len());
-        for r in responses {
-            let m = r.tokens.len();
-            if m == 0 {
-                rewards.push(EMPTY_RESPONSE_REWARD);
-                continue;
-            }
-            let full = [prompt, r.tokens].concat();
-            let input = &full[..p + m - 1];
-            let (normed, first) = inc.rows.hidden_from(r.row, input, 1)?;
+        // Token j of a response is predicted at position p − 1 + j: run all but the last.
+        let inputs: Vec<(u32, Vec<u32>)> = responses
+            .iter()
+            .filter(|r| !r.tokens.is_empty())
+            .map(|r| (r.row, [prompt, &r.tokens[..r.tokens.len() - 1]].concat()))
+            .collect();
+        let items: Vec<(u32, &[u32])> = inputs.iter().map(|(row, ids)| (*row, ids.as_slice())).collect();
+        let ran = inc.rows.hidden_from_many(&items, 1)?;
+        let h = self.runner.model.config.hidden_size;
+        let mut by_row: HashMap<u32, f64> = HashMap::with_capacity(items.len());
+        for ((row, input), ran) in items.iter().zip(ran) {
+            let first = ran.first;
             processed += (input.len() - first) as u64;
-            let mut nll = inc.nll.remove(&r.row).unwrap_or_default();
+            let full = |pos: usize| if pos + 1 < input.len() { input[pos + 1] } else {
+                // The response's last token, not part of the input.
+                responses.iter().find(|r| r.row == *row).map_or(0, |r| r.tokens[r.tokens.len() - 1])
+            };
+            let mut nll = inc.nll.remove(row).unwrap_or_default();
             if nll.len() < first {
                 // A row new to the caches starts from the prompt's: no response NLLs to reuse.
                 if first > p - 1 {
@@ -218,28 +341,36 @@ impl LikelihoodScorer {
             }
             nll.truncate(first);
             nll.resize(input.len(), f64::NAN);
-            let h = self.runner.model.config.hidden_size;
             let start = first.max(p - 1);
-            let positions: Vec<usize> = (start..input.len()).collect();
-            let on_cpu = self.runner.model.device.is_cpu();
-            for chunk in positions.chunks(if on_cpu { LOGIT_CHUNK } else { DEVICE_LOGIT_CHUNK }) {
-                let lo = (chunk[0] - first) * h;
-                let hi = (chunk[chunk.len() - 1] + 1 - first) * h;
-                if on_cpu {
-                    let logits = inc.rows.head_logits(&normed[lo..hi])?;
-                    for (row, &pos) in logits.chunks_exact(vocab).zip(chunk) {
-                        nll[pos] = f64::from(log_sum_exp(row) - row[full[pos + 1] as usize]);
-                    }
-                } else {
-                    let targets: Vec<u32> = chunk.iter().map(|&pos| full[pos + 1]).collect();
-                    for (x, &pos) in inc.rows.head_nll(&normed[lo..hi], &targets)?.into_iter().zip(chunk) {
+            let lo = (start - first) * h;
+            let normed = &ran.hidden[lo..];
+            if on_cpu {
+                self.runner.head_chunks(normed, |i, row_logits| {
+                    let pos = start + i;
+                    nll[pos] = f64::from(log_sum_exp(row_logits) - row_logits[full(pos) as usize]);
+                })?;
+            } else {
+                let positions: Vec<usize> = (start..input.len()).collect();
+                for chunk in positions.chunks(DEVICE_LOGIT_CHUNK) {
+                    let a = (chunk[0] - start) * h;
+                    let b = (chunk[chunk.len() - 1] + 1 - start) * h;
+                    let targets: Vec<u32> = chunk.iter().map(|&pos| full(pos)).collect();
+                    for (x, &pos) in inc.rows.head_nll(&normed[a..b], &targets)?.into_iter().zip(chunk) {
                         nll[pos] = f64::from(x);
                     }
                 }
             }
-            rewards.push(likelihood::reward(nll[p - 1..].iter().sum(), m));
-            inc.nll.insert(r.row, nll);
+            let _ = vocab;
+            by_row.insert(*row, nll[p - 1..].iter().sum());
+            inc.nll.insert(*row, nll);
         }
+        let rewards = responses
+            .iter()
+            .map(|r| match by_row.get(&r.row) {
+                Some(&sum) => likelihood::reward(sum, r.tokens.len()),
+                None => EMPTY_RESPONSE_REWARD,
+            })
+            .collect();
         Ok(Scored { rewards, tokens_processed: processed })
     }
 
@@ -250,6 +381,9 @@ impl LikelihoodScorer {
         let prompt = &*likelihood::context(prompt, self.runner.model.config.bos_token_id)?;
         for r in responses {
             self.runner.check(r.tokens)?;
+        }
+        if self.runner.on_host() {
+            return self.score_host(prompt, responses);
         }
         let prefix = self.runner.prefix(prompt)?;
         let mut processed = prompt.len() as u64;
@@ -281,6 +415,41 @@ impl LikelihoodScorer {
                     }
                 }
             }
+        }
+        let rewards = responses.iter().zip(&nll).map(|(r, &sum)| likelihood::reward(sum, r.tokens.len())).collect();
+        Ok(Scored { rewards, tokens_processed: processed })
+    }
+}
+
+impl LikelihoodScorer {
+    /// The full (non-incremental) likelihood on the CPU: the context once, then every
+    /// response's tokens but the last in one pass (in chunks that fit the budget).
+    /// `tokens_processed` = context + Σ (response length − 1).
+    fn score_host(&self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        let pool = self.runner.pool();
+        let prefix = self.runner.host_prefix(prompt, &pool)?;
+        let mut processed = prompt.len() as u64;
+        let inputs: Vec<&[u32]> = responses.iter().map(|r| &r.tokens[..r.tokens.len().saturating_sub(1)]).collect();
+        let mut nll: Vec<f64> = responses
+            .iter()
+            .map(|r| match r.tokens.first() {
+                Some(&t) => f64::from(log_sum_exp(&prefix.logits) - prefix.logits[t as usize]),
+                None => 0.0,
+            })
+            .collect();
+        let mut failed = None;
+        self.runner.host_suffixes(&prefix, &inputs, false, &pool, |i, normed| {
+            processed += inputs[i].len() as u64;
+            let tokens = responses[i].tokens;
+            let result = self.runner.head_chunks(normed, |j, row| {
+                nll[i] += f64::from(log_sum_exp(row) - row[tokens[j + 1] as usize]);
+            });
+            if let Err(e) = result {
+                failed.get_or_insert(e);
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
         }
         let rewards = responses.iter().zip(&nll).map(|(r, &sum)| likelihood::reward(sum, r.tokens.len())).collect();
         Ok(Scored { rewards, tokens_processed: processed })
@@ -365,14 +534,13 @@ impl JudgeScorer {
             return Err(BackendError::device("judge: not incremental"));
         };
         let mut processed = rows.set_prefix(before)?;
-        let mut rewards = Vec::with_capacity(responses.len());
-        for r in responses {
-            let ids = [&before[..], r.tokens, &after[..]].concat();
-            let (hidden, run) = rows.last_hidden(r.row, &ids)?;
-            processed += run;
-            let logits = rows.head_logits(&hidden)?;
-            rewards.push(logits[yes] - logits[no]);
-        }
+        let inputs: Vec<Vec<u32>> = responses.iter().map(|r| [&before[..], r.tokens, &after[..]].concat()).collect();
+        let items: Vec<(u32, &[u32])> = responses.iter().zip(&inputs).map(|(r, ids)| (r.row, ids.as_slice())).collect();
+        let (hidden, run) = rows.last_hidden_many(&items)?;
+        processed += run;
+        let logits = rows.head_logits(&hidden.concat())?; // [rows, vocab]
+        let vocab = logits.len() / responses.len().max(1);
+        let rewards = logits.chunks_exact(vocab.max(1)).map(|l| l[yes] - l[no]).collect();
         Ok(Scored { rewards, tokens_processed: processed })
     }
 
@@ -390,6 +558,9 @@ impl JudgeScorer {
             self.runner.check(r.tokens)?;
         }
         self.runner.check(&self.after)?;
+        if self.runner.on_host() {
+            return self.score_host(responses);
+        }
         let prefix = self.runner.prefix(&self.before)?;
         let mut processed = self.before.len() as u64;
         let margin = |row: &[f32]| row[self.yes as usize] - row[self.no as usize];
@@ -413,6 +584,30 @@ impl JudgeScorer {
                 self.runner.logits_at(&hidden, &at, |k, row| rewards[owner[k]] = margin(row))?;
             }
         }
+        Ok(Scored { rewards, tokens_processed: processed })
+    }
+}
+
+impl JudgeScorer {
+    /// The full (non-incremental) judge on the CPU: `before` once, then every
+    /// `response ++ after` in one pass (in chunks that fit the budget).
+    /// `tokens_processed` = `before` + Σ (response + `after`).
+    fn score_host(&self, responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        let pool = self.runner.pool();
+        let prefix = self.runner.host_prefix(&self.before, &pool)?;
+        let margin = |row: &[f32]| row[self.yes as usize] - row[self.no as usize];
+        let mut processed = self.before.len() as u64;
+        let inputs: Vec<Vec<u32>> = responses.iter().map(|r| [r.tokens, &self.after[..]].concat()).collect();
+        let slices: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+        let mut rewards = vec![margin(&prefix.logits); responses.len()];
+        let mut last = vec![0.0f32; 0];
+        let mut owners = Vec::new();
+        self.runner.host_suffixes(&prefix, &slices, true, &pool, |i, normed| {
+            processed += slices[i].len() as u64;
+            last.extend_from_slice(normed);
+            owners.push(i);
+        })?;
+        self.runner.head_chunks(&last, |k, row| rewards[owners[k]] = margin(row))?;
         Ok(Scored { rewards, tokens_processed: processed })
     }
 }

@@ -40,7 +40,7 @@ impl Policy {
     pub fn load(path: &Path, backend: BackendArg, weights: WeightsArg, adapter: Option<&str>) -> Result<Self> {
         match backend {
             BackendArg::Cpu | BackendArg::Cuda => {
-                let options = LoadOptions { device: backend.candle_device(), weights: weights.into() };
+                let options = LoadOptions { device: backend.candle_device(), weights: weights.into(), kv: Default::default() };
                 let model = specrej_candle::load(path, &options).with_context(|| format!("loading {}", path.display()))?;
                 Ok(Policy::Candle(model))
             }

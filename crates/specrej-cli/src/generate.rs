@@ -139,6 +139,7 @@ pub fn run(args: Args) -> Result<()> {
         min_new_tokens: args.min_new_tokens,
         eos: text.tokenizer.eos_ids().to_vec(),
         sampling: Sampling { seed: args.seed, temperature: args.temperature, top_k: args.top_k, top_p: args.top_p },
+        rules: Default::default(),
     };
     let auto_len = match method {
         Method::BestOfN => args.max_new_tokens,

@@ -108,7 +108,7 @@ impl RewardArgs {
             (None, RewardSpec::Likelihood) => Kind::Likelihood,
             (None, RewardSpec::Model(dir)) => {
                 // f32 so incremental and full scoring agree to rounding (see specrej-reward).
-                let rm = RewardModel::load(dir, &LoadOptions { device, weights: WeightFormat::F32 })
+                let rm = RewardModel::load(dir, &LoadOptions { device, weights: WeightFormat::F32, kv: Default::default() })
                     .with_context(|| format!("loading the reward model {}", dir.display()))?;
                 Kind::Model(rm)
             }

@@ -69,6 +69,7 @@ fn core_options(options: decode::Options) -> Options {
         min_new_tokens: options.min_new_tokens as usize,
         eos: options.eos,
         sampling: Sampling { seed: s.seed, temperature: s.temperature, top_k: s.top_k as usize, top_p: s.top_p },
+        rules: specrej_core::Rules { paper_exact: options.paper_exact },
     }
 }
 
@@ -174,6 +175,11 @@ impl Decoder for Engine {
         size(engine::kv_bytes_per_token())
     }
 
+    fn kv_layout(&self) -> specrej_core::KvLayout {
+        let layout = engine::layout();
+        specrej_core::KvLayout { shared_prompt: layout.shared_prompt, block: layout.block as usize }
+    }
+
     fn max_sequence_len(&self) -> usize {
         size(engine::max_sequence_len())
     }
@@ -195,6 +201,11 @@ impl Decoder for Engine {
     fn retain(&mut self, batch: &mut engine::Batch, keep: &[usize]) -> Result<(), BackendError> {
         let keep: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
         batch.retain(&keep).map_err(from_wit_error)
+    }
+
+    fn fork(&mut self, batch: &mut engine::Batch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+        let children: Vec<(u32, u32)> = children.iter().map(|&(parent, id)| (parent as u32, id)).collect();
+        batch.fork(&children).map_err(from_wit_error)
     }
 }
 

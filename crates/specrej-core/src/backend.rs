@@ -58,6 +58,53 @@ impl BackendError {
     }
 }
 
+/// How a backend holds a batch's K/V, so the scheduler can tell in advance when the next
+/// step will not fit ([`Decoder::token_capacity`] counts the same units).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct KvLayout {
+    /// The prompt's K/V is held once per batch, shared by every row; otherwise every row
+    /// holds its own copy.
+    pub shared_prompt: bool,
+    /// Positions are allocated in blocks of this many (1: exactly as many as cached).
+    pub block: usize,
+}
+
+impl KvLayout {
+    /// One dense copy per row, allocated exactly.
+    pub const DENSE: KvLayout = KvLayout { shared_prompt: false, block: 1 };
+
+    fn round(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block.max(1)).saturating_mul(self.block.max(1))
+    }
+
+    /// Cached-token units held by `rows` rows that each cache a `prompt`-token prompt and
+    /// `generated` tokens of their own. Saturates instead of overflowing.
+    pub fn tokens(&self, prompt: usize, rows: usize, generated: usize) -> usize {
+        if self.shared_prompt {
+            self.round(prompt).saturating_add(rows.saturating_mul(self.round(generated)))
+        } else {
+            rows.saturating_mul(self.round(prompt.saturating_add(generated)))
+        }
+    }
+
+    /// The most rows (at most `cap`) whose K/V fit `capacity` with `generated` tokens each.
+    pub fn max_rows(&self, capacity: usize, prompt: usize, generated: usize, cap: usize) -> usize {
+        let (fixed, per_row) = if self.shared_prompt {
+            (self.round(prompt), self.round(generated))
+        } else {
+            (0, self.round(prompt.saturating_add(generated)))
+        };
+        if fixed > capacity {
+            return 0;
+        }
+        if per_row == 0 {
+            return cap;
+        }
+        ((capacity - fixed) / per_row).min(cap)
+    }
+}
+
 /// Lock-step batched decoding of one prompt.
 ///
 /// All live rows share one position. A row's tokens depend only on
@@ -76,6 +123,11 @@ pub trait Decoder {
 
     /// Bytes of K/V cache one cached token takes (for the peak-memory report).
     fn kv_bytes_per_token(&self) -> usize;
+
+    /// How batches hold their K/V ([`KvLayout::DENSE`] unless the backend says otherwise).
+    fn kv_layout(&self) -> KvLayout {
+        KvLayout::DENSE
+    }
 
     /// Longest sequence (prompt + generated) the model supports.
     fn max_sequence_len(&self) -> usize;
@@ -105,6 +157,16 @@ pub trait Decoder {
     /// Keeps the rows at positions `keep` (strictly ascending indices into the current
     /// rows), in that order, and releases the rest. Reads nothing back.
     fn retain(&mut self, batch: &mut Self::Batch, keep: &[usize]) -> Result<(), BackendError>;
+
+    /// Appends one row per `(parent, id)`: row `id` continues from the current row at index
+    /// `parent` (its tokens so far, its K/V, shared where the backend can) and from then on
+    /// samples with its own noise, keyed by `id`. Reads nothing back.
+    ///
+    /// The default says the backend cannot (policies that refill memory need it).
+    fn fork(&mut self, batch: &mut Self::Batch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+        let _ = (batch, children);
+        Err(BackendError::device("this backend cannot fork rows"))
+    }
 }
 
 /// The check a backend makes before it grows a cache to `rows` rows of `len` positions:
@@ -122,6 +184,33 @@ pub fn check_fits<D: Decoder + ?Sized>(decoder: &D, rows: usize, len: usize) -> 
         return Err(BackendError::OutOfMemory);
     }
     Ok(())
+}
+
+/// The contract of [`Decoder::retain`]: `keep` strictly ascending and every index below
+/// `rows`; otherwise a device error naming the first offence.
+pub fn check_retain(keep: &[usize], rows: usize) -> Result<(), BackendError> {
+    if let Some(w) = keep.windows(2).find(|w| w[0] >= w[1]) {
+        return Err(BackendError::device(format!(
+            "retain: indices must be strictly ascending, got {} before {}",
+            w[0], w[1]
+        )));
+    }
+    if let Some(&last) = keep.last()
+        && last >= rows
+    {
+        return Err(BackendError::device(format!("retain: index {last} out of range for {rows} rows")));
+    }
+    Ok(())
+}
+
+/// The contract of [`Decoder::fork`]: every parent index below `rows`.
+pub fn check_fork(children: &[(usize, u32)], rows: usize) -> Result<(), BackendError> {
+    match children.iter().find(|(parent, _)| *parent >= rows) {
+        Some((parent, id)) => Err(BackendError::device(format!(
+            "fork: parent index {parent} (for row {id}) out of range for {rows} rows"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Most positions per row a cache of `rows` rows may allocate: the token capacity shared
@@ -157,6 +246,16 @@ pub trait Scorer {
         prompt: &[u32],
         responses: &[Response<'_>],
     ) -> impl Future<Output = Result<Scored, BackendError>>;
+
+    /// Rewards for partial responses at a decision. The default is [`Scorer::score`]; a
+    /// scorer may judge unfinished answers differently (e.g. "is it on track so far?").
+    fn score_partial(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>> {
+        self.score(prompt, responses)
+    }
 
     /// The scheduler will never ask about these rows again (they were rejected):
     /// an incremental scorer may drop their state. The default keeps nothing, so does nothing.

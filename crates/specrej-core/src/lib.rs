@@ -6,7 +6,7 @@ mod block_on;
 pub mod likelihood;
 pub mod sampling;
 
-pub use backend::{BackendError, Decoder, Response, Sampling, Scored, Scorer};
+pub use backend::{BackendError, Decoder, KvLayout, Response, Sampling, Scored, Scorer};
 pub use block_on::block_on_ready;
 pub mod scheduler;
 pub mod select;
@@ -14,5 +14,5 @@ pub mod select;
 pub mod testing;
 
 pub use scheduler::{
-    generate, validate, Candidate, Decision, Error, Event, Finish, Method, Options, Outcome, Rejected, Stats,
+    generate, validate, Candidate, Decision, Error, Event, Finish, Method, Options, Outcome, Rejected, Rules, Stats,
 };

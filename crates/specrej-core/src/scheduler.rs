@@ -3,7 +3,7 @@
 //! One `async fn` serves every host: CPU backends return ready futures (drive them with
 //! [`crate::block_on_ready`]), WebGPU ones are awaited by the browser's executor.
 
-use crate::backend::{BackendError, Decoder, Response, Sampling, Scored, Scorer};
+use crate::backend::{BackendError, Decoder, KvLayout, Response, Sampling, Scored, Scorer};
 use crate::select;
 use std::fmt;
 
@@ -37,6 +37,8 @@ pub struct Options {
     pub eos: Vec<u32>,
     /// Sampling parameters and seed.
     pub sampling: Sampling,
+    /// Speculative Rejection's decision rules.
+    pub rules: Rules,
 }
 
 impl Default for Options {
@@ -48,8 +50,29 @@ impl Default for Options {
             min_new_tokens: 32,
             eos: Vec::new(),
             sampling: Sampling::default(),
+            rules: Rules::default(),
         }
     }
+}
+
+/// How Speculative Rejection decides.
+///
+/// Ours (the default): at a decision only the live rows are ranked; the best
+/// `max(1, round_half_away((1 − α)·live))` are kept, and never more than leave every kept
+/// row room for `min_new_tokens` more tokens in the budget (so a tight budget with a small
+/// α cannot turn every step into a decision); rows that finished stay candidates whatever
+/// their score.
+///
+/// `paper_exact`: the reference code's rules (Sun et al.'s `perform_speculative_rejection`):
+/// finished rows are ranked together with the live ones (scored with their whole text), the
+/// best `round_half_even((1 − α)·(finished + live))` are kept (possibly none), a row that
+/// finished is dropped if it falls below the first cut after it finished, and no room is
+/// reserved between decisions.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Rules {
+    /// The reference implementation's ranking and rounding instead of ours.
+    pub paper_exact: bool,
 }
 
 /// Why a row stopped.
@@ -113,9 +136,10 @@ pub struct Decision {
     pub early: bool,
 }
 
-/// What a run cost.
+/// What a run cost. Times are 0 where the platform has no clock (a host may fill them in).
 #[derive(Clone, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default))]
 pub struct Stats {
     /// Prompt tokens.
     pub prompt_tokens: usize,
@@ -137,8 +161,16 @@ pub struct Stats {
     pub token_capacity: usize,
     /// Largest K/V cache held at once, in bytes.
     pub peak_kv_bytes: u64,
-    /// Wall time of the whole run, in seconds (0 where the platform has no clock).
+    /// Wall time of the whole run, in seconds.
     pub wall_seconds: f64,
+    /// Seconds in [`Decoder::prefill`].
+    pub prefill_seconds: f64,
+    /// Seconds in [`Decoder::step`].
+    pub step_seconds: f64,
+    /// Seconds in the reward model (decisions and the final scoring).
+    pub reward_seconds: f64,
+    /// Seconds in [`Decoder::retain`] (decisions and rows that finished).
+    pub retain_seconds: f64,
 }
 
 /// The result of a run.
@@ -251,13 +283,16 @@ pub async fn generate<D: Decoder, S: Scorer>(
     validate(prompt, options, decoder.max_sequence_len())?;
     let max_new = options.max_new_tokens.min(decoder.max_sequence_len() - prompt.len());
     let capacity = decoder.token_capacity();
+    let layout = decoder.kv_layout();
     let mut run = Run {
         prompt,
         options,
         max_new,
         capacity,
+        layout,
         kv_bytes_per_token: decoder.kv_bytes_per_token() as u64,
         candidates: Vec::new(),
+        ranked: Vec::new(),
         rejected: Vec::new(),
         trace: Vec::new(),
         stats: Stats { prompt_tokens: prompt.len(), token_capacity: capacity, ..Stats::default() },
@@ -265,12 +300,12 @@ pub async fn generate<D: Decoder, S: Scorer>(
 
     match options.method {
         Method::BestOfN => {
-            let per_row = prompt.len() + max_new;
-            let chunk = (capacity / per_row).min(options.n);
+            let chunk = layout.max_rows(capacity, prompt.len(), max_new, options.n);
             if chunk == 0 {
                 return Err(invalid(format!(
-                    "one row needs {per_row} cached tokens (prompt {} + max_new_tokens {max_new}) \
+                    "one row needs {} cached tokens (prompt {} + max_new_tokens {max_new}) \
                      but the KV budget holds {capacity}: raise the KV budget or lower max_new_tokens",
+                    layout.tokens(prompt.len(), 1, max_new),
                     prompt.len()
                 )));
             }
@@ -283,25 +318,27 @@ pub async fn generate<D: Decoder, S: Scorer>(
             }
         }
         Method::SpeculativeRejection { alpha } => {
-            let rows = select::initial_rows(capacity, prompt.len(), options.min_new_tokens.min(max_new), options.n)
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "the KV budget ({capacity} tokens) cannot hold the prompt ({} tokens) plus {} new tokens",
-                        prompt.len(),
-                        options.min_new_tokens.min(max_new).max(1)
-                    ))
-                })?;
+            let room = options.min_new_tokens.min(max_new).max(1);
+            let rows = layout.max_rows(capacity, prompt.len(), room, options.n);
+            if rows == 0 {
+                return Err(invalid(format!(
+                    "the KV budget ({capacity} tokens) cannot hold the prompt ({} tokens) plus {room} new tokens",
+                    prompt.len(),
+                )));
+            }
             run.stats.initial_rows = rows;
             run.batch(decoder, scorer, 0, rows, Some(alpha), observer).await?;
         }
     }
 
-    // Score every candidate at once and rank them.
+    // Score every candidate not scored yet at once, and rank them.
+    let unscored: Vec<usize> = (0..run.candidates.len()).filter(|&i| run.candidates[i].score.is_nan()).collect();
     let responses: Vec<Response<'_>> =
-        run.candidates.iter().map(|c| Response { row: c.row, tokens: &c.tokens }).collect();
-    let scored = score(scorer, prompt, &responses, &mut run.stats).await?;
-    for (candidate, score) in run.candidates.iter_mut().zip(scored) {
-        candidate.score = score;
+        unscored.iter().map(|&i| Response { row: run.candidates[i].row, tokens: &run.candidates[i].tokens }).collect();
+    let scored = score(scorer, prompt, &responses, false, &mut run.stats).await?;
+    drop(responses);
+    for (&i, score) in unscored.iter().zip(scored) {
+        run.candidates[i].score = score;
     }
     run.candidates.sort_by(|a, b| {
         select::rank_key(b.score).total_cmp(&select::rank_key(a.score)).then(a.row.cmp(&b.row))
@@ -317,8 +354,12 @@ struct Run<'p> {
     options: &'p Options,
     max_new: usize,
     capacity: usize,
+    layout: KvLayout,
     kv_bytes_per_token: u64,
     candidates: Vec<Candidate>,
+    /// `paper_exact`: finished rows that still take part in rankings, as (row id, whether it
+    /// has survived a ranking yet).
+    ranked: Vec<(u32, bool)>,
     rejected: Vec<Rejected>,
     trace: Vec<Decision>,
     stats: Stats,
@@ -330,17 +371,22 @@ struct Live {
     tokens: Vec<u32>,
 }
 
-/// Scores `responses`, checks the answer's length and counts the cost into `stats`.
+/// Scores `responses` (partial ones at a decision, whole ones otherwise), checks the
+/// answer's length and counts the cost into `stats`.
 async fn score<S: Scorer>(
     scorer: &mut S,
     prompt: &[u32],
     responses: &[Response<'_>],
+    partial: bool,
     stats: &mut Stats,
 ) -> Result<Vec<f32>, Error> {
     if responses.is_empty() {
         return Ok(Vec::new());
     }
-    let Scored { rewards, tokens_processed } = scorer.score(prompt, responses).await?;
+    let clock = Clock::start();
+    let result = if partial { scorer.score_partial(prompt, responses).await } else { scorer.score(prompt, responses).await };
+    stats.reward_seconds += clock.seconds();
+    let Scored { rewards, tokens_processed } = result?;
     if rewards.len() != responses.len() {
         return Err(Error::Backend(BackendError::device(format!(
             "the reward model returned {} scores for {} responses",
@@ -351,6 +397,15 @@ async fn score<S: Scorer>(
     stats.reward_calls += 1;
     stats.reward_tokens += tokens_processed;
     Ok(rewards)
+}
+
+/// `round((1 − α)·n)` as Python rounds (half to even), at least 0.
+fn keep_paper(n: usize, alpha: f32) -> usize {
+    let x = (1.0 - f64::from(alpha)) * n as f64;
+    let floor = x.floor();
+    let diff = x - floor;
+    let rounded = if diff > 0.5 || (diff == 0.5 && floor % 2.0 != 0.0) { floor + 1.0 } else { floor };
+    (rounded.max(0.0) as usize).min(n)
 }
 
 impl Run<'_> {
@@ -366,7 +421,10 @@ impl Run<'_> {
         alpha: Option<f32>,
         observer: &mut dyn FnMut(&Event<'_>),
     ) -> Result<(), Error> {
-        let mut batch = decoder.prefill(self.prompt, first_row..first_row + rows as u32, &self.options.sampling)?;
+        let clock = Clock::start();
+        let prefilled = decoder.prefill(self.prompt, first_row..first_row + rows as u32, &self.options.sampling);
+        self.stats.prefill_seconds += clock.seconds();
+        let mut batch = prefilled?;
         self.stats.batches += 1;
         self.stats.prefill_tokens += self.prompt.len();
         observer(&Event::Prefilled { first_row, rows });
@@ -381,19 +439,22 @@ impl Run<'_> {
                 }
                 break;
             }
-            // After the next step every row caches prompt + `generated` tokens.
+            // After the next step every row caches the prompt and `generated` tokens of its own.
             let next_len = self.prompt.len() + generated;
             if let Some(alpha) = alpha
-                && live.len() * next_len > self.capacity
+                && self.layout.tokens(self.prompt.len(), live.len(), generated) > self.capacity
             {
-                self.decide(decoder, scorer, &mut batch, &mut live, alpha, next_len, false, observer).await?;
+                self.decide(decoder, scorer, &mut batch, &mut live, alpha, generated, false, observer).await?;
                 continue;
             }
-            let tokens = match decoder.step(&mut batch).await {
+            let clock = Clock::start();
+            let stepped = decoder.step(&mut batch).await;
+            self.stats.step_seconds += clock.seconds();
+            let tokens = match stepped {
                 Ok(tokens) => tokens,
                 Err(BackendError::OutOfMemory) if alpha.is_some() => {
                     let alpha = alpha.unwrap_or_default();
-                    self.decide(decoder, scorer, &mut batch, &mut live, alpha, next_len, true, observer).await?;
+                    self.decide(decoder, scorer, &mut batch, &mut live, alpha, generated, true, observer).await?;
                     continue;
                 }
                 Err(BackendError::OutOfMemory) => {
@@ -415,8 +476,9 @@ impl Run<'_> {
             generated += 1;
             self.stats.steps += 1;
             self.stats.tokens_generated += tokens.len();
-            self.stats.peak_kv_bytes =
-                self.stats.peak_kv_bytes.max((live.len() * next_len) as u64 * self.kv_bytes_per_token);
+            self.stats.peak_kv_bytes = self.stats.peak_kv_bytes.max(
+                self.layout.tokens(self.prompt.len(), live.len(), generated - 1) as u64 * self.kv_bytes_per_token,
+            );
             let ids: Vec<u32> = live.iter().map(|l| l.row).collect();
             observer(&Event::Step { position: generated - 1, rows: &ids, tokens: &tokens });
 
@@ -434,18 +496,29 @@ impl Run<'_> {
             let finished_some = keep.len() != ids.len();
             live = still;
             if finished_some && !live.is_empty() {
-                decoder.retain(&mut batch, &keep)?;
+                self.retain(decoder, &mut batch, &keep)?;
             }
         }
         Ok(())
     }
 
+    fn retain<D: Decoder>(&mut self, decoder: &mut D, batch: &mut D::Batch, keep: &[usize]) -> Result<(), Error> {
+        let clock = Clock::start();
+        let result = decoder.retain(batch, keep);
+        self.stats.retain_seconds += clock.seconds();
+        Ok(result?)
+    }
+
     fn finish(&mut self, row: Live, finish: Finish, observer: &mut dyn FnMut(&Event<'_>)) {
         observer(&Event::Finished { row: row.row, finish });
+        if self.options.rules.paper_exact && finish != Finish::Capacity {
+            self.ranked.push((row.row, false));
+        }
         self.candidates.push(Candidate { row: row.row, tokens: row.tokens, score: f32::NAN, finish });
     }
 
     /// Scores the live rows, keeps the best, drops the rest (backend and scorer state).
+    /// `generated`: tokens every live row holds.
     #[allow(clippy::too_many_arguments)] // one private call site pair; a struct would only rename them
     async fn decide<D: Decoder, S: Scorer>(
         &mut self,
@@ -454,18 +527,29 @@ impl Run<'_> {
         batch: &mut D::Batch,
         live: &mut Vec<Live>,
         alpha: f32,
-        next_len: usize,
+        generated: usize,
         early: bool,
         observer: &mut dyn FnMut(&Event<'_>),
     ) -> Result<(), Error> {
         let responses: Vec<Response<'_>> = live.iter().map(|l| Response { row: l.row, tokens: &l.tokens }).collect();
-        let scores = score(scorer, self.prompt, &responses, &mut self.stats).await?;
-        let mut keep = select::keep_count(live.len(), alpha).min(self.capacity / next_len);
+        let scores = score(scorer, self.prompt, &responses, true, &mut self.stats).await?;
+        drop(responses);
+        let prompt = self.prompt.len();
+        // Rows the next step fits (it caches `generated` tokens per row).
+        let fit = self.layout.max_rows(self.capacity, prompt, generated, live.len());
+        let mut keep = if self.options.rules.paper_exact {
+            self.keep_paper_exact(scorer, &scores, alpha).await?.min(fit)
+        } else {
+            // Room for `min_new_tokens` more steps (or to the end) per kept row.
+            let room = (generated + self.options.min_new_tokens.max(1)).min(self.max_new) - 1;
+            let roomy = self.layout.max_rows(self.capacity, prompt, room, live.len()).max(fit.min(1));
+            select::keep_count(live.len(), alpha).min(roomy)
+        };
         if early {
             // The backend could not hold these rows: drop at least one.
             keep = keep.min(live.len() - 1);
         }
-        if keep == 0 {
+        if keep == 0 && !self.options.rules.paper_exact {
             // Not even one row fits any more: the best one ends here, the rest are rejected.
             let best = select::top_indices(&scores, 1)[0];
             self.record(live, &scores, &[best], early, observer);
@@ -477,7 +561,9 @@ impl Run<'_> {
         }
         let indices = select::top_indices(&scores, keep);
         self.record(live, &scores, &indices, early, observer);
-        decoder.retain(batch, &indices)?;
+        if !indices.is_empty() {
+            self.retain(decoder, batch, &indices)?;
+        }
         let mut kept = Vec::with_capacity(indices.len());
         let mut dropped = Vec::new();
         let mut dropped_scores = Vec::new();
@@ -494,6 +580,52 @@ impl Run<'_> {
         self.reject(scorer, &dropped, &dropped_scores, None);
         *live = kept;
         Ok(())
+    }
+
+    /// `paper_exact`: ranks the finished rows still in the running (scoring the new ones)
+    /// with the live rows' `scores`; drops the finished rows below the cut (a new one leaves
+    /// the candidates, one that survived a ranking before stays a candidate but leaves the
+    /// rankings) and returns how many live rows make the cut.
+    async fn keep_paper_exact<S: Scorer>(&mut self, scorer: &mut S, scores: &[f32], alpha: f32) -> Result<usize, Error> {
+        let index_of = |candidates: &[Candidate], row: u32| candidates.iter().position(|c| c.row == row);
+        let fresh: Vec<usize> = self
+            .ranked
+            .iter()
+            .filter_map(|&(row, _)| index_of(&self.candidates, row))
+            .filter(|&i| self.candidates[i].score.is_nan())
+            .collect();
+        let responses: Vec<Response<'_>> =
+            fresh.iter().map(|&i| Response { row: self.candidates[i].row, tokens: &self.candidates[i].tokens }).collect();
+        let fresh_scores = score(scorer, self.prompt, &responses, false, &mut self.stats).await?;
+        drop(responses);
+        for (&i, s) in fresh.iter().zip(fresh_scores) {
+            self.candidates[i].score = s;
+        }
+        // The reference sorts finished rows first, then the live ones, by score (stable).
+        let finished: Vec<(u32, bool, f32)> = self
+            .ranked
+            .iter()
+            .filter_map(|&(row, settled)| index_of(&self.candidates, row).map(|i| (row, settled, self.candidates[i].score)))
+            .collect();
+        let mut order: Vec<(f32, usize)> = finished.iter().map(|f| f.2).chain(scores.iter().copied()).zip(0..).collect();
+        order.sort_by(|a, b| select::rank_key(b.0).total_cmp(&select::rank_key(a.0)));
+        let keep_amount = keep_paper(order.len(), alpha);
+        let kept: Vec<usize> = order[..keep_amount].iter().map(|&(_, i)| i).collect();
+        let mut still = Vec::new();
+        for (i, &(row, settled, s)) in finished.iter().enumerate() {
+            if kept.contains(&i) {
+                still.push((row, true));
+            } else if !settled {
+                // Cut at its first ranking: it leaves the candidates.
+                if let Some(at) = index_of(&self.candidates, row) {
+                    let c = self.candidates.remove(at);
+                    self.rejected.push(Rejected { row, tokens: c.tokens, score: s });
+                    scorer.release(&[row]);
+                }
+            }
+        }
+        self.ranked = still;
+        Ok(kept.iter().filter(|&&i| i >= finished.len()).count())
     }
 
     fn record(&mut self, live: &[Live], scores: &[f32], kept: &[usize], early: bool, observer: &mut dyn FnMut(&Event<'_>)) {

@@ -1,7 +1,7 @@
 //! The scheduler against the deterministic fake backend.
 
 use specrej_core::testing::{FakeDecoder, FakeScorer, FAKE_EOS};
-use specrej_core::{block_on_ready, generate, Error, Event, Finish, Method, Options, Outcome, Sampling};
+use specrej_core::{block_on_ready, generate, Error, Event, Finish, Method, Options, Outcome, Rules, Sampling};
 
 const PROMPT: &[u32] = &[3, 1, 4, 1, 5, 9, 2, 6];
 
@@ -13,6 +13,7 @@ fn options(method: Method, n: usize, max_new_tokens: usize) -> Options {
         min_new_tokens: 8,
         eos: vec![FAKE_EOS],
         sampling: Sampling { seed: 11, temperature: 1.0, top_k: 0, top_p: 1.0 },
+        rules: Rules::default(),
     }
 }
 

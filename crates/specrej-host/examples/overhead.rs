@@ -88,6 +88,9 @@ impl<E: Engine> Engine for Timed<E> {
     fn kv_bytes_per_token(&self) -> usize {
         self.inner.kv_bytes_per_token()
     }
+    fn kv_layout(&self) -> specrej_core::KvLayout {
+        self.inner.kv_layout()
+    }
     fn max_sequence_len(&self) -> usize {
         self.inner.max_sequence_len()
     }
@@ -99,6 +102,9 @@ impl<E: Engine> Engine for Timed<E> {
     }
     fn retain(&mut self, batch: &mut AnyBatch, keep: &[usize]) -> Result<(), BackendError> {
         self.time(|e| e.retain(batch, keep))
+    }
+    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+        self.time(|e| e.fork(batch, children))
     }
     fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
         self.time(|e| e.score(prompt, responses))
@@ -139,6 +145,7 @@ fn main() -> Result<()> {
         eos: model.text.tokenizer.eos_ids().to_vec(),
         // The CLI's defaults.
         sampling: Sampling { seed: args.seed, temperature: 1.0, top_k: 50, top_p: 1.0 },
+        rules: Default::default(),
     };
     // The CLI's `auto` budget.
     let per_row = match method {

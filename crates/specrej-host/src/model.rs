@@ -85,7 +85,7 @@ impl RealModel {
             BackendKind::Cpu => specrej_candle::Device::Cpu,
             BackendKind::Cuda => specrej_candle::Device::Cuda(0),
         };
-        let model = specrej_candle::load(path, &LoadOptions { device, weights })
+        let model = specrej_candle::load(path, &LoadOptions { device, weights, kv: Default::default() })
             .with_context(|| format!("loading {}", path.display()))?;
         let text = ModelText::load(path)?;
         Ok(Self { weights: model, text, path: path.to_path_buf(), device, rewards: Vec::new() })
@@ -107,7 +107,7 @@ impl RealModel {
     /// Loads the reward-model directory `dir` on this model's device (f32, so incremental
     /// and full scoring agree to rounding) and offers it as `name`.
     pub fn load_reward(&mut self, name: &str, dir: &Path) -> Result<()> {
-        let options = LoadOptions { device: self.device, weights: WeightFormat::F32 };
+        let options = LoadOptions { device: self.device, weights: WeightFormat::F32, kv: Default::default() };
         let rm = RewardModel::load(dir, &options).with_context(|| format!("loading the reward model {}", dir.display()))?;
         self.add_reward(name, ExtraReward::Model(rm))
     }

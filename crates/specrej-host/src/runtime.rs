@@ -19,9 +19,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use specrej_core::backend::{check_fork, check_retain};
 use specrej_core::{
-    block_on_ready, BackendError, Candidate, Decision, Decoder, Event, Finish, Method, Options, Outcome, Rejected,
-    Response, Sampling, Scored, Scorer, Stats,
+    block_on_ready, BackendError, Candidate, Decision, Decoder, Event, Finish, KvLayout, Method, Options, Outcome,
+    Rejected, Response, Sampling, Scored, Scorer, Stats,
 };
 use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
 use wasmtime::{Config, Store, StoreLimits, StoreLimitsBuilder, Trap};
@@ -51,6 +52,8 @@ pub trait Engine {
     fn token_capacity(&self) -> usize;
     /// [`Decoder::kv_bytes_per_token`].
     fn kv_bytes_per_token(&self) -> usize;
+    /// [`Decoder::kv_layout`].
+    fn kv_layout(&self) -> KvLayout;
     /// [`Decoder::max_sequence_len`].
     fn max_sequence_len(&self) -> usize;
     /// [`Decoder::prefill`], the batch type-erased.
@@ -59,6 +62,8 @@ pub trait Engine {
     fn step(&mut self, batch: &mut AnyBatch) -> Result<Vec<u32>, BackendError>;
     /// [`Decoder::retain`].
     fn retain(&mut self, batch: &mut AnyBatch, keep: &[usize]) -> Result<(), BackendError>;
+    /// [`Decoder::fork`].
+    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError>;
     /// [`Scorer::score`].
     fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError>;
     /// [`Scorer::release`].
@@ -141,6 +146,10 @@ where
         self.decoder.kv_bytes_per_token()
     }
 
+    fn kv_layout(&self) -> KvLayout {
+        self.decoder.kv_layout()
+    }
+
     fn max_sequence_len(&self) -> usize {
         self.decoder.max_sequence_len()
     }
@@ -157,6 +166,11 @@ where
     fn retain(&mut self, batch: &mut AnyBatch, keep: &[usize]) -> Result<(), BackendError> {
         let batch = downcast::<D::Batch>(batch)?;
         self.decoder.retain(batch, keep)
+    }
+
+    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+        let batch = downcast::<D::Batch>(batch)?;
+        self.decoder.fork(batch, children)
     }
 
     fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
@@ -274,13 +288,32 @@ impl std::fmt::Debug for Run {
 /// `false` cancels the run (the `on-event` import traps; e.g. a streaming client left).
 pub type Observer = Box<dyn FnMut(&Event<'_>) -> bool>;
 
-/// The store's data: the engine, the host reward, the batches the guest holds, the observer.
+/// The store's data: the engine, the host reward, the batches the guest holds, the observer,
+/// and the time spent in each kind of import (the guest has no clock).
 struct State {
     engine: Box<dyn Engine>,
     reward: Option<Box<dyn HostReward>>,
     table: ResourceTable,
     observer: Observer,
     limits: StoreLimits,
+    times: Times,
+}
+
+/// Seconds spent in the imports, by kind (`Stats`' time breakdown).
+#[derive(Clone, Copy, Debug, Default)]
+struct Times {
+    prefill: f64,
+    step: f64,
+    retain: f64,
+    reward: f64,
+}
+
+/// Runs `f`, adding its duration to `slot`.
+fn timed<R>(slot: &mut f64, f: impl FnOnce() -> R) -> R {
+    let start = Instant::now();
+    let result = f();
+    *slot += start.elapsed().as_secs_f64();
+    result
 }
 
 /// A compiled component, ready to run requests.
@@ -386,14 +419,20 @@ impl Runtime {
             table: ResourceTable::new(),
             observer,
             limits: StoreLimitsBuilder::new().memory_size(limits.memory_bytes).instances(16).build(),
+            times: Times::default(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
         let result = self.call(&mut store, prompt, options, events, limits);
         let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
-        let State { engine, reward, .. } = store.into_data();
+        let State { engine, reward, times, .. } = store.into_data();
         let result = result.map(|mut outcome| {
-            outcome.stats.wall_seconds = start.elapsed().as_secs_f64();
+            let stats = &mut outcome.stats;
+            stats.wall_seconds = start.elapsed().as_secs_f64();
+            stats.prefill_seconds = times.prefill;
+            stats.step_seconds = times.step;
+            stats.retain_seconds = times.retain;
+            stats.reward_seconds = times.reward;
             outcome
         });
         Run { result, engine, reward, fuel_used }
@@ -448,23 +487,35 @@ impl types::Host for State {}
 impl wit_engine::HostBatch for State {
     fn step(&mut self, batch: Resource<HostBatch>) -> wasmtime::Result<Result<Vec<u32>, types::EngineError>> {
         let batch = self.table.get_mut(&batch)?;
-        Ok(self.engine.step(&mut batch.batch).map_err(to_wit_error))
+        let engine = &mut self.engine;
+        Ok(timed(&mut self.times.step, || engine.step(&mut batch.batch)).map_err(to_wit_error))
     }
 
     fn retain(&mut self, batch: Resource<HostBatch>, keep: Vec<u32>) -> wasmtime::Result<Result<(), types::EngineError>> {
         let batch = self.table.get_mut(&batch)?;
         let keep: Vec<usize> = keep.into_iter().map(|i| i as usize).collect();
-        // The backend's contract (strictly ascending, in range) is checked here, so a wrong
-        // guest gets an error instead of panicking the host.
-        if !keep.windows(2).all(|w| w[0] < w[1]) || keep.iter().any(|&i| i >= batch.rows) {
-            return Ok(Err(types::EngineError::Device(format!(
-                "retain: keep {keep:?} is not strictly ascending within {} rows",
-                batch.rows
-            ))));
+        // The backend's contract is checked here too, whatever the backend does.
+        if let Err(error) = check_retain(&keep, batch.rows) {
+            return Ok(Err(to_wit_error(error)));
         }
-        let result = self.engine.retain(&mut batch.batch, &keep);
+        let engine = &mut self.engine;
+        let result = timed(&mut self.times.retain, || engine.retain(&mut batch.batch, &keep));
         if result.is_ok() {
             batch.rows = keep.len();
+        }
+        Ok(result.map_err(to_wit_error))
+    }
+
+    fn fork(&mut self, batch: Resource<HostBatch>, children: Vec<(u32, u32)>) -> wasmtime::Result<Result<(), types::EngineError>> {
+        let batch = self.table.get_mut(&batch)?;
+        let children: Vec<(usize, u32)> = children.into_iter().map(|(parent, id)| (parent as usize, id)).collect();
+        if let Err(error) = check_fork(&children, batch.rows) {
+            return Ok(Err(to_wit_error(error)));
+        }
+        let engine = &mut self.engine;
+        let result = timed(&mut self.times.retain, || engine.fork(&mut batch.batch, &children));
+        if result.is_ok() {
+            batch.rows += children.len();
         }
         Ok(result.map_err(to_wit_error))
     }
@@ -482,6 +533,11 @@ impl wit_engine::Host for State {
 
     fn kv_bytes_per_token(&mut self) -> wasmtime::Result<u64> {
         Ok(self.engine.kv_bytes_per_token() as u64)
+    }
+
+    fn layout(&mut self) -> wasmtime::Result<types::KvLayout> {
+        let layout = self.engine.kv_layout();
+        Ok(types::KvLayout { shared_prompt: layout.shared_prompt, block: u32::try_from(layout.block).unwrap_or(u32::MAX) })
     }
 
     fn max_sequence_len(&mut self) -> wasmtime::Result<u64> {
@@ -504,7 +560,8 @@ impl wit_engine::Host for State {
             top_k: sampling.top_k as usize,
             top_p: sampling.top_p,
         };
-        match self.engine.prefill(&prompt, rows.start..rows.end, &sampling) {
+        let engine = &mut self.engine;
+        match timed(&mut self.times.prefill, || engine.prefill(&prompt, rows.start..rows.end, &sampling)) {
             Ok(batch) => Ok(Ok(self.table.push(HostBatch { batch, rows: (rows.end - rows.start) as usize })?)),
             Err(error) => Ok(Err(to_wit_error(error))),
         }
@@ -516,9 +573,8 @@ impl wit_engine::Host for State {
         responses: Vec<types::Response>,
     ) -> wasmtime::Result<Result<types::Scored, types::EngineError>> {
         let responses: Vec<Response<'_>> = responses.iter().map(|r| Response { row: r.row, tokens: &r.tokens }).collect();
-        Ok(self
-            .engine
-            .score(&prompt, &responses)
+        let engine = &mut self.engine;
+        Ok(timed(&mut self.times.reward, || engine.score(&prompt, &responses))
             .map(|s| types::Scored { rewards: s.rewards, tokens_processed: s.tokens_processed })
             .map_err(to_wit_error))
     }
@@ -537,8 +593,7 @@ impl wit_reward::Host for State {
     ) -> wasmtime::Result<Result<types::Scored, types::EngineError>> {
         let Some(reward) = self.reward.as_mut() else { return wit_engine::Host::score(self, prompt, responses) };
         let responses: Vec<Response<'_>> = responses.iter().map(|r| Response { row: r.row, tokens: &r.tokens }).collect();
-        Ok(reward
-            .score(&prompt, &responses)
+        Ok(timed(&mut self.times.reward, || reward.score(&prompt, &responses))
             .map(|s| types::Scored { rewards: s.rewards, tokens_processed: s.tokens_processed })
             .map_err(to_wit_error))
     }
@@ -601,6 +656,7 @@ fn to_wit_options(options: &Options, events: EventKinds) -> decode::Options {
         min_new_tokens: clamp(options.min_new_tokens),
         eos: options.eos.clone(),
         sampling: types::Sampling { seed: s.seed, temperature: s.temperature, top_k: clamp(s.top_k), top_p: s.top_p },
+        paper_exact: options.rules.paper_exact,
         events,
     }
 }
@@ -648,6 +704,8 @@ fn from_wit_outcome(o: decode::Outcome) -> Outcome {
             token_capacity: s.token_capacity as usize,
             peak_kv_bytes: s.peak_kv_bytes,
             wall_seconds: s.wall_seconds,
+            // The host's measures (see `Runtime::generate_with_reward`).
+            ..Stats::default()
         },
     }
 }

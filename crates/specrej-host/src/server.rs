@@ -371,6 +371,7 @@ fn generate(shared: &Shared, endpoint: Endpoint, body: &[u8], stream: &mut TcpSt
         min_new_tokens: request.min_new_tokens,
         eos: served.eos(),
         sampling: Sampling { seed: request.seed, temperature: request.temperature, top_k: request.top_k, top_p: request.top_p },
+        rules: Default::default(),
     };
     let (reply, answers) = mpsc::channel();
     let job = Job {

@@ -78,6 +78,7 @@ fn options(method: Method, n: usize, max_new_tokens: usize, min_new_tokens: usiz
         min_new_tokens,
         eos: vec![FAKE_EOS],
         sampling: Sampling { seed, ..Sampling::default() },
+        rules: Default::default(),
     }
 }
 
@@ -217,6 +218,9 @@ impl Engine for Slow {
     fn kv_bytes_per_token(&self) -> usize {
         self.inner.kv_bytes_per_token()
     }
+    fn kv_layout(&self) -> specrej_core::KvLayout {
+        self.inner.kv_layout()
+    }
     fn max_sequence_len(&self) -> usize {
         self.inner.max_sequence_len()
     }
@@ -229,6 +233,9 @@ impl Engine for Slow {
     }
     fn retain(&mut self, batch: &mut AnyBatch, keep: &[usize]) -> Result<(), BackendError> {
         self.inner.retain(batch, keep)
+    }
+    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+        self.inner.fork(batch, children)
     }
     fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
         if self.fail_scoring {

@@ -74,6 +74,7 @@ fn main() {
         min_new_tokens: room.min(32),
         eos: tokenizer.eos_ids().to_vec(),
         sampling: Sampling { seed: 1, ..Sampling::default() },
+        rules: Default::default(),
     };
     // A KV budget for the policy that forces decisions: room for n rows × (prompt + room).
     let budget = policy.config().kv_bytes_per_token() * n * (prompt.len() + room);

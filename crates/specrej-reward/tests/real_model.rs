@@ -24,7 +24,8 @@ fn exported_judge_rm_equals_the_gguf_judge_margin() {
     let dir = TempDir::new("export");
     let report = export_judge_rm(&gguf, dir.path(), ExportDtype::F32).unwrap();
     assert_eq!(report.architecture, "LlamaForSequenceClassification");
-    let f32 = LoadOptions { weights: WeightFormat::F32, ..Default::default() };
+    // f32 K/V: the two layouts sum in different orders, and f16 rounding would amplify that.
+    let f32 = LoadOptions { weights: WeightFormat::F32, kv: specrej_candle::KvFormat::F32, ..Default::default() };
     let rm = RewardModel::load(dir.path(), &f32).unwrap();
 
     // Same tokenizer: the exported tokenizer.json encodes like the GGUF tokenizer.

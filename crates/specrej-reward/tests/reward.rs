@@ -16,7 +16,8 @@ use specrej_core::testing::FakeDecoder;
 use specrej_core::{Response, Sampling, Scorer, block_on_ready};
 use specrej_reward::{RemoteScorer, RewardError, RewardModel, RewardScorer, RewardSession, detokenize, spawn_server};
 
-const F32: LoadOptions = LoadOptions { device: specrej_candle::Device::Cpu, weights: WeightFormat::F32 };
+const F32: LoadOptions =
+    LoadOptions { device: specrej_candle::Device::Cpu, weights: WeightFormat::F32, kv: specrej_candle::KvFormat::F32 };
 const QUESTION: &str = "What is the best way to learn?";
 
 fn tiny(spec: &TinyRm, dtype: DType) -> (TempDir, Arc<RewardModel>) {
@@ -209,6 +210,7 @@ fn speculative_rejection_with_incremental_and_full_rm_agree() {
         min_new_tokens: 8,
         eos: vec![0],
         sampling: Sampling { seed: 3, ..Sampling::default() },
+        rules: Default::default(),
     };
     let run = |scorer: &mut RewardScorer| {
         let mut decoder = FakeDecoder::new(8 * 24);

@@ -64,18 +64,13 @@ fn cpu_and_cuda(
     spec.write_gguf(&path, dtype);
     let cpu = crate::load_gguf(
         &path,
-        &LoadOptions {
-            device: Device::Cpu,
-            weights: format,
-        },
+        // f32 K/V, as on the GPU.
+        &LoadOptions { device: Device::Cpu, weights: format, kv: KvFormat::F32 },
     )
     .unwrap();
     let cuda = crate::load_gguf(
         &path,
-        &LoadOptions {
-            device: Device::Cuda(0),
-            weights: format,
-        },
+        &LoadOptions { device: Device::Cuda(0), weights: format, ..Default::default() },
     )
     .unwrap();
     (dir, cpu, cuda)
@@ -325,6 +320,7 @@ fn cuda_speculative_rejection_runs() {
                 top_k: 50,
                 top_p: 0.95,
             },
+            rules: specrej_core::Rules::default(),
         };
         block_on_ready(specrej_core::generate(
             &mut dec,

@@ -50,9 +50,10 @@ fn rows_are_independent_native_q4_1() {
 }
 
 #[test]
-fn rows_are_independent_f32_within_tolerance() {
+fn rows_are_independent_f32_bit_for_bit() {
     let (_dir, model) = tiny_safetensors(&Tiny::default(), WeightFormat::F32);
-    assert_rows_independent(&model, 1.0, 20, 1e-4);
+    assert_rows_independent(&model, 1.0, 20, 0.0);
+    assert_rows_independent_n(&model, 19, 1.0, 4, 0.0);
 }
 
 #[test]
@@ -126,52 +127,102 @@ fn retain_right_after_prefill_and_row_ids_offset() {
 }
 
 #[test]
-#[should_panic(expected = "strictly ascending")]
-fn retain_rejects_unsorted_indices() {
+fn retain_and_fork_reject_bad_indices() {
     let (_dir, model) = tiny_gguf(&Tiny::default(), GgmlDType::F32, WeightFormat::Q8_0);
     let mut dec = CandleDecoder::new(model, 1 << 30);
     let mut batch = dec.prefill(&PROMPT, 0..4, &sampling(1.0)).unwrap();
-    let _ = dec.retain(&mut batch, &[2, 1]);
+    let err = dec.retain(&mut batch, &[2, 1]).unwrap_err();
+    assert!(err.to_string().contains("strictly ascending"), "{err}");
+    let err = dec.retain(&mut batch, &[1, 4]).unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err}");
+    let err = dec.fork(&mut batch, &[(4, 9)]).unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err}");
+    // Nothing changed.
+    assert_eq!(batch.row_ids(), &[0, 1, 2, 3]);
 }
 
+/// A forked row shares its parent's past (and blocks) and samples its own future: its
+/// logits are those of the model after the parent's text, its tokens its own id's draws.
 #[test]
-#[should_panic(expected = "out of range")]
-fn retain_rejects_out_of_range() {
+fn forked_rows_share_the_past_and_sample_their_own_future() {
     let (_dir, model) = tiny_gguf(&Tiny::default(), GgmlDType::F32, WeightFormat::Q8_0);
-    let mut dec = CandleDecoder::new(model, 1 << 30);
-    let mut batch = dec.prefill(&PROMPT, 0..4, &sampling(1.0)).unwrap();
-    let _ = dec.retain(&mut batch, &[1, 4]);
+    let mut dec = CandleDecoder::new(model.clone(), 1 << 30);
+    let s = sampling(1.0);
+    let mut batch = dec.prefill(&PROMPT, 0..2, &s).unwrap();
+    let mut rows: Vec<Vec<u32>> = vec![Vec::new(); 2];
+    for _ in 0..20 {
+        for (r, t) in block_on_ready(dec.step(&mut batch)).unwrap().into_iter().enumerate() {
+            rows[r].push(t);
+        }
+    }
+    let held = dec.kv_bytes_held().0;
+    dec.fork(&mut batch, &[(1, 7), (1, 8)]).unwrap();
+    assert_eq!(dec.kv_bytes_held().0, held, "a fork shares its parent's blocks");
+    assert_eq!(batch.row_ids(), &[0, 1, 7, 8]);
+    rows.push(rows[1].clone());
+    rows.push(rows[1].clone());
+    let vocab = model.config().vocab_size;
+    let mut logits = Vec::new();
+    for _ in 0..10 {
+        logits.push(dec.peek_logits(&batch).unwrap());
+        for (r, t) in block_on_ready(dec.step(&mut batch)).unwrap().into_iter().enumerate() {
+            rows[r].push(t);
+        }
+    }
+    assert_ne!(rows[2][20..], rows[1][20..], "the children sample with their own noise");
+    assert_ne!(rows[2][20..], rows[3][20..]);
+    for k in 0..10 {
+        // Child 7 (row index 2) after the parent's 20 tokens and its own k: the model's next-token
+        // logits for that text, computed afresh by a prefill, and id 7's draw from them.
+        let text = [&PROMPT[..], &rows[2][..20 + k]].concat();
+        let mut fresh = CandleDecoder::new(model.clone(), 1 << 30);
+        let single = fresh.prefill(&text, 7..8, &s).unwrap();
+        let want = fresh.peek_logits(&single).unwrap();
+        assert_eq!(&logits[k][2 * vocab..3 * vocab], &want[..], "step {k}: a prefill and the decode agree bit for bit");
+        let token = specrej_core::sampling::sample(&want, &s, 7, (20 + k) as u32);
+        assert_eq!(rows[2][20 + k], token, "step {k}");
+    }
 }
 
 #[test]
 fn capacity_and_out_of_memory() {
     let spec = Tiny::default();
     let (_dir, model) = tiny_gguf(&spec, GgmlDType::F32, WeightFormat::Q8_0);
-    let per_token = 2 * spec.layers * spec.kv_heads * spec.head_dim() * 4;
-    // Room for 4 rows × 10 positions.
-    let mut dec = CandleDecoder::new(model.clone(), per_token * 40);
+    let per_token = 2 * spec.layers * spec.kv_heads * spec.head_dim() * 2; // f16 K/V
+    // Five blocks of 16 positions: the prompt's, and one per row for 4 rows.
+    let mut dec = CandleDecoder::new(model.clone(), per_token * 16 * 5);
     assert_eq!(dec.kv_bytes_per_token(), per_token);
-    assert_eq!(dec.token_capacity(), 40);
+    assert_eq!(dec.token_capacity(), 80);
+    assert_eq!(dec.kv_layout(), specrej_core::KvLayout { shared_prompt: true, block: 16 });
     assert_eq!(dec.max_sequence_len(), spec.context);
     assert_eq!(dec.vocab_size(), spec.vocab);
     assert_eq!(dec.eos_token_ids(), &[2]);
     assert_eq!(dec.bos_token_id(), Some(1));
-    assert_eq!(dec.prefill(&PROMPT, 0..6, &sampling(1.0)).unwrap_err(), BackendError::OutOfMemory);
+    // Six rows: the prompt is held once, so prefill fits; the first step that caches a token
+    // per row does not.
+    let mut six = dec.prefill(&PROMPT, 0..6, &sampling(1.0)).unwrap();
+    block_on_ready(dec.step(&mut six)).unwrap();
+    assert_eq!(block_on_ready(dec.step(&mut six)).unwrap_err(), BackendError::OutOfMemory);
+    drop(six);
+    assert_eq!(dec.kv_bytes_held().0, 0, "a dropped batch gives its blocks back");
     let mut batch = dec.prefill(&PROMPT, 0..4, &sampling(1.0)).unwrap();
-    // Steps 1..=3 fit (cache 7, 8, 9, 10); the step that needs 11 positions does not.
-    for _ in 0..4 {
+    // 17 steps fit: the first caches nothing, the next 16 one position per row each.
+    for _ in 0..17 {
         block_on_ready(dec.step(&mut batch)).unwrap();
     }
-    assert_eq!(batch.cached_len(), 10);
+    assert_eq!(batch.cached_len(), PROMPT.len() + 16);
+    assert_eq!(dec.kv_bytes_held().0 as usize, per_token * 16 * 5);
     assert_eq!(block_on_ready(dec.step(&mut batch)).unwrap_err(), BackendError::OutOfMemory);
     // The scheduler's response: drop rows and retry; the batch is still consistent.
     dec.retain(&mut batch, &[0, 3]).unwrap();
+    assert_eq!(dec.kv_bytes_held().0 as usize, per_token * 16 * 3, "retain frees in place");
     let after = block_on_ready(dec.step(&mut batch)).unwrap();
-    let alone = trace(&model, &PROMPT, 3..4, &sampling(1.0), 5);
-    assert_eq!(after[1], alone.tokens[4][0]);
+    let alone = trace(&model, &PROMPT, 3..4, &sampling(1.0), 18);
+    assert_eq!(after[1], alone.tokens[17][0]);
+    assert_eq!(dec.kv_bytes_held().1 as usize, per_token * 16 * 5, "the peak");
 
     // A prompt filling the budget exactly fits; the first step needs no room, the second does.
-    let mut exact = CandleDecoder::new(model, per_token * 4 * PROMPT.len());
+    let mut exact = CandleDecoder::new(model, per_token * 16);
     let mut batch = exact.prefill(&PROMPT, 0..4, &sampling(1.0)).unwrap();
     block_on_ready(exact.step(&mut batch)).unwrap();
     assert_eq!(block_on_ready(exact.step(&mut batch)).unwrap_err(), BackendError::OutOfMemory);

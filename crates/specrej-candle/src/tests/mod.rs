@@ -18,7 +18,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device as CDevice, Tensor};
 use specrej_core::{Decoder, Sampling, block_on_ready};
 
-use crate::{Architecture, CandleDecoder, LoadOptions, Model, WeightFormat};
+use crate::{Architecture, CandleDecoder, KvFormat, LoadOptions, Model, WeightFormat};
 
 /// A fresh directory under the system temp dir, removed on drop.
 pub(crate) struct TempDir(PathBuf);
@@ -279,12 +279,17 @@ fn hf_to_gguf(name: &str) -> String {
     format!("blk.{layer}.{tail}")
 }
 
-/// A tiny model written as GGUF (`dtype` matrices) and loaded with `format`.
+/// A tiny model written as GGUF (`dtype` matrices) and loaded with `format` (f16 K/V).
 pub(crate) fn tiny_gguf(spec: &Tiny, dtype: GgmlDType, format: WeightFormat) -> (TempDir, Arc<Model>) {
+    tiny_gguf_kv(spec, dtype, format, KvFormat::default())
+}
+
+/// [`tiny_gguf`] with the K/V stored as `kv`.
+pub(crate) fn tiny_gguf_kv(spec: &Tiny, dtype: GgmlDType, format: WeightFormat, kv: KvFormat) -> (TempDir, Arc<Model>) {
     let dir = TempDir::new("gguf");
     let path = dir.path().join("tiny.gguf");
     spec.write_gguf(&path, dtype);
-    let model = crate::load_gguf(&path, &LoadOptions { weights: format, ..Default::default() }).unwrap();
+    let model = crate::load_gguf(&path, &LoadOptions { weights: format, kv, ..Default::default() }).unwrap();
     (dir, model)
 }
 
@@ -312,10 +317,9 @@ pub(crate) fn trace(model: &Arc<Model>, prompt: &[u32], ids: std::ops::Range<u32
     let mut batch = dec.prefill(prompt, ids, s).unwrap();
     let mut out = Trace { tokens: Vec::new(), logits: Vec::new() };
     for _ in 0..steps {
-        // After a step the batch holds the logits that step sampled from.
-        let tokens = block_on_ready(dec.step(&mut batch)).unwrap();
-        out.logits.push(batch.logits().to_vec());
-        out.tokens.push(tokens);
+        // The logits the step samples from, looked at first.
+        out.logits.push(dec.peek_logits(&batch).unwrap());
+        out.tokens.push(block_on_ready(dec.step(&mut batch)).unwrap());
     }
     out
 }

@@ -209,7 +209,7 @@ pub fn run(args: PaperArgs) -> Result<()> {
     if !todo.is_empty() {
         let weights = specrej_candle::load(
             &path,
-            &LoadOptions { device: specrej_candle::Device::Cpu, weights: args.weights.into() },
+            &LoadOptions { device: specrej_candle::Device::Cpu, weights: args.weights.into(), kv: Default::default() },
         )
         .with_context(|| format!("loading {}", path.display()))?;
         let text = Text::load(&path)?;
@@ -233,6 +233,7 @@ pub fn run(args: PaperArgs) -> Result<()> {
             min_new_tokens: 4,
             eos: Vec::new(),
             sampling: Sampling::default(),
+            rules: Default::default(),
         };
         let bytes = weights.config().kv_bytes_per_token() * 2 * (warm.len() + 4);
         block_on_ready(specrej_core::generate(
@@ -371,6 +372,7 @@ fn run_prompt(
         min_new_tokens: settings.min_new_tokens,
         eos: text.tokenizer.eos_ids().to_vec(),
         sampling: Sampling { seed, ..Sampling::default() },
+        rules: Default::default(),
     };
 
     // The largest Best-of-N, room for every row.
