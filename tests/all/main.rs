@@ -1,4 +1,5 @@
 //! One test binary for every cross-crate test.
 
 mod conformance;
+mod dense;
 mod real_model;

@@ -10,7 +10,10 @@
 //   prefill(prompt, start, end, seed, temperature, topK, topP): number   (a batch id)
 //   step(batch): Promise<Uint32Array> | Uint32Array   (sampled tokens, in row order)
 //   stepNow?(batch): Uint32Array      (synchronous step; only for the non-JSPI component)
+//   kvLayout?(): { sharedPrompt: boolean, block: number }   (default: dense, exact)
 //   retain(batch, keep: Uint32Array): void
+//   fork?(batch, parents: Uint32Array, ids: Uint32Array): void   (refill)
+//   forked?(parents: Uint32Array, children: Uint32Array): void   (row ids; a scorer hint)
 //   dropBatch(batch): void
 //   score(prompt, rows: Uint32Array, lengths: Uint32Array, tokens: Uint32Array):
 //       Promise<{rewards: Float32Array, tokensProcessed: number}> | {…}
@@ -69,6 +72,14 @@ export function engineImport(engine, { async = true, hooks = {} } = {}) {
         throw engineError(e);
       }
     }
+    fork(children) {
+      if (!engine.fork) throw engineError('this engine cannot fork rows');
+      try {
+        engine.fork(this.id, Uint32Array.from(children, (c) => c[0]), Uint32Array.from(children, (c) => c[1]));
+      } catch (e) {
+        throw engineError(e);
+      }
+    }
     [Symbol.dispose ?? Symbol.for('dispose')]() {
       engine.dropBatch(this.id);
     }
@@ -95,6 +106,7 @@ export function engineImport(engine, { async = true, hooks = {} } = {}) {
     Batch,
     tokenCapacity: () => BigInt(engine.tokenCapacity()),
     kvBytesPerToken: () => BigInt(engine.kvBytesPerToken()),
+    layout: () => engine.kvLayout?.() ?? { sharedPrompt: false, block: 1 },
     maxSequenceLen: () => BigInt(engine.maxSequenceLen()),
     prefill(prompt, rows, sampling) {
       try {
@@ -123,6 +135,9 @@ export function engineImport(engine, { async = true, hooks = {} } = {}) {
     },
     release(rows) {
       engine.release(rows);
+    },
+    forked(children) {
+      engine.forked?.(Uint32Array.from(children, (c) => c[0]), Uint32Array.from(children, (c) => c[1]));
     },
   };
 }

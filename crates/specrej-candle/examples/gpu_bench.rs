@@ -338,7 +338,7 @@ fn methods(args: &[String]) -> Result<()> {
     let alpha: f32 = arg_or(args, "--alpha", 0.5)?;
     let prompt_len: usize = arg_or(args, "--prompt", 64)?;
     let prompt = prompt(prompt_len, model.config().vocab_size);
-    let per_token = model.config().kv_bytes_per_token();
+    let per_token = model.kv_bytes_per_token();
     let min_new = (max_new / 4).max(1);
     for method in [Method::BestOfN, Method::SpeculativeRejection { alpha }] {
         // As the CLI's `--kv-budget auto`: Best-of-N holds every row to the end; Speculative

@@ -63,12 +63,6 @@ impl ModelConfig {
         self.heads / self.kv_heads
     }
 
-    /// Bytes of f32 K/V cache one cached token takes over all layers (see
-    /// [`crate::Model::kv_bytes_per_token`] for what a cache really holds).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.layers * self.kv_heads * self.head_dim * size_of::<f32>()
-    }
-
     /// Checks the numbers are usable; `Err((key, reason))` otherwise.
     pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
         let positive = [

@@ -25,6 +25,19 @@ pub const DEFAULT_KV_BUDGET_BYTES: usize = 2 << 30;
 /// frees the old one (peak: old + new), and activations, logits and the scorer need room too.
 pub const AUTO_BUDGET_FREE_FRACTION: f64 = 0.45;
 
+/// Share of the host's available memory (`MemAvailable`) that
+/// [`CandleDecoder::auto_budget_bytes`] gives the K/V cache on the CPU: the rest stays for
+/// the weights, the reward model's caches, activations and everything else on the machine.
+pub const AUTO_BUDGET_RAM_FRACTION: f64 = 0.25;
+
+/// Bytes of memory the host can still give out (Linux `MemAvailable`); `None` elsewhere.
+pub fn host_available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Batched lock-step decoding on a shared [`Model`].
 #[derive(Debug, Clone)]
 pub struct CandleDecoder {
@@ -32,7 +45,13 @@ pub struct CandleDecoder {
     kv_budget_bytes: usize,
     /// The CPU's K/V blocks (every batch of this decoder draws on it).
     pool: Arc<KvPool>,
+    /// Where [`CandleDecoder::record_nll`] sends each sampled token's NLL.
+    nll: Option<NllSink>,
 }
+
+/// Per sampled token: (row id, tokens the row had before it, `−log softmax(logits)[token]`
+/// under the untempered distribution), exactly as [`crate::LikelihoodScorer`] computes it.
+pub type NllSink = Arc<std::sync::Mutex<Vec<(u32, u32, f32)>>>;
 
 /// Where a batch's K/V lives.
 #[derive(Debug)]
@@ -89,17 +108,38 @@ impl CandleDecoder {
         let shape = model.kv_shape();
         let block_bytes = shape.block_elems() * model.kv_format.bytes();
         let pool = KvPool::new(shape, model.kv_format, kv_budget_bytes / block_bytes.max(1));
-        Self { model, kv_budget_bytes, pool }
+        Self { model, kv_budget_bytes, pool, nll: None }
     }
 
-    /// A K/V budget sized from the memory free on the model's device right now:
-    /// [`AUTO_BUDGET_FREE_FRACTION`] of it on a CUDA device (so call it after loading the
-    /// model and any scorer), [`DEFAULT_KV_BUDGET_BYTES`] on the CPU.
+    /// From now on, every step also sends each sampled token's NLL to `sink` (the likelihood
+    /// reward of every prefix of every row, for the price of a log-sum-exp per token: the
+    /// logits are the ones a likelihood scorer would compute, bit for bit).
+    pub fn record_nll(&mut self, sink: NllSink) {
+        self.nll = Some(sink);
+    }
+
+    /// A K/V budget sized from the memory free on the model's device right now (so call it
+    /// after loading the model and any scorer): [`AUTO_BUDGET_FREE_FRACTION`] of a CUDA
+    /// device's free memory, [`AUTO_BUDGET_RAM_FRACTION`] of the host's available memory on
+    /// the CPU, or [`DEFAULT_KV_BUDGET_BYTES`] where the host does not say.
     pub fn auto_budget_bytes(model: &Model) -> Result<usize, BackendError> {
         match device_memory(&model.device).map_err(device_err)? {
             Some((free, _total)) => Ok((free as f64 * AUTO_BUDGET_FREE_FRACTION) as usize),
-            None => Ok(DEFAULT_KV_BUDGET_BYTES),
+            None => Ok(host_available_memory()
+                .map_or(DEFAULT_KV_BUDGET_BYTES, |available| (available as f64 * AUTO_BUDGET_RAM_FRACTION) as usize)),
         }
+    }
+
+    /// The K/V layout a decoder on `model` uses (the prompt held once, blocks of 16 on the
+    /// CPU; dense on a GPU).
+    pub fn layout_for(model: &Model) -> KvLayout {
+        if model.device.is_cpu() { KvLayout { shared_prompt: true, block: BLOCK } } else { KvLayout::DENSE }
+    }
+
+    /// The budget, in bytes, that holds exactly `rows` rows of `generated` tokens each after
+    /// a `prompt`-token prompt on `model` (for tests and callers that size by rows).
+    pub fn budget_for(model: &Model, prompt: usize, rows: usize, generated: usize) -> usize {
+        Self::layout_for(model).tokens(prompt, rows, generated).saturating_mul(model.kv_bytes_per_token())
     }
 
     /// The shared model.
@@ -171,6 +211,7 @@ impl CandleDecoder {
             let vocab = self.model.config.vocab_size;
             let first = Arc::clone(&batch.first);
             let tokens = sample_rows(&first, 0, vocab, &batch.sampling, &batch.row_ids, &batch.generated);
+            self.send_nll(&first, 0, vocab, &tokens, &batch.row_ids, &batch.generated);
             return Ok(record(batch, tokens));
         };
         let result = match &mut batch.kv {
@@ -202,7 +243,32 @@ impl CandleDecoder {
         let logits = model.logits(&hidden).map_err(device_err)?; // [rows, vocab]
         let vocab = model.config.vocab_size;
         // Sampled straight from the logits' storage: nothing is copied.
-        with_host(&logits, |l| sample_rows(l, vocab, vocab, sampling, row_ids, generated)).map_err(device_err)
+        with_host(&logits, |l| {
+            let tokens = sample_rows(l, vocab, vocab, sampling, row_ids, generated);
+            self.send_nll(l, vocab, vocab, &tokens, row_ids, generated);
+            tokens
+        })
+        .map_err(device_err)
+    }
+
+    /// The NLLs of `tokens` under `logits` (row `r` at `r * stride`) to the sink, if any.
+    fn send_nll(&self, logits: &[f32], stride: usize, vocab: usize, tokens: &[u32], row_ids: &[u32], generated: &[u32]) {
+        let Some(sink) = &self.nll else { return };
+        let out: Vec<AtomicU32> = tokens.iter().map(|_| AtomicU32::new(0)).collect();
+        let one = |r: usize| {
+            let row = &logits[r * stride..r * stride + vocab];
+            specrej_core::likelihood::log_sum_exp(row) - row[tokens[r] as usize]
+        };
+        candle_core::utils::barrier_pool().execute_chunked(tokens.len(), |range| {
+            for r in range {
+                out[r].store(one(r).to_bits(), Ordering::Relaxed);
+            }
+        });
+        if let Ok(mut sink) = sink.lock() {
+            for (r, nll) in out.into_iter().enumerate() {
+                sink.push((row_ids[r], generated[r], f32::from_bits(nll.into_inner())));
+            }
+        }
     }
 
     /// Runs each row's pending token and samples the next (GPU, dense cache).
@@ -287,7 +353,7 @@ impl Decoder for CandleDecoder {
     }
 
     fn kv_layout(&self) -> KvLayout {
-        if self.on_host() { KvLayout { shared_prompt: true, block: BLOCK } } else { KvLayout::DENSE }
+        Self::layout_for(&self.model)
     }
 
     fn max_sequence_len(&self) -> usize {

@@ -43,6 +43,20 @@ fn lcp(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// How many positions of `ids` a row's cache can keep: of the ids it holds (`cached`), or,
+/// for a row without a cache, of the shared `prefix`: the longest common prefix, minus
+/// `back`, and at most `ids.len() − 1` (the last position is always run). The rule
+/// [`IncrementalRows`] follows; what a call runs is `ids.len()` minus this, so callers can
+/// count a call's cost without running it.
+pub fn reused_positions(cached: Option<&[u32]>, prefix: Option<&[u32]>, ids: &[u32], back: usize) -> usize {
+    let cap = |lcp: usize| lcp.saturating_sub(back).min(ids.len().saturating_sub(1));
+    match (cached, prefix) {
+        (Some(old), _) => cap(lcp(old, ids)),
+        (None, Some(p)) => cap(lcp(p, ids)),
+        (None, None) => 0,
+    }
+}
+
 /// Per-row K/V caches of a model's trunk, reused across calls by longest common prefix.
 ///
 /// Row ids are the scheduler's stable row ids; [`IncrementalRows::release`] drops rows the
@@ -227,11 +241,10 @@ impl IncrementalRows {
                 return Err(BackendError::device(format!("incremental scoring: row {row} appears twice in one call")));
             }
         }
-        let cap = |lcp: usize, ids: &[u32]| lcp.saturating_sub(back).min(ids.len() - 1);
         if !self.on_host() {
             let mut out = Vec::with_capacity(items.len());
             for &(row, ids) in items {
-                out.push(self.advance_dense(row, ids, cap, last_only)?);
+                out.push(self.advance_dense(row, ids, back, last_only)?);
             }
             return Ok(out);
         }
@@ -241,14 +254,14 @@ impl IncrementalRows {
             let reused = if self.reuse { self.rows.remove(&row) } else { None };
             let (seq, keep) = match reused {
                 Some(Cached { ids: old, cache: Cache::Host(mut seq) }) => {
-                    let keep = cap(lcp(&old, ids), ids);
+                    let keep = reused_positions(Some(&old), None, ids, back);
                     seq.truncate(keep);
                     (seq, keep)
                 }
                 _ => match &self.prefix {
-                    Some((p_ids, Prefix::Host(p))) if self.reuse && cap(lcp(p_ids, ids), ids) > 0 => {
-                        let keep = cap(lcp(p_ids, ids), ids);
-                        (Seq::on_prefix(p, keep), keep)
+                    Some((p_ids, Prefix::Host(p))) if self.reuse => {
+                        let keep = reused_positions(None, Some(p_ids), ids, back);
+                        (if keep > 0 { Seq::on_prefix(p, keep) } else { Seq::new() }, keep)
                     }
                     _ => (Seq::new(), 0),
                 },
@@ -293,26 +306,20 @@ impl IncrementalRows {
     }
 
     /// One row on a GPU: batch 1 over a dense cache.
-    fn advance_dense(
-        &mut self,
-        row: u32,
-        ids: &[u32],
-        cap: impl Fn(usize, &[u32]) -> usize,
-        last_only: bool,
-    ) -> Result<Ran, BackendError> {
+    fn advance_dense(&mut self, row: u32, ids: &[u32], back: usize, last_only: bool) -> Result<Ran, BackendError> {
         let model = Arc::clone(&self.model);
         let model = &*model;
         let ctx = model.config.context_length;
         let reused = if self.reuse { self.rows.remove(&row) } else { None };
         let (mut cache, keep) = match reused {
             Some(Cached { ids: old, cache: Cache::Dense(mut c) }) => {
-                let keep = cap(lcp(&old, ids), ids);
+                let keep = reused_positions(Some(&old), None, ids, back);
                 c.len = keep;
                 (c, keep)
             }
             _ => match &self.prefix {
-                Some((p_ids, Prefix::Dense(p))) if self.reuse && cap(lcp(p_ids, ids), ids) > 0 => {
-                    let keep = cap(lcp(p_ids, ids), ids);
+                Some((p_ids, Prefix::Dense(p))) if self.reuse && reused_positions(None, Some(p_ids), ids, back) > 0 => {
+                    let keep = reused_positions(None, Some(p_ids), ids, back);
                     let mut cache = p.gather_rows(model, &[0], ids.len()).map_err(alloc_err)?;
                     cache.len = keep;
                     (cache, keep)
@@ -334,6 +341,31 @@ impl IncrementalRows {
             self.rows.insert(row, Cached { ids: ids.to_vec(), cache: Cache::Dense(cache) });
         }
         Ok(Ran { hidden, first: keep })
+    }
+
+    /// Rows `(parent, child)` were forked: each child starts with its parent's cache (on the
+    /// CPU its blocks are shared until written). Parents without a cache are skipped.
+    pub fn fork_rows(&mut self, children: &[(u32, u32)]) {
+        if !self.reuse {
+            return;
+        }
+        for &(parent, child) in children {
+            let Some(cached) = self.rows.get(&parent) else { continue };
+            let copy = match &cached.cache {
+                Cache::Host(seq) => Some(Cache::Host(seq.fork())),
+                Cache::Dense(cache) => {
+                    let rows: Vec<usize> = vec![0];
+                    cache.gather_rows(&self.model, &rows, cache.cap).ok().map(|mut c| {
+                        c.len = cache.len;
+                        Cache::Dense(c)
+                    })
+                }
+            };
+            if let Some(cache) = copy {
+                let ids = cached.ids.clone();
+                self.rows.insert(child, Cached { ids, cache });
+            }
+        }
     }
 
     /// Drops the caches of `rows` (the scheduler will not ask about them again).

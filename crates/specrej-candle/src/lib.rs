@@ -68,10 +68,13 @@ mod scorer;
 mod tests;
 
 pub use config::{Architecture, ModelConfig};
-pub use decoder::{AUTO_BUDGET_FREE_FRACTION, CandleBatch, CandleDecoder, DEFAULT_KV_BUDGET_BYTES};
+pub use decoder::{
+    host_available_memory, NllSink, AUTO_BUDGET_FREE_FRACTION, AUTO_BUDGET_RAM_FRACTION, CandleBatch, CandleDecoder,
+    DEFAULT_KV_BUDGET_BYTES,
+};
 pub use error::LoadError;
 pub use kv::KvFormat;
-pub use incremental::IncrementalRows;
+pub use incremental::{reused_positions, IncrementalRows, Ran};
 pub use load::{load, load_gguf, load_gguf_bytes, load_safetensors, load_safetensors_trunk};
 pub use model::Model;
 pub use options::{Device, LoadOptions, WeightFormat};

@@ -172,6 +172,11 @@ impl Model {
         self.format
     }
 
+    /// The candle device the model runs on.
+    pub fn device(&self) -> &CDevice {
+        &self.device
+    }
+
     /// How K/V caches on the CPU store K and V.
     pub fn kv_format(&self) -> KvFormat {
         self.kv_format

@@ -179,7 +179,7 @@ impl Runner {
 
     /// Rows per chunk so that `rows × (prefix + width)` cached tokens fit the budget.
     fn chunk_rows(&self, total_len: usize) -> usize {
-        let per_token = self.model.config.kv_bytes_per_token();
+        let per_token = self.model.kv_bytes_per_token();
         (self.kv_budget_bytes / per_token.max(1) / total_len.max(1)).max(1)
     }
 
@@ -468,6 +468,17 @@ impl Scorer for LikelihoodScorer {
         std::future::ready(result)
     }
 
+    fn fork(&mut self, children: &[(u32, u32)]) {
+        if let Some(inc) = self.incremental.as_mut() {
+            inc.rows.fork_rows(children);
+            for &(parent, child) in children {
+                if let Some(nll) = inc.nll.get(&parent).cloned() {
+                    inc.nll.insert(child, nll);
+                }
+            }
+        }
+    }
+
     fn release(&mut self, rows: &[u32]) {
         if let Some(inc) = self.incremental.as_mut() {
             inc.rows.release(rows);
@@ -488,11 +499,16 @@ impl Scorer for LikelihoodScorer {
 /// [`JudgeScorer::incremental`] keeps a K/V cache per row between decisions instead
 /// ([`IncrementalRows`]): a decision then runs only each row's new tokens plus `after`
 /// (and `before` once), and `tokens_processed` counts exactly those.
+///
+/// [`JudgeScorer::with_partial`] gives decisions ([`Scorer::score_partial`]) a question of
+/// their own for unfinished answers; the final ranking keeps `after`.
 #[derive(Debug, Clone)]
 pub struct JudgeScorer {
     runner: Runner,
     before: Vec<u32>,
     after: Vec<u32>,
+    /// The question after an unfinished answer (decisions), if it differs from `after`.
+    after_partial: Option<Vec<u32>>,
     yes: u32,
     no: u32,
     incremental: Option<IncrementalRows>,
@@ -511,7 +527,27 @@ impl JudgeScorer {
             (yes as usize) < vocab && (no as usize) < vocab,
             "JudgeScorer: yes ({yes}) / no ({no}) outside the vocabulary ({vocab})"
         );
-        Self { runner: Runner { model, kv_budget_bytes: DEFAULT_KV_BUDGET_BYTES }, before, after, yes, no, incremental: None }
+        Self {
+            runner: Runner { model, kv_budget_bytes: DEFAULT_KV_BUDGET_BYTES },
+            before,
+            after,
+            after_partial: None,
+            yes,
+            no,
+            incremental: None,
+        }
+    }
+
+    /// Decisions ask `after_partial` (e.g. "so far, is this answer correct and on track?")
+    /// after an unfinished answer instead of `after`.
+    pub fn with_partial(mut self, after_partial: Vec<u32>) -> Self {
+        self.after_partial = Some(after_partial);
+        self
+    }
+
+    /// Positions the incremental caches hold over all rows (0 when not incremental).
+    pub fn cached_tokens(&self) -> usize {
+        self.incremental.as_ref().map_or(0, IncrementalRows::cached_tokens)
     }
 
     /// Keeps a K/V cache per row between calls, reused up to the longest common prefix
@@ -524,12 +560,13 @@ impl JudgeScorer {
         self
     }
 
-    fn score_incremental(&mut self, responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    fn score_incremental(&mut self, responses: &[Response<'_>], partial: bool) -> Result<Scored, BackendError> {
         for r in responses {
             self.runner.check(r.tokens)?;
         }
-        self.runner.check(&self.after)?;
-        let (before, after, yes, no) = (&self.before, &self.after, self.yes as usize, self.no as usize);
+        let after = if partial { self.after_partial.as_ref().unwrap_or(&self.after) } else { &self.after };
+        self.runner.check(after)?;
+        let (before, yes, no) = (&self.before, self.yes as usize, self.no as usize);
         let Some(rows) = self.incremental.as_mut() else {
             return Err(BackendError::device("judge: not incremental"));
         };
@@ -550,21 +587,22 @@ impl JudgeScorer {
         self
     }
 
-    fn score_sync(&self, responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    fn score_sync(&self, responses: &[Response<'_>], partial: bool) -> Result<Scored, BackendError> {
         if responses.is_empty() {
             return Ok(Scored::default());
         }
         for r in responses {
             self.runner.check(r.tokens)?;
         }
-        self.runner.check(&self.after)?;
+        let after = if partial { self.after_partial.as_ref().unwrap_or(&self.after) } else { &self.after };
+        self.runner.check(after)?;
         if self.runner.on_host() {
-            return self.score_host(responses);
+            return self.score_host(responses, after);
         }
         let prefix = self.runner.prefix(&self.before)?;
         let mut processed = self.before.len() as u64;
         let margin = |row: &[f32]| row[self.yes as usize] - row[self.no as usize];
-        let inputs: Vec<Vec<u32>> = responses.iter().map(|r| [r.tokens, &self.after[..]].concat()).collect();
+        let inputs: Vec<Vec<u32>> = responses.iter().map(|r| [r.tokens, &after[..]].concat()).collect();
         let width = inputs.iter().map(Vec::len).max().unwrap_or(0);
         let mut rewards = vec![margin(&prefix.logits); responses.len()];
         if width > 0 {
@@ -592,12 +630,12 @@ impl JudgeScorer {
     /// The full (non-incremental) judge on the CPU: `before` once, then every
     /// `response ++ after` in one pass (in chunks that fit the budget).
     /// `tokens_processed` = `before` + Σ (response + `after`).
-    fn score_host(&self, responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    fn score_host(&self, responses: &[Response<'_>], after: &[u32]) -> Result<Scored, BackendError> {
         let pool = self.runner.pool();
         let prefix = self.runner.host_prefix(&self.before, &pool)?;
         let margin = |row: &[f32]| row[self.yes as usize] - row[self.no as usize];
         let mut processed = self.before.len() as u64;
-        let inputs: Vec<Vec<u32>> = responses.iter().map(|r| [r.tokens, &self.after[..]].concat()).collect();
+        let inputs: Vec<Vec<u32>> = responses.iter().map(|r| [r.tokens, after].concat()).collect();
         let slices: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
         let mut rewards = vec![margin(&prefix.logits); responses.len()];
         let mut last = vec![0.0f32; 0];
@@ -612,14 +650,29 @@ impl JudgeScorer {
     }
 }
 
+impl JudgeScorer {
+    fn score_any(&mut self, responses: &[Response<'_>], partial: bool) -> Result<Scored, BackendError> {
+        if self.incremental.is_some() {
+            if responses.is_empty() { Ok(Scored::default()) } else { self.score_incremental(responses, partial) }
+        } else {
+            self.score_sync(responses, partial)
+        }
+    }
+}
+
 impl Scorer for JudgeScorer {
     fn score(&mut self, _prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
-        let result = if self.incremental.is_some() {
-            if responses.is_empty() { Ok(Scored::default()) } else { self.score_incremental(responses) }
-        } else {
-            self.score_sync(responses)
-        };
-        std::future::ready(result)
+        std::future::ready(self.score_any(responses, false))
+    }
+
+    fn score_partial(&mut self, _prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+        std::future::ready(self.score_any(responses, true))
+    }
+
+    fn fork(&mut self, children: &[(u32, u32)]) {
+        if let Some(inc) = self.incremental.as_mut() {
+            inc.fork_rows(children);
+        }
     }
 
     fn release(&mut self, rows: &[u32]) {

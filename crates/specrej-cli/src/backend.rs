@@ -40,7 +40,7 @@ impl Policy {
     pub fn load(path: &Path, backend: BackendArg, weights: WeightsArg, adapter: Option<&str>) -> Result<Self> {
         match backend {
             BackendArg::Cpu | BackendArg::Cuda => {
-                let options = LoadOptions { device: backend.candle_device(), weights: weights.into(), kv: Default::default() };
+                let options = LoadOptions { device: backend.candle_device(), weights: weights.into(), ..Default::default() };
                 let model = specrej_candle::load(path, &options).with_context(|| format!("loading {}", path.display()))?;
                 Ok(Policy::Candle(model))
             }
@@ -59,23 +59,40 @@ impl Policy {
         }
     }
 
-    /// Bytes of K/V cache one cached token takes.
+    /// Bytes of K/V cache one cached token takes (as the backend really stores it).
     pub fn kv_bytes_per_token(&self) -> usize {
         match self {
-            Policy::Candle(model) => model.config().kv_bytes_per_token(),
+            Policy::Candle(model) => model.kv_bytes_per_token(),
             Policy::Wgpu(model) => model.kv_bytes_per_token(),
         }
     }
 
-    /// The most K/V bytes `auto` may use on `backend`: a share of the free device memory on
-    /// CUDA (after the weights and reward model loaded), unbounded elsewhere (the CPU's budget
-    /// is the request's; the wgpu decoder is also bounded by the adapter's buffer limits).
-    pub fn auto_limit_bytes(&self, backend: BackendArg) -> Result<Option<usize>> {
+    /// `--kv-budget auto`: the bytes, and the rule that gave them (printed in reports).
+    /// A share of what the device has free (call it after the reward model loaded): the
+    /// host's available memory on the CPU, the card's free memory on CUDA; WebGPU reports no
+    /// free memory, so wgpu gets its default budget.
+    pub fn auto_budget(&self) -> Result<(usize, String)> {
+        let gb = |b: usize| b as f64 / 1e9;
         match self {
-            Policy::Candle(model) if backend == BackendArg::Cuda => {
-                Ok(Some(CandleDecoder::auto_budget_bytes(model).map_err(|e| anyhow::anyhow!("{e}"))?))
+            Policy::Candle(model) => {
+                let bytes = CandleDecoder::auto_budget_bytes(model).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let rule = if model.device().is_cuda() {
+                    format!("{:.0}% of the GPU's free memory", specrej_candle::AUTO_BUDGET_FREE_FRACTION * 100.0)
+                } else {
+                    match specrej_candle::host_available_memory() {
+                        Some(available) => format!(
+                            "{:.0}% of {:.1} GB available RAM",
+                            specrej_candle::AUTO_BUDGET_RAM_FRACTION * 100.0,
+                            gb(available)
+                        ),
+                        None => "the default (the host reports no available memory)".to_string(),
+                    }
+                };
+                Ok((bytes, rule))
             }
-            Policy::Candle(_) | Policy::Wgpu(_) => Ok(None),
+            Policy::Wgpu(_) => {
+                Ok((specrej_wgpu::DEFAULT_KV_BUDGET_BYTES, "wgpu's default (WebGPU reports no free memory)".to_string()))
+            }
         }
     }
 

@@ -118,9 +118,15 @@ fn throughput(args: ThroughputArgs) -> Result<()> {
                 eprintln!("{name}: {device}");
             }
             let max_rows = args.rows.iter().copied().max().unwrap_or(1);
-            // Room for the longer prompt plus the warm-up and timed steps, in every row.
-            let per_row = prompts.long.len().max(prompts.short.len()) + args.steps + 4;
-            let kv_bytes = max_rows * per_row * policy.kv_bytes_per_token();
+            // Room for the prompts plus the warm-up and timed steps, in every row, in the
+            // backend's layout.
+            let layout = match &policy {
+                Policy::Candle(model) => CandleDecoder::layout_for(model),
+                Policy::Wgpu(_) => specrej_core::KvLayout::DENSE,
+            };
+            let own = args.steps + 4;
+            let tokens = layout.tokens(prompts.long.len(), 1, own).max(layout.tokens(prompts.short.len(), max_rows, own));
+            let kv_bytes = tokens * policy.kv_bytes_per_token();
             let mut sink = |what: &str| {
                 if !args.json {
                     eprintln!("{name}: {what}");

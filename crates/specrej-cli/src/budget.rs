@@ -14,18 +14,6 @@ pub enum KvBudget {
     Tokens(u64),
 }
 
-impl KvBudget {
-    /// The budget in cached tokens, for a model whose tokens take `bytes_per_token`;
-    /// `auto` is the caller's number.
-    pub fn tokens(self, bytes_per_token: usize, auto: usize) -> usize {
-        match self {
-            KvBudget::Auto => auto,
-            KvBudget::Bytes(bytes) => (bytes / bytes_per_token.max(1) as u64) as usize,
-            KvBudget::Tokens(tokens) => tokens as usize,
-        }
-    }
-}
-
 impl fmt::Display for KvBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -90,12 +78,5 @@ mod tests {
         assert!("".parse::<KvBudget>().is_err());
         assert!("12 parsecs".parse::<KvBudget>().is_err());
         assert!("0tok".parse::<KvBudget>().is_err());
-    }
-
-    #[test]
-    fn converts_to_tokens() {
-        assert_eq!(KvBudget::Bytes(46_080 * 10).tokens(46_080, 7), 10);
-        assert_eq!(KvBudget::Tokens(99).tokens(46_080, 7), 99);
-        assert_eq!(KvBudget::Auto.tokens(46_080, 7), 7);
     }
 }

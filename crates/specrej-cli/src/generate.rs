@@ -28,9 +28,10 @@ pub struct Args {
     /// sr: Speculative Rejection; bon: Best-of-N.
     #[arg(long, value_enum, default_value = "sr")]
     method: MethodArg,
-    /// Best-of-N: number of answers. Speculative Rejection: the most rows to start with.
-    #[arg(long, short, default_value_t = 16)]
-    n: usize,
+    /// Best-of-N: number of answers (default 16). Speculative Rejection: the most rows to
+    /// start with (default: as many as fit the KV budget).
+    #[arg(long, short)]
+    n: Option<usize>,
     /// Speculative Rejection: fraction of rows rejected at each decision, in [0, 1).
     #[arg(long, default_value_t = 0.5)]
     alpha: f32,
@@ -59,9 +60,10 @@ pub struct Args {
     /// (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// KV cache budget: bytes (2GiB, 512MB) or tokens (20000tok). `auto`: Best-of-N gets
-    /// room for all n rows; Speculative Rejection gets n rows × (prompt + --min-new-tokens),
-    /// so decisions fall where a memory-bound device would make them.
+    /// KV cache budget: bytes (2GiB, 512MB) or tokens (20000tok). `auto`: a share of the
+    /// memory the device has free (25% of available RAM on the CPU, 45% of a GPU's free
+    /// memory; the report says which). Speculative Rejection starts with as many rows as
+    /// fit it; Best-of-N runs in as many sequential batches as it needs.
     #[arg(long, default_value = "auto")]
     kv_budget: KvBudget,
     /// How weights are held in memory: as stored, or converted at load.
@@ -107,10 +109,26 @@ impl From<WeightsArg> for WeightFormat {
     }
 }
 
+/// Best-of-N's `--n` when none is given.
+const DEFAULT_BON_N: usize = 16;
+
+/// A run's KV budget and the rule that set it.
+#[derive(Clone, Debug, Serialize)]
+struct Budget {
+    bytes: u64,
+    tokens: usize,
+    rule: String,
+}
+
 pub fn run(args: Args) -> Result<()> {
     // Check what needs no model first, so bad flags fail fast.
-    if args.n == 0 {
+    if args.n == Some(0) {
         bail!("--n must be at least 1");
+    }
+    if let Some(n) = args.n
+        && n > specrej_core::MAX_ROWS
+    {
+        bail!("--n {n} is more rows than one request may have ({})", specrej_core::MAX_ROWS);
     }
     if !(0.0..1.0).contains(&args.alpha) {
         bail!("--alpha must be in [0, 1), got {}", args.alpha);
@@ -132,34 +150,48 @@ pub fn run(args: Args) -> Result<()> {
         MethodArg::Sr => Method::SpeculativeRejection { alpha: args.alpha },
         MethodArg::Bon => Method::BestOfN,
     };
+    let n = match (method, args.n) {
+        (_, Some(n)) => n,
+        (Method::BestOfN, None) => DEFAULT_BON_N,
+        // No cap: as many rows as the budget holds.
+        (Method::SpeculativeRejection { .. }, None) => specrej_core::MAX_ROWS,
+    };
     let options = Options {
         method,
-        n: args.n,
+        n,
         max_new_tokens: args.max_new_tokens,
         min_new_tokens: args.min_new_tokens,
         eos: text.tokenizer.eos_ids().to_vec(),
         sampling: Sampling { seed: args.seed, temperature: args.temperature, top_k: args.top_k, top_p: args.top_p },
         rules: Default::default(),
     };
-    let auto_len = match method {
-        Method::BestOfN => args.max_new_tokens,
-        Method::SpeculativeRejection { .. } => args.min_new_tokens.min(args.max_new_tokens),
-    };
-    let bytes_per_token = policy.kv_bytes_per_token();
-    let mut wanted = args.n * (prompt.len() + auto_len);
-    if let Some(limit) = policy.auto_limit_bytes(args.backend)? {
-        // On a GPU `auto` is also bounded by the memory free on the device (after the weights
-        // and the reward model loaded): the initial batch fills the card, as in the paper.
-        wanted = wanted.min(limit / bytes_per_token.max(1));
-    }
-    let capacity = args.kv_budget.tokens(bytes_per_token, wanted);
     let mut reward = reward.scorer(&policy, &text, &args.prompt)?;
+    let bytes_per_token = policy.kv_bytes_per_token();
+    let budget = match args.kv_budget {
+        KvBudget::Auto => {
+            // After the reward model loaded: what is free now is what the cache may take.
+            let (bytes, rule) = policy.auto_budget()?;
+            Budget { bytes: bytes as u64, tokens: bytes / bytes_per_token.max(1), rule: format!("auto: {rule}") }
+        }
+        KvBudget::Bytes(bytes) => Budget {
+            bytes,
+            tokens: usize::try_from(bytes).unwrap_or(usize::MAX) / bytes_per_token.max(1),
+            rule: format!("--kv-budget {bytes} bytes"),
+        },
+        KvBudget::Tokens(tokens) => {
+            let tokens = usize::try_from(tokens).unwrap_or(usize::MAX);
+            let Some(bytes) = tokens.checked_mul(bytes_per_token) else {
+                bail!("--kv-budget {tokens}tok is more memory than this machine can address");
+            };
+            Budget { bytes: bytes as u64, tokens, rule: format!("--kv-budget {tokens} tokens") }
+        }
+    };
 
     let progress = progress_bar(args.json, options.max_new_tokens as u64);
     let mut decisions = 0usize;
     let mut live = 0usize;
     let outcome = policy.generate(
-        capacity.saturating_mul(bytes_per_token),
+        usize::try_from(budget.bytes).unwrap_or(usize::MAX),
         &mut reward,
         &prompt,
         &options,
@@ -174,17 +206,17 @@ pub fn run(args: Args) -> Result<()> {
                 decisions += 1;
                 progress.set_message(format!("rows {:>3} · decisions {decisions}", decision.kept_rows));
             }
-            Event::Finished { .. } | Event::Scored { .. } => {}
+            Event::Finished { .. } | Event::Forked { .. } | Event::Scored { .. } => {}
         },
     );
     progress.finish_and_clear();
     let outcome = outcome?;
 
     if args.json {
-        let report = Report::new(&text, &args, &outcome, prompt.len(), capacity);
+        let report = Report::new(&text, &args, &outcome, prompt.len(), &budget);
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_human(&text, &args, &outcome);
+        print_human(&text, &args, &outcome, &budget);
     }
     Ok(())
 }
@@ -210,19 +242,30 @@ fn finish_name(finish: Finish) -> &'static str {
     }
 }
 
-fn print_human(text: &Text, args: &Args, outcome: &Outcome) {
+fn print_human(text: &Text, args: &Args, outcome: &Outcome, budget: &Budget) {
     let s = &outcome.stats;
     let method = match args.method {
         MethodArg::Sr => format!("Speculative Rejection (alpha {})", args.alpha),
         MethodArg::Bon => "Best-of-N".to_string(),
     };
     let winner = outcome.winner();
+    let start = match (args.method, args.n) {
+        (MethodArg::Sr, None) => format!("{} rows to start (as many as fit the KV budget)", s.initial_rows),
+        (MethodArg::Sr, Some(n)) => format!("{} rows to start (--n {n} caps it)", s.initial_rows),
+        (MethodArg::Bon, _) if s.batches > 1 => format!("{} batches of up to {} rows", s.batches, s.initial_rows),
+        (MethodArg::Bon, _) => format!("{} rows", s.initial_rows),
+    };
     println!(
-        "{method}: {} rows to start, {} candidates, reward: {} ({} re-scoring)",
-        s.initial_rows,
+        "{method}: {start}, {} candidates, reward: {} ({} re-scoring)",
         outcome.candidates.len(),
         args.reward.describe(),
         format!("{:?}", args.reward.rescore).to_lowercase()
+    );
+    println!(
+        "KV budget {:.1} MB = {} tokens ({})",
+        budget.bytes as f64 / 1e6,
+        budget.tokens,
+        budget.rule
     );
     println!();
     println!("── winner: row {}, reward {:.3}, {} tokens, ended by {} ──", winner.row, winner.score, winner.tokens.len(), finish_name(winner.finish));
@@ -254,6 +297,18 @@ fn print_human(text: &Text, args: &Args, outcome: &Outcome) {
         s.tokens_generated, s.steps, s.wall_seconds, s.reward_calls, s.reward_tokens,
         s.peak_kv_bytes as f64 / 1e6, s.token_capacity
     );
+    println!("time: {}", time_breakdown(s));
+}
+
+/// `prefill 0.1 s (2%) · steps 3.9 s (80%) · reward 0.8 s (17%) · retain 0.0 s (0%) · other …`
+pub fn time_breakdown(s: &Stats) -> String {
+    let total = s.wall_seconds.max(f64::MIN_POSITIVE);
+    let other = (s.wall_seconds - s.prefill_seconds - s.step_seconds - s.reward_seconds - s.retain_seconds).max(0.0);
+    [("prefill", s.prefill_seconds), ("steps", s.step_seconds), ("reward", s.reward_seconds), ("retain", s.retain_seconds), ("other", other)]
+        .iter()
+        .map(|(name, t)| format!("{name} {t:.2} s ({:.0}%)", 100.0 * t / total))
+        .collect::<Vec<_>>()
+        .join(" · ")
 }
 
 /// The `--json` document.
@@ -263,7 +318,7 @@ struct Report<'a> {
     prompt_tokens: usize,
     method: Method,
     reward: String,
-    kv_budget_tokens: usize,
+    kv_budget: &'a Budget,
     winner: TextCandidate,
     candidates: Vec<TextCandidate>,
     rejected: Vec<TextCandidate>,
@@ -287,7 +342,7 @@ impl TextCandidate {
 }
 
 impl<'a> Report<'a> {
-    fn new(text: &Text, args: &'a Args, outcome: &'a Outcome, prompt_tokens: usize, capacity: usize) -> Self {
+    fn new(text: &Text, args: &'a Args, outcome: &'a Outcome, prompt_tokens: usize, budget: &'a Budget) -> Self {
         let method = match args.method {
             MethodArg::Sr => Method::SpeculativeRejection { alpha: args.alpha },
             MethodArg::Bon => Method::BestOfN,
@@ -297,7 +352,7 @@ impl<'a> Report<'a> {
             prompt_tokens,
             method,
             reward: args.reward.describe(),
-            kv_budget_tokens: capacity,
+            kv_budget: budget,
             winner: TextCandidate::new(text, outcome.winner()),
             candidates: outcome.candidates.iter().map(|c| TextCandidate::new(text, c)).collect(),
             rejected: outcome

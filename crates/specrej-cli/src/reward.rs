@@ -198,6 +198,28 @@ impl Scorer for Reward {
         }
     }
 
+    async fn score_partial(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        match self {
+            Reward::Judge(s) => s.score_partial(prompt, responses).await,
+            Reward::Likelihood(s) => s.score_partial(prompt, responses).await,
+            Reward::Model(s) => s.score_partial(prompt, responses).await,
+            Reward::Remote(s) => s.score_partial(prompt, responses).await,
+            Reward::WgpuJudge(s) => s.score_partial(prompt, responses).await,
+            Reward::WgpuLikelihood(s) => s.score_partial(prompt, responses).await,
+        }
+    }
+
+    fn fork(&mut self, children: &[(u32, u32)]) {
+        match self {
+            Reward::Judge(s) => s.fork(children),
+            Reward::Likelihood(s) => s.fork(children),
+            Reward::Model(s) => s.fork(children),
+            Reward::Remote(s) => s.fork(children),
+            Reward::WgpuJudge(s) => s.fork(children),
+            Reward::WgpuLikelihood(s) => s.fork(children),
+        }
+    }
+
     fn release(&mut self, rows: &[u32]) {
         match self {
             Reward::Judge(s) => s.release(rows),

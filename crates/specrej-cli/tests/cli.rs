@@ -47,10 +47,12 @@ fn malformed_flags_are_usage_errors() {
 #[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
 fn generate_json_on_the_default_model() {
     let model = std::env::var("SPECREJ_MODEL").expect("SPECREJ_MODEL");
-    let output = specrej(&[
-        "generate", "Name a primary color.", "--model", &model, "--n", "4", "--max-new-tokens", "24",
-        "--min-new-tokens", "8", "--seed", "5", "--json",
-    ]);
+    // The prompt's blocks and one 16-token block per row: a decision after 16 tokens.
+    let args = [
+        "generate", "Give three tips for staying healthy.", "--model", &model, "--n", "4", "--max-new-tokens", "32",
+        "--min-new-tokens", "8", "--seed", "5", "--kv-budget", "128tok", "--json",
+    ];
+    let output = specrej(&args);
     assert!(output.status.success(), "{}", stderr(&output));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
     let winner = &report["winner"];
@@ -58,14 +60,18 @@ fn generate_json_on_the_default_model() {
     let best = report["candidates"].as_array().expect("candidates").iter()
         .map(|c| c["score"].as_f64().expect("score")).fold(f64::NEG_INFINITY, f64::max);
     assert_eq!(winner["score"].as_f64(), Some(best));
-    assert!(!report["trace"].as_array().expect("trace").is_empty(), "auto budget makes decisions");
+    assert!(!report["trace"].as_array().expect("trace").is_empty(), "the budget forces decisions");
     assert!(report["stats"]["reward_tokens"].as_u64().expect("reward tokens") > 0);
+    assert_eq!(report["kv_budget"]["tokens"], 128);
+    // The time breakdown: every part measured, and the parts within the whole.
+    let stats = &report["stats"];
+    let part = |k: &str| stats[k].as_f64().unwrap_or_else(|| panic!("stats.{k}"));
+    let parts = part("prefill_seconds") + part("step_seconds") + part("reward_seconds") + part("retain_seconds");
+    assert!(part("step_seconds") > 0.0 && part("reward_seconds") > 0.0 && part("prefill_seconds") > 0.0, "{stats}");
+    assert!(parts <= part("wall_seconds"), "{stats}");
 
     // The same seed gives the same answer.
-    let again = specrej(&[
-        "generate", "Name a primary color.", "--model", &model, "--n", "4", "--max-new-tokens", "24",
-        "--min-new-tokens", "8", "--seed", "5", "--json",
-    ]);
+    let again = specrej(&args);
     let again: serde_json::Value = serde_json::from_slice(&again.stdout).expect("JSON");
     assert_eq!(again["winner"]["tokens"], winner["tokens"]);
 }

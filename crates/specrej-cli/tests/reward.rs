@@ -36,6 +36,8 @@ fn generate_json(model: &str, reward: &[&str]) -> serde_json::Value {
     let mut args = vec![
         "generate", "Name three fruits.", "--model", model, "--n", "6", "--max-new-tokens", "40",
         "--min-new-tokens", "8", "--seed", "11", "--json",
+        // The prompt's blocks and one 16-token block per row: a decision after 16 tokens.
+        "--kv-budget", "160tok",
     ];
     args.extend_from_slice(reward);
     let output = specrej(&args);
@@ -63,7 +65,7 @@ fn reward_model_directory_local_remote_incremental_and_full() {
 
     let local = generate_json(&model, &["--reward", rm_arg]);
     assert_eq!(local["reward"], rm_arg);
-    assert!(!local["trace"].as_array().unwrap().is_empty(), "the auto budget makes decisions");
+    assert!(!local["trace"].as_array().unwrap().is_empty(), "the budget forces decisions");
     let best = local["candidates"].as_array().unwrap().iter().map(|c| c["score"].as_f64().unwrap()).fold(f64::MIN, f64::max);
     assert_eq!(local["winner"]["score"].as_f64(), Some(best));
 

@@ -69,7 +69,13 @@ fn core_options(options: decode::Options) -> Options {
         min_new_tokens: options.min_new_tokens as usize,
         eos: options.eos,
         sampling: Sampling { seed: s.seed, temperature: s.temperature, top_k: s.top_k as usize, top_p: s.top_p },
-        rules: specrej_core::Rules { paper_exact: options.paper_exact },
+        rules: specrej_core::Rules {
+            paper_exact: options.rules.paper_exact,
+            probe_lag: options.rules.probe_lag as usize,
+            gate_tau: options.rules.gate_tau,
+            adaptive_snr: options.rules.adaptive_snr,
+            refill: options.rules.refill,
+        },
     }
 }
 
@@ -93,6 +99,7 @@ fn report(events: EventKinds, event: &Event<'_>) {
         Event::Finished { row, finish } if events.contains(EventKinds::FINISHED) => {
             progress::Event::Finished((row, to_wit_finish(finish)))
         }
+        Event::Forked { children } if events.contains(EventKinds::FORKED) => progress::Event::Forked(children.to_vec()),
         Event::Scored { candidates } if events.contains(EventKinds::SCORED) => {
             progress::Event::Scored(candidates.iter().map(to_wit_candidate).collect())
         }
@@ -137,6 +144,9 @@ fn to_wit_decision(d: &specrej_core::Decision) -> types::Decision {
         max: d.max,
         threshold: d.threshold,
         early: d.early,
+        tau: d.tau,
+        alpha: d.alpha,
+        forked: d.forked as u32,
     }
 }
 
@@ -231,6 +241,12 @@ impl Scorer for Reward {
     fn release(&mut self, rows: &[u32]) {
         if !rows.is_empty() {
             reward_import::release(rows);
+        }
+    }
+
+    fn fork(&mut self, children: &[(u32, u32)]) {
+        if !children.is_empty() {
+            reward_import::forked(children);
         }
     }
 }

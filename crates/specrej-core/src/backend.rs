@@ -257,6 +257,12 @@ pub trait Scorer {
         self.score(prompt, responses)
     }
 
+    /// Rows `(parent, child)` were forked: each child's text starts as its parent's (an
+    /// incremental scorer may copy the parent's state). The default does nothing.
+    fn fork(&mut self, children: &[(u32, u32)]) {
+        let _ = children;
+    }
+
     /// The scheduler will never ask about these rows again (they were rejected):
     /// an incremental scorer may drop their state. The default keeps nothing, so does nothing.
     fn release(&mut self, rows: &[u32]) {

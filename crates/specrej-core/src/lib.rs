@@ -4,6 +4,7 @@
 pub mod backend;
 mod block_on;
 pub mod likelihood;
+pub mod replay;
 pub mod sampling;
 
 pub use backend::{BackendError, Decoder, KvLayout, Response, Sampling, Scored, Scorer};
@@ -15,4 +16,5 @@ pub mod testing;
 
 pub use scheduler::{
     generate, validate, Candidate, Decision, Error, Event, Finish, Method, Options, Outcome, Rejected, Rules, Stats,
+    MAX_ROWS,
 };

@@ -68,11 +68,37 @@ impl Default for Options {
 /// best `round_half_even((1 − α)·(finished + live))` are kept (possibly none), a row that
 /// finished is dropped if it falls below the first cut after it finished, and no room is
 /// reserved between decisions.
+///
+/// Policies beyond the paper (each off by default; they apply to our rules, not to
+/// `paper_exact`):
+/// * `probe_lag`: the live rows are also scored `probe_lag` tokens before each decision the
+///   budget forces (the *probe*), so a decision can compare two rankings of the same rows;
+/// * `gate_tau` (the rank-stability gate): until the Kendall τ between the probe's and the
+///   decision's scores reaches `gate_tau`, a decision only frees room for `probe_lag` more
+///   tokens (it keeps as many rows as fit that long), and the next decision compares again;
+///   once τ has reached it, decisions cut at α as usual;
+/// * `adaptive_snr` (adaptive α): a decision cuts at `α · min(1, snr / adaptive_snr)`, where
+///   `snr` is the spread of the scores (their standard deviation) over their drift since the
+///   probe (the median |Δ score|): indistinguishable rows are cut less;
+/// * `refill`: after a cut, the freed memory (room for `min_new_tokens` more per row) is
+///   filled with forks of the kept rows, new rows that continue a kept row's text with noise
+///   of their own (ids from the initial batch size up); with `Some(0.0)` the parents are the
+///   kept rows best first, round robin, with `Some(λ)` they are drawn with probability
+///   ∝ exp(score / λ). Needs a backend that can [`Decoder::fork`].
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default))]
 pub struct Rules {
     /// The reference implementation's ranking and rounding instead of ours.
     pub paper_exact: bool,
+    /// Tokens before each budget decision at which the live rows are scored too (0: never).
+    pub probe_lag: usize,
+    /// The rank-stability gate's Kendall τ (needs `probe_lag`).
+    pub gate_tau: Option<f32>,
+    /// Adaptive α: the spread-over-drift ratio at which the full α applies (needs `probe_lag`).
+    pub adaptive_snr: Option<f32>,
+    /// Fill freed memory with forks of the kept rows; the value is the resampling temperature.
+    pub refill: Option<f32>,
 }
 
 /// Why a row stopped.
@@ -134,6 +160,13 @@ pub struct Decision {
     pub threshold: f32,
     /// Forced by an out-of-memory report from the backend rather than by the budget.
     pub early: bool,
+    /// Kendall τ between the probe's scores and these, over the rows in both (`None` without
+    /// a probe, or with fewer than two rows in both).
+    pub tau: Option<f32>,
+    /// The rejection rate this decision applied (α, or less: adaptive α, the gate, the room).
+    pub alpha: f32,
+    /// Rows forked from the kept ones (refill).
+    pub forked: usize,
 }
 
 /// What a run cost. Times are 0 where the platform has no clock (a host may fill them in).
@@ -205,6 +238,8 @@ pub enum Event<'a> {
     Decision { decision: &'a Decision, rows: &'a [u32], scores: &'a [f32], kept: &'a [u32] },
     /// A row finished and became a candidate (not yet scored).
     Finished { row: u32, finish: Finish },
+    /// Refill: new rows `(parent, child)` continue their parents' text.
+    Forked { children: &'a [(u32, u32)] },
     /// All candidates were scored.
     Scored { candidates: &'a [Candidate] },
 }
@@ -239,6 +274,10 @@ fn invalid(message: impl Into<String>) -> Error {
     Error::InvalidRequest(message.into())
 }
 
+/// The most rows one request may have (Best-of-N's `n`, Speculative Rejection's initial
+/// batch): row ids are `u32`, and far fewer than this fit any real memory.
+pub const MAX_ROWS: usize = 1 << 24;
+
 /// Checks `options` against `prompt` and the model; the message names what is wrong.
 pub fn validate(prompt: &[u32], options: &Options, max_sequence_len: usize) -> Result<(), Error> {
     if prompt.is_empty() {
@@ -246,6 +285,9 @@ pub fn validate(prompt: &[u32], options: &Options, max_sequence_len: usize) -> R
     }
     if options.n == 0 {
         return Err(invalid("n must be at least 1"));
+    }
+    if options.n > MAX_ROWS {
+        return Err(invalid(format!("n is {}; a request may have at most {MAX_ROWS} rows", options.n)));
     }
     if options.max_new_tokens == 0 {
         return Err(invalid("max_new_tokens must be at least 1"));
@@ -296,6 +338,9 @@ pub async fn generate<D: Decoder, S: Scorer>(
         rejected: Vec::new(),
         trace: Vec::new(),
         stats: Stats { prompt_tokens: prompt.len(), token_capacity: capacity, ..Stats::default() },
+        probe: None,
+        gate_open: false,
+        next_row: 0,
     };
 
     match options.method {
@@ -327,6 +372,7 @@ pub async fn generate<D: Decoder, S: Scorer>(
                 )));
             }
             run.stats.initial_rows = rows;
+            run.next_row = rows as u32;
             run.batch(decoder, scorer, 0, rows, Some(alpha), observer).await?;
         }
     }
@@ -363,6 +409,12 @@ struct Run<'p> {
     rejected: Vec<Rejected>,
     trace: Vec<Decision>,
     stats: Stats,
+    /// The probe: where the live rows were scored before the coming decision, and their scores.
+    probe: Option<(usize, Vec<(u32, f32)>)>,
+    /// The rank-stability gate has opened.
+    gate_open: bool,
+    /// The id the next forked row gets.
+    next_row: u32,
 }
 
 /// A live row on the host side: its id and its text so far.
@@ -441,6 +493,12 @@ impl Run<'_> {
             }
             // After the next step every row caches the prompt and `generated` tokens of its own.
             let next_len = self.prompt.len() + generated;
+            if alpha.is_some() && self.wants_probe(live.len(), generated) {
+                let responses: Vec<Response<'_>> = live.iter().map(|l| Response { row: l.row, tokens: &l.tokens }).collect();
+                let scores = score(scorer, self.prompt, &responses, true, &mut self.stats).await?;
+                drop(responses);
+                self.probe = Some((generated, live.iter().zip(scores).map(|(l, s)| (l.row, s)).collect()));
+            }
             if let Some(alpha) = alpha
                 && self.layout.tokens(self.prompt.len(), live.len(), generated) > self.capacity
             {
@@ -502,6 +560,26 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Whether to probe now: a probing policy is on, and the budget will force a decision
+    /// exactly `probe_lag` steps from now (if no row finishes before).
+    fn wants_probe(&self, rows: usize, generated: usize) -> bool {
+        let rules = &self.options.rules;
+        let lag = rules.probe_lag;
+        if rules.paper_exact || lag == 0 || (rules.gate_tau.is_none() && rules.adaptive_snr.is_none()) {
+            return false;
+        }
+        if rules.gate_tau.is_some() && rules.adaptive_snr.is_none() && self.gate_open {
+            return false;
+        }
+        if self.probe.as_ref().is_some_and(|(at, _)| *at == generated) {
+            return false; // scored here already (a gated decision keeps its scores)
+        }
+        let at = generated + lag;
+        at < self.max_new
+            && self.layout.tokens(self.prompt.len(), rows, at) > self.capacity
+            && self.layout.tokens(self.prompt.len(), rows, at - 1) <= self.capacity
+    }
+
     fn retain<D: Decoder>(&mut self, decoder: &mut D, batch: &mut D::Batch, keep: &[usize]) -> Result<(), Error> {
         let clock = Clock::start();
         let result = decoder.retain(batch, keep);
@@ -517,7 +595,8 @@ impl Run<'_> {
         self.candidates.push(Candidate { row: row.row, tokens: row.tokens, score: f32::NAN, finish });
     }
 
-    /// Scores the live rows, keeps the best, drops the rest (backend and scorer state).
+    /// Scores the live rows, keeps the best, drops the rest (backend and scorer state), and
+    /// with `refill` fills the freed memory with forks of the kept rows.
     /// `generated`: tokens every live row holds.
     #[allow(clippy::too_many_arguments)] // one private call site pair; a struct would only rename them
     async fn decide<D: Decoder, S: Scorer>(
@@ -534,25 +613,63 @@ impl Run<'_> {
         let responses: Vec<Response<'_>> = live.iter().map(|l| Response { row: l.row, tokens: &l.tokens }).collect();
         let scores = score(scorer, self.prompt, &responses, true, &mut self.stats).await?;
         drop(responses);
+        let rules = self.options.rules;
         let prompt = self.prompt.len();
+        let n = live.len();
+        // The probe's scores and these, for the rows in both.
+        let (before, now): (Vec<f32>, Vec<f32>) = match &self.probe {
+            Some((_, probe)) => live
+                .iter()
+                .zip(&scores)
+                .filter_map(|(l, &s)| probe.iter().find(|(row, _)| *row == l.row).map(|&(_, p)| (p, s)))
+                .unzip(),
+            None => (Vec::new(), Vec::new()),
+        };
+        self.probe = None;
+        let tau = select::kendall_tau(&before, &now);
         // Rows the next step fits (it caches `generated` tokens per row).
-        let fit = self.layout.max_rows(self.capacity, prompt, generated, live.len());
-        let mut keep = if self.options.rules.paper_exact {
+        let fit = self.layout.max_rows(self.capacity, prompt, generated, n);
+        // Rows that fit `steps` more steps (or to the end).
+        let (layout, capacity, max_new) = (self.layout, self.capacity, self.max_new);
+        let room = |steps: usize| {
+            let last = (generated + steps.max(1)).min(max_new) - 1;
+            layout.max_rows(capacity, prompt, last, n).max(fit.min(1))
+        };
+        let mut keep = if rules.paper_exact {
             self.keep_paper_exact(scorer, &scores, alpha).await?.min(fit)
         } else {
-            // Room for `min_new_tokens` more steps (or to the end) per kept row.
-            let room = (generated + self.options.min_new_tokens.max(1)).min(self.max_new) - 1;
-            let roomy = self.layout.max_rows(self.capacity, prompt, room, live.len()).max(fit.min(1));
-            select::keep_count(live.len(), alpha).min(roomy)
+            let mut alpha = alpha;
+            if let Some(target) = rules.adaptive_snr
+                && before.len() >= 2
+            {
+                // Cut less when the rows' scores spread less than they drift.
+                let snr = select::spread_over_drift(&before, &now);
+                alpha *= (snr / target).clamp(0.0, 1.0);
+            }
+            let mut keep = select::keep_count(n, alpha).min(room(self.options.min_new_tokens));
+            if let Some(min_tau) = rules.gate_tau
+                && !self.gate_open
+            {
+                if tau.is_some_and(|t| t >= min_tau) {
+                    self.gate_open = true;
+                } else {
+                    // Not stable yet: free room for `probe_lag` more tokens only, and compare
+                    // these scores with the next decision's.
+                    keep = keep.max(room(rules.probe_lag));
+                    self.probe = Some((generated, live.iter().zip(&scores).map(|(l, &s)| (l.row, s)).collect()));
+                }
+            }
+            keep
         };
         if early {
             // The backend could not hold these rows: drop at least one.
-            keep = keep.min(live.len() - 1);
+            keep = keep.min(n - 1);
         }
-        if keep == 0 && !self.options.rules.paper_exact {
+        let applied = if n == 0 { 0.0 } else { 1.0 - keep as f32 / n as f32 };
+        if keep == 0 && !rules.paper_exact {
             // Not even one row fits any more: the best one ends here, the rest are rejected.
             let best = select::top_indices(&scores, 1)[0];
-            self.record(live, &scores, &[best], early, observer);
+            self.record(live, &scores, &[best], early, (tau, applied, 0), observer);
             self.reject(scorer, live, &scores, Some(best));
             let kept = live.swap_remove(best);
             live.clear();
@@ -560,11 +677,28 @@ impl Run<'_> {
             return Ok(());
         }
         let indices = select::top_indices(&scores, keep);
-        self.record(live, &scores, &indices, early, observer);
+        // Refill: forks of the kept rows into the freed memory.
+        let children = match rules.refill {
+            Some(temperature) if !early && !rules.paper_exact && !indices.is_empty() => {
+                let slots = room(self.options.min_new_tokens).saturating_sub(indices.len());
+                let kept_scores: Vec<f32> = indices.iter().map(|&i| scores[i]).collect();
+                let key = crate::sampling::row_key(self.options.sampling.seed, u32::MAX, self.trace.len() as u32);
+                select::parents(&kept_scores, slots, temperature, key)
+                    .into_iter()
+                    .map(|parent| {
+                        let id = self.next_row;
+                        self.next_row += 1;
+                        (parent, id)
+                    })
+                    .collect::<Vec<(usize, u32)>>()
+            }
+            _ => Vec::new(),
+        };
+        self.record(live, &scores, &indices, early, (tau, applied, children.len()), observer);
         if !indices.is_empty() {
             self.retain(decoder, batch, &indices)?;
         }
-        let mut kept = Vec::with_capacity(indices.len());
+        let mut kept = Vec::with_capacity(indices.len() + children.len());
         let mut dropped = Vec::new();
         let mut dropped_scores = Vec::new();
         let mut next = indices.iter().peekable();
@@ -578,6 +712,19 @@ impl Run<'_> {
             }
         }
         self.reject(scorer, &dropped, &dropped_scores, None);
+        if !children.is_empty() {
+            let clock = Clock::start();
+            let forked = decoder.fork(batch, &children);
+            self.stats.retain_seconds += clock.seconds();
+            forked?;
+            let pairs: Vec<(u32, u32)> = children.iter().map(|&(parent, id)| (kept[parent].row, id)).collect();
+            scorer.fork(&pairs);
+            for &(parent, id) in &children {
+                let tokens = kept[parent].tokens.clone();
+                kept.push(Live { row: id, tokens });
+            }
+            observer(&Event::Forked { children: &pairs });
+        }
         *live = kept;
         Ok(())
     }
@@ -628,7 +775,16 @@ impl Run<'_> {
         Ok(kept.iter().filter(|&&i| i >= finished.len()).count())
     }
 
-    fn record(&mut self, live: &[Live], scores: &[f32], kept: &[usize], early: bool, observer: &mut dyn FnMut(&Event<'_>)) {
+    /// Reports and records a decision; `(tau, alpha, forked)` as in [`Decision`].
+    fn record(
+        &mut self,
+        live: &[Live],
+        scores: &[f32],
+        kept: &[usize],
+        early: bool,
+        (tau, alpha, forked): (Option<f32>, f32, usize),
+        observer: &mut dyn FnMut(&Event<'_>),
+    ) {
         let (min, median, max) = select::summary(scores);
         let threshold = kept.iter().map(|&i| select::rank_key(scores[i])).fold(f32::INFINITY, f32::min);
         let decision = Decision {
@@ -640,6 +796,9 @@ impl Run<'_> {
             max,
             threshold,
             early,
+            tau,
+            alpha,
+            forked,
         };
         let rows: Vec<u32> = live.iter().map(|l| l.row).collect();
         let kept_ids: Vec<u32> = kept.iter().map(|&i| live[i].row).collect();

@@ -40,6 +40,8 @@ pub struct FakeCalls {
     pub out_of_memory: usize,
     /// Retains, with the indices kept.
     pub retains: Vec<Vec<usize>>,
+    /// Forks, with their (parent index, new id) pairs.
+    pub forks: Vec<Vec<(usize, u32)>>,
     /// Largest rows × cached tokens held.
     pub peak_tokens: usize,
 }
@@ -107,7 +109,9 @@ impl Decoder for FakeDecoder {
     }
 
     fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<FakeBatch, BackendError> {
-        assert!(!prompt.is_empty() && !rows.is_empty(), "prefill contract");
+        if prompt.is_empty() || rows.is_empty() {
+            return Err(BackendError::device("prefill: empty prompt or row range"));
+        }
         let context = prompt.iter().fold(0x1234_5678u32, |h, &t| pcg_hash(h ^ t));
         self.calls.prefills.push(rows.clone());
         Ok(FakeBatch {
@@ -142,10 +146,19 @@ impl Decoder for FakeDecoder {
     }
 
     fn retain(&mut self, batch: &mut FakeBatch, keep: &[usize]) -> Result<(), BackendError> {
-        assert!(keep.windows(2).all(|w| w[0] < w[1]), "keep must be strictly ascending");
-        assert!(keep.iter().all(|&i| i < batch.rows.len()), "keep out of range");
+        crate::backend::check_retain(keep, batch.rows.len())?;
         self.calls.retains.push(keep.to_vec());
         batch.rows = keep.iter().map(|&i| batch.rows[i].clone()).collect();
+        Ok(())
+    }
+
+    fn fork(&mut self, batch: &mut FakeBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+        crate::backend::check_fork(children, batch.rows.len())?;
+        self.calls.forks.push(children.to_vec());
+        for &(parent, id) in children {
+            let row = FakeRow { id, ..batch.rows[parent].clone() };
+            batch.rows.push(row);
+        }
         Ok(())
     }
 }
@@ -155,8 +168,12 @@ impl Decoder for FakeDecoder {
 pub struct FakeScorer {
     /// Row ids the scheduler released, in order.
     pub released: Vec<u32>,
-    /// Number of calls.
+    /// Number of calls (partial and final).
     pub calls: usize,
+    /// Calls for partial answers.
+    pub partial_calls: usize,
+    /// Forks reported, as (parent, child) row ids.
+    pub forked: Vec<(u32, u32)>,
 }
 
 impl FakeScorer {
@@ -177,6 +194,15 @@ impl Scorer for FakeScorer {
             rewards: responses.iter().map(|r| Self::reward(r.tokens)).collect(),
             tokens_processed: responses.iter().map(|r| (prompt.len() + r.tokens.len()) as u64).sum(),
         })
+    }
+
+    async fn score_partial(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        self.partial_calls += 1;
+        self.score(prompt, responses).await
+    }
+
+    fn fork(&mut self, children: &[(u32, u32)]) {
+        self.forked.extend_from_slice(children);
     }
 
     fn release(&mut self, rows: &[u32]) {

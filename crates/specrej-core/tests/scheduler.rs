@@ -191,6 +191,7 @@ fn events_follow_the_run() {
             Event::Finished { .. } => finished += 1,
             Event::Scored { candidates } => scored = candidates.len(),
             Event::Prefilled { rows, .. } => assert_eq!(*rows, 16),
+            Event::Forked { .. } => panic!("no refill in this run"),
         },
     ))
     .expect("runs");
@@ -234,4 +235,115 @@ fn bad_requests_are_named() {
     let err = block_on_ready(generate(&mut FakeDecoder::new(20), &mut FakeScorer::default(), PROMPT, &options(Method::BestOfN, 4, 100), &mut |_| {}))
         .expect_err("budget too small");
     assert!(err.to_string().contains("KV budget"), "{err}");
+}
+
+fn run_rules(capacity: usize, alpha: f32, n: usize, max_new: usize, rules: Rules) -> (Outcome, FakeDecoder, FakeScorer) {
+    let mut decoder = FakeDecoder::new(capacity);
+    let mut scorer = FakeScorer::default();
+    let options = Options { rules, ..options(sr(alpha), n, max_new) };
+    let out = run(&mut decoder, &mut scorer, &options);
+    (out, decoder, scorer)
+}
+
+#[test]
+fn a_tight_budget_with_a_small_alpha_leaves_room_between_decisions() {
+    // 32 rows × (8 + 10): with α 0.1 the next decision would come after one token; the room
+    // rule cuts more so that every kept row has min_new_tokens (8) more before the next.
+    let (out, ..) = run_rules(32 * 18, 0.1, 32, 80, Rules::default());
+    assert!(out.trace.len() >= 2);
+    for pair in out.trace.windows(2) {
+        assert!(pair[1].position - pair[0].position >= 8, "{:?}", out.trace);
+    }
+    assert!(out.trace[0].alpha > 0.1, "the first cut went beyond α to make room: {:?}", out.trace[0]);
+    // The time breakdown adds up to no more than the whole.
+    let s = &out.stats;
+    assert!(s.prefill_seconds + s.step_seconds + s.reward_seconds + s.retain_seconds <= s.wall_seconds);
+    assert!(s.step_seconds > 0.0 && s.reward_seconds > 0.0);
+}
+
+#[test]
+fn paper_exact_ranks_finished_rows_and_rounds_half_to_even() {
+    let mut decoder = FakeDecoder::new(24 * 22);
+    decoder.eos_rate = 0.05;
+    let exact = Options { rules: Rules { paper_exact: true, ..Rules::default() }, ..options(sr(0.5), 24, 120) };
+    let out = run(&mut decoder, &mut FakeScorer::default(), &exact);
+    let ours = {
+        let mut decoder = FakeDecoder::new(24 * 22);
+        decoder.eos_rate = 0.05;
+        run(&mut decoder, &mut FakeScorer::default(), &options(sr(0.5), 24, 120))
+    };
+    assert!(!out.trace.is_empty());
+    // Finished rows take part in the ranking: some are dropped from the candidates (ours
+    // keeps every finished row), and every row still ends exactly once.
+    let mut rows: Vec<u32> = out.candidates.iter().map(|c| c.row).chain(out.rejected.iter().map(|r| r.row)).collect();
+    rows.sort_unstable();
+    assert_eq!(rows, (0..24).collect::<Vec<_>>());
+    assert_ne!(out.trace, ours.trace, "the rules differ");
+    // The first decision ranks the live rows with the finished ones: round-half-even of
+    // (1 − α)·(live + finished) rows survive it in all.
+    let first = &out.trace[0];
+    assert!(first.kept_rows <= first.live_rows);
+}
+
+#[test]
+fn the_gate_waits_for_a_stable_ranking() {
+    let plain = run_rules(32 * 20, 0.5, 32, 90, Rules::default()).0;
+    // A gate that always opens is plain SR with probes (the same rows, more reward calls).
+    let always = Rules { probe_lag: 4, gate_tau: Some(-1.0), ..Rules::default() };
+    let (open, _, scorer) = run_rules(32 * 20, 0.5, 32, 90, always);
+    assert_eq!(open.trace.iter().map(|d| d.kept_rows).collect::<Vec<_>>()[..1], plain.trace.iter().map(|d| d.kept_rows).collect::<Vec<_>>()[..1]);
+    assert!(scorer.partial_calls > plain.trace.len(), "probes were scored");
+    assert!(open.trace[0].tau.is_some(), "a probe came before the first decision");
+    // A gate that never opens only frees room for the lag: it keeps more rows each time.
+    let never = Rules { probe_lag: 4, gate_tau: Some(2.0), ..Rules::default() };
+    let (closed, ..) = run_rules(32 * 20, 0.5, 32, 90, never);
+    assert!(closed.trace[0].kept_rows > plain.trace[0].kept_rows, "{:?} vs {:?}", closed.trace[0], plain.trace[0]);
+    for pair in closed.trace.windows(2) {
+        assert!(pair[1].position - pair[0].position >= 4);
+    }
+}
+
+#[test]
+fn adaptive_alpha_cuts_less_when_scores_drift_more_than_they_spread() {
+    let plain = run_rules(32 * 20, 0.5, 32, 90, Rules::default()).0;
+    // A tiny target: every ranking counts as separated: plain α.
+    let (sure, ..) = run_rules(32 * 20, 0.5, 32, 90, Rules { probe_lag: 4, adaptive_snr: Some(1e-9), ..Rules::default() });
+    assert_eq!(sure.trace[0].kept_rows, plain.trace[0].kept_rows);
+    // A huge one: nothing counts as separated: α shrinks to the room the budget forces.
+    let (unsure, ..) = run_rules(32 * 20, 0.5, 32, 90, Rules { probe_lag: 4, adaptive_snr: Some(1e9), ..Rules::default() });
+    assert!(unsure.trace[0].kept_rows > plain.trace[0].kept_rows);
+    assert!(unsure.trace[0].alpha < 0.5);
+}
+
+#[test]
+fn refill_forks_the_kept_rows_into_the_freed_memory() {
+    let rules = Rules { refill: Some(0.0), ..Rules::default() };
+    let (out, decoder, scorer) = run_rules(16 * 20, 0.5, 16, 60, rules);
+    let first = &out.trace[0];
+    assert!(first.forked > 0, "{first:?}");
+    assert_eq!(decoder.calls.forks.len(), out.trace.iter().filter(|d| d.forked > 0).count());
+    assert_eq!(scorer.forked.len(), out.trace.iter().map(|d| d.forked).sum::<usize>());
+    // A child starts with its parent's text at the fork, then samples its own.
+    let text = |row: u32| {
+        out.candidates.iter().map(|c| (c.row, &c.tokens)).chain(out.rejected.iter().map(|r| (r.row, &r.tokens))).find(|(r, _)| *r == row).map(|(_, t)| t.clone())
+    };
+    let (parent, child) = scorer.forked[0];
+    assert!(child >= 16, "new ids after the initial rows");
+    let (p, c) = (text(parent).expect("parent"), text(child).expect("child"));
+    let at = first.position;
+    assert_eq!(p[..at], c[..at]);
+    assert_ne!(p[at..].iter().take(5).collect::<Vec<_>>(), c[at..].iter().take(5).collect::<Vec<_>>());
+    // Every row ends exactly once.
+    let mut rows: Vec<u32> = out.candidates.iter().map(|c| c.row).chain(out.rejected.iter().map(|r| r.row)).collect();
+    let count = rows.len();
+    rows.sort_unstable();
+    rows.dedup();
+    assert_eq!(rows.len(), count);
+    // A backend that cannot fork is an error, not a silent no-op.
+    let mut replay_rows = vec![vec![1u32; 60]; 16];
+    replay_rows[0][5] = 2;
+    let mut replay = specrej_core::replay::ReplayDecoder::new(&replay_rows, 16 * 20, specrej_core::KvLayout::DENSE, 8, 4096);
+    let opts = Options { rules, ..options(sr(0.5), 16, 60) };
+    let err = block_on_ready(generate(&mut replay, &mut FakeScorer::default(), PROMPT, &opts, &mut |_| {})).expect_err("no fork");
+    assert!(err.to_string().contains("fork"), "{err}");
 }

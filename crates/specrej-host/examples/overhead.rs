@@ -112,6 +112,9 @@ impl<E: Engine> Engine for Timed<E> {
     fn release(&mut self, rows: &[u32]) {
         self.time(|e| e.release(rows));
     }
+    fn forked(&mut self, children: &[(u32, u32)]) {
+        self.time(|e| e.forked(children));
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -153,7 +156,7 @@ fn main() -> Result<()> {
         Method::SpeculativeRejection { .. } => args.min_new_tokens.min(args.max_new_tokens),
     };
     let capacity = args.n * (prompt.len() + per_row);
-    let bytes = capacity * model.weights.config().kv_bytes_per_token();
+    let bytes = capacity * model.weights.kv_bytes_per_token();
     let segments = specrej_text::judge_segments(&model.text.tokenizer, &model.text.template, &args.prompt)?;
     let decoder = || CandleDecoder::new(Arc::clone(&model.weights), bytes);
     let judge = || {

@@ -186,8 +186,16 @@ impl Served {
     /// Bytes of K/V cache per cached token.
     pub fn kv_bytes_per_token(&self) -> usize {
         match self {
-            Served::Real(m) => m.weights.config().kv_bytes_per_token(),
+            Served::Real(m) => m.weights.kv_bytes_per_token(),
             Served::Fake => 8,
+        }
+    }
+
+    /// How a request's decoder holds its K/V.
+    pub fn kv_layout(&self) -> specrej_core::KvLayout {
+        match self {
+            Served::Real(m) => CandleDecoder::layout_for(&m.weights),
+            Served::Fake => specrej_core::KvLayout::DENSE,
         }
     }
 
@@ -196,7 +204,7 @@ impl Served {
     pub fn engine(&self, capacity: usize, reward: &RewardKind, question: &str) -> Result<Box<dyn Engine>> {
         match self {
             Served::Real(m) => {
-                let bytes = capacity.saturating_mul(m.weights.config().kv_bytes_per_token());
+                let bytes = capacity.saturating_mul(m.weights.kv_bytes_per_token());
                 let decoder = CandleDecoder::new(Arc::clone(&m.weights), bytes);
                 Ok(match reward {
                     RewardKind::Judge => {

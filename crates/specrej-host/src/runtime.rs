@@ -68,6 +68,8 @@ pub trait Engine {
     fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError>;
     /// [`Scorer::release`].
     fn release(&mut self, rows: &[u32]);
+    /// [`Scorer::fork`].
+    fn forked(&mut self, children: &[(u32, u32)]);
 }
 
 /// A reward function the host supplies through the `reward` import of world
@@ -78,6 +80,8 @@ pub trait HostReward {
     fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError>;
     /// [`Scorer::release`].
     fn release(&mut self, rows: &[u32]);
+    /// [`Scorer::fork`].
+    fn forked(&mut self, children: &[(u32, u32)]);
 }
 
 impl<S: Scorer> HostReward for S {
@@ -87,6 +91,10 @@ impl<S: Scorer> HostReward for S {
 
     fn release(&mut self, rows: &[u32]) {
         Scorer::release(self, rows);
+    }
+
+    fn forked(&mut self, children: &[(u32, u32)]) {
+        Scorer::fork(self, children);
     }
 }
 
@@ -179,6 +187,10 @@ where
 
     fn release(&mut self, rows: &[u32]) {
         self.scorer.release(rows);
+    }
+
+    fn forked(&mut self, children: &[(u32, u32)]) {
+        self.scorer.fork(children);
     }
 }
 
@@ -583,6 +595,11 @@ impl wit_engine::Host for State {
         self.engine.release(&rows);
         Ok(())
     }
+
+    fn forked(&mut self, children: Vec<(u32, u32)>) -> wasmtime::Result<()> {
+        self.engine.forked(&children);
+        Ok(())
+    }
 }
 
 impl wit_reward::Host for State {
@@ -602,6 +619,14 @@ impl wit_reward::Host for State {
         match self.reward.as_mut() {
             Some(reward) => reward.release(&rows),
             None => self.engine.release(&rows),
+        }
+        Ok(())
+    }
+
+    fn forked(&mut self, children: Vec<(u32, u32)>) -> wasmtime::Result<()> {
+        match self.reward.as_mut() {
+            Some(reward) => reward.forked(&children),
+            None => self.engine.forked(&children),
         }
         Ok(())
     }
@@ -632,6 +657,7 @@ impl progress::Host for State {
                 observer(&Event::Decision { decision: &decision, rows: &d.rows, scores: &d.scores, kept: &d.kept })
             }
             progress::Event::Finished((row, finish)) => observer(&Event::Finished { row, finish: from_wit_finish(finish) }),
+            progress::Event::Forked(children) => observer(&Event::Forked { children: &children }),
             progress::Event::Scored(candidates) => {
                 let candidates: Vec<Candidate> = candidates.into_iter().map(from_wit_candidate).collect();
                 observer(&Event::Scored { candidates: &candidates })
@@ -656,7 +682,13 @@ fn to_wit_options(options: &Options, events: EventKinds) -> decode::Options {
         min_new_tokens: clamp(options.min_new_tokens),
         eos: options.eos.clone(),
         sampling: types::Sampling { seed: s.seed, temperature: s.temperature, top_k: clamp(s.top_k), top_p: s.top_p },
-        paper_exact: options.rules.paper_exact,
+        rules: decode::Rules {
+            paper_exact: options.rules.paper_exact,
+            probe_lag: clamp(options.rules.probe_lag),
+            gate_tau: options.rules.gate_tau,
+            adaptive_snr: options.rules.adaptive_snr,
+            refill: options.rules.refill,
+        },
         events,
     }
 }
@@ -683,6 +715,9 @@ fn from_wit_decision(d: &types::Decision) -> Decision {
         max: d.max,
         threshold: d.threshold,
         early: d.early,
+        tau: d.tau,
+        alpha: d.alpha,
+        forked: d.forked as usize,
     }
 }
 

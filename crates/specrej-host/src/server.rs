@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use specrej_core::{Event, Method, Options, Outcome, Sampling};
+use specrej_core::{Event, KvLayout, Method, Options, Outcome, Sampling};
 
 use crate::api::{self, ApiError, Endpoint, GenerateRequest, Prompt, RequestLimits, ResponseContext};
 use crate::model::{RewardKind, Served};
@@ -216,7 +216,7 @@ fn own(event: &Event<'_>) -> Option<OwnedEvent> {
             kept: kept.to_vec(),
         },
         Event::Finished { row, .. } => OwnedEvent::Finished { row },
-        Event::Scored { .. } => return None,
+        Event::Forked { .. } | Event::Scored { .. } => return None,
     })
 }
 
@@ -310,26 +310,27 @@ fn connection(shared: &Shared, mut stream: TcpStream) {
     }
 }
 
-/// The per-request KV budget: the CLI's `auto` (room for all `n` rows for Best-of-N; `n`
-/// rows of prompt + min_new_tokens for Speculative Rejection, so decisions fall where a
-/// memory-bound device would make them), capped by the server's budget.
-fn request_capacity(request: &GenerateRequest, prompt_len: usize, budget: usize) -> Result<usize, ApiError> {
-    let (per_row, param) = match request.method {
-        Method::BestOfN => (prompt_len + request.max_tokens, "max_tokens"),
-        Method::SpeculativeRejection { .. } => (prompt_len + request.min_new_tokens, "specrej.min_new_tokens"),
+/// The per-request KV budget, in the decoder's layout: room for all `n` rows to the end for
+/// Best-of-N; `n` rows of min_new_tokens each for Speculative Rejection, so decisions fall
+/// where a memory-bound device would make them; capped by the server's budget.
+fn request_capacity(request: &GenerateRequest, prompt_len: usize, budget: usize, layout: KvLayout) -> Result<usize, ApiError> {
+    let (len, param) = match request.method {
+        Method::BestOfN => (request.max_tokens, "max_tokens"),
+        Method::SpeculativeRejection { .. } => (request.min_new_tokens, "specrej.min_new_tokens"),
     };
-    if per_row > budget {
+    let one = layout.tokens(prompt_len, 1, len);
+    if one > budget {
         return Err(ApiError {
             status: 413,
             message: format!(
-                "one row needs {per_row} cached tokens (prompt {prompt_len} + {param}) but the server's KV budget holds {budget}"
+                "one row needs {one} cached tokens (prompt {prompt_len} + {param} {len}) but the server's KV budget holds {budget}"
             ),
             kind: "invalid_request_error",
             param: Some(param.into()),
             code: Some("kv_budget_exceeded"),
         });
     }
-    Ok(request.n.saturating_mul(per_row).min(budget))
+    Ok(layout.tokens(prompt_len, request.n, len).min(budget))
 }
 
 fn now() -> u64 {
@@ -363,7 +364,7 @@ fn generate(shared: &Shared, endpoint: Endpoint, body: &[u8], stream: &mut TcpSt
         };
         return Err(ApiError::invalid(param, message).with_code("context_length_exceeded"));
     }
-    let capacity = request_capacity(&request, prompt.len(), shared.config.kv_budget_tokens)?;
+    let capacity = request_capacity(&request, prompt.len(), shared.config.kv_budget_tokens, served.kv_layout())?;
     let options = Options {
         method: request.method,
         n: request.n,

@@ -327,10 +327,16 @@ fn real_model_chat_completion_and_stream() {
     let text = doc["choices"][0]["message"]["content"].as_str().expect("content");
     assert!(text.chars().any(char::is_alphabetic), "{text:?}");
     assert!(doc["usage"]["reward_tokens"].as_u64().expect("reward tokens") > 0);
+    // The time breakdown, measured by the host around each import.
+    let usage = &doc["usage"];
+    let seconds = |k: &str| usage[k].as_f64().unwrap_or_else(|| panic!("usage.{k}"));
+    assert!(seconds("step_seconds") > 0.0 && seconds("reward_seconds") > 0.0 && seconds("prefill_seconds") > 0.0, "{usage}");
+    assert!(seconds("step_seconds") + seconds("reward_seconds") + seconds("prefill_seconds") + seconds("retain_seconds") <= seconds("wall_seconds"));
 
+    // 4 rows with room for 6 tokens each, in blocks of 16: a decision after 16 tokens.
     let body = json!({
-        "messages": [{ "role": "user", "content": "Name a fruit." }],
-        "stream": true, "max_tokens": 16, "seed": 2,
+        "messages": [{ "role": "user", "content": "Give three tips for staying healthy." }],
+        "stream": true, "max_tokens": 24, "seed": 2,
         "specrej": { "method": "speculative_rejection", "n": 4, "alpha": 0.5, "min_new_tokens": 6, "reward": "likelihood" },
     });
     let answer = post(addr, CHAT, &body.to_string());
@@ -379,9 +385,10 @@ fn real_model_with_a_reward_model_directory_and_a_reward_server() {
     assert_eq!(models["data"][0]["specrej"]["rewards"], json!(["judge", "likelihood", "rm", "remote"]));
 
     let ask = |reward: &str| {
+        // A decision after one 16-token block per row.
         let body = json!({
-            "messages": [{ "role": "user", "content": "Name a fruit." }],
-            "max_tokens": 12, "seed": 3,
+            "messages": [{ "role": "user", "content": "Give three tips for staying healthy." }],
+            "max_tokens": 24, "seed": 3,
             "specrej": { "method": "speculative_rejection", "n": 4, "alpha": 0.5, "min_new_tokens": 4, "reward": reward },
         });
         let answer = post(addr, CHAT, &body.to_string());

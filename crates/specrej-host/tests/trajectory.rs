@@ -88,6 +88,13 @@ fn fake(capacity: usize, real_capacity: Option<usize>) -> FakeDecoder {
     decoder
 }
 
+/// `outcome` without its times: two runs agree in everything but how long they took.
+fn untimed(mut outcome: Outcome) -> Outcome {
+    let s = &mut outcome.stats;
+    (s.wall_seconds, s.prefill_seconds, s.step_seconds, s.reward_seconds, s.retain_seconds) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    outcome
+}
+
 /// Native and component runs of `options` on two identical fakes agree in everything.
 fn assert_same(runtime: &Runtime, capacity: usize, real_capacity: Option<usize>, options: &Options) -> Outcome {
     let prompt: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
@@ -96,7 +103,9 @@ fn assert_same(runtime: &Runtime, capacity: usize, real_capacity: Option<usize>,
     let (got, got_events, fuel) = component(runtime, engine, &prompt, options);
     let expected = expected.expect("the native run succeeds");
     let got = got.expect("the component run succeeds");
-    assert_eq!(got, expected, "component and native outcomes differ for {options:?}");
+    assert_eq!(untimed(got.clone()), untimed(expected), "component and native outcomes differ for {options:?}");
+    // The host measures the time spent in each kind of import.
+    assert!(got.stats.step_seconds > 0.0 && got.stats.prefill_seconds > 0.0, "{:?}", got.stats);
     assert_eq!(got_events, expected_events, "component and native events differ for {options:?}");
     eprintln!(
         "{:?} n={} max_new={}: {} candidates, {} decisions, {} tokens, fuel {fuel} ({} per token)",
@@ -161,12 +170,12 @@ fn decoder_with_reward_scores_through_the_host_reward() {
         let engine = Box::new(Pair::new(fake(capacity, None), Unreachable));
         let reward: Box<dyn HostReward> = Box::new(FakeScorer::default());
         let got = component_with_reward(&with_reward, engine, Some(reward), &prompt, &options);
-        assert_eq!(got.0.expect("world decoder-with-reward runs"), expected_outcome, "{options:?}");
+        assert_eq!(untimed(got.0.expect("world decoder-with-reward runs")), untimed(expected_outcome.clone()), "{options:?}");
         assert_eq!(got.1, expected.1, "the same events for {options:?}");
         // Without a host reward, the engine's scorer serves the `reward` import.
         let engine = Box::new(Pair::new(fake(capacity, None), FakeScorer::default()));
         let fallback = component(&with_reward, engine, &prompt, &options);
-        assert_eq!(fallback.0.expect("fallback runs"), expected_outcome);
+        assert_eq!(untimed(fallback.0.expect("fallback runs")), untimed(expected_outcome.clone()));
         if matches!(options.method, Method::SpeculativeRejection { .. }) {
             assert!(!expected_outcome.trace.is_empty(), "decisions were scored");
         }
@@ -246,6 +255,9 @@ impl Engine for Slow {
     fn release(&mut self, rows: &[u32]) {
         self.inner.release(rows);
     }
+    fn forked(&mut self, children: &[(u32, u32)]) {
+        self.inner.forked(children);
+    }
 }
 
 fn slow(step_delay: Duration, fail_scoring: bool) -> Box<dyn Engine> {
@@ -307,35 +319,34 @@ fn component_matches_native_on_the_default_model() {
     let text = template.render(&[Message::user(QUESTION)], true).expect("render");
     let prompt = tokenizer.encode(&text, false).expect("encode");
     let model = specrej_candle::load(&path, &LoadOptions::default()).expect("model");
-    let bytes_per_token = model.config().kv_bytes_per_token();
     let seg = judge_segments(&tokenizer, &template, QUESTION).expect("judge prompt");
     let judge = || JudgeScorer::new(Arc::clone(&model), seg.before.clone(), seg.after.clone(), seg.yes, seg.no);
     let runtime = runtime();
 
-    // Speculative Rejection with the judge: 4 rows, a decision after 6 tokens.
-    let mut sr = options(Method::SpeculativeRejection { alpha: 0.5 }, 4, 14, 6, 3);
+    // Speculative Rejection with the judge: 4 rows, a decision after one 16-token block each.
+    let mut sr = options(Method::SpeculativeRejection { alpha: 0.5 }, 4, 24, 6, 3);
     sr.eos = tokenizer.eos_ids().to_vec();
-    let capacity = 4 * (prompt.len() + 6);
-    let decoder = || CandleDecoder::new(Arc::clone(&model), capacity * bytes_per_token);
+    let bytes = CandleDecoder::budget_for(&model, prompt.len(), 4, 6);
+    let decoder = || CandleDecoder::new(Arc::clone(&model), bytes);
     let (expected, expected_events) = native(&mut decoder(), &mut judge(), &prompt, &sr);
     let (got, got_events, _) = component(&runtime, Box::new(Pair::new(decoder(), judge())), &prompt, &sr);
     let expected = expected.expect("native run");
     assert!(!expected.trace.is_empty(), "the budget forces a decision");
-    assert_eq!(got.expect("component run"), expected);
+    assert_eq!(untimed(got.expect("component run")), untimed(expected.clone()));
     assert_eq!(got_events, expected_events);
     // World decoder-with-reward, the judge supplied by the host through the `reward` import.
     let with_reward = Runtime::from_bytes(&common::component_with_reward_bytes()).expect("the component compiles");
     let engine = Box::new(Pair::new(decoder(), LikelihoodScorer::new(Arc::clone(&model))));
     let (got, got_events, _) = component_with_reward(&with_reward, engine, Some(Box::new(judge())), &prompt, &sr);
-    assert_eq!(got.expect("decoder-with-reward run"), expected, "the host's judge gives the same trajectory");
+    assert_eq!(untimed(got.expect("decoder-with-reward run")), untimed(expected.clone()), "the host's judge gives the same trajectory");
     assert_eq!(got_events, expected_events);
 
     // Best-of-N with the likelihood reward.
     let mut bon = options(Method::BestOfN, 3, 10, 0, 8);
     bon.eos = tokenizer.eos_ids().to_vec();
-    let decoder = || CandleDecoder::new(Arc::clone(&model), 3 * (prompt.len() + 10) * bytes_per_token);
+    let decoder = || CandleDecoder::new(Arc::clone(&model), CandleDecoder::budget_for(&model, prompt.len(), 3, 10));
     let likelihood = || LikelihoodScorer::new(Arc::clone(&model));
     let (expected, _) = native(&mut decoder(), &mut likelihood(), &prompt, &bon);
     let (got, _, _) = component(&runtime, Box::new(Pair::new(decoder(), likelihood())), &prompt, &bon);
-    assert_eq!(got.expect("component run"), expected.expect("native run"));
+    assert_eq!(untimed(got.expect("component run")), untimed(expected.expect("native run")));
 }

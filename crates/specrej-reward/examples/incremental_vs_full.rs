@@ -77,7 +77,7 @@ fn main() {
         rules: Default::default(),
     };
     // A KV budget for the policy that forces decisions: room for n rows × (prompt + room).
-    let budget = policy.config().kv_bytes_per_token() * n * (prompt.len() + room);
+    let budget = policy.kv_bytes_per_token() * n * (prompt.len() + room);
     let mut winners = Vec::new();
     let judge = std::env::var_os("JUDGE").is_some();
     for incremental in [false, true] {

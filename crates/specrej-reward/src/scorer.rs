@@ -85,6 +85,11 @@ impl RewardSession {
     pub fn release(&mut self, rows: &[u32]) {
         self.rows.release(rows);
     }
+
+    /// Rows `(parent, child)` were forked: each child starts with its parent's RM cache.
+    pub fn fork(&mut self, children: &[(u32, u32)]) {
+        self.rows.fork_rows(children);
+    }
 }
 
 /// A [`Scorer`] for one question on a local [`RewardModel`] whose tokenizer may differ from
@@ -124,6 +129,10 @@ impl RewardScorer {
 impl Scorer for RewardScorer {
     fn score(&mut self, _prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
         std::future::ready(self.score_sync(responses))
+    }
+
+    fn fork(&mut self, children: &[(u32, u32)]) {
+        self.session.fork(children);
     }
 
     fn release(&mut self, rows: &[u32]) {

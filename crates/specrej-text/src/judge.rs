@@ -18,6 +18,10 @@ pub const JUDGE_BEFORE: &str =
 pub const JUDGE_AFTER: &str =
     "\n\nIs the response helpful, correct and well written? Answer with yes or no.";
 
+/// The judge's user turn after an unfinished response (decisions of the partial judge).
+pub const JUDGE_AFTER_PARTIAL: &str =
+    "\n\nThe response is unfinished. So far, is it correct and on track to be helpful? Answer with yes or no.";
+
 /// Answer pairs tried in order; the first whose words are both single tokens is used.
 ///
 /// SmolLM2-135M-Instruct puts more probability on `Yes`/`No` than on `yes`/`no` as the first
@@ -35,6 +39,8 @@ pub struct JudgeSegments {
     /// Tokens after the response: the question to the judge, end of the user turn, and the
     /// start of the assistant turn.
     pub after: Vec<u32>,
+    /// The same after an unfinished response ([`JUDGE_AFTER_PARTIAL`]).
+    pub after_partial: Vec<u32>,
     /// The "yes" answer token.
     pub yes: u32,
     /// The "no" answer token.
@@ -56,24 +62,30 @@ pub fn judge_segments(
             "the question contains the response placeholder".into(),
         ));
     }
-    let content = format!(
-        "{}{RESPONSE_PLACEHOLDER}{JUDGE_AFTER}",
-        JUDGE_BEFORE.replace("{question}", question)
-    );
-    let rendered = template.render(&[Message::user(content)], true)?;
-    let mut parts = rendered.split(RESPONSE_PLACEHOLDER);
-    let (Some(before), Some(after), None) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(Error::Judge(
-            "the chat template must render the user message exactly once".into(),
-        ));
+    let split = |after: &str| -> Result<(String, String)> {
+        let content = format!("{}{RESPONSE_PLACEHOLDER}{after}", JUDGE_BEFORE.replace("{question}", question));
+        let rendered = template.render(&[Message::user(content)], true)?;
+        let mut parts = rendered.split(RESPONSE_PLACEHOLDER);
+        let (Some(before), Some(after), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(Error::Judge(
+                "the chat template must render the user message exactly once".into(),
+            ));
+        };
+        Ok((before.to_string(), after.to_string()))
     };
-    let mut before_ids = tokenizer.encode(before, false)?;
+    let (before, after) = split(JUDGE_AFTER)?;
+    let (before_partial, after_partial) = split(JUDGE_AFTER_PARTIAL)?;
+    if before_partial != before {
+        return Err(Error::Judge("the chat template renders the judge's question before the response".into()));
+    }
+    let mut before_ids = tokenizer.encode(&before, false)?;
     if let Some(bos) = tokenizer.bos().filter(|_| tokenizer.adds_bos())
         && before_ids.first() != Some(&bos)
     {
         before_ids.insert(0, bos);
     }
-    let after_ids = tokenizer.encode(after, false)?;
+    let after_ids = tokenizer.encode(&after, false)?;
+    let after_partial = tokenizer.encode(&after_partial, false)?;
     let (yes, no) = ANSWER_PAIRS
         .iter()
         .find_map(|(y, n)| Some((tokenizer.single_token(y)?, tokenizer.single_token(n)?)))
@@ -85,6 +97,7 @@ pub fn judge_segments(
     Ok(JudgeSegments {
         before: before_ids,
         after: after_ids,
+        after_partial,
         yes,
         no,
     })

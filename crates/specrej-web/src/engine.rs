@@ -302,6 +302,19 @@ impl WebEngine {
         }
     }
 
+    /// `{ sharedPrompt, block }`: how the engine holds a batch's K/V.
+    #[wasm_bindgen(js_name = kvLayout)]
+    pub fn kv_layout(&self) -> JsValue {
+        let layout = match &self.state.borrow().backend {
+            Backend::Gpu { decoder, .. } => decoder.kv_layout(),
+            Backend::Cpu { decoder, .. } => decoder.kv_layout(),
+        };
+        let out = js_sys::Object::new();
+        let _ = js_sys::Reflect::set(&out, &"sharedPrompt".into(), &layout.shared_prompt.into());
+        let _ = js_sys::Reflect::set(&out, &"block".into(), &(layout.block as f64).into());
+        out.into()
+    }
+
     #[wasm_bindgen(js_name = maxSequenceLen)]
     pub fn max_sequence_len(&self) -> f64 {
         match &self.state.borrow().backend {
@@ -487,17 +500,6 @@ impl WebEngine {
         let mut s = self.state.borrow_mut();
         let keep: Vec<usize> = keep.iter().map(|&k| k as usize).collect();
         let no_batch = || js_error(format!("no batch {id}"));
-        // Decoder::retain asserts its contract: check it here, so a bad call is an error
-        // and not a panic that aborts the module.
-        let rows = match &s.backend {
-            Backend::Gpu { batches, .. } => batches.get(&id).ok_or_else(no_batch)?.rows(),
-            Backend::Cpu { batches, .. } => batches.get(&id).ok_or_else(no_batch)?.rows(),
-        };
-        if !keep.windows(2).all(|w| w[0] < w[1]) || keep.last().is_some_and(|&k| k >= rows) {
-            return Err(js_error(format!(
-                "retain: {keep:?} is not ascending positions below {rows}"
-            )));
-        }
         match &mut s.backend {
             Backend::Gpu {
                 decoder, batches, ..
@@ -510,6 +512,24 @@ impl WebEngine {
             } => {
                 let batch = batches.get_mut(&id).ok_or_else(no_batch)?;
                 decoder.retain(batch, &keep).map_err(backend_error)
+            }
+        }
+    }
+
+    /// Appends rows to batch `id`: row `ids[i]` continues from the row at `parents[i]`.
+    pub fn fork(&self, id: u32, parents: &[u32], ids: &[u32]) -> Result<(), JsValue> {
+        if parents.len() != ids.len() {
+            return Err(js_error(format!("fork: {} parents for {} ids", parents.len(), ids.len())));
+        }
+        let children: Vec<(usize, u32)> = parents.iter().zip(ids).map(|(&p, &i)| (p as usize, i)).collect();
+        let mut s = self.state.borrow_mut();
+        let no_batch = || js_error(format!("no batch {id}"));
+        match &mut s.backend {
+            Backend::Gpu { decoder, batches, .. } => {
+                decoder.fork(batches.get_mut(&id).ok_or_else(no_batch)?, &children).map_err(backend_error)
+            }
+            Backend::Cpu { decoder, batches, .. } => {
+                decoder.fork(batches.get_mut(&id).ok_or_else(no_batch)?, &children).map_err(backend_error)
             }
         }
     }
@@ -583,6 +603,16 @@ impl WebEngine {
             .ok_or_else(|| js_error("score: no judge (call chatPrompt first)"))?;
         let scored = block_on_ready(judge.score(&prompt, &responses)).map_err(backend_error)?;
         Ok(scored_object(&scored))
+    }
+
+    /// Rows `children[i]` were forked from `parents[i]` (row ids).
+    pub fn forked(&self, parents: &[u32], children: &[u32]) {
+        let pairs: Vec<(u32, u32)> = parents.iter().copied().zip(children.iter().copied()).collect();
+        match &mut self.state.borrow_mut().backend {
+            Backend::Gpu { judge: Some(judge), .. } => judge.fork(&pairs),
+            Backend::Cpu { judge: Some(judge), .. } => judge.fork(&pairs),
+            _ => {}
+        }
     }
 
     /// The scheduler will not ask about these rows again.

@@ -280,13 +280,9 @@ impl Decoder for WgpuDecoder {
         self.step_async(batch)
     }
 
-    #[track_caller]
     fn retain(&mut self, batch: &mut WgpuBatch, keep: &[usize]) -> Result<(), BackendError> {
         let rows = batch.rows();
-        assert!(keep.windows(2).all(|w| w[0] < w[1]), "retain: indices must be strictly ascending, got {keep:?}");
-        if let Some(&last) = keep.last() {
-            assert!(last < rows, "retain: index {last} out of range for {rows} rows");
-        }
+        specrej_core::backend::check_retain(keep, rows)?;
         if keep.len() == rows {
             return Ok(());
         }

@@ -1,5 +1,5 @@
 //! The pure math of `bench paper`: improvement score, speedup by log-linear interpolation,
-//! Pearson and Kendall τ-b, and summaries.
+//! Pearson's correlation (Kendall's τ-b is `specrej_core::select`'s), and summaries.
 
 /// The paper's improvement score for one prompt: `100 · (best − min_ref) / (max_ref − min_ref)`,
 /// where `best` is the best candidate reward of a method and `min_ref`/`max_ref` the lowest and
@@ -78,43 +78,6 @@ pub fn pearson(x: &[f64], y: &[f64]) -> Option<f64> {
     Some(sxy / (sxx * syy).sqrt())
 }
 
-/// Kendall's τ-b (ties in either variable handled); `None` for fewer than 2 pairs or when
-/// either variable is constant. O(n²), fine for the rows of one prompt.
-pub fn kendall_tau_b(x: &[f64], y: &[f64]) -> Option<f64> {
-    let n = x.len().min(y.len());
-    if n < 2 {
-        return None;
-    }
-    let (mut concordant, mut discordant, mut tie_x, mut tie_y) = (0i64, 0i64, 0i64, 0i64);
-    for i in 0..n {
-        for j in i + 1..n {
-            let dx = x[i] - x[j];
-            let dy = y[i] - y[j];
-            match (dx == 0.0, dy == 0.0) {
-                (true, true) => {}
-                (true, false) => tie_x += 1,
-                (false, true) => tie_y += 1,
-                (false, false) => {
-                    if (dx > 0.0) == (dy > 0.0) {
-                        concordant += 1;
-                    } else {
-                        discordant += 1;
-                    }
-                }
-            }
-        }
-    }
-    let n0 = (n * (n - 1) / 2) as i64;
-    let both = n0 - concordant - discordant - tie_x - tie_y; // pairs tied in both
-    let n1 = tie_x + both; // pairs tied in x
-    let n2 = tie_y + both; // pairs tied in y
-    let denominator = (((n0 - n1) as f64) * ((n0 - n2) as f64)).sqrt();
-    if denominator <= 0.0 {
-        return None;
-    }
-    Some((concordant - discordant) as f64 / denominator)
-}
-
 /// Mean, median and quartiles (linear interpolation between order statistics), min and max.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
@@ -149,6 +112,78 @@ pub fn summarize(values: &[f64]) -> Option<Summary> {
         q3: quantile(0.75),
         max: v[v.len() - 1],
     })
+}
+
+/// Least squares: the coefficients `c` minimising Σ (y − c·x)² over `samples` of `(x, y)`
+/// (all `x` of the same length), by the normal equations; `None` when they are singular.
+pub fn least_squares(samples: &[(Vec<f64>, f64)]) -> Option<Vec<f64>> {
+    let k = samples.first()?.0.len();
+    let mut a = vec![vec![0.0; k + 1]; k]; // [XᵀX | Xᵀy]
+    for (x, y) in samples {
+        for i in 0..k {
+            for j in 0..k {
+                a[i][j] += x[i] * x[j];
+            }
+            a[i][k] += x[i] * y;
+        }
+    }
+    // Gauss-Jordan with partial pivoting.
+    for col in 0..k {
+        let pivot = (col..k).max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))?;
+        if a[pivot][col].abs() < 1e-300 {
+            return None;
+        }
+        a.swap(col, pivot);
+        let div = a[col][col];
+        for v in &mut a[col] {
+            *v /= div;
+        }
+        for row in 0..k {
+            if row != col {
+                let f = a[row][col];
+                if f != 0.0 {
+                    for j in col..=k {
+                        a[row][j] -= f * a[col][j];
+                    }
+                }
+            }
+        }
+    }
+    Some(a.iter().map(|r| r[k]).collect())
+}
+
+/// The `(2.5%, 97.5%)` percentiles of `stat` over `resamples` bootstrap resamples of
+/// `0..n` (indices drawn with replacement by a fixed-seed generator, so reports repeat).
+/// `None` where `stat` gives no finite value in most resamples.
+pub fn bootstrap_ci(n: usize, resamples: usize, mut stat: impl FnMut(&[usize]) -> Option<f64>) -> Option<(f64, f64)> {
+    if n == 0 || resamples == 0 {
+        return None;
+    }
+    let mut state = 0x5eed_u64;
+    let mut next = || {
+        // SplitMix64.
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut values = Vec::with_capacity(resamples);
+    let mut pick = vec![0usize; n];
+    for _ in 0..resamples {
+        for p in &mut pick {
+            *p = (next() % n as u64) as usize;
+        }
+        if let Some(v) = stat(&pick).filter(|v| v.is_finite()) {
+            values.push(v);
+        }
+    }
+    if values.len() * 2 < resamples {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values[((q * (values.len() - 1) as f64).round() as usize).min(values.len() - 1)];
+    Some((at(0.025), at(0.975)))
 }
 
 #[cfg(test)]
@@ -196,17 +231,22 @@ mod tests {
     }
 
     #[test]
-    fn kendall_tau_b_with_ties() {
-        assert!(close(kendall_tau_b(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0]).unwrap_or(0.0), 1.0));
-        assert!(close(kendall_tau_b(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]).unwrap_or(0.0), -1.0));
-        // scipy.stats.kendalltau([1,2,3,4,5],[2,1,4,3,5]) = 0.6
-        assert!(close(kendall_tau_b(&[1.0, 2.0, 3.0, 4.0, 5.0], &[2.0, 1.0, 4.0, 3.0, 5.0]).unwrap_or(0.0), 0.6));
-        // scipy.stats.kendalltau([1,2,2,3],[1,2,3,3]) (tau-b) = 0.8
-        let t = kendall_tau_b(&[1.0, 2.0, 2.0, 3.0], &[1.0, 2.0, 3.0, 3.0]).unwrap_or(0.0);
-        assert!(close(t, 0.8), "{t}");
-        // scipy.stats.kendalltau([1,1,2,2],[1,2,1,2]) = 0
-        assert!(close(kendall_tau_b(&[1.0, 1.0, 2.0, 2.0], &[1.0, 2.0, 1.0, 2.0]).unwrap_or(1.0), 0.0));
-        assert_eq!(kendall_tau_b(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]), None);
+    fn least_squares_recovers_a_plane() {
+        let samples: Vec<(Vec<f64>, f64)> =
+            (0..20).map(|i| (vec![1.0, f64::from(i), f64::from(i * i % 7)], 3.0 + 2.0 * f64::from(i) - 0.5 * f64::from(i * i % 7))).collect();
+        let c = least_squares(&samples).expect("solvable");
+        assert!(close(c[0], 3.0) && close(c[1], 2.0) && close(c[2], -0.5), "{c:?}");
+        assert_eq!(least_squares(&[(vec![1.0, 1.0], 2.0), (vec![2.0, 2.0], 4.0)]), None, "collinear");
+    }
+
+    #[test]
+    fn bootstrap_brackets_the_mean_and_repeats() {
+        let values: Vec<f64> = (0..50).map(|i| f64::from(i % 10)).collect();
+        let mean = |pick: &[usize]| Some(pick.iter().map(|&i| values[i]).sum::<f64>() / pick.len() as f64);
+        let (lo, hi) = bootstrap_ci(values.len(), 2000, mean).expect("interval");
+        assert!(lo < 4.5 && 4.5 < hi && hi - lo < 2.0, "{lo} {hi}");
+        assert_eq!(bootstrap_ci(values.len(), 2000, mean), Some((lo, hi)));
+        assert_eq!(bootstrap_ci(3, 100, |_| None), None);
     }
 
     #[test]

@@ -1,0 +1,326 @@
+//! Replaying policies over a recorded Best-of-N run: rewards on demand (memoised), the
+//! reward model's compute counted as the live incremental scorer would count it, and a run's
+//! wall time priced by the calibration.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use specrej_candle::{reused_positions, JudgeScorer, Model};
+use specrej_core::likelihood;
+use specrej_core::replay::{Call, ReplayDecoder};
+use specrej_core::{block_on_ready, BackendError, KvLayout, Method, Options, Outcome, Response, Rules, Scored, Scorer};
+
+use super::cost::Calibration;
+use super::record::Recording;
+
+/// The rewards `bench paper` evaluates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RewardName {
+    /// The policy as a judge: logit(Yes) − logit(No).
+    Judge,
+    /// The same judge, asked at decisions whether an unfinished answer is on track.
+    PartialJudge,
+    /// −perplexity of the answer under the policy (the paper's self-reward setting).
+    Likelihood,
+}
+
+impl RewardName {
+    pub fn label(self) -> &'static str {
+        match self {
+            RewardName::Judge => "judge",
+            RewardName::PartialJudge => "partial-judge",
+            RewardName::Likelihood => "likelihood",
+        }
+    }
+
+    /// The calibration's key for this reward's calls.
+    pub fn cost_key(self) -> &'static str {
+        match self {
+            RewardName::Judge | RewardName::PartialJudge => "judge",
+            RewardName::Likelihood => "likelihood",
+        }
+    }
+}
+
+/// The judge's prompt segments (the partial one for decisions, where used).
+#[derive(Clone, Debug)]
+pub struct JudgeText {
+    pub before: Vec<u32>,
+    pub after: Vec<u32>,
+    pub after_partial: Vec<u32>,
+    pub yes: u32,
+    pub no: u32,
+}
+
+/// Caches of the memo's judge beyond this many positions are dropped between calls.
+const JUDGE_CACHE_TOKENS: usize = 120_000;
+
+/// One prompt's rewards, for any row and any prefix of it: from the recording's NLLs
+/// (likelihood, exact and free) or from the judge (computed once per (row, length, prompt),
+/// batched, memoised).
+pub struct Rewards<'r> {
+    rec: &'r Recording,
+    name: RewardName,
+    prompt: Vec<u32>,
+    judge: Option<(JudgeScorer, JudgeText)>,
+    /// `(row, length, partial prompt)` → reward.
+    memo: HashMap<(u32, usize, bool), f32>,
+    /// Reward-model tokens the memo really ran (what computing this table cost).
+    pub computed_tokens: u64,
+}
+
+impl<'r> Rewards<'r> {
+    pub fn likelihood(rec: &'r Recording, prompt: &[u32]) -> Self {
+        Self { rec, name: RewardName::Likelihood, prompt: prompt.to_vec(), judge: None, memo: HashMap::new(), computed_tokens: 0 }
+    }
+
+    pub fn judge(rec: &'r Recording, prompt: &[u32], model: &Arc<Model>, text: JudgeText, partial: bool) -> Self {
+        let scorer = JudgeScorer::new(Arc::clone(model), text.before.clone(), text.after.clone(), text.yes, text.no)
+            .with_partial(text.after_partial.clone())
+            .incremental();
+        let name = if partial { RewardName::PartialJudge } else { RewardName::Judge };
+        Self { rec, name, prompt: prompt.to_vec(), judge: Some((scorer, text)), memo: HashMap::new(), computed_tokens: 0 }
+    }
+
+    pub fn name(&self) -> RewardName {
+        self.name
+    }
+
+    /// Rewards of `(row, length)` prefixes; `partial`: as scored at a decision.
+    pub fn get(&mut self, items: &[(u32, usize)], partial: bool) -> Result<Vec<f32>, BackendError> {
+        let partial_prompt = partial && self.name == RewardName::PartialJudge;
+        if self.name == RewardName::Likelihood {
+            return Ok(items
+                .iter()
+                .map(|&(row, len)| {
+                    let nll = &self.rec.nll[row as usize][..len];
+                    likelihood::reward(nll.iter().map(|&x| f64::from(x)).sum(), len)
+                })
+                .collect());
+        }
+        let missing: Vec<(u32, usize)> = {
+            let mut m: Vec<(u32, usize)> =
+                items.iter().copied().filter(|&(row, len)| !self.memo.contains_key(&(row, len, partial_prompt))).collect();
+            m.sort_unstable();
+            m.dedup();
+            m
+        };
+        if !missing.is_empty() {
+            let Some((scorer, _)) = self.judge.as_mut() else {
+                return Err(BackendError::device("rewards: no judge"));
+            };
+            // A row may be asked at several lengths: one call per length of a row.
+            let mut rounds: Vec<Vec<(u32, usize)>> = Vec::new();
+            for &(row, len) in &missing {
+                match rounds.iter_mut().find(|r| r.iter().all(|&(r2, _)| r2 != row)) {
+                    Some(round) => round.push((row, len)),
+                    None => rounds.push(vec![(row, len)]),
+                }
+            }
+            for round in rounds {
+                let responses: Vec<Response<'_>> =
+                    round.iter().map(|&(row, len)| Response { row, tokens: &self.rec.rows[row as usize][..len] }).collect();
+                let scored = if partial_prompt {
+                    block_on_ready(scorer.score_partial(&self.prompt, &responses))?
+                } else {
+                    block_on_ready(scorer.score(&self.prompt, &responses))?
+                };
+                self.computed_tokens += scored.tokens_processed;
+                for (&(row, len), reward) in round.iter().zip(scored.rewards) {
+                    self.memo.insert((row, len, partial_prompt), reward);
+                }
+                if scorer.cached_tokens() > JUDGE_CACHE_TOKENS {
+                    let keep: Vec<u32> = round.iter().map(|&(row, _)| row).collect();
+                    let drop: Vec<u32> = (0..self.rec.rows.len() as u32).filter(|r| !keep.contains(r)).collect();
+                    scorer.release(&drop);
+                }
+            }
+        }
+        Ok(items.iter().map(|&(row, len)| self.memo[&(row, len, partial_prompt)]).collect())
+    }
+
+    /// Every row's final reward (its whole text).
+    pub fn finals(&mut self) -> Result<Vec<f32>, BackendError> {
+        let items: Vec<(u32, usize)> = self.rec.rows.iter().enumerate().map(|(i, r)| (i as u32, r.len())).collect();
+        self.get(&items, false)
+    }
+
+    fn judge_text(&self) -> Option<&JudgeText> {
+        self.judge.as_ref().map(|(_, t)| t)
+    }
+}
+
+/// How the decision scores of a replayed run are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The reward model's.
+    Real,
+    /// Random numbers (the floor): a hash of the row and the position.
+    Random,
+    /// Each row's final reward (the ceiling).
+    Oracle,
+}
+
+/// The compute a live incremental scorer would spend: the ids each row's cache holds,
+/// updated by the rule [`IncrementalRows`](specrej_candle::IncrementalRows) follows.
+struct Shadow {
+    name: RewardName,
+    prefix: Option<Vec<u32>>,
+    rows: HashMap<u32, Vec<u32>>,
+}
+
+impl Shadow {
+    fn new(name: RewardName) -> Self {
+        Self { name, prefix: None, rows: HashMap::new() }
+    }
+
+    /// `(tokens run, positions attended)` of one call, as the live scorer would run it.
+    fn call(&mut self, prompt: &[u32], judge: Option<&JudgeText>, responses: &[Response<'_>], partial: bool) -> (u64, u64) {
+        let (prefix, back): (Vec<u32>, usize) = match (self.name, judge) {
+            (RewardName::Likelihood, _) => (prompt.to_vec(), 1),
+            (_, Some(j)) => (j.before.clone(), 0),
+            (_, None) => return (0, 0),
+        };
+        let (mut tokens, mut pairs) = (0u64, 0u64);
+        if self.name == RewardName::Likelihood && self.prefix.as_deref().is_some_and(|p| p != prompt) {
+            self.rows.clear(); // the live scorer drops its caches on a new prompt
+        }
+        if self.prefix.as_deref() != Some(&prefix[..]) {
+            tokens += prefix.len() as u64;
+            pairs += (1..=prefix.len() as u64).sum::<u64>();
+            self.prefix = Some(prefix.clone());
+        }
+        for r in responses {
+            let ids: Vec<u32> = match (self.name, judge) {
+                (RewardName::Likelihood, _) if r.tokens.is_empty() => continue,
+                (RewardName::Likelihood, _) => [prompt, &r.tokens[..r.tokens.len() - 1]].concat(),
+                (name, Some(j)) => {
+                    let after = if partial && name == RewardName::PartialJudge { &j.after_partial } else { &j.after };
+                    [&j.before[..], r.tokens, &after[..]].concat()
+                }
+                (_, None) => continue,
+            };
+            let keep = reused_positions(self.rows.get(&r.row).map(Vec::as_slice), Some(&prefix), &ids, back);
+            tokens += (ids.len() - keep) as u64;
+            pairs += (keep as u64 + 1..=ids.len() as u64).sum::<u64>();
+            self.rows.insert(r.row, ids);
+        }
+        (tokens, pairs)
+    }
+}
+
+/// The reward model of a replayed run: rewards from [`Rewards`], decision scores as `mode`
+/// says, compute as a live incremental scorer's.
+struct ReplayScorer<'a, 'r> {
+    rewards: &'a mut Rewards<'r>,
+    finals: &'a [f32],
+    mode: Mode,
+    seed: u64,
+    shadow: Shadow,
+    /// Per call: tokens run and positions attended.
+    calls: Vec<(u64, u64)>,
+}
+
+impl ReplayScorer<'_, '_> {
+    fn run(&mut self, prompt: &[u32], responses: &[Response<'_>], partial: bool) -> Result<Scored, BackendError> {
+        let items: Vec<(u32, usize)> = responses.iter().map(|r| (r.row, r.tokens.len())).collect();
+        let rewards = match (partial, self.mode) {
+            (false, _) | (true, Mode::Real) => self.rewards.get(&items, partial)?,
+            (true, Mode::Random) => items
+                .iter()
+                .map(|&(row, len)| specrej_core::sampling::uniform(specrej_core::sampling::row_key(self.seed, row, len as u32), 0x5eed))
+                .collect(),
+            (true, Mode::Oracle) => items.iter().map(|&(row, _)| self.finals[row as usize]).collect(),
+        };
+        let judge = self.rewards.judge_text().cloned();
+        let (tokens, pairs) = self.shadow.call(prompt, judge.as_ref(), responses, partial);
+        self.calls.push((tokens, pairs));
+        Ok(Scored { rewards, tokens_processed: tokens })
+    }
+}
+
+impl Scorer for ReplayScorer<'_, '_> {
+    async fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        self.run(prompt, responses, false)
+    }
+
+    async fn score_partial(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        self.run(prompt, responses, true)
+    }
+
+    fn fork(&mut self, children: &[(u32, u32)]) {
+        for &(parent, child) in children {
+            if let Some(ids) = self.shadow.rows.get(&parent).cloned() {
+                self.shadow.rows.insert(child, ids);
+            }
+        }
+    }
+
+    fn release(&mut self, rows: &[u32]) {
+        for r in rows {
+            self.shadow.rows.remove(r);
+        }
+    }
+}
+
+/// The memory a replayed run gets: the budget, in the live decoder's layout.
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    pub capacity: usize,
+    pub layout: KvLayout,
+    pub kv_bytes_per_token: usize,
+    pub max_sequence_len: usize,
+}
+
+/// A replayed run's outcome and its priced cost.
+pub struct Replayed {
+    pub outcome: Outcome,
+    /// Modelled seconds: prefill, steps, reward.
+    pub seconds: [f64; 3],
+}
+
+/// Replays `options` over `rec` under `memory`, with `mode` decision scores.
+#[allow(clippy::too_many_arguments)] // one call site per kind of run; a struct would only rename them
+pub fn replay(
+    rec: &Recording,
+    rewards: &mut Rewards<'_>,
+    finals: &[f32],
+    prompt: &[u32],
+    options: &Options,
+    memory: Memory,
+    mode: Mode,
+    calibration: &Calibration,
+) -> Result<Replayed> {
+    let mut decoder = ReplayDecoder::new(&rec.rows, memory.capacity, memory.layout, memory.kv_bytes_per_token, memory.max_sequence_len);
+    let name = rewards.name();
+    let mut scorer = ReplayScorer { rewards, finals, mode, seed: options.sampling.seed ^ 0x7a9d, shadow: Shadow::new(name), calls: Vec::new() };
+    let outcome = block_on_ready(specrej_core::generate(&mut decoder, &mut scorer, prompt, options, &mut |_| {}))?;
+    let mut seconds = [0.0; 3];
+    for call in &decoder.calls {
+        match *call {
+            Call::Prefill { prompt, .. } => seconds[0] += calibration.prefill_seconds(prompt),
+            Call::Step { rows, generated } => seconds[1] += calibration.step_seconds(rows, generated),
+            Call::Retain { .. } => {}
+        }
+    }
+    for &(tokens, pairs) in &scorer.calls {
+        seconds[2] += calibration.reward_seconds(name.cost_key(), tokens, pairs);
+    }
+    Ok(Replayed { outcome, seconds })
+}
+
+/// The `(tokens, pairs)` a live incremental `name` scorer spends on a sequence of calls
+/// (the calibration fits its costs against this).
+pub fn live_cost(name: RewardName, judge: Option<JudgeText>) -> impl FnMut(&[u32], &[Response<'_>]) -> (u64, u64) {
+    let mut shadow = Shadow::new(name);
+    move |prompt, responses| shadow.call(prompt, judge.as_ref(), responses, true)
+}
+
+/// The options of a Speculative Rejection replay.
+pub fn sr_options(base: &Options, alpha: f32, n: usize, rules: Rules) -> Options {
+    Options { method: Method::SpeculativeRejection { alpha }, n, rules, ..base.clone() }
+}
