@@ -3,10 +3,11 @@
 //! arithmetic whatever else is in the batch.
 //!
 //! Query token `m` of a sequence sits at position `pos`; it attends to positions `0..=pos`
-//! of its own sequence. For every (token, query head): the scores `dot(q, k_j) · scale` in a
-//! fixed summation order, a softmax over all `pos + 1` scores ([`exp_neg`], our own
-//! polynomial, so every platform gives the same bits), then `Σ_j p_j v_j` accumulated in
-//! position order. Nothing here depends on the number of sequences, on how tokens are
+//! of its own sequence. For every (token, query head): the scores `(Σ_d q_d k_jd) · scale`
+//! summed in `d` order (K is stored transposed per block, so a block's 16 scores accumulate
+//! side by side, without horizontal sums), a softmax over all `pos + 1` scores
+//! ([`exp_neg`], our own polynomial, so every platform gives the same bits), then
+//! `Σ_j p_j v_j` accumulated in position order. Nothing here depends on the number of sequences, on how tokens are
 //! chunked into passes, or on padding (there is none). That is the batch-invariance
 //! argument: see ARCHITECTURE.md.
 //!
@@ -21,35 +22,44 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::kv::{BLOCK, Seq, Shape};
 
-/// Lanes of the partial sums: 8 f32 = one AVX register, so the loops vectorise.
+/// Lanes of the softmax's partial sums: 8 f32 = one AVX register, so the loops vectorise.
 const LANES: usize = 8;
 
 /// Query tokens per tile.
 const TILE: usize = 16;
 
-/// `Σ a·b` with a fixed summation order (8 interleaved partial sums).
+/// `out[s] = Σ_d q[d] · kt[d·BLOCK + s]` for the `BLOCK` keys of a transposed K block
+/// (`kt`: `[head_dim, BLOCK]`), summed in `d` order.
 #[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (a8, a_tail) = a.split_at(a.len() - a.len() % LANES);
-    let (b8, b_tail) = b.split_at(a8.len());
-    for (x, y) in a8.chunks_exact(LANES).zip(b8.chunks_exact(LANES)) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
+fn block_scores(q: &[f32], kt: &[f32], out: &mut [f32; BLOCK]) {
+    let mut acc = [0.0f32; BLOCK];
+    for (qd, row) in q.iter().zip(kt.chunks_exact(BLOCK)) {
+        for s in 0..BLOCK {
+            acc[s] += qd * row[s];
         }
     }
-    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in a_tail.iter().zip(b_tail) {
-        sum += x * y;
-    }
-    sum
+    *out = acc;
 }
 
-/// `acc += p · v`.
+/// `acc += Σ_j p[j] · v[j]` over the rows of a V block (`v`: `[BLOCK, head_dim]`), in `j`
+/// order; the same element-wise arithmetic whatever `head_dim` (64 keeps `acc` in registers).
 #[inline]
-fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
-    for (a, x) in acc.iter_mut().zip(v) {
-        *a += p * x;
+fn block_values(p: &[f32], v: &[f32], acc: &mut [f32]) {
+    let hd = acc.len();
+    if let Ok(acc64) = <&mut [f32; 64]>::try_from(&mut *acc) {
+        let mut a = *acc64;
+        for (&pj, row) in p.iter().zip(v.chunks_exact(64)) {
+            for d in 0..64 {
+                a[d] += pj * row[d];
+            }
+        }
+        *acc64 = a;
+        return;
+    }
+    for (&pj, row) in p.iter().zip(v.chunks_exact(hd)) {
+        for (a, x) in acc.iter_mut().zip(row) {
+            *a += pj * x;
+        }
     }
 }
 
@@ -147,26 +157,31 @@ fn tiles(seqs: &[SeqTokens<'_>]) -> Vec<Tile> {
     out
 }
 
-/// Calls `f(first_position, rows)` for the `[n, head_dim]` runs (as f32) of `(layer, kv,
-/// head)` covering positions `from..to` of `seq`, in position order.
-fn for_runs(
+/// Calls `f(first position, count, block)` for the blocks covering positions `from..to` of
+/// `seq`, in position order: `block` is the whole `(layer, kv, head)` run as f32 (K
+/// `[head_dim, BLOCK]`, V `[BLOCK, head_dim]`), of which slots `0..count` are the positions
+/// from `first` on (runs start on a block boundary: prefixes and own positions both do).
+fn for_blocks(
     seq: &Seq,
     shape: &Shape,
     (layer, kv, head): (usize, usize, usize),
     from: usize,
     to: usize,
     buf: &mut [f32],
-    mut f: impl FnMut(usize, &[f32]),
+    mut f: impl FnMut(usize, usize, &[f32]),
 ) {
-    let hd = shape.head_dim;
     let base = shape.run(layer, kv, head);
     let mut pos = from;
     while pos < to {
         let s = seq.slot(pos);
+        debug_assert_eq!(s.slot, 0, "runs start on a block boundary");
         let n = (BLOCK - s.slot).min(to - pos);
-        let out = &mut buf[..n * hd];
-        s.block.data.load(base + s.slot * hd, out);
-        f(pos, out);
+        if pos + n < to {
+            let next = seq.slot(pos + n);
+            next.block.data.prefetch(base, BLOCK * shape.head_dim);
+        }
+        s.block.data.load(base, buf);
+        f(pos, n, buf);
         pos += n;
     }
 }
@@ -200,7 +215,7 @@ pub(crate) fn attend(
     let work = |items: std::ops::Range<usize>| {
         SCRATCH.with(|scratch| {
             let (scores, acc, buf) = &mut *scratch.borrow_mut();
-            buf.resize(BLOCK * hd, 0.0);
+            buf.resize(BLOCK * hd, 0.0); // one (layer, kv, head) block run
             for item in items {
                 let (tile, g) = (&tiles[item / kv_heads], item % kv_heads);
                 tile_head(shape, layer, g, group, seqs, tile, q, scale, width, scores, acc, buf, &out);
@@ -244,7 +259,8 @@ fn tile_head(
         for m in first..first + count {
             let pos = s.start + m;
             members.push((i, pos, s.row + m, offset));
-            offset += group * (pos + 1);
+            // Scores rounded up to whole blocks: a block's scores are computed together.
+            offset += group * (pos + 1).next_multiple_of(BLOCK);
         }
     }
     scores.resize(offset, 0.0);
@@ -254,55 +270,60 @@ fn tile_head(
         let at = row * width + (g * group + h) * hd;
         &q[at..at + hd]
     };
+    // A member's scores for head h start at `off + h · stride(pos)`.
+    let stride = |pos: usize| (pos + 1).next_multiple_of(BLOCK);
     let shared = tile.shared;
-    // Scores against the shared prefix: each key loaded once for the whole tile.
+    let mut block = [0.0f32; BLOCK];
+    // Scores against the shared prefix: each key block converted once for the whole tile.
     if shared > 0 {
         let first = seqs[members[0].0].seq;
-        for_runs(first, shape, (layer, 0, g), 0, shared, buf, |p0, keys| {
-            for (j, k) in keys.chunks_exact(hd).enumerate() {
-                for &(_, pos, row, off) in &members {
-                    for h in 0..group {
-                        scores[off + h * (pos + 1) + p0 + j] = dot(qh(row, h), k) * scale;
+        for_blocks(first, shape, (layer, 0, g), 0, shared, buf, |p0, n, kt| {
+            for &(_, pos, row, off) in &members {
+                for h in 0..group {
+                    block_scores(qh(row, h), kt, &mut block);
+                    let at = off + h * stride(pos) + p0;
+                    for (dst, &x) in scores[at..at + n].iter_mut().zip(&block) {
+                        *dst = x * scale;
                     }
                 }
             }
         });
     }
-    // Scores against each token's own positions.
+    // Scores against each token's own positions, then its softmax.
     for &(i, pos, row, off) in &members {
-        for_runs(seqs[i].seq, shape, (layer, 0, g), shared, pos + 1, buf, |p0, keys| {
-            for (j, k) in keys.chunks_exact(hd).enumerate() {
-                for h in 0..group {
-                    scores[off + h * (pos + 1) + p0 + j] = dot(qh(row, h), k) * scale;
+        for_blocks(seqs[i].seq, shape, (layer, 0, g), shared, pos + 1, buf, |p0, n, kt| {
+            for h in 0..group {
+                block_scores(qh(row, h), kt, &mut block);
+                let at = off + h * stride(pos) + p0;
+                for (dst, &x) in scores[at..at + n].iter_mut().zip(&block) {
+                    *dst = x * scale;
                 }
             }
         });
         for h in 0..group {
-            let at = off + h * (pos + 1);
+            let at = off + h * stride(pos);
             softmax(&mut scores[at..at + pos + 1]);
         }
     }
     // Values: the shared prefix for the whole tile, then each token's own, in position order.
     if shared > 0 {
         let first = seqs[members[0].0].seq;
-        for_runs(first, shape, (layer, 1, g), 0, shared, buf, |p0, values| {
-            for (j, v) in values.chunks_exact(hd).enumerate() {
-                for (m, &(_, pos, _, off)) in members.iter().enumerate() {
-                    for h in 0..group {
-                        let a = (m * group + h) * hd;
-                        axpy(&mut acc[a..a + hd], scores[off + h * (pos + 1) + p0 + j], v);
-                    }
+        for_blocks(first, shape, (layer, 1, g), 0, shared, buf, |p0, n, v| {
+            for (m, &(_, pos, _, off)) in members.iter().enumerate() {
+                for h in 0..group {
+                    let a = (m * group + h) * hd;
+                    let at = off + h * stride(pos) + p0;
+                    block_values(&scores[at..at + n], v, &mut acc[a..a + hd]);
                 }
             }
         });
     }
     for (m, &(i, pos, row, off)) in members.iter().enumerate() {
-        for_runs(seqs[i].seq, shape, (layer, 1, g), shared, pos + 1, buf, |p0, values| {
-            for (j, v) in values.chunks_exact(hd).enumerate() {
-                for h in 0..group {
-                    let a = (m * group + h) * hd;
-                    axpy(&mut acc[a..a + hd], scores[off + h * (pos + 1) + p0 + j], v);
-                }
+        for_blocks(seqs[i].seq, shape, (layer, 1, g), shared, pos + 1, buf, |p0, n, v| {
+            for h in 0..group {
+                let a = (m * group + h) * hd;
+                let at = off + h * stride(pos) + p0;
+                block_values(&scores[at..at + n], v, &mut acc[a..a + hd]);
             }
         });
         let dst = row * width + g * group * hd;

@@ -41,6 +41,10 @@ pub struct ThroughputArgs {
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 128)]
     prefill_tokens: usize,
+    /// Cached tokens per row when decode is timed: a 16-token prompt, then untimed steps
+    /// until every row holds this many (its own), so attention over a context counts.
+    #[arg(long, default_value_t = 16)]
+    context: usize,
     /// Weight formats to compare on candle (cpu, cuda); wgpu always runs the file's own format.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "native,q8-0")]
     weights: Vec<WeightsArg>,
@@ -70,6 +74,7 @@ struct Row {
 struct Report {
     model: String,
     steps: usize,
+    context: usize,
     engines: Vec<Engine>,
     decode: Vec<Row>,
 }
@@ -88,6 +93,9 @@ fn throughput(args: ThroughputArgs) -> Result<()> {
     if args.steps == 0 || args.prefill_tokens == 0 {
         bail!("--steps and --prefill-tokens must be at least 1");
     }
+    if args.context < 16 {
+        bail!("--context must be at least 16 (the decode prompt's length)");
+    }
     if args.backends.is_empty() {
         bail!("--backends must name at least one backend (cpu, cuda, wgpu)");
     }
@@ -102,7 +110,8 @@ fn throughput(args: ThroughputArgs) -> Result<()> {
         short: sentence.iter().copied().cycle().take(16).collect(),
     };
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut report = Report { model: path.display().to_string(), steps: args.steps, engines: Vec::new(), decode: Vec::new() };
+    let mut report =
+        Report { model: path.display().to_string(), steps: args.steps, context: args.context, engines: Vec::new(), decode: Vec::new() };
 
     for &backend in &args.backends {
         let formats = if backend == BackendArg::Wgpu { vec![WeightsArg::Native] } else { args.weights.clone() };
@@ -124,7 +133,7 @@ fn throughput(args: ThroughputArgs) -> Result<()> {
                 Policy::Candle(model) => CandleDecoder::layout_for(model),
                 Policy::Wgpu(_) => specrej_core::KvLayout::DENSE,
             };
-            let own = args.steps + 4;
+            let own = args.steps + 4 + (args.context - 16);
             let tokens = layout.tokens(prompts.long.len(), 1, own).max(layout.tokens(prompts.short.len(), max_rows, own));
             let kv_bytes = tokens * policy.kv_bytes_per_token();
             let mut sink = |what: &str| {
@@ -133,12 +142,22 @@ fn throughput(args: ThroughputArgs) -> Result<()> {
                 }
             };
             let (prefill, decode) = match &policy {
-                Policy::Candle(model) => {
-                    measure(&mut CandleDecoder::new(model.clone(), kv_bytes), &prompts, &args.rows, args.steps, &mut sink)?
-                }
-                Policy::Wgpu(model) => {
-                    measure(&mut WgpuDecoder::new(model.clone(), kv_bytes), &prompts, &args.rows, args.steps, &mut sink)?
-                }
+                Policy::Candle(model) => measure(
+                    &mut CandleDecoder::new(model.clone(), kv_bytes),
+                    &prompts,
+                    &args.rows,
+                    args.steps,
+                    args.context - 16,
+                    &mut sink,
+                )?,
+                Policy::Wgpu(model) => measure(
+                    &mut WgpuDecoder::new(model.clone(), kv_bytes),
+                    &prompts,
+                    &args.rows,
+                    args.steps,
+                    args.context - 16,
+                    &mut sink,
+                )?,
             };
             report.engines.push(Engine { name: name.clone(), device, prefill_tokens_per_second: prefill });
             report.decode.extend(
@@ -162,13 +181,15 @@ struct Prompts {
     short: Vec<u32>,
 }
 
-/// Prefill tokens/s of one `long` row, then decode tokens/s (all rows together) per row count.
+/// Prefill tokens/s of one `long` row, then decode tokens/s (all rows together) per row
+/// count, after `warm` untimed steps (so each row caches the prompt and `warm` tokens).
 /// Every step is awaited to the end (sampled ids read back), so GPU work is not left queued.
 fn measure<D: Decoder>(
     decoder: &mut D,
     prompts: &Prompts,
     rows: &[usize],
     steps: usize,
+    warm: usize,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(f64, Vec<(usize, f64)>)> {
     let sampling = Sampling { seed: 1, ..Sampling::default() };
@@ -182,7 +203,7 @@ fn measure<D: Decoder>(
     let mut decode = Vec::new();
     for &n in rows {
         let mut batch = decoder.prefill(&prompts.short, 0..n as u32, &sampling)?;
-        for _ in 0..2 {
+        for _ in 0..2 + warm {
             pollster::block_on(decoder.step(&mut batch))?;
         }
         let start = Instant::now();
@@ -197,7 +218,7 @@ fn measure<D: Decoder>(
 }
 
 fn print_table(report: &Report, rows: &[usize]) {
-    println!("model {} · {} timed steps · decode tokens/s (all rows together)", report.model, report.steps);
+    println!("model {} · {} timed steps at {} cached tokens per row · decode tokens/s (all rows together)", report.model, report.steps, report.context);
     println!("| engine | device | prefill tok/s | {} |", rows.iter().map(|r| format!("{r} rows")).collect::<Vec<_>>().join(" | "));
     println!("|---|---|---|{}", "---|".repeat(rows.len()));
     for engine in &report.engines {

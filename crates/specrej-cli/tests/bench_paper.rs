@@ -33,10 +33,21 @@ fn bad_flags_fail_before_the_model_loads() {
 fn tiny_run_writes_json_markdown_and_svgs() {
     let model = std::env::var("SPECREJ_MODEL").expect("SPECREJ_MODEL names the model file");
     let out = out_dir("tiny");
+    std::fs::create_dir_all(&out).expect("out dir");
+    // A calibration given, so the test does not spend minutes measuring the machine.
+    let calibration = out.join("calibration.json");
+    std::fs::write(
+        &calibration,
+        r#"{"machine":"test","step":[[1,0.01],[64,0.1]],"per_row_token":1e-6,"prefill":[0.0,0.002,0.0],
+            "reward":{"judge":[0.0,0.002,0.0,0.0],"likelihood":[0.0,0.003,0.0,0.0]}}"#,
+    )
+    .expect("calibration");
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_specrej"))
-            .args(["bench", "paper", "--limit", "1", "--bon", "2,4", "--alphas", "0.5", "--max-new-tokens", "16"])
-            .args(["--model", &model, "--out"])
+            .args(["bench", "paper", "--limit", "1", "--bon", "2,4", "--alphas", "0.5", "--max-new-tokens", "24"])
+            .args(["--kv-budget", "8MB", "--policies", "paper,random,oracle", "--model", &model, "--calibration"])
+            .arg(&calibration)
+            .arg("--out")
             .arg(&out)
             .output()
             .expect("the binary runs")
@@ -44,19 +55,25 @@ fn tiny_run_writes_json_markdown_and_svgs() {
     let output = run();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("BoN-2 (reference)") && stdout.contains("SR α=0.5"), "{stdout}");
+    assert!(stdout.contains("| bon-2 |") && stdout.contains("| paper α=0.5 |") && stdout.contains("## Reward: likelihood"), "{stdout}");
 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("results.json")).expect("JSON");
     let prompts = json["prompts"].as_array().expect("prompts");
     assert_eq!(prompts.len(), 1);
-    assert_eq!(prompts[0]["bon"]["candidates"].as_array().map(Vec::len), Some(4));
-    assert_eq!(prompts[0]["sr"].as_array().map(Vec::len), Some(1));
-    assert!(std::fs::read_to_string(out.join("report.md")).expect("report.md").contains("| BoN-4 |"));
-    for svg in ["improvement_vs_compute.svg", "correlation.svg"] {
+    let rewards = prompts[0]["rewards"].as_array().expect("rewards");
+    assert_eq!(rewards.len(), 2, "judge and likelihood");
+    for r in rewards {
+        assert_eq!(r["finals"].as_array().map(Vec::len), Some(4), "one final reward per recorded row");
+        // Two Best-of-N sizes, three policies at one α.
+        assert_eq!(r["runs"].as_array().map(Vec::len), Some(5));
+    }
+    assert!(std::fs::read_to_string(out.join("report.md")).expect("report.md").contains("| bon-4 |"));
+    for svg in ["improvement_vs_compute-judge.svg", "correlation-judge.svg", "improvement_vs_compute-likelihood.svg"] {
         let text = std::fs::read_to_string(out.join(svg)).expect(svg);
         assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"), "{svg}");
     }
+    assert!(out.join("recordings").join("prompt-0.json").exists());
 
     // A rerun with the same settings reuses the prompt instead of generating again.
     let again = run();

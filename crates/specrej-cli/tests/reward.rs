@@ -17,7 +17,10 @@ use common::{fails_with, specrej, stderr, temp_dir};
 fn bad_reward_flags_are_named_before_any_model_loads() {
     fails_with(&["generate", "hi", "--reward", "/nonexistent/rm"], "not judge, likelihood or a reward-model directory");
     fails_with(&["generate", "hi", "--reward-url", "ftp://example/score"], "expected http://host:port/path");
-    fails_with(&["bench", "paper", "--reward", "/nonexistent/rm"], "/nonexistent/rm");
+    // bench paper replays the judge and the likelihood only: anything else is a usage error.
+    let output = specrej(&["bench", "paper", "--rewards", "/nonexistent/rm"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("judge, partial-judge, likelihood"), "{}", stderr(&output));
     // A directory that is not a reward model: the loader names the missing file.
     let empty = temp_dir("empty");
     let model_dir = temp_dir("unused-model");

@@ -309,9 +309,9 @@ impl WebEngine {
             Backend::Gpu { decoder, .. } => decoder.kv_layout(),
             Backend::Cpu { decoder, .. } => decoder.kv_layout(),
         };
-        let out = js_sys::Object::new();
-        let _ = js_sys::Reflect::set(&out, &"sharedPrompt".into(), &layout.shared_prompt.into());
-        let _ = js_sys::Reflect::set(&out, &"block".into(), &(layout.block as f64).into());
+        let out = Object::new();
+        let _ = Reflect::set(&out, &"sharedPrompt".into(), &layout.shared_prompt.into());
+        let _ = Reflect::set(&out, &"block".into(), &(layout.block as f64).into());
         out.into()
     }
 

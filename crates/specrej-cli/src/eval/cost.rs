@@ -6,9 +6,10 @@
 //!   row counts and interpolated linearly; `per_row_token` is attention over the rows' own
 //!   tokens, fitted on a run whose context grows);
 //! * a prefill of `p` tokens: `a + b·p + c·p²`;
-//! * a reward call: `a + b·tokens + c·pairs`, `pairs` = Σ over the tokens run of the
-//!   positions they attend to (fitted by least squares per reward kind on incremental calls of
-//!   several sizes).
+//! * a reward call: `a + b·tokens + c·rows + d·pairs`: `tokens` run in one pass over `rows`
+//!   rows (the judge reads one position's logits per row, the likelihood every token's),
+//!   `pairs` = Σ over the tokens run of the positions they attend to (fitted by least squares
+//!   per reward kind on incremental calls of several sizes).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,8 +33,8 @@ pub struct Calibration {
     pub per_row_token: f64,
     /// Prefill seconds = `a + b·p + c·p²`.
     pub prefill: [f64; 3],
-    /// Per reward kind: call seconds = `a + b·tokens + c·pairs`.
-    pub reward: BTreeMap<String, [f64; 3]>,
+    /// Per reward kind: call seconds = `a + b·tokens + c·rows + d·pairs`.
+    pub reward: BTreeMap<String, [f64; 4]>,
 }
 
 impl Calibration {
@@ -48,14 +49,26 @@ impl Calibration {
         (self.prefill[0] + self.prefill[1] * p + self.prefill[2] * p * p).max(0.0)
     }
 
-    /// One reward call that ran `tokens` tokens attending to `pairs` positions in all.
-    pub fn reward_seconds(&self, kind: &str, tokens: u64, pairs: u64) -> f64 {
+    /// One reward call that ran `tokens` tokens of `rows` rows, attending to `pairs`
+    /// positions in all.
+    pub fn reward_seconds(&self, kind: &str, cost: Cost) -> f64 {
         let Some(c) = self.reward.get(kind) else { return f64::NAN };
-        if tokens == 0 {
+        if cost.tokens == 0 {
             return 0.0;
         }
-        (c[0] + c[1] * tokens as f64 + c[2] * pairs as f64).max(0.0)
+        (c[0] + c[1] * cost.tokens as f64 + c[2] * cost.rows as f64 + c[3] * cost.pairs as f64).max(0.0)
     }
+}
+
+/// What one reward call ran.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cost {
+    /// Tokens run.
+    pub tokens: u64,
+    /// Rows that ran at least one token.
+    pub rows: u64,
+    /// Σ over the tokens run of the positions each attends to.
+    pub pairs: u64,
 }
 
 /// Linear interpolation in `points` (ascending x), extrapolated by the last segment's slope.
@@ -128,7 +141,7 @@ pub fn decoder(model: &Arc<Model>, prompt: &[u32], rows: &[usize], context: usiz
     let mut samples = Vec::new();
     for len in [64usize, 256, 768] {
         let ids: Vec<u32> = prompt.iter().copied().cycle().take(len).collect();
-        let mut decoder = CandleDecoder::new(Arc::clone(model), budget(1, 1));
+        let mut decoder = CandleDecoder::new(Arc::clone(model), CandleDecoder::budget_for(model, len, 1, 1));
         let t = best_of(2, || Ok(decoder.prefill(&ids, 0..1, &sampling).map(drop)?))?;
         samples.push((vec![1.0, len as f64, (len * len) as f64], t));
     }
@@ -136,31 +149,49 @@ pub fn decoder(model: &Arc<Model>, prompt: &[u32], rows: &[usize], context: usiz
     Ok(Calibration { machine: machine(), step, per_row_token, prefill, reward: BTreeMap::new() })
 }
 
-/// One reward kind's cost: incremental calls on `rows` rows of `texts` (cycled), each
-/// growing in steps, fitted to `a + b·tokens + c·pairs`. `pairs_of` gives a call's
-/// attended positions from the per-row `(first run, length)` of what it ran.
+/// One reward kind's cost: incremental calls growing rows of `text` by a few tokens each,
+/// timed (the best of two), fitted to `a + b·tokens + c·rows + d·pairs`. `cost` counts a
+/// call as the live scorer runs it (and must see every call, untimed ones too).
 pub fn reward<S: Scorer>(
     mut scorer: S,
     prompt: &[u32],
     text: &[u32],
-    cost: &mut dyn FnMut(&[Response<'_>]) -> (u64, u64),
-) -> Result<[f64; 3]> {
+    cost: &mut dyn FnMut(&[Response<'_>]) -> Cost,
+) -> Result<[f64; 4]> {
     let mut samples = Vec::new();
-    for rows in [8usize, 64, 192] {
-        for (start, grow) in [(8usize, 1usize), (8, 24), (160, 1), (160, 24)] {
-            let ids: Vec<u32> = (0..rows as u32).collect();
-            let cut = |len: usize| -> Vec<Response<'_>> {
-                ids.iter().map(|&row| Response { row: row + 1000 * rows as u32, tokens: &text[..len.min(text.len())] }).collect()
-            };
-            // Build the rows' caches first, then time the growing call.
-            block_on_ready(scorer.score_partial(prompt, &cut(start)))?;
-            cost(&cut(start));
-            let grown = cut(start + grow);
-            let (tokens, pairs) = cost(&grown);
-            let t = Instant::now();
-            block_on_ready(scorer.score_partial(prompt, &grown))?;
-            samples.push((vec![1.0, tokens as f64, pairs as f64], t.elapsed().as_secs_f64()));
+    let mut next_row = 0u32;
+    for rows in [1usize, 8, 32, 96] {
+        for (start, grow) in [(8usize, 1usize), (8, 8), (8, 24), (96, 1), (96, 24)] {
+            let mut best = (f64::INFINITY, Cost::default());
+            for _ in 0..2 {
+                let ids: Vec<u32> = (next_row..next_row + rows as u32).collect();
+                next_row += rows as u32;
+                let cut = |len: usize| -> Vec<Response<'_>> {
+                    ids.iter().map(|&row| Response { row, tokens: &text[..len.min(text.len())] }).collect()
+                };
+                // Build fresh rows' caches first, then time the growing call.
+                block_on_ready(scorer.score_partial(prompt, &cut(start)))?;
+                cost(&cut(start));
+                let grown = cut(start + grow);
+                let c = cost(&grown);
+                let t = Instant::now();
+                block_on_ready(scorer.score_partial(prompt, &grown))?;
+                best = best.min_by_time(t.elapsed().as_secs_f64(), c);
+                scorer.release(&ids);
+            }
+            let (t, c) = best;
+            samples.push((vec![1.0, c.tokens as f64, c.rows as f64, c.pairs as f64], t));
         }
     }
-    Ok(least_squares(&samples).map_or([0.0; 3], |c| [c[0].max(0.0), c[1].max(0.0), c[2].max(0.0)]))
+    Ok(least_squares(&samples).map_or([0.0; 4], |c| [c[0], c[1], c[2], c[3]]))
+}
+
+trait MinByTime {
+    fn min_by_time(self, t: f64, c: Cost) -> Self;
+}
+
+impl MinByTime for (f64, Cost) {
+    fn min_by_time(self, t: f64, c: Cost) -> Self {
+        if t < self.0 { (t, c) } else { self }
+    }
 }

@@ -137,6 +137,10 @@ pub struct PaperArgs {
     /// and report whether its outcome equals the replay's.
     #[arg(long)]
     check_live: bool,
+    /// The machine's costs: read from this JSON file if it exists, else measured (a few
+    /// minutes) and written there. Default: measured once per results file.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
     /// Output folder (results.json, report.md, SVGs, recordings/).
     #[arg(long, default_value = "bench-results/paper")]
     out: PathBuf,
@@ -248,6 +252,9 @@ pub struct Correlation {
     pub rows: usize,
     pub pearson: Option<f64>,
     pub kendall: Option<f64>,
+    /// The judge only: τ with the question for unfinished answers at the position.
+    #[serde(default)]
+    pub kendall_partial_prompt: Option<f64>,
 }
 
 /// A live run beside its replay.
@@ -340,10 +347,24 @@ pub fn run(args: PaperArgs) -> Result<()> {
     }
     if !todo.is_empty() {
         let text = Text::load(&path)?;
-        let calibration = match file.calibration.clone() {
-            Some(c) => c,
-            None => {
+        let from_file = match &args.calibration {
+            Some(path) if path.exists() => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                Some(serde_json::from_str::<cost::Calibration>(&text).with_context(|| format!("{}: not a calibration", path.display()))?)
+            }
+            _ => None,
+        };
+        let calibration = match (file.calibration.clone(), from_file) {
+            (Some(c), _) => c,
+            (None, Some(c)) => {
+                file.calibration = Some(c.clone());
+                c
+            }
+            (None, None) => {
                 let c = calibrate(&weights, &text, &settings)?;
+                if let Some(path) = &args.calibration {
+                    std::fs::write(path, serde_json::to_string_pretty(&c)?).with_context(|| format!("writing {}", path.display()))?;
+                }
                 file.calibration = Some(c.clone());
                 save_results(&results_path, &file)?;
                 c
@@ -454,10 +475,11 @@ fn calibrate(weights: &Arc<Model>, text: &Text, settings: &Settings) -> Result<c
             }
         };
         say(&format!(
-            "calibration: a {key} call costs {:.1} ms + {:.2} ms per token + {:.3} µs per attended position",
+            "calibration: a {key} call costs {:.1} ms + {:.2} ms per token + {:.2} ms per row + {:.3} µs per attended position",
             fit[0] * 1e3,
             fit[1] * 1e3,
-            fit[2] * 1e6
+            fit[2] * 1e3,
+            fit[3] * 1e6
         ));
         c.reward.insert(key.to_string(), fit);
     }
@@ -530,14 +552,24 @@ fn run_prompt(
         max_sequence_len: decoder.max_sequence_len(),
     };
     let mut rewards = Vec::new();
+    // One judge table for `judge` and `partial-judge`: the same final rewards and caches.
+    let mut judge_table: Option<replay::Rewards<'_>> = None;
+    let mut likelihood_table: Option<replay::Rewards<'_>> = None;
     for &reward in &settings.rewards {
         eprintln!("{label}: {} rewards and replays", reward.label());
-        let mut table = match reward {
-            RewardName::Likelihood => replay::Rewards::likelihood(&recording, &prompt),
-            RewardName::Judge | RewardName::PartialJudge => {
-                replay::Rewards::judge(&recording, &prompt, weights, judge_text(text, user)?, reward == RewardName::PartialJudge)
-            }
+        let slot = match reward {
+            RewardName::Likelihood => &mut likelihood_table,
+            RewardName::Judge | RewardName::PartialJudge => &mut judge_table,
         };
+        if slot.is_none() {
+            *slot = Some(match reward {
+                RewardName::Likelihood => replay::Rewards::likelihood(&recording, &prompt),
+                _ => replay::Rewards::judge(&recording, &prompt, weights, judge_text(text, user)?, false),
+            });
+        }
+        let Some(table) = slot.as_mut() else { unreachable!("just filled") };
+        table.set_name(reward);
+        let memo_before = table.computed_tokens;
         let finals = table.finals()?;
         let mut runs = Vec::new();
         let run_one = |table: &mut replay::Rewards<'_>, options: &Options, mode: replay::Mode| {
@@ -545,7 +577,7 @@ fn run_prompt(
         };
         for &n in &settings.bon {
             let options = Options { n, ..base.clone() };
-            let r = run_one(&mut table, &options, replay::Mode::Real)?;
+            let r = run_one(table, &options, replay::Mode::Real)?;
             runs.push(summarize(format!("bon-{n}"), None, None, n, &r));
         }
         let mut replayed_paper_half = None;
@@ -565,14 +597,14 @@ fn run_prompt(
                     _ => replay::Mode::Real,
                 };
                 let options = replay::sr_options(&base, alpha, settings.sr_n, rules);
-                let r = run_one(&mut table, &options, mode)?;
+                let r = run_one(table, &options, mode)?;
                 if policy == PolicyName::Paper && (alpha - 0.5).abs() < 1e-6 {
                     replayed_paper_half = Some((options.clone(), r.outcome.clone(), r.seconds.iter().sum::<f64>()));
                 }
                 runs.push(summarize(format!("{} α={alpha}", policy.label()), Some(policy), Some(alpha), settings.sr_n, &r));
             }
         }
-        let correlation = correlations(&mut table, &recording, &finals, reward, settings.max_new_tokens)?;
+        let correlation = correlations(table, &recording, &finals, reward, settings.max_new_tokens)?;
         let live_check = match (check_live, replayed_paper_half) {
             (true, Some((options, replayed, modelled))) => {
                 eprintln!("{label}: {} live run of paper α=0.5 to compare with its replay", reward.label());
@@ -586,7 +618,7 @@ fn run_prompt(
             finals,
             runs,
             correlation,
-            memo_tokens: table.computed_tokens,
+            memo_tokens: table.computed_tokens - memo_before,
             live_check,
         });
     }
@@ -630,16 +662,27 @@ fn correlations(
             break;
         }
         let alive: Vec<u32> = (0..limit as u32).filter(|&r| rec.rows[r as usize].len() > position).collect();
-        let (pearson, kendall) = if alive.len() >= 3 {
-            let items: Vec<(u32, usize)> = alive.iter().map(|&r| (r, position)).collect();
-            let partial = table.get(&items, true)?;
-            let x: Vec<f64> = partial.iter().map(|&v| f64::from(v)).collect();
-            let y: Vec<f64> = alive.iter().map(|&r| f64::from(finals[r as usize])).collect();
-            (math::pearson(&x, &y), specrej_core::select::kendall_tau_b(&x, &y))
-        } else {
-            (None, None)
+        let y: Vec<f64> = alive.iter().map(|&r| f64::from(finals[r as usize])).collect();
+        let items: Vec<(u32, usize)> = alive.iter().map(|&r| (r, position)).collect();
+        let partial_at = |table: &mut replay::Rewards<'_>| -> Result<Vec<f64>> {
+            Ok(table.get(&items, true)?.into_iter().map(f64::from).collect())
         };
-        out.push(Correlation { position, rows: alive.len(), pearson, kendall });
+        let (pearson, kendall, kendall_partial_prompt) = if alive.len() >= 3 {
+            let x = partial_at(table)?;
+            let other = if reward == RewardName::Judge {
+                // The same rows and positions, asked the question for unfinished answers.
+                table.set_name(RewardName::PartialJudge);
+                let x = partial_at(table);
+                table.set_name(RewardName::Judge);
+                specrej_core::select::kendall_tau_b(&x?, &y)
+            } else {
+                None
+            };
+            (math::pearson(&x, &y), specrej_core::select::kendall_tau_b(&x, &y), other)
+        } else {
+            (None, None, None)
+        };
+        out.push(Correlation { position, rows: alive.len(), pearson, kendall, kendall_partial_prompt });
     }
     Ok(out)
 }

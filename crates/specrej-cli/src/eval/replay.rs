@@ -12,7 +12,7 @@ use specrej_core::likelihood;
 use specrej_core::replay::{Call, ReplayDecoder};
 use specrej_core::{block_on_ready, BackendError, KvLayout, Method, Options, Outcome, Response, Rules, Scored, Scorer};
 
-use super::cost::Calibration;
+use super::cost::{Calibration, Cost};
 use super::record::Recording;
 
 /// The rewards `bench paper` evaluates.
@@ -87,6 +87,14 @@ impl<'r> Rewards<'r> {
 
     pub fn name(&self) -> RewardName {
         self.name
+    }
+
+    /// A judge table serves `judge` and `partial-judge` alike (one memo, one cache):
+    /// which decisions ask is set here.
+    pub fn set_name(&mut self, name: RewardName) {
+        if self.name != RewardName::Likelihood && name != RewardName::Likelihood {
+            self.name = name;
+        }
     }
 
     /// Rewards of `(row, length)` prefixes; `partial`: as scored at a decision.
@@ -178,20 +186,21 @@ impl Shadow {
         Self { name, prefix: None, rows: HashMap::new() }
     }
 
-    /// `(tokens run, positions attended)` of one call, as the live scorer would run it.
-    fn call(&mut self, prompt: &[u32], judge: Option<&JudgeText>, responses: &[Response<'_>], partial: bool) -> (u64, u64) {
+    /// What one call runs, as the live scorer would run it.
+    fn call(&mut self, prompt: &[u32], judge: Option<&JudgeText>, responses: &[Response<'_>], partial: bool) -> Cost {
         let (prefix, back): (Vec<u32>, usize) = match (self.name, judge) {
             (RewardName::Likelihood, _) => (prompt.to_vec(), 1),
             (_, Some(j)) => (j.before.clone(), 0),
-            (_, None) => return (0, 0),
+            (_, None) => return Cost::default(),
         };
-        let (mut tokens, mut pairs) = (0u64, 0u64);
+        let (mut tokens, mut pairs, mut rows) = (0u64, 0u64, 0u64);
         if self.name == RewardName::Likelihood && self.prefix.as_deref().is_some_and(|p| p != prompt) {
             self.rows.clear(); // the live scorer drops its caches on a new prompt
         }
         if self.prefix.as_deref() != Some(&prefix[..]) {
             tokens += prefix.len() as u64;
             pairs += (1..=prefix.len() as u64).sum::<u64>();
+            rows += 1;
             self.prefix = Some(prefix.clone());
         }
         for r in responses {
@@ -207,9 +216,10 @@ impl Shadow {
             let keep = reused_positions(self.rows.get(&r.row).map(Vec::as_slice), Some(&prefix), &ids, back);
             tokens += (ids.len() - keep) as u64;
             pairs += (keep as u64 + 1..=ids.len() as u64).sum::<u64>();
+            rows += 1;
             self.rows.insert(r.row, ids);
         }
-        (tokens, pairs)
+        Cost { tokens, rows, pairs }
     }
 }
 
@@ -221,8 +231,8 @@ struct ReplayScorer<'a, 'r> {
     mode: Mode,
     seed: u64,
     shadow: Shadow,
-    /// Per call: tokens run and positions attended.
-    calls: Vec<(u64, u64)>,
+    /// What each call ran.
+    calls: Vec<Cost>,
 }
 
 impl ReplayScorer<'_, '_> {
@@ -237,9 +247,9 @@ impl ReplayScorer<'_, '_> {
             (true, Mode::Oracle) => items.iter().map(|&(row, _)| self.finals[row as usize]).collect(),
         };
         let judge = self.rewards.judge_text().cloned();
-        let (tokens, pairs) = self.shadow.call(prompt, judge.as_ref(), responses, partial);
-        self.calls.push((tokens, pairs));
-        Ok(Scored { rewards, tokens_processed: tokens })
+        let cost = self.shadow.call(prompt, judge.as_ref(), responses, partial);
+        self.calls.push(cost);
+        Ok(Scored { rewards, tokens_processed: cost.tokens })
     }
 }
 
@@ -307,15 +317,15 @@ pub fn replay(
             Call::Retain { .. } => {}
         }
     }
-    for &(tokens, pairs) in &scorer.calls {
-        seconds[2] += calibration.reward_seconds(name.cost_key(), tokens, pairs);
+    for &cost in &scorer.calls {
+        seconds[2] += calibration.reward_seconds(name.cost_key(), cost);
     }
     Ok(Replayed { outcome, seconds })
 }
 
-/// The `(tokens, pairs)` a live incremental `name` scorer spends on a sequence of calls
-/// (the calibration fits its costs against this).
-pub fn live_cost(name: RewardName, judge: Option<JudgeText>) -> impl FnMut(&[u32], &[Response<'_>]) -> (u64, u64) {
+/// What a live incremental `name` scorer runs on a sequence of calls (the calibration fits
+/// its costs against this). Releases are not seen: give every call rows it has not used.
+pub fn live_cost(name: RewardName, judge: Option<JudgeText>) -> impl FnMut(&[u32], &[Response<'_>]) -> Cost {
     let mut shadow = Shadow::new(name);
     move |prompt, responses| shadow.call(prompt, judge.as_ref(), responses, true)
 }

@@ -41,6 +41,8 @@ pub struct CorrelationRow {
     pub rows: Summary,
     pub pearson: Option<Summary>,
     pub kendall: Option<Summary>,
+    /// The judge asked with the question for unfinished answers instead.
+    pub kendall_partial_prompt: Option<Summary>,
 }
 
 /// One reward's analysis.
@@ -218,6 +220,7 @@ pub fn analyze(settings: &Settings, results: &[&PromptResult], reward: RewardNam
         let rows: Vec<f64> = at.iter().map(|c| c.rows as f64).collect();
         let pearson: Vec<f64> = at.iter().filter_map(|c| c.pearson).collect();
         let kendall: Vec<f64> = at.iter().filter_map(|c| c.kendall).collect();
+        let kendall_partial: Vec<f64> = at.iter().filter_map(|c| c.kendall_partial_prompt).collect();
         if let Some(rows) = math::summarize(&rows) {
             correlation.push(CorrelationRow {
                 position,
@@ -225,6 +228,7 @@ pub fn analyze(settings: &Settings, results: &[&PromptResult], reward: RewardNam
                 rows,
                 pearson: math::summarize(&pearson),
                 kendall: math::summarize(&kendall),
+                kendall_partial_prompt: math::summarize(&kendall_partial),
             });
         }
     }
@@ -300,7 +304,7 @@ pub fn markdown(settings: &Settings, calibration: Option<&Calibration>, results:
     );
     let _ = writeln!(
         md,
-        "Every run is replayed over one recorded Best-of-{largest} per prompt, through the real scheduler (exact: \
+        "Every run is replayed over one recorded {largest} per prompt, through the real scheduler (exact: \
          row-keyed noise and batch-invariant rewards; `--check-live` runs one live to confirm). Tokens = generated + \
          reward-model tokens as the live incremental scorer runs them. Wall = modelled from this machine's measured \
          step, prefill and reward costs{}. Improvement score per prompt = 100·(winner's reward − min of {ref}) / (max − \
@@ -336,10 +340,24 @@ pub fn markdown(settings: &Settings, calibration: Option<&Calibration>, results:
             );
         }
         let _ = writeln!(md, "\nPartial reward (at the position) against the final reward, over the rows alive there; distribution over prompts:\n");
-        let _ = writeln!(md, "| position | prompts | rows (median) | Pearson mean | median | IQR | Kendall τ mean | median | IQR |");
-        let _ = writeln!(md, "|---:|---:|---:|---:|---:|---|---:|---:|---|");
+        let partial = a.correlation.iter().any(|c| c.kendall_partial_prompt.is_some());
+        let _ = writeln!(
+            md,
+            "| position | prompts | rows (median) | Pearson mean | median | IQR | Kendall τ mean | median | IQR |{}",
+            if partial { " τ, partial-answer question: mean | median | IQR |" } else { "" }
+        );
+        let _ = writeln!(md, "|---:|---:|---:|---:|---:|---|---:|---:|---|{}", if partial { "---:|---:|---|" } else { "" });
         for c in &a.correlation {
-            let _ = writeln!(md, "| {} | {} | {:.0} | {} | {} |", c.position, c.prompts, c.rows.median, fmt_summary(&c.pearson), fmt_summary(&c.kendall));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {} | {} |{}",
+                c.position,
+                c.prompts,
+                c.rows.median,
+                fmt_summary(&c.pearson),
+                fmt_summary(&c.kendall),
+                if partial { format!(" {} |", fmt_summary(&c.kendall_partial_prompt)) } else { String::new() }
+            );
         }
         if !a.live.is_empty() {
             let _ = writeln!(md, "\nLive runs beside their replays:\n");
