@@ -234,6 +234,8 @@ async function generate({ id, prompt, options }) {
       minNewTokens: minNew,
       eos,
       sampling: { seed: BigInt(options.seed), temperature: options.temperature, topK: options.topK ?? 50, topP: options.topP ?? 1 },
+      // The paper's rules; the extensions (probes, gate, adaptive alpha, refill) stay off here.
+      rules: { paperExact: false, probeLag: 0, gateTau: undefined, adaptiveSnr: undefined, refill: undefined },
       events: { prefilled: true, step: true, decision: true, finished: true, scored: true },
     };
     const outcome = await decoder.generate(promptTokens, request);
