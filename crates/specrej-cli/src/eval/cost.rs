@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use specrej_candle::{CandleDecoder, Model};
 use specrej_core::{block_on_ready, Decoder, Response, Sampling, Scorer};
 
-use super::math::least_squares;
+use super::math::{least_squares, least_squares_nonnegative};
 
 /// The measured costs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -145,7 +145,7 @@ pub fn decoder(model: &Arc<Model>, prompt: &[u32], rows: &[usize], context: usiz
         let t = best_of(2, || Ok(decoder.prefill(&ids, 0..1, &sampling).map(drop)?))?;
         samples.push((vec![1.0, len as f64, (len * len) as f64], t));
     }
-    let prefill = least_squares(&samples).map_or([0.0; 3], |c| [c[0], c[1], c[2]]);
+    let prefill = least_squares_nonnegative(&samples).map_or([0.0; 3], |c| [c[0], c[1], c[2]]);
     Ok(Calibration { machine: machine(), step, per_row_token, prefill, reward: BTreeMap::new() })
 }
 
@@ -160,8 +160,8 @@ pub fn reward<S: Scorer>(
 ) -> Result<[f64; 4]> {
     let mut samples = Vec::new();
     let mut next_row = 0u32;
-    for rows in [1usize, 8, 32, 96] {
-        for (start, grow) in [(8usize, 1usize), (8, 8), (8, 24), (96, 1), (96, 24)] {
+    for rows in [1usize, 4, 16, 48, 128] {
+        for (start, grow) in [(8usize, 1usize), (8, 16), (8, 64), (96, 1), (96, 32)] {
             let mut best = (f64::INFINITY, Cost::default());
             for _ in 0..2 {
                 let ids: Vec<u32> = (next_row..next_row + rows as u32).collect();
@@ -183,7 +183,7 @@ pub fn reward<S: Scorer>(
             samples.push((vec![1.0, c.tokens as f64, c.rows as f64, c.pairs as f64], t));
         }
     }
-    Ok(least_squares(&samples).map_or([0.0; 4], |c| [c[0], c[1], c[2], c[3]]))
+    Ok(least_squares_nonnegative(&samples).map_or([0.0; 4], |c| [c[0], c[1], c[2], c[3]]))
 }
 
 trait MinByTime {

@@ -152,6 +152,33 @@ pub fn least_squares(samples: &[(Vec<f64>, f64)]) -> Option<Vec<f64>> {
     Some(a.iter().map(|r| r[k]).collect())
 }
 
+/// Least squares with every coefficient at least 0 (costs cannot be negative): the
+/// unconstrained fit, then, while a coefficient is negative, the same with that feature left
+/// out. `None` when no subset is solvable.
+pub fn least_squares_nonnegative(samples: &[(Vec<f64>, f64)]) -> Option<Vec<f64>> {
+    let k = samples.first()?.0.len();
+    let mut active: Vec<usize> = (0..k).collect();
+    loop {
+        let reduced: Vec<(Vec<f64>, f64)> = samples.iter().map(|(x, y)| (active.iter().map(|&i| x[i]).collect(), *y)).collect();
+        let fit = least_squares(&reduced)?;
+        match fit.iter().enumerate().filter(|(_, c)| **c < 0.0).min_by(|a, b| a.1.total_cmp(b.1)) {
+            Some((worst, _)) => {
+                active.remove(worst);
+                if active.is_empty() {
+                    return Some(vec![0.0; k]);
+                }
+            }
+            None => {
+                let mut out = vec![0.0; k];
+                for (&i, c) in active.iter().zip(fit) {
+                    out[i] = c;
+                }
+                return Some(out);
+            }
+        }
+    }
+}
+
 /// The `(2.5%, 97.5%)` percentiles of `stat` over `resamples` bootstrap resamples of
 /// `0..n` (indices drawn with replacement by a fixed-seed generator, so reports repeat).
 /// `None` where `stat` gives no finite value in most resamples.
@@ -237,6 +264,21 @@ mod tests {
         let c = least_squares(&samples).expect("solvable");
         assert!(close(c[0], 3.0) && close(c[1], 2.0) && close(c[2], -0.5), "{c:?}");
         assert_eq!(least_squares(&[(vec![1.0, 1.0], 2.0), (vec![2.0, 2.0], 4.0)]), None, "collinear");
+    }
+
+    #[test]
+    fn nonnegative_least_squares_drops_features_that_would_go_negative() {
+        // y = 2 + 3x, plus a feature that would fit a negative weight on noise.
+        let samples: Vec<(Vec<f64>, f64)> = (0..10)
+            .map(|i| {
+                let x = f64::from(i);
+                (vec![1.0, x, x + if i % 2 == 0 { 0.1 } else { -0.1 }], 2.0 + 3.0 * x - if i % 2 == 0 { 0.05 } else { -0.05 })
+            })
+            .collect();
+        let c = least_squares_nonnegative(&samples).expect("solvable");
+        assert!(c.iter().all(|&v| v >= 0.0), "{c:?}");
+        let predicted = |x: &[f64]| x.iter().zip(&c).map(|(a, b)| a * b).sum::<f64>();
+        assert!((predicted(&samples[5].0) - samples[5].1).abs() < 0.2, "{c:?}");
     }
 
     #[test]
