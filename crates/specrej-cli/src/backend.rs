@@ -41,7 +41,7 @@ impl Policy {
         match backend {
             BackendArg::Cpu | BackendArg::Cuda => {
                 let options = LoadOptions { device: backend.candle_device(), weights: weights.into(), ..Default::default() };
-                let model = specrej_candle::load(path, &options).with_context(|| format!("loading {}", path.display()))?;
+                let model = specrej_candle::load(path, &options).context("loading the model")?;
                 Ok(Policy::Candle(model))
             }
             BackendArg::Wgpu => {
@@ -56,6 +56,14 @@ impl Policy {
                     .with_context(|| format!("loading {} on wgpu", path.display()))?;
                 Ok(Policy::Wgpu(model))
             }
+        }
+    }
+
+    /// The model's context length in tokens.
+    pub fn context_length(&self) -> usize {
+        match self {
+            Policy::Candle(model) => model.config().context_length,
+            Policy::Wgpu(model) => model.config().context_length,
         }
     }
 

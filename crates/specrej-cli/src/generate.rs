@@ -9,7 +9,7 @@ use crate::backend::{BackendArg, Policy};
 use crate::reward::RewardArgs;
 use specrej_candle::WeightFormat;
 use specrej_core::{
-    Candidate, Decision, Event, Finish, Method, Options, Outcome, Sampling, Stats,
+    Candidate, Decision, Event, Finish, Method, Options, Outcome, Rules, Sampling, Stats,
 };
 use std::path::PathBuf;
 
@@ -87,6 +87,68 @@ pub struct Args {
     /// Print the whole result as JSON on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    rules: RulesArgs,
+}
+
+/// Speculative Rejection's decision rules (`specrej_core::Rules`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RulesArgs {
+    /// The reference code's rules: finished rows ranked with the live ones, Python's rounding,
+    /// no room kept between decisions.
+    #[arg(long)]
+    paper_exact: bool,
+    /// Score the live rows this many tokens before each decision too (for --gate-tau and
+    /// --adaptive-snr).
+    #[arg(long, default_value_t = 16)]
+    probe_lag: usize,
+    /// The rank-stability gate: cut at α only once the Kendall τ between the probe's and the
+    /// decision's scores reaches this; until then free room for --probe-lag tokens only.
+    #[arg(long)]
+    gate_tau: Option<f32>,
+    /// Adaptive α: cut at α · min(1, spread / (drift · this)), spread = the scores' standard
+    /// deviation, drift = their median change since the probe.
+    #[arg(long)]
+    adaptive_snr: Option<f32>,
+    /// Refill freed memory with forks of the kept rows: 0 copies the best round robin, λ > 0
+    /// draws parents with probability ∝ exp(score / λ) (CPU backend).
+    #[arg(long, value_name = "λ")]
+    refill: Option<f32>,
+}
+
+impl RulesArgs {
+    /// The rules, or what is wrong with the flags.
+    pub fn rules(&self) -> Result<Rules> {
+        let probing = self.gate_tau.is_some() || self.adaptive_snr.is_some();
+        if probing && self.probe_lag == 0 {
+            bail!("--probe-lag must be at least 1 with --gate-tau or --adaptive-snr");
+        }
+        if let Some(tau) = self.gate_tau
+            && !(-1.0..=1.0).contains(&tau)
+        {
+            bail!("--gate-tau must be in [-1, 1], got {tau}");
+        }
+        if let Some(snr) = self.adaptive_snr
+            && !(snr.is_finite() && snr > 0.0)
+        {
+            bail!("--adaptive-snr must be a positive number, got {snr}");
+        }
+        if let Some(lambda) = self.refill
+            && !(lambda.is_finite() && lambda >= 0.0)
+        {
+            bail!("--refill must be 0 or a positive temperature, got {lambda}");
+        }
+        if self.paper_exact && (probing || self.refill.is_some()) {
+            bail!("--paper-exact is the reference code's rules: it does not combine with --gate-tau, --adaptive-snr or --refill");
+        }
+        Ok(Rules {
+            paper_exact: self.paper_exact,
+            probe_lag: if probing { self.probe_lag } else { 0 },
+            gate_tau: self.gate_tau,
+            adaptive_snr: self.adaptive_snr,
+            refill: self.refill,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -140,6 +202,10 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--max-new-tokens must be at least 1");
     }
     args.reward.check()?;
+    let rules = args.rules.rules()?;
+    if rules.refill.is_some() && args.backend != BackendArg::Cpu {
+        bail!("--refill forks rows, which only the CPU backend does");
+    }
     let path = model::locate(args.model.as_deref())?;
     let reward = args.reward.load(args.backend.candle_device())?;
     let policy = Policy::load(&path, args.backend, args.weights, args.adapter.as_deref())?;
@@ -163,8 +229,24 @@ pub fn run(args: Args) -> Result<()> {
         min_new_tokens: args.min_new_tokens,
         eos: text.tokenizer.eos_ids().to_vec(),
         sampling: Sampling { seed: args.seed, temperature: args.temperature, top_k: args.top_k, top_p: args.top_p },
-        rules: Default::default(),
+        rules,
     };
+    let context = policy.context_length();
+    if let Some(overhead) = reward.judge_overhead(&text, &args.prompt)? {
+        // The scheduler stops rows at the context; the judge must still read the longest.
+        let longest = args.max_new_tokens.min(context.saturating_sub(prompt.len()));
+        if overhead >= context {
+            bail!("the prompt is too long for the judge: its question about it has {overhead} tokens; the model's context holds {context}");
+        }
+        if overhead + longest > context {
+            bail!(
+                "--max-new-tokens {}: the judge reads {overhead} tokens of question + answers of up to {longest} tokens, \
+                 more than the model's context ({context}); use at most {}",
+                args.max_new_tokens,
+                context.saturating_sub(overhead)
+            );
+        }
+    }
     let mut reward = reward.scorer(&policy, &text, &args.prompt)?;
     let bytes_per_token = policy.kv_bytes_per_token();
     let budget = match args.kv_budget {

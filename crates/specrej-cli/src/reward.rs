@@ -18,6 +18,8 @@ use std::sync::Arc;
 pub enum RewardSpec {
     /// The policy asked whether the answer is good: logit(Yes) − logit(No).
     Judge,
+    /// The same judge, asked at decisions whether an unfinished answer is on track so far.
+    PartialJudge,
     /// −perplexity of the answer under the policy.
     Likelihood,
     /// A Hugging Face `*ForSequenceClassification` directory.
@@ -30,8 +32,9 @@ impl FromStr for RewardSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "judge" => Ok(RewardSpec::Judge),
+            "partial-judge" => Ok(RewardSpec::PartialJudge),
             "likelihood" => Ok(RewardSpec::Likelihood),
-            "" => Err("expected judge, likelihood or a reward-model directory".to_string()),
+            "" => Err("expected judge, partial-judge, likelihood or a reward-model directory".to_string()),
             path => Ok(RewardSpec::Model(PathBuf::from(path))),
         }
     }
@@ -41,6 +44,7 @@ impl fmt::Display for RewardSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RewardSpec::Judge => f.write_str("judge"),
+            RewardSpec::PartialJudge => f.write_str("partial-judge"),
             RewardSpec::Likelihood => f.write_str("likelihood"),
             RewardSpec::Model(dir) => write!(f, "{}", dir.display()),
         }
@@ -61,10 +65,11 @@ pub enum Rescore {
 /// The reward flags shared by `generate` and `bench paper`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RewardArgs {
-    /// The reward model: `judge` (the policy asked whether the answer is good), `likelihood`
-    /// (−perplexity under the policy), or a Hugging Face reward-model directory
-    /// (`*ForSequenceClassification`: config.json, *.safetensors, tokenizer.json).
-    #[arg(long, default_value = "judge", value_name = "judge|likelihood|DIR")]
+    /// The reward model: `judge` (the policy asked whether the answer is good),
+    /// `partial-judge` (the same, asked at decisions whether the unfinished answer is on
+    /// track), `likelihood` (−perplexity under the policy), or a Hugging Face reward-model
+    /// directory (`*ForSequenceClassification`: config.json, *.safetensors, tokenizer.json).
+    #[arg(long, default_value = "judge", value_name = "judge|partial-judge|likelihood|DIR")]
     pub reward: RewardSpec,
     /// Score with a reward server instead (`http://host:port/path`, the JSON protocol of
     /// `specrej-reward-server`).
@@ -89,7 +94,7 @@ impl RewardArgs {
         if let (None, RewardSpec::Model(dir)) = (&self.reward_url, &self.reward)
             && !dir.is_dir()
         {
-            anyhow::bail!("--reward {}: not judge, likelihood or a reward-model directory", dir.display());
+            anyhow::bail!("--reward {}: not judge, partial-judge, likelihood or a reward-model directory", dir.display());
         }
         if let Some(url) = &self.reward_url
             && !url.starts_with("http://")
@@ -104,7 +109,8 @@ impl RewardArgs {
         self.check()?;
         let kind = match (&self.reward_url, &self.reward) {
             (Some(url), _) => Kind::Remote(url.clone()),
-            (None, RewardSpec::Judge) => Kind::Judge,
+            (None, RewardSpec::Judge) => Kind::Judge { partial: false },
+            (None, RewardSpec::PartialJudge) => Kind::Judge { partial: true },
             (None, RewardSpec::Likelihood) => Kind::Likelihood,
             (None, RewardSpec::Model(dir)) => {
                 // f32 so incremental and full scoring agree to rounding (see specrej-reward).
@@ -119,7 +125,7 @@ impl RewardArgs {
 
 #[derive(Debug)]
 enum Kind {
-    Judge,
+    Judge { partial: bool },
     Likelihood,
     Model(Arc<RewardModel>),
     Remote(String),
@@ -133,18 +139,36 @@ pub struct RewardSource {
 }
 
 impl RewardSource {
+    /// Tokens the judge reads besides the answer (its question quotes `user`, and the
+    /// longest tail it asks with); `None` for the rewards that read only the policy's prompt
+    /// and answer, or apply their own limit.
+    pub fn judge_overhead(&self, text: &Text, user: &str) -> Result<Option<usize>> {
+        let Kind::Judge { partial } = self.kind else {
+            return Ok(None);
+        };
+        let s = specrej_text::judge_segments(&text.tokenizer, &text.template, user)?;
+        let tail = if partial { s.after.len().max(s.after_partial.len()) } else { s.after.len() };
+        Ok(Some(s.before.len() + tail))
+    }
+
     /// A fresh scorer (no cached state) for the user's message `user`; `policy` and `text`
     /// are the policy model (for the built-in rewards, which run on its backend) and its
     /// tokenizer and chat template. On wgpu the built-in rewards re-score in full.
     pub fn scorer(&self, policy: &Policy, text: &Text, user: &str) -> Result<Reward> {
         let incremental = self.rescore == Rescore::Incremental;
         Ok(match &self.kind {
-            Kind::Judge => {
+            Kind::Judge { partial } => {
                 let s = specrej_text::judge_segments(&text.tokenizer, &text.template, user)?;
                 match policy {
                     Policy::Candle(model) => {
-                        let judge = JudgeScorer::new(model.clone(), s.before, s.after, s.yes, s.no);
+                        let mut judge = JudgeScorer::new(model.clone(), s.before, s.after, s.yes, s.no);
+                        if *partial {
+                            judge = judge.with_partial(s.after_partial);
+                        }
                         Reward::Judge(if incremental { judge.incremental() } else { judge })
+                    }
+                    Policy::Wgpu(_) if *partial => {
+                        anyhow::bail!("--reward partial-judge runs on the cpu and cuda backends (the wgpu judge has one question)")
                     }
                     Policy::Wgpu(model) => {
                         Reward::WgpuJudge(WgpuJudgeScorer::new(model.clone(), s.before, s.after, s.yes, s.no))

@@ -6,7 +6,7 @@
 //! ours, so an unknown key there is an error.
 
 use serde_json::{json, Map, Value};
-use specrej_core::{Finish, Method, Outcome};
+use specrej_core::{Finish, Method, Outcome, Rules};
 use specrej_text::Message;
 
 use crate::model::RewardKind;
@@ -116,6 +116,8 @@ pub struct GenerateRequest {
     pub stream: bool,
     /// Every candidate as a choice (default), or only the winner.
     pub return_candidates: bool,
+    /// Speculative Rejection's decision rules (`specrej.rules`).
+    pub rules: Rules,
 }
 
 /// Server-side limits a request is checked against.
@@ -256,11 +258,12 @@ pub fn parse_request(
     let mut reward = RewardKind::Judge;
     let mut return_candidates = true;
     let mut min_new_tokens = None;
+    let mut rules = Rules::default();
     if let Some(ext) = top.get("specrej") {
         let Value::Object(ext_object) = ext else {
             return Err(ApiError::invalid("specrej", format!("specrej must be an object, got {}", type_name(ext))));
         };
-        const KNOWN: &[&str] = &["method", "n", "alpha", "reward", "return_candidates", "min_new_tokens", "top_k"];
+        const KNOWN: &[&str] = &["method", "n", "alpha", "reward", "return_candidates", "min_new_tokens", "top_k", "rules"];
         if let Some(key) = ext_object.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(ApiError::invalid(
                 format!("specrej.{key}"),
@@ -281,13 +284,15 @@ pub fn parse_request(
         };
         n_ext = ext.integer("n", 1, max_n).map_err(|e| zero_hint(e, ext.get("n")))?;
         alpha = ext.number("alpha")?;
+        // As an f32 too: 0.99999999 is 1.0 there.
         if let Some(a) = alpha
-            && !(0.0..1.0).contains(&a)
+            && !((0.0..1.0).contains(&a) && (a as f32) < 1.0)
         {
             return Err(ApiError::invalid("specrej.alpha", format!("specrej.alpha must be in [0, 1), got {a}")));
         }
         reward = match ext.string("reward")? {
             None | Some("judge") => RewardKind::Judge,
+            Some("partial_judge") => RewardKind::PartialJudge,
             Some("likelihood") => RewardKind::Likelihood,
             Some(name) if rewards.contains(&name) => RewardKind::Named(name.to_owned()),
             Some(other) => {
@@ -300,6 +305,9 @@ pub fn parse_request(
         };
         return_candidates = ext.boolean("return_candidates")?.unwrap_or(true);
         min_new_tokens = ext.integer("min_new_tokens", 1, max_tokens_limit)?;
+        if let Some(r) = ext.get("rules") {
+            rules = parse_rules(r)?;
+        }
         if let Some(k) = ext.integer("top_k", 0, 1 << 20)? {
             top_k = Some(k);
         }
@@ -332,6 +340,57 @@ pub fn parse_request(
         seed: seed.unwrap_or(0),
         stream,
         return_candidates,
+        rules,
+    })
+}
+
+/// `specrej.rules`: `paper_exact`, `probe_lag`, `gate_tau`, `adaptive_snr`, `refill`
+/// (`specrej_core::Rules`).
+fn parse_rules(value: &Value) -> Result<Rules, ApiError> {
+    let Value::Object(object) = value else {
+        return Err(ApiError::invalid("specrej.rules", format!("specrej.rules must be an object, got {}", type_name(value))));
+    };
+    const KNOWN: &[&str] = &["paper_exact", "probe_lag", "gate_tau", "adaptive_snr", "refill"];
+    if let Some(key) = object.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::invalid(
+            format!("specrej.rules.{key}"),
+            format!("unknown field specrej.rules.{key}; known: {}", KNOWN.join(", ")),
+        ));
+    }
+    let f = Fields { object, prefix: "specrej.rules." };
+    let paper_exact = f.boolean("paper_exact")?.unwrap_or(false);
+    let gate_tau = f.number("gate_tau")?;
+    if let Some(t) = gate_tau
+        && !(-1.0..=1.0).contains(&t)
+    {
+        return Err(ApiError::invalid("specrej.rules.gate_tau", format!("specrej.rules.gate_tau must be in [-1, 1], got {t}")));
+    }
+    let adaptive_snr = f.number("adaptive_snr")?;
+    if let Some(x) = adaptive_snr
+        && !(x > 0.0 && (x as f32).is_finite())
+    {
+        return Err(ApiError::invalid("specrej.rules.adaptive_snr", format!("specrej.rules.adaptive_snr must be positive, got {x}")));
+    }
+    let refill = f.number("refill")?;
+    if let Some(x) = refill
+        && !(x >= 0.0 && (x as f32).is_finite())
+    {
+        return Err(ApiError::invalid("specrej.rules.refill", format!("specrej.rules.refill must be 0 or positive, got {x}")));
+    }
+    let probing = gate_tau.is_some() || adaptive_snr.is_some();
+    let probe_lag = f.integer("probe_lag", 1, 1 << 20)?.map_or(if probing { 16 } else { 0 }, |v| v as usize);
+    if paper_exact && (probing || refill.is_some()) {
+        return Err(ApiError::invalid(
+            "specrej.rules.paper_exact",
+            "specrej.rules.paper_exact is the reference code's rules: it does not combine with gate_tau, adaptive_snr or refill",
+        ));
+    }
+    Ok(Rules {
+        paper_exact,
+        probe_lag: if probing { probe_lag } else { 0 },
+        gate_tau: gate_tau.map(|t| t as f32),
+        adaptive_snr: adaptive_snr.map(|x| x as f32),
+        refill: refill.map(|x| x as f32),
     })
 }
 
@@ -608,5 +667,31 @@ mod tests {
         assert_eq!(param(r#"{"messages":[{"role":"robot","content":"x"}]}"#).as_deref(), Some("messages[0].role"));
         let completion = parse_request(Endpoint::Completions, br#"{"prompt":""}"#, &RequestLimits::default(), &["judge", "likelihood"]);
         assert_eq!(completion.expect_err("empty").param.as_deref(), Some("prompt"));
+        // 0.99999999 is below 1 as a number, but 1.0 as the f32 the scheduler takes.
+        assert_eq!(param(&format!("{{{m},\"specrej\":{{\"alpha\":0.99999999}}}}")).as_deref(), Some("specrej.alpha"));
+        for (rules, field) in [
+            (r#"{"gate_tau":2}"#, "specrej.rules.gate_tau"),
+            (r#"{"adaptive_snr":0}"#, "specrej.rules.adaptive_snr"),
+            (r#"{"refill":-1}"#, "specrej.rules.refill"),
+            (r#"{"probe_lag":0,"gate_tau":0.5}"#, "specrej.rules.probe_lag"),
+            (r#"{"paper_exact":true,"refill":0}"#, "specrej.rules.paper_exact"),
+            (r#"{"patience":3}"#, "specrej.rules.patience"),
+            (r#"[1]"#, "specrej.rules"),
+        ] {
+            assert_eq!(param(&format!("{{{m},\"specrej\":{{\"rules\":{rules}}}}}")).as_deref(), Some(field), "{rules}");
+        }
+    }
+
+    #[test]
+    fn rules_and_the_partial_judge() {
+        let r = chat(
+            r#"{"messages":[{"role":"user","content":"hi"}],"specrej":{"method":"sr","reward":"partial_judge",
+                "rules":{"gate_tau":0.4,"adaptive_snr":1.5,"refill":0.5}}}"#,
+        )
+        .expect("valid");
+        assert_eq!(r.reward, RewardKind::PartialJudge);
+        assert_eq!(r.rules, Rules { paper_exact: false, probe_lag: 16, gate_tau: Some(0.4), adaptive_snr: Some(1.5), refill: Some(0.5) });
+        let r = chat(r#"{"messages":[{"role":"user","content":"hi"}],"specrej":{"rules":{"paper_exact":true}}}"#).expect("valid");
+        assert_eq!(r.rules, Rules { paper_exact: true, ..Rules::default() });
     }
 }

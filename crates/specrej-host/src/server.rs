@@ -364,6 +364,33 @@ fn generate(shared: &Shared, endpoint: Endpoint, body: &[u8], stream: &mut TcpSt
         };
         return Err(ApiError::invalid(param, message).with_code("context_length_exceeded"));
     }
+    if request.rules.refill.is_some() && !served.kv_layout().shared_prompt {
+        return Err(ApiError::invalid(
+            "specrej.rules.refill",
+            "specrej.rules.refill forks rows, which only the CPU engine does (this server's K/V is one dense copy per row)",
+        ));
+    }
+    // The judge reads its own question (quoting the prompt) and the answer: that must fit too.
+    let overhead = served
+        .judge_overhead(&request.reward, request.prompt.question())
+        .map_err(|e| ApiError::invalid(prompt_param, format!("cannot build the judge's question: {e:#}")))?;
+    if let Some(overhead) = overhead
+        && overhead + request.max_tokens > context
+    {
+        let reward = request.reward.name();
+        let (param, message) = if overhead >= context {
+            (prompt_param, format!("the {reward} reward's question about this prompt has {overhead} tokens; the model's context holds {context}"))
+        } else {
+            (
+                "max_tokens",
+                format!(
+                    "the {reward} reward reads {overhead} tokens of question + max_tokens ({}), more than the model's context length ({context})",
+                    request.max_tokens
+                ),
+            )
+        };
+        return Err(ApiError::invalid(param, message).with_code("context_length_exceeded"));
+    }
     let capacity = request_capacity(&request, prompt.len(), shared.config.kv_budget_tokens, served.kv_layout())?;
     let options = Options {
         method: request.method,
@@ -372,7 +399,7 @@ fn generate(shared: &Shared, endpoint: Endpoint, body: &[u8], stream: &mut TcpSt
         min_new_tokens: request.min_new_tokens,
         eos: served.eos(),
         sampling: Sampling { seed: request.seed, temperature: request.temperature, top_k: request.top_k, top_p: request.top_p },
-        rules: Default::default(),
+        rules: request.rules,
     };
     let (reply, answers) = mpsc::channel();
     let job = Job {

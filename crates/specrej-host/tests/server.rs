@@ -352,6 +352,28 @@ fn real_model_chat_completion_and_stream() {
     assert_eq!(answer.json()["choices"].as_array().expect("choices").len(), 2);
 }
 
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn a_judge_question_over_the_context_is_a_400() {
+    let addr = real_server();
+    // A prompt and max_tokens that fill the context exactly: the policy's side fits, but the
+    // judge's question quotes the prompt and adds its own words, so the judge's input does not.
+    let text = specrej_text::ModelText::load(Path::new(&common::default_model())).expect("model text");
+    let long = "word ".repeat(7000);
+    let prompt = text.encode_chat(&[specrej_text::Message::user(long.as_str())]).expect("encode").len();
+    let judge = specrej_text::judge_segments(&text.tokenizer, &text.template, &long).expect("judge");
+    let context = 8192;
+    let max_tokens = context - prompt;
+    assert!(judge.before.len() + judge.after.len() > prompt, "the judge's question is longer than the prompt");
+    let body = json!({ "messages": [{ "role": "user", "content": long }], "n": 2, "max_tokens": max_tokens, "seed": 1 });
+    let answer = post(addr, CHAT, &body.to_string());
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    let error = &answer.json()["error"];
+    assert_eq!(error["code"], "context_length_exceeded", "{error}");
+    assert_eq!(error["param"], "max_tokens", "{error}");
+    assert!(error["message"].as_str().expect("message").contains("judge"), "{error}");
+}
+
 /// Removes a folder when dropped, so a failing test leaves no ~270 MB export behind.
 struct TempDir(PathBuf);
 
