@@ -147,7 +147,7 @@ fn run(args: Args) -> Result<()> {
     }
     let mut models_dir = None;
     let (served, model_id) = if args.fake {
-        (Served::Fake, "specrej-fake".to_string())
+        fake_backend()?
     } else {
         let path = model::locate(args.model.as_deref())?;
         let backend = match args.backend {
@@ -198,4 +198,15 @@ fn run(args: Args) -> Result<()> {
     }
     handle.accept.join().map_err(|_| anyhow::anyhow!("the accept loop panicked"))?;
     Ok(())
+}
+
+/// `--fake`: the test double, in builds with the `fake` feature (the tests' builds) only.
+#[cfg(feature = "fake")]
+fn fake_backend() -> Result<(Served, String)> {
+    Ok((Served::Fake, "specrej-fake".to_string()))
+}
+
+#[cfg(not(feature = "fake"))]
+fn fake_backend() -> Result<(Served, String)> {
+    anyhow::bail!("--fake: this specrej-server was built without the fake backend (cargo feature `fake`, which the tests enable)")
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use specrej_candle::{CandleDecoder, JudgeScorer, LikelihoodScorer, LoadOptions, Model, WeightFormat};
+#[cfg(feature = "fake")]
 use specrej_core::testing::{FakeDecoder, FakeScorer, FAKE_EOS};
 use specrej_reward::{RemoteScorer, RewardModel, RewardScorer};
 use specrej_text::{Message, ModelText};
@@ -21,6 +22,8 @@ pub use specrej_text::DEFAULT_MODEL_FILE;
 pub enum RewardKind {
     /// The policy asked whether the answer is good: logit(Yes) − logit(No).
     Judge,
+    /// The same judge, asked at decisions whether an unfinished answer is on track.
+    PartialJudge,
     /// −perplexity of the answer under the policy.
     Likelihood,
     /// A reward model the server was started with ([`RealModel::add_reward`]).
@@ -32,6 +35,7 @@ impl RewardKind {
     pub fn name(&self) -> &str {
         match self {
             RewardKind::Judge => "judge",
+            RewardKind::PartialJudge => "partial_judge",
             RewardKind::Likelihood => "likelihood",
             RewardKind::Named(name) => name,
         }
@@ -120,10 +124,13 @@ pub enum Served {
     Real(Box<RealModel>),
     /// `specrej_core::testing::FakeDecoder` / `FakeScorer`, with a one-byte-per-token
     /// "tokenizer": byte `b` is token `1 + b % 15`, token `t` decodes to the letter `'a' + t - 1`.
+    /// Only with the `fake` feature, which the tests enable: production builds carry no double.
+    #[cfg(feature = "fake")]
     Fake,
 }
 
 /// The fake backend's context length.
+#[cfg(feature = "fake")]
 const FAKE_CONTEXT: usize = 4096;
 
 impl Served {
@@ -131,6 +138,7 @@ impl Served {
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
         match self {
             Served::Real(m) => Ok(m.text.encode_chat(messages)?),
+            #[cfg(feature = "fake")]
             Served::Fake => {
                 let text: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
                 self.encode_raw(&text)
@@ -142,6 +150,7 @@ impl Served {
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Served::Real(m) => Ok(m.text.encode(text)?),
+            #[cfg(feature = "fake")]
             Served::Fake => Ok(text.bytes().map(|b| 1 + u32::from(b) % 15).collect()),
         }
     }
@@ -150,6 +159,7 @@ impl Served {
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
             Served::Real(m) => m.text.decode(ids),
+            #[cfg(feature = "fake")]
             Served::Fake => ids
                 .iter()
                 .filter(|&&t| t != FAKE_EOS)
@@ -162,15 +172,18 @@ impl Served {
     pub fn eos(&self) -> Vec<u32> {
         match self {
             Served::Real(m) => m.text.tokenizer.eos_ids().to_vec(),
+            #[cfg(feature = "fake")]
             Served::Fake => vec![FAKE_EOS],
         }
     }
 
     /// The names a request may give as `specrej.reward`.
     pub fn reward_names(&self) -> Vec<&str> {
-        let mut names = vec!["judge", "likelihood"];
-        if let Served::Real(m) = self {
-            names.extend(m.rewards.iter().map(|(name, _)| name.as_str()));
+        let mut names = vec!["judge", "partial_judge", "likelihood"];
+        match self {
+            Served::Real(m) => names.extend(m.rewards.iter().map(|(name, _)| name.as_str())),
+            #[cfg(feature = "fake")]
+            Served::Fake => {}
         }
         names
     }
@@ -179,6 +192,7 @@ impl Served {
     pub fn context_length(&self) -> usize {
         match self {
             Served::Real(m) => m.weights.config().context_length,
+            #[cfg(feature = "fake")]
             Served::Fake => FAKE_CONTEXT,
         }
     }
@@ -187,6 +201,7 @@ impl Served {
     pub fn kv_bytes_per_token(&self) -> usize {
         match self {
             Served::Real(m) => m.weights.kv_bytes_per_token(),
+            #[cfg(feature = "fake")]
             Served::Fake => 8,
         }
     }
@@ -195,7 +210,26 @@ impl Served {
     pub fn kv_layout(&self) -> specrej_core::KvLayout {
         match self {
             Served::Real(m) => CandleDecoder::layout_for(&m.weights),
+            #[cfg(feature = "fake")]
             Served::Fake => specrej_core::KvLayout::DENSE,
+        }
+    }
+
+    /// Tokens the judge reads besides the answer: its question (which quotes `question`) and
+    /// the longest tail it asks with. `None` for rewards that read no more than the policy's
+    /// own prompt and answer, or that apply their own limit (a reward model's tokenizer).
+    pub fn judge_overhead(&self, reward: &RewardKind, question: &str) -> Result<Option<usize>> {
+        match (self, reward) {
+            (Served::Real(m), RewardKind::Judge | RewardKind::PartialJudge) => {
+                let segments = specrej_text::judge_segments(&m.text.tokenizer, &m.text.template, question)?;
+                let tail = if *reward == RewardKind::PartialJudge {
+                    segments.after.len().max(segments.after_partial.len())
+                } else {
+                    segments.after.len()
+                };
+                Ok(Some(segments.before.len() + tail))
+            }
+            _ => Ok(None),
         }
     }
 
@@ -207,15 +241,18 @@ impl Served {
                 let bytes = capacity.saturating_mul(m.weights.kv_bytes_per_token());
                 let decoder = CandleDecoder::new(Arc::clone(&m.weights), bytes);
                 Ok(match reward {
-                    RewardKind::Judge => {
+                    RewardKind::Judge | RewardKind::PartialJudge => {
                         let segments = specrej_text::judge_segments(&m.text.tokenizer, &m.text.template, question)?;
-                        let judge = JudgeScorer::new(
+                        let mut judge = JudgeScorer::new(
                             Arc::clone(&m.weights),
                             segments.before,
                             segments.after,
                             segments.yes,
                             segments.no,
                         );
+                        if *reward == RewardKind::PartialJudge {
+                            judge = judge.with_partial(segments.after_partial);
+                        }
                         Box::new(Pair::new(decoder, judge))
                     }
                     RewardKind::Likelihood => {
@@ -239,6 +276,7 @@ impl Served {
                     }
                 })
             }
+            #[cfg(feature = "fake")]
             Served::Fake => {
                 let mut decoder = FakeDecoder::new(capacity);
                 decoder.max_sequence_len = FAKE_CONTEXT;
