@@ -17,6 +17,7 @@
 //!                           over the default model through the component, and the browser demo
 //! cargo xtask serve-static [ADDR]   the browser demo's files only (no API, no wasmtime build)
 //! cargo xtask web-e2e       the browser demo's end-to-end test in headless Chromium
+//! cargo xtask fuzz [SECONDS]   every fuzz target (specrej-fuzz) for SECONDS each (default 30)
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -35,7 +36,18 @@ const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 const DEMO_PROMPT: &str = "Give three tips for staying healthy.";
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match task() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line (the cause chain), never a backtrace dump.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn task() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
     match args.first().map(String::as_str) {
@@ -61,11 +73,12 @@ fn main() -> Result<()> {
             fetch_model()?;
             web::e2e(&root())
         }
+        Some("fuzz") => fuzz(rest.first().copied().unwrap_or("30")),
         _ => {
             eprintln!(
                 "usage: cargo xtask <fetch-model | demo [specrej generate flags] | test [cargo test args] | bench | \
                  bench-llama-cpp | component | component-with-reward | cuda-check | cuda-build [--release] | gpu-check [--release] | \
-                 serve [ADDR] | serve-static [ADDR] | web-e2e>"
+                 serve [ADDR] | serve-static [ADDR] | web-e2e | fuzz [SECONDS]>"
             );
             std::process::exit(2);
         }
@@ -191,6 +204,20 @@ fn serve(addr: &str) -> Result<()> {
     let mut command = Command::new(server);
     command.args(["--listen", addr, "--model"]).arg(&model).arg("--component").arg(&component).arg("--static").arg(&dist);
     run(&mut command)
+}
+
+/// Every fuzz target for `seconds` each. The binary is the one `cargo test --workspace`
+/// builds (`--no-run` here; see `serve` for why not `cargo run -p`).
+fn fuzz(seconds: &str) -> Result<()> {
+    let seconds: u64 = seconds.parse().with_context(|| format!("fuzz: {seconds:?} is not a number of seconds"))?;
+    run(cargo().args(["test", "--workspace", "--no-run", "--quiet"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let fuzzer = target.join("debug").join("specrej-fuzz");
+    if !fuzzer.exists() {
+        bail!("{} is missing after `cargo test --workspace --no-run`", fuzzer.display());
+    }
+    let mut command = Command::new(fuzzer);
+    run(command.args(["run", "all", "--seconds", &seconds.to_string()]))
 }
 
 fn bench(extra: &[&str]) -> Result<()> {

@@ -92,12 +92,30 @@ pub enum LoadError {
     #[error("device unavailable: {0}")]
     Device(String),
     /// Any other failure inside candle while building the model.
-    #[error("{path}: {source}")]
+    #[error("{path}: {reason}")]
     Candle {
         /// The file.
         path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: candle_core::Error,
+        /// candle's message, without the backtrace candle attaches when `RUST_BACKTRACE` is set.
+        reason: String,
     },
+}
+
+impl LoadError {
+    /// A candle failure while reading `path`.
+    pub(crate) fn candle(path: impl Into<PathBuf>, e: &candle_core::Error) -> Self {
+        LoadError::Candle { path: path.into(), reason: message(e) }
+    }
+}
+
+/// candle's message for `e`, one line, without the backtrace frames candle appends to its
+/// `Display` when `RUST_BACKTRACE` is set (users get the message, never a dump).
+pub fn message(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => message(inner),
+        E::Context { inner, context } => format!("{context}: {}", message(inner)),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), message(inner)),
+        other => other.to_string().lines().next().unwrap_or_default().to_owned(),
+    }
 }

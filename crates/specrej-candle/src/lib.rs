@@ -73,7 +73,7 @@ pub use decoder::{
     host_available_memory, NllSink, AUTO_BUDGET_FREE_FRACTION, AUTO_BUDGET_RAM_FRACTION, CandleBatch, CandleDecoder,
     DEFAULT_KV_BUDGET_BYTES,
 };
-pub use error::LoadError;
+pub use error::{message as candle_message, LoadError};
 pub use kv::KvFormat;
 pub use incremental::{reused_positions, IncrementalRows, Ran};
 pub use load::{load, load_gguf, load_gguf_bytes, load_safetensors, load_safetensors_trunk};

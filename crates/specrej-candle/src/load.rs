@@ -63,7 +63,7 @@ struct Builder<'a, S: TensorSource> {
 
 impl<S: TensorSource> Builder<'_, S> {
     fn candle_err(&self, source: candle_core::Error) -> LoadError {
-        LoadError::Candle { path: self.source.path().to_path_buf(), source }
+        LoadError::candle(self.source.path(), &source)
     }
 
     /// Reads `name`, checking it is present and has shape `expected`.
@@ -425,7 +425,7 @@ impl<R: Read + Seek> TensorSource for GgufSource<R> {
         }));
         match result {
             Ok(Ok(q)) => Ok(Raw::Quantized(q)),
-            Ok(Err(e)) => Err(LoadError::Corrupt { path: path.clone(), reason: format!("tensor {name:?}: {e}") }),
+            Ok(Err(e)) => Err(LoadError::Corrupt { path: path.clone(), reason: format!("tensor {name:?}: {}", crate::error::message(&e)) }),
             Err(_) => Err(LoadError::Corrupt { path: path.clone(), reason: format!("tensor {name:?} could not be decoded") }),
         }
     }
@@ -489,7 +489,7 @@ fn load_gguf_reader<R: Read + Seek>(path: PathBuf, mut reader: R, options: &Load
     let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut reader)));
     let content = match content {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(LoadError::Corrupt { path, reason: e.to_string() }),
+        Ok(Err(e)) => return Err(LoadError::Corrupt { path, reason: crate::error::message(&e) }),
         Err(_) => return Err(LoadError::Corrupt { path, reason: "the header could not be decoded".into() }),
     };
     let md = &content.metadata;
@@ -579,7 +579,7 @@ fn load_gguf_reader<R: Read + Seek>(path: PathBuf, mut reader: R, options: &Load
             Raw::Quantized(q) => q.dequantize(&CDevice::Cpu).and_then(|t| t.flatten_all()?.to_vec1::<f32>()),
             Raw::Dense(t) => t.flatten_all().and_then(|t| t.to_vec1::<f32>()),
         }
-        .map_err(|e| LoadError::Candle { path: path.clone(), source: e })?;
+        .map_err(|e| LoadError::candle(&path, &e))?;
         if factors.len() != freqs.len() {
             return Err(LoadError::ShapeMismatch {
                 path,
@@ -625,7 +625,7 @@ impl TensorSource for SafetensorsSource {
             DType::F32 | DType::F16 | DType::BF16 | DType::F64 => t
                 .to_dtype(DType::F32)
                 .map(Raw::Dense)
-                .map_err(|source| LoadError::Candle { path: self.dir.clone(), source }),
+                .map_err(|source| LoadError::candle(&self.dir, &source)),
             other => Err(LoadError::UnsupportedDtype { path: self.dir.clone(), name: name.into(), dtype: format!("{other:?}") }),
         }
     }
@@ -792,7 +792,7 @@ fn load_hf(
     let mut extras = HashMap::new();
     for &name in extra {
         if let Some(t) = tensors.remove(name) {
-            let t = t.to_dtype(DType::F32).map_err(|source| LoadError::Candle { path: dir.clone(), source })?;
+            let t = t.to_dtype(DType::F32).map_err(|source| LoadError::candle(&dir, &source))?;
             extras.insert(name.to_string(), t);
         }
     }

@@ -392,7 +392,7 @@ impl From<candle_core::Error> for AllocError {
 /// Whether a candle error is a device allocation failure: the host allocator's, CUDA's
 /// (`CUDA_ERROR_OUT_OF_MEMORY`, "out of memory") or cuBLAS's (`CUBLAS_STATUS_ALLOC_FAILED`).
 pub(crate) fn is_oom(e: &candle_core::Error) -> bool {
-    let msg = e.to_string().to_ascii_lowercase();
+    let msg = crate::error::message(e).to_ascii_lowercase();
     msg.contains("out of memory") || msg.contains("out_of_memory") || msg.contains("alloc_failed")
 }
 
@@ -569,7 +569,7 @@ pub(crate) fn to_host_rows(logits: &Tensor) -> CResult<Vec<f32>> {
 
 /// A candle error as the scheduler sees it: out-of-memory, or a device error.
 pub(crate) fn device_err(e: candle_core::Error) -> specrej_core::BackendError {
-    if is_oom(&e) { specrej_core::BackendError::OutOfMemory } else { specrej_core::BackendError::device(e) }
+    if is_oom(&e) { specrej_core::BackendError::OutOfMemory } else { specrej_core::BackendError::Device(crate::error::message(&e)) }
 }
 
 /// An allocation error as the scheduler sees it.
