@@ -23,7 +23,7 @@
 //! token under f16 rounding (greedy then diverges from there on), which is why the f32 run,
 //! not the f16 one, is the reference that pins the arithmetic.
 //!
-//! GPU tests skip (printing why) when no adapter exists, unless `SPECREJ_REQUIRE_GPU=1`.
+//! GPU tests skip (printing why) when no adapter exists, unless `SPECREJ_REQUIRE_GPU` requires wgpu.
 
 use std::sync::Arc;
 
@@ -73,9 +73,9 @@ fn candle_model(f16_kv: bool) -> Arc<specrej_candle::Model> {
 /// The model on the first adapter with an f16 (`f16_kv`) or f32 K/V cache, or `None` (with the
 /// reason printed) when there is no adapter, or for f16 when it does not offer `shader-f16`.
 fn wgpu_model(f16_kv: bool) -> Option<Arc<WgpuModel>> {
-    let require = std::env::var("SPECREJ_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    let require = specrej_core::gpu_required("wgpu");
     if specrej_wgpu::adapters_blocking().is_empty() {
-        assert!(!require, "SPECREJ_REQUIRE_GPU=1 but no WebGPU adapter was found");
+        assert!(!require, "SPECREJ_REQUIRE_GPU requires wgpu but no WebGPU adapter was found");
         eprintln!("skipped: no WebGPU adapter (install mesa-vulkan-drivers for lavapipe)");
         return None;
     }

@@ -5,10 +5,12 @@ pub mod backend;
 mod block_on;
 pub mod likelihood;
 pub mod replay;
+mod require;
 pub mod sampling;
 
 pub use backend::{BackendError, Decoder, KvLayout, Response, Sampling, Scored, Scorer};
 pub use block_on::block_on_ready;
+pub use require::gpu_required;
 pub mod scheduler;
 pub mod select;
 #[cfg(feature = "testing")]

@@ -528,7 +528,7 @@ async fn sample(gpu: &Gpu, vocab: usize) -> Check {
 #[cfg(test)]
 mod tests {
     /// Every kernel at the default model's shapes on the native adapter (lavapipe in CI);
-    /// skipped without one unless `SPECREJ_REQUIRE_GPU=1`. The browser runs the same checks
+    /// skipped without one unless `SPECREJ_REQUIRE_GPU` requires wgpu. The browser runs the same checks
     /// (`WebEngine.selfTest`, the e2e test).
     #[test]
     fn every_kernel_matches_the_host_reference() {
@@ -536,7 +536,7 @@ mod tests {
             match pollster::block_on(super::run(&crate::Options { subgroups, ..crate::Options::default() })) {
                 Ok(report) => assert!(report.ok(), "{report}"),
                 Err(crate::Error::NoAdapter { hint }) => {
-                    assert!(std::env::var("SPECREJ_REQUIRE_GPU").as_deref() != Ok("1"), "SPECREJ_REQUIRE_GPU=1 but no adapter{hint}");
+                    assert!(!specrej_core::gpu_required("wgpu"), "SPECREJ_REQUIRE_GPU requires wgpu but there is no adapter{hint}");
                     eprintln!("skipped: no WebGPU adapter{hint}");
                     return;
                 }

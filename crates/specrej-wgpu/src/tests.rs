@@ -1,7 +1,7 @@
 //! Kernel tests on a real adapter (lavapipe in CI), no model file needed: the matmul's
 //! in-shader dequantization of every weight type against the host's, and the sampler
 //! against `specrej_core::sampling::sample`. Skipped (printing why) without an adapter,
-//! unless `SPECREJ_REQUIRE_GPU=1`.
+//! unless `SPECREJ_REQUIRE_GPU` requires wgpu (`wgpu` or `1`).
 
 use specrej_core::Sampling;
 
@@ -15,7 +15,7 @@ fn gpu(allow: Variant) -> Option<Gpu> {
     match pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default())) {
         Ok(adapter) => Some(pollster::block_on(Gpu::open(adapter, allow)).expect("device")),
         Err(e) => {
-            assert!(std::env::var("SPECREJ_REQUIRE_GPU").as_deref() != Ok("1"), "SPECREJ_REQUIRE_GPU=1 but no adapter: {e}");
+            assert!(!specrej_core::gpu_required("wgpu"), "SPECREJ_REQUIRE_GPU requires wgpu but there is no adapter: {e}");
             eprintln!("skipped: no WebGPU adapter ({e})");
             None
         }

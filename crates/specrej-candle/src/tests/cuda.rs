@@ -3,8 +3,8 @@
 //!
 //! The CUDA tests are `#[ignore]`d (no CI machine has a GPU); `scripts/gpu-check.sh` runs
 //! them with `--include-ignored` on a GPU machine. Run without a CUDA device (or without the
-//! `cuda` feature) they print why and pass, unless `SPECREJ_REQUIRE_GPU=1`, which makes a
-//! missing device a failure.
+//! `cuda` feature) they print why and pass, unless `SPECREJ_REQUIRE_GPU` names cuda (or is `1`),
+//! which makes a missing device a failure.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device as CDevice, Tensor};
@@ -22,15 +22,15 @@ const CUDA_IGNORED: &str =
     "needs a CUDA device: scripts/gpu-check.sh runs it with --include-ignored";
 
 /// Whether to run a CUDA test: a device is there. Without one the test is skipped with a
-/// message, or fails when `SPECREJ_REQUIRE_GPU=1`.
+/// message, or fails when `SPECREJ_REQUIRE_GPU` requires CUDA.
 fn cuda_present(test: &str) -> bool {
     match CDevice::new_cuda(0) {
         Ok(_) => true,
         Err(e) => {
-            let required = std::env::var("SPECREJ_REQUIRE_GPU").is_ok_and(|v| v == "1");
+            let required = specrej_core::gpu_required("cuda");
             assert!(
                 !required,
-                "{test}: SPECREJ_REQUIRE_GPU=1 but no CUDA device: {e}"
+                "{test}: SPECREJ_REQUIRE_GPU requires CUDA but there is no CUDA device: {e}"
             );
             eprintln!("{test}: skipped ({CUDA_IGNORED}): no CUDA device: {e}");
             false
