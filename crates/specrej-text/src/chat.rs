@@ -84,6 +84,10 @@ impl Clone for ChatTemplate {
     }
 }
 
+/// Template instructions one render may run: real chat templates take a few thousand over a
+/// long conversation; ~0.1 s of work at most.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
 impl ChatTemplate {
     /// Compiles `source` with the given `bos_token` / `eos_token` strings.
     pub fn new(
@@ -95,6 +99,8 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // A template comes from a model file: a loop that never ends is an error, not a hang.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -223,7 +229,8 @@ fn rewrite_generation_tags(src: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` after the opening `{%` (in `{%}` they overlap: that is no tag).
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             break;
         };
         let inner = &tag[2..end];
@@ -493,6 +500,25 @@ mod tests {
     fn render_src(src: &str) -> String {
         let t = ChatTemplate::new(src, "<s>", "</s>").expect("compiles");
         t.render(&[Message::user("hi")], true).expect("renders")
+    }
+
+    #[test]
+    fn overlapping_tag_delimiters_are_an_error_not_a_panic() {
+        // Found by `specrej-fuzz` (fuzz/regressions/template/): `{%}` once panicked here.
+        for src in ["{%}", "{%}}{% endif %}", "x{%}%}"] {
+            if let Ok(t) = ChatTemplate::new(src, "<s>", "</s>") {
+                let _ = t.render(&[Message::user("hi")], true);
+            }
+        }
+    }
+
+    #[test]
+    fn a_template_that_never_ends_runs_out_of_fuel() {
+        let src = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(src, "<s>", "</s>").expect("compiles");
+        // 10^10 iterations: without the fuel this never returns.
+        let e = t.render(&[Message::user("hi")], true).expect_err("out of fuel");
+        assert!(e.to_string().contains("fuel"), "{e}");
     }
 
     #[test]
