@@ -2,4 +2,5 @@
 
 mod conformance;
 mod dense;
+mod dependencies;
 mod real_model;
