@@ -200,3 +200,10 @@ pub fn dequantize_tensor(gguf: &[u8], name: &str) -> Result<(Vec<usize>, Vec<f32
     let values = g.to_f32(name, info)?;
     Ok((info.shape.clone(), values))
 }
+
+/// What [`WgpuModel`] checks of a GGUF file before it touches a device: the header, the
+/// tensor table against the bytes present, and the hyper-parameters. (The fuzzer runs it.)
+pub fn check_gguf(gguf: &[u8]) -> Result<Config, Error> {
+    let g = gguf::Gguf::parse(gguf)?;
+    Config::from_gguf(&g)
+}
