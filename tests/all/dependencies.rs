@@ -64,6 +64,12 @@ fn crates_depend_only_on_what_the_architecture_allows() {
     assert!(!core.iter().any(|d| d.starts_with("specrej-")), "specrej-core depends on a workspace crate: {core:?}");
     let wgpu = closure(&graph, "specrej-wgpu");
     assert!(!wgpu.contains("candle-core") && !wgpu.contains("specrej-candle"), "specrej-wgpu depends on candle");
+    assert!(!wgpu.contains("specrej-text") && !wgpu.contains("tokenizers"), "specrej-wgpu depends on the text layer");
+    let gguf = closure(&graph, "specrej-gguf");
+    assert!(!gguf.iter().any(|d| d.starts_with("specrej-")), "specrej-gguf depends on a workspace crate: {gguf:?}");
+    for user in ["specrej-text", "specrej-wgpu", "specrej-candle"] {
+        assert!(graph[user].contains(&"specrej-gguf".to_string()), "{user} reads GGUF through specrej-gguf");
+    }
     // Only one workspace crate uses each host technology directly.
     for (dependency, only) in [("wasmtime", "specrej-host"), ("wit-bindgen", "specrej-component"), ("wasm-bindgen", "specrej-web")] {
         let users: Vec<&String> =

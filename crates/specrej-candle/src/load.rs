@@ -485,6 +485,14 @@ fn load_gguf_reader<R: Read + Seek>(path: PathBuf, mut reader: R, options: &Load
     if magic != b"GGUF" {
         return Err(LoadError::NotGguf { path, found: magic });
     }
+    // The header through specrej-gguf first: its rules decide what is corrupt on every target
+    // (candle's reader panics on some corrupt headers, which on wasm32 is an abort).
+    let io = |source| LoadError::Io { path: path.clone(), source };
+    let len = reader.seek(SeekFrom::End(0)).map_err(io)?;
+    reader.seek(SeekFrom::Start(0)).map_err(io)?;
+    if let Err(e) = specrej_gguf::GgufMetadata::read_limited(&mut reader, Some(len)) {
+        return Err(LoadError::Corrupt { path, reason: e.to_string() });
+    }
     reader.seek(SeekFrom::Start(0)).map_err(|source| LoadError::Io { path: path.clone(), source })?;
     let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut reader)));
     let content = match content {

@@ -10,7 +10,8 @@
 //!   and chat template, shared by the front ends (`specrej`, `specrej-server`).
 
 pub mod chat;
-pub mod gguf;
+/// The GGUF metadata reader (the `specrej-gguf` crate), re-exported.
+pub use specrej_gguf as gguf;
 pub mod judge;
 pub mod model;
 pub mod tokenizer;

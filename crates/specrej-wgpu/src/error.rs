@@ -37,7 +37,7 @@ pub enum Error {
     },
     /// The bytes are not a GGUF file, or its header is corrupt.
     #[error("{0}")]
-    Gguf(#[from] specrej_text::GgufError),
+    Gguf(#[from] specrej_gguf::GgufError),
     /// The tensor infos or data are inconsistent with the file.
     #[error("corrupt GGUF: {0}")]
     Corrupt(String),

@@ -1,9 +1,9 @@
-//! GGUF tensor infos (the metadata comes from [`specrej_text::GgufMetadata`]) and the model's
+//! GGUF tensor infos (the metadata comes from [`specrej_gguf::GgufMetadata`]) and the model's
 //! hyper-parameters. Every length is checked against the bytes present; nothing panics.
 
 use std::collections::HashMap;
 
-use specrej_text::{GgufMetadata, GgufValue};
+use specrej_gguf::{GgufMetadata, GgufValue};
 
 use crate::error::Error;
 

@@ -118,6 +118,17 @@ fn bad_gguf_files_give_the_right_errors() {
         assert!(matches!(e, LoadError::Corrupt { .. }), "{name}: {e}");
     }
 
+    // An alignment of 0 (candle's own reader divides by it and panics): refused by
+    // specrej-gguf's rules before candle reads the file, here and in memory (wasm32's path).
+    let p = dir.path().join("align0.gguf");
+    let mut md = spec.gguf_metadata("llama");
+    md.push(("general.alignment".into(), Value::U32(0)));
+    write_gguf_parts(&p, &md, &spec.gguf_tensors(GgmlDType::Q8_0));
+    let e = gguf_err(&p);
+    assert!(matches!(&e, LoadError::Corrupt { reason, .. } if reason.contains("general.alignment")), "{e}");
+    let in_memory = crate::load_gguf_bytes(&std::fs::read(&p).unwrap(), &LoadOptions::default()).map(|_| ()).unwrap_err();
+    assert!(matches!(&in_memory, LoadError::Corrupt { .. }), "{in_memory}");
+
     // Unsupported architecture, named in the message.
     let p = dir.path().join("gpt2.gguf");
     let mut md = spec.gguf_metadata("gpt2");

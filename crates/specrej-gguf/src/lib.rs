@@ -1,4 +1,6 @@
-//! A minimal GGUF metadata reader (pure Rust).
+//! specrej's one GGUF metadata reader (pure Rust): specrej-text, specrej-wgpu and
+//! specrej-candle read every GGUF header through it, so one set of rules decides what a
+//! corrupt file is, on every target (wasm32 included).
 //!
 //! Parses the header (magic `GGUF`, version 2 or 3, tensor count, key/value count) and the
 //! key/value metadata, and stops before the tensor infos. Corrupt input gives a [`GgufError`]
@@ -78,6 +80,9 @@ pub enum GgufError {
     /// The same key appears twice.
     #[error("corrupt GGUF: duplicate metadata key {0:?}")]
     DuplicateKey(String),
+    /// `general.alignment` is not a positive multiple of 8 (the GGUF spec's rule).
+    #[error("corrupt GGUF: general.alignment is {0}, not a positive multiple of 8")]
+    BadAlignment(String),
     /// Any other I/O error.
     #[error("I/O error reading GGUF: {0}")]
     Io(#[from] io::Error),
@@ -361,6 +366,13 @@ impl GgufMetadata {
                 return Err(GgufError::DuplicateKey(key));
             }
             kv.insert(key, value);
+        }
+        // Readers divide by it to find the tensor data (candle once panicked on 0).
+        if let Some(v) = kv.get("general.alignment") {
+            match v.as_u32() {
+                Some(a) if a > 0 && a % 8 == 0 => {}
+                _ => return Err(GgufError::BadAlignment(v.to_string())),
+            }
         }
         Ok(GgufMetadata {
             version,
