@@ -38,9 +38,20 @@ pub enum Policy {
 impl Policy {
     /// Loads `path` for `backend`. `weights` applies to candle; `adapter` to wgpu.
     pub fn load(path: &Path, backend: BackendArg, weights: WeightsArg, adapter: Option<&str>) -> Result<Self> {
+        Self::load_with_kv(path, backend, weights, specrej_candle::KvFormat::default(), adapter)
+    }
+
+    /// [`Policy::load`] with candle's CPU K/V stored as `kv`.
+    pub fn load_with_kv(
+        path: &Path,
+        backend: BackendArg,
+        weights: WeightsArg,
+        kv: specrej_candle::KvFormat,
+        adapter: Option<&str>,
+    ) -> Result<Self> {
         match backend {
             BackendArg::Cpu | BackendArg::Cuda => {
-                let options = LoadOptions { device: backend.candle_device(), weights: weights.into(), ..Default::default() };
+                let options = LoadOptions { device: backend.candle_device(), weights: weights.into(), kv };
                 let model = specrej_candle::load(path, &options).context("loading the model")?;
                 Ok(Policy::Candle(model))
             }

@@ -69,6 +69,10 @@ pub struct Args {
     /// How weights are held in memory: as stored, or converted at load.
     #[arg(long, value_enum, default_value = "q8-0")]
     weights: WeightsArg,
+    /// How the CPU's K/V cache stores K and V (f16 halves the memory per token; arithmetic
+    /// is f32 either way).
+    #[arg(long, value_enum, default_value = "f16")]
+    kv: KvArg,
     /// Where to run.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
@@ -151,6 +155,13 @@ impl RulesArgs {
     }
 }
 
+/// `--kv`: candle's CPU K/V storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvArg {
+    F16,
+    F32,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightsArg {
     /// As stored in the file (e.g. Q4_1).
@@ -208,7 +219,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     let path = model::locate(args.model.as_deref())?;
     let reward = args.reward.load(args.backend.candle_device())?;
-    let policy = Policy::load(&path, args.backend, args.weights, args.adapter.as_deref())?;
+    let kv = match args.kv {
+        KvArg::F16 => specrej_candle::KvFormat::F16,
+        KvArg::F32 => specrej_candle::KvFormat::F32,
+    };
+    let policy = Policy::load_with_kv(&path, args.backend, args.weights, kv, args.adapter.as_deref())?;
     let text = Text::load(&path)?;
     let prompt = text.prompt(&args.prompt, args.system.as_deref(), args.raw)?;
 
