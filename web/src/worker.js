@@ -169,9 +169,15 @@ async function generate({ id, prompt, options }) {
   const eos = engine.eosTokens();
   const sr = options.method === 'sr';
   const minNew = Math.min(options.minNewTokens ?? 16, options.maxNewTokens);
-  // The KV budget, as the CLI's `--kv-budget auto`: Best-of-N gets room for all rows;
-  // Speculative Rejection for n rows of prompt + min-new-tokens, so decisions come early.
-  const capacity = options.n * (promptTokens.length + (sr ? minNew : options.maxNewTokens));
+  // The KV budget: Best-of-N gets room for all rows; Speculative Rejection for n rows of
+  // min-new-tokens each, so decisions come early. Counted in the engine's K/V layout (the CPU
+  // engine holds the prompt once and rows in 16-token blocks), as the scheduler counts.
+  const layout = engine.kvLayout?.() ?? { sharedPrompt: false, block: 1 };
+  const round = (t) => Math.ceil(t / Math.max(1, layout.block)) * Math.max(1, layout.block);
+  const own = sr ? minNew : options.maxNewTokens;
+  const capacity = layout.sharedPrompt
+    ? round(promptTokens.length) + options.n * round(own)
+    : options.n * round(promptTokens.length + own);
   engine.setTokenCapacity(capacity);
 
   const rows = new Map(); // row id -> { tokens: number[], dirty }

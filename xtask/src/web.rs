@@ -317,8 +317,8 @@ fn handle(mut stream: TcpStream, dist: &Path, models: &Path) -> Result<()> {
 /// The e2e request, shared by the page and the native CLI run it is compared with:
 /// (environment variable, CLI flag, default).
 const E2E_REQUEST: &[(&str, &str, &str)] = &[
-    ("SPECREJ_E2E_N", "-n", "4"),
     ("SPECREJ_E2E_MAX_TOKENS", "--max-new-tokens", "6"),
+    ("SPECREJ_E2E_N", "-n", "4"),
     ("SPECREJ_E2E_MIN_TOKENS", "--min-new-tokens", "3"),
     ("SPECREJ_E2E_TEMPERATURE", "--temperature", "0"),
     ("SPECREJ_E2E_SEED", "--seed", "1"),
@@ -332,9 +332,11 @@ const E2E_PROMPT: &str = "Give three tips for staying healthy.";
 /// the test build's binary), serves the site on an ephemeral port of 127.0.0.1 and runs
 /// `web/e2e/run.mjs` (headless Chromium, `/usr/bin/chromium` or `$CHROMIUM`): the WGSL
 /// kernel self-check on the browser's WebGPU adapter, then Speculative Rejection (n 4,
-/// 6 tokens, first decision after 3, temperature 0) on the WebGPU and the CPU engines, each
-/// checked for decisions, cut rows and a winner whose text equals the CLI's. It writes
-/// `target/web-e2e/screenshot.png` (and one per engine), `result.json` and `cli.json`. The
+/// first decision after 3 tokens, temperature 0; 6 tokens on WebGPU, 20 on the CPU engine,
+/// whose 16-token K/V blocks put its first decision at token 17) on both engines, each
+/// checked for decisions, cut rows and a winner whose text starts with the CLI's 6-token
+/// answer with f16 or f32 K/V. It writes `target/web-e2e/screenshot.png` (and one per
+/// engine), `result.json` and `cli/cli-{f16,f32}.json`. The
 /// `SPECREJ_E2E_*` variables documented in `web/e2e/run.mjs` pass through
 /// (`SPECREJ_E2E_ENGINES=fake`: the test double, no model, no CLI run).
 pub fn e2e(root: &Path) -> Result<()> {
@@ -358,31 +360,33 @@ pub fn e2e(root: &Path) -> Result<()> {
     let out = root.join(E2E_OUT_DIR);
     std::fs::create_dir_all(&out)?;
 
-    // The native CPU CLI's answer to the same request, for the page to compare with.
-    let cli_json = out.join("cli.json");
-    let _ = std::fs::remove_file(&cli_json);
+    // The native CPU CLI's answer to the same request, for the page to compare with, with the
+    // K/V in f16 and in f32 (the page's engines round K/V either way).
+    let cli_dir = out.join("cli");
+    let _ = std::fs::remove_dir_all(&cli_dir);
     if !fake {
+        std::fs::create_dir_all(&cli_dir)?;
         let prompt = std::env::var("SPECREJ_E2E_PROMPT").unwrap_or_else(|_| E2E_PROMPT.into());
-        let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        command
-            .current_dir(root)
-            .args(["run", "--quiet", "-p", "specrej-cli", "--", "generate"])
-            .arg(&prompt)
-            .args(["--json", "--backend", "cpu", "--method", "sr", "--alpha", "0.5", "--model"])
-            .arg(&model);
-        for (var, flag, default) in E2E_REQUEST {
+        for kv in ["f16", "f32"] {
+            let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
             command
-                .arg(flag)
-                .arg(std::env::var(var).unwrap_or_else(|_| (*default).into()));
+                .current_dir(root)
+                .args(["run", "--quiet", "-p", "specrej-cli", "--", "generate"])
+                .arg(&prompt)
+                .args(["--json", "--backend", "cpu", "--kv", kv, "--method", "sr", "--alpha", "0.5", "--model"])
+                .arg(&model);
+            for (var, flag, default) in E2E_REQUEST {
+                command.arg(flag).arg(std::env::var(var).unwrap_or_else(|_| (*default).into()));
+            }
+            let output = command
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .context("running the CLI (specrej generate) for the e2e test's reference answer")?;
+            if !output.status.success() {
+                bail!("specrej generate --kv {kv} failed ({})", output.status);
+            }
+            std::fs::write(cli_dir.join(format!("cli-{kv}.json")), &output.stdout)?;
         }
-        let output = command
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .context("running the CLI (specrej generate) for the e2e test's reference answer")?;
-        if !output.status.success() {
-            bail!("specrej generate failed ({})", output.status);
-        }
-        std::fs::write(&cli_json, &output.stdout)?;
     }
 
     let node_modules = root.join(NODE_DIR).join("node_modules");
@@ -396,8 +400,8 @@ pub fn e2e(root: &Path) -> Result<()> {
         .env("SPECREJ_NODE_MODULES", &node_modules)
         .env("SPECREJ_E2E_OUT", &out)
         .env("CHROMIUM", &chromium);
-    if cli_json.exists() {
-        node.env("SPECREJ_E2E_CLI_JSON", &cli_json);
+    if cli_dir.exists() {
+        node.env("SPECREJ_E2E_CLI_DIR", &cli_dir);
     }
     for (var, _, default) in E2E_REQUEST {
         if std::env::var_os(var).is_none() {
