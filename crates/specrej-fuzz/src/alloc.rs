@@ -70,6 +70,11 @@ pub fn disarm() {
     ARMED.store(false, Ordering::Relaxed);
 }
 
+/// Starts a new peak (one per target).
+pub fn reset_peak() {
+    PEAK.store(0, Ordering::Relaxed);
+}
+
 /// The largest single allocation while armed.
 pub fn peak() -> usize {
     PEAK.load(Ordering::Relaxed)

@@ -162,6 +162,7 @@ fn fuzz(target: Target, duration: Duration, seed: u64) -> Result<bool> {
             }
         });
     }
+    alloc::reset_peak();
     let mut outcomes = BTreeSet::new();
     let mut failures = 0usize;
     let mut rng = Rng::new(seed);
