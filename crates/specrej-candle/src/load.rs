@@ -493,7 +493,7 @@ fn load_gguf_reader<R: Read + Seek>(path: PathBuf, mut reader: R, options: &Load
     if let Err(e) = specrej_gguf::GgufMetadata::read_limited(&mut reader, Some(len)) {
         return Err(LoadError::Corrupt { path, reason: e.to_string() });
     }
-    reader.seek(SeekFrom::Start(0)).map_err(|source| LoadError::Io { path: path.clone(), source })?;
+    reader.seek(SeekFrom::Start(0)).map_err(io)?;
     let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut reader)));
     let content = match content {
         Ok(Ok(c)) => c,

@@ -146,9 +146,7 @@ impl RewardSource {
         let Kind::Judge { partial } = self.kind else {
             return Ok(None);
         };
-        let s = specrej_text::judge_segments(&text.tokenizer, &text.template, user)?;
-        let tail = if partial { s.after.len().max(s.after_partial.len()) } else { s.after.len() };
-        Ok(Some(s.before.len() + tail))
+        Ok(Some(specrej_text::judge_segments(&text.tokenizer, &text.template, user)?.overhead(partial)))
     }
 
     /// A fresh scorer (no cached state) for the user's message `user`; `policy` and `text`

@@ -222,12 +222,7 @@ impl Served {
         match (self, reward) {
             (Served::Real(m), RewardKind::Judge | RewardKind::PartialJudge) => {
                 let segments = specrej_text::judge_segments(&m.text.tokenizer, &m.text.template, question)?;
-                let tail = if *reward == RewardKind::PartialJudge {
-                    segments.after.len().max(segments.after_partial.len())
-                } else {
-                    segments.after.len()
-                };
-                Ok(Some(segments.before.len() + tail))
+                Ok(Some(segments.overhead(*reward == RewardKind::PartialJudge)))
             }
             _ => Ok(None),
         }

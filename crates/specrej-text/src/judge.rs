@@ -47,6 +47,15 @@ pub struct JudgeSegments {
     pub no: u32,
 }
 
+impl JudgeSegments {
+    /// Tokens the judge reads besides the response: `before` and the longest tail it asks
+    /// with (`after`, or with `partial` also `after_partial`).
+    pub fn overhead(&self, partial: bool) -> usize {
+        let tail = if partial { self.after.len().max(self.after_partial.len()) } else { self.after.len() };
+        self.before.len() + tail
+    }
+}
+
 /// Builds the judge prompt for `question` with `template`, tokenized by `tokenizer`.
 ///
 /// The chat is one user message (the template may add its default system prompt); it is
