@@ -404,7 +404,7 @@ fn real_model_with_a_reward_model_directory_and_a_reward_server() {
     let addr = start(Served::Real(Box::new(model)), ServerConfig { model_id: "smollm2".into(), ..ServerConfig::default() });
 
     let models = get(addr, "/v1/models").json();
-    assert_eq!(models["data"][0]["specrej"]["rewards"], json!(["judge", "likelihood", "rm", "remote"]));
+    assert_eq!(models["data"][0]["specrej"]["rewards"], json!(["judge", "partial_judge", "likelihood", "rm", "remote"]));
 
     let ask = |reward: &str| {
         // A decision after one 16-token block per row.
