@@ -54,6 +54,7 @@
 #![deny(unsafe_code)]
 
 mod attention;
+mod branches;
 mod config;
 mod decoder;
 mod error;

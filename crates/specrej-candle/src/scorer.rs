@@ -17,6 +17,7 @@ use specrej_core::{BackendError, Response, Scored, Scorer};
 
 use crate::decoder::DEFAULT_KV_BUDGET_BYTES;
 use crate::host::{host_vec, PassError};
+use crate::branches::Branches;
 use crate::incremental::IncrementalRows;
 use crate::kv::{KvPool, Seq, BLOCK};
 use crate::model::{alloc_err, device_err, KvCache, Model, nll_rows, to_host_rows};
@@ -512,7 +513,13 @@ pub struct JudgeScorer {
     yes: u32,
     no: u32,
     incremental: Option<IncrementalRows>,
+    /// Bases of whole responses, for [`JudgeScorer::score_prefixes`] on the CPU.
+    branches: Option<Branches>,
 }
+
+/// Positions [`JudgeScorer::score_prefixes`] keeps cached over all rows (about 7 GB of f16
+/// K/V for SmolLM2-135M) before it drops the least recently used rows.
+const PREFIX_CACHE_TOKENS: usize = 320_000;
 
 impl JudgeScorer {
     /// A judge on `model` with the default K/V budget.
@@ -535,6 +542,7 @@ impl JudgeScorer {
             yes,
             no,
             incremental: None,
+            branches: None,
         }
     }
 
@@ -651,6 +659,89 @@ impl JudgeScorer {
 }
 
 impl JudgeScorer {
+    /// Rewards of prefixes of responses whose whole texts are known up front (replay):
+    /// `(response, len)` is scored as `response.tokens[..len]`, with the partial question
+    /// when `partial`. A row may appear at several lengths; every row must come with the
+    /// same whole text each time it appears.
+    ///
+    /// On the CPU each row's whole text is run once and kept ([`Branches`]); a prefix then
+    /// runs only `after`, reading the text's K/V in place, so the rewards equal
+    /// [`Scorer::score`] of the prefixes bit for bit, at a fraction of the work of bringing a
+    /// cache to each length in turn. On a GPU the incremental caches are brought to each
+    /// length (one call per length of a row). `tokens_processed` counts what really ran.
+    pub fn score_prefixes(&mut self, items: &[(Response<'_>, usize)], partial: bool) -> Result<Scored, BackendError> {
+        if items.is_empty() {
+            return Ok(Scored::default());
+        }
+        for (r, len) in items {
+            if *len > r.tokens.len() {
+                return Err(BackendError::device(format!("judge: row {} has {} tokens, {len} asked for", r.row, r.tokens.len())));
+            }
+            self.runner.check(r.tokens)?;
+        }
+        let after = if partial { self.after_partial.clone().unwrap_or_else(|| self.after.clone()) } else { self.after.clone() };
+        self.runner.check(&after)?;
+        if !self.runner.on_host() {
+            return self.prefixes_by_rounds(items, partial);
+        }
+        // The whole texts, once per row.
+        let mut rows: Vec<(u32, &[u32])> = Vec::new();
+        for (r, _) in items {
+            match rows.iter().find(|(row, _)| *row == r.row) {
+                Some((_, t)) if *t != r.tokens => {
+                    return Err(BackendError::device(format!("judge: row {} given two different texts", r.row)));
+                }
+                Some(_) => {}
+                None => rows.push((r.row, r.tokens)),
+            }
+        }
+        let model = Arc::clone(&self.runner.model);
+        let branches = self.branches.get_or_insert_with(|| Branches::new(model, PREFIX_CACHE_TOKENS));
+        let mut processed = branches.set_start(&self.before)?;
+        processed += branches.hold(&rows)?;
+        let asks: Vec<(u32, usize, &[u32])> = items.iter().map(|(r, len)| (r.row, *len, after.as_slice())).collect();
+        let mut last = Vec::with_capacity(items.len() * self.runner.model.config.hidden_size);
+        processed += branches.branch_last(&asks, |_, normed| last.extend_from_slice(normed))?;
+        let (yes, no) = (self.yes as usize, self.no as usize);
+        let mut rewards = vec![0.0f32; items.len()];
+        self.runner.head_chunks(&last, |k, row| rewards[k] = row[yes] - row[no])?;
+        Ok(Scored { rewards, tokens_processed: processed })
+    }
+
+    /// [`JudgeScorer::score_prefixes`] through the incremental caches: one call per length
+    /// of a row, shortest first.
+    fn prefixes_by_rounds(&mut self, items: &[(Response<'_>, usize)], partial: bool) -> Result<Scored, BackendError> {
+        if self.incremental.is_none() {
+            self.incremental = Some(IncrementalRows::new(Arc::clone(&self.runner.model)));
+        }
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&i| (items[i].0.row, items[i].1));
+        let mut rounds: Vec<Vec<usize>> = Vec::new();
+        for i in order {
+            match rounds.iter_mut().find(|round| round.iter().all(|&j| items[j].0.row != items[i].0.row)) {
+                Some(round) => round.push(i),
+                None => rounds.push(vec![i]),
+            }
+        }
+        let mut rewards = vec![0.0f32; items.len()];
+        let mut processed = 0;
+        for round in rounds {
+            let responses: Vec<Response<'_>> =
+                round.iter().map(|&i| Response { row: items[i].0.row, tokens: &items[i].0.tokens[..items[i].1] }).collect();
+            let scored = self.score_incremental(&responses, partial)?;
+            processed += scored.tokens_processed;
+            for (&i, reward) in round.iter().zip(scored.rewards) {
+                rewards[i] = reward;
+            }
+        }
+        Ok(Scored { rewards, tokens_processed: processed })
+    }
+
+    /// Positions [`JudgeScorer::score_prefixes`] holds over all rows.
+    pub fn prefix_cached_tokens(&self) -> usize {
+        self.branches.as_ref().map_or(0, Branches::held_tokens) + self.cached_tokens()
+    }
+
     fn score_any(&mut self, responses: &[Response<'_>], partial: bool) -> Result<Scored, BackendError> {
         if self.incremental.is_some() {
             if responses.is_empty() { Ok(Scored::default()) } else { self.score_incremental(responses, partial) }

@@ -179,6 +179,84 @@ fn incremental_judge_equals_the_batched_judge() {
     }
 }
 
+/// Prefixes scored off each row's whole text give the bits the batched judge gives each
+/// prefix, with either question, in any order, at several lengths of a row in one call; the
+/// whole texts run once.
+#[test]
+fn prefix_judge_equals_the_batched_judge() {
+    for (format, kv, _) in formats() {
+        let (_dir, model) = tiny_gguf_kv(&Tiny { arch: Architecture::Qwen2, ..Tiny::default() }, GgmlDType::F32, format, kv);
+        let before = vec![1u32, 50, 51, 52, 9];
+        let (after, after_partial) = (vec![53u32, 54, 55], vec![56u32, 57]);
+        let judge = || JudgeScorer::new(model.clone(), before.clone(), after.clone(), 60, 61).with_partial(after_partial.clone());
+        let mut batched = judge();
+        let mut prefixes = judge();
+        // Texts longer than a K/V block (16), so branches end inside and across blocks.
+        let texts: Vec<Vec<u32>> = (0..3u32).map(|r| (0..20 + 9 * r).map(|i| (i * 7 + r * 3) % 48 + 2).collect()).collect();
+        let asks: [&[(u32, usize)]; 3] = [&[(2, 38), (0, 5), (1, 17), (0, 16), (2, 0)], &[(0, 20), (1, 29), (0, 5), (2, 33)], &[(1, 1), (1, 28)]];
+        let mut first = true;
+        for (call, ask) in asks.iter().enumerate() {
+            for partial in [false, true] {
+                let items: Vec<(Response<'_>, usize)> =
+                    ask.iter().map(|&(row, len)| (Response { row, tokens: &texts[row as usize] }, len)).collect();
+                let got = prefixes.score_prefixes(&items, partial).expect("prefixes");
+                let want: Vec<f32> = items
+                    .iter()
+                    .map(|(r, len)| {
+                        let one = [Response { row: r.row, tokens: &r.tokens[..*len] }];
+                        let scored = if partial {
+                            block_on_ready(batched.score_partial(&[], &one)).unwrap()
+                        } else {
+                            score(&mut batched, &[], &one)
+                        };
+                        scored.rewards[0]
+                    })
+                    .collect();
+                assert_same(&got.rewards, &want, format, &format!("{kv:?} call {call} partial {partial}"));
+                // The first call runs `before` and every whole text; every call runs the question once per item.
+                let question = if partial { after_partial.len() } else { after.len() };
+                let texts_run: usize = if first { before.len() + texts.iter().map(Vec::len).sum::<usize>() } else { 0 };
+                assert_eq!(got.tokens_processed, (texts_run + items.len() * question) as u64, "call {call}");
+                first = false;
+            }
+        }
+        // A length past the text, or one row with two texts, is an error.
+        let short = [(Response { row: 0, tokens: &texts[0][..4] }, 5)];
+        assert!(prefixes.score_prefixes(&short, false).is_err());
+        let two = [(Response { row: 0, tokens: &texts[0] }, 3), (Response { row: 0, tokens: &texts[1] }, 3)];
+        assert!(prefixes.score_prefixes(&two, false).is_err());
+        // A row whose text changed is run again.
+        let changed = [(Response { row: 0, tokens: &texts[1] }, 10)];
+        let got = prefixes.score_prefixes(&changed, false).expect("changed");
+        assert_same(&got.rewards, &score(&mut batched, &[], &[Response { row: 0, tokens: &texts[1][..10] }]).rewards, format, "changed");
+        assert_eq!(got.tokens_processed, (texts[1].len() + after.len()) as u64);
+    }
+}
+
+/// Over its budget, the bases of rows a call does not ask about go, least recently used
+/// first; the rows it asks about stay whatever the budget.
+#[test]
+fn branches_drop_the_least_recently_used_rows() {
+    let (_dir, model) = tiny_gguf_kv(&Tiny::default(), GgmlDType::F32, WeightFormat::F32, KvFormat::F32);
+    let mut b = crate::branches::Branches::new(model.clone(), 3 * 12);
+    assert_eq!(b.set_start(&[1, 2]).unwrap(), 2);
+    let text: Vec<u32> = (3..13).collect();
+    assert_eq!(b.hold(&[(0, &text), (1, &text)]).unwrap(), 20);
+    assert_eq!(b.hold(&[(2, &text)]).unwrap(), 10);
+    assert_eq!(b.held_tokens(), 36);
+    assert_eq!(b.hold(&[(0, &text)]).unwrap(), 0, "held: nothing runs");
+    assert_eq!(b.hold(&[(3, &text)]).unwrap(), 10);
+    assert_eq!(b.held_tokens(), 36, "row 1, used least recently, went");
+    assert_eq!(b.hold(&[(0, &text), (2, &text), (3, &text)]).unwrap(), 0, "rows 0, 2 and 3 stayed");
+    assert_eq!(b.hold(&[(0, &text), (1, &text), (2, &text), (3, &text)]).unwrap(), 10, "all four asked for: all four held");
+    assert_eq!(b.held_tokens(), 48);
+    assert!(b.branch_last(&[(5, 0, &[4])], |_, _| {}).is_err(), "row 5 has no base");
+    assert!(b.branch_last(&[(0, 11, &[4])], |_, _| {}).is_err(), "row 0 holds 10 ids");
+    let mut seen = Vec::new();
+    assert_eq!(b.branch_last(&[(0, 10, &[4]), (1, 0, &[4, 5])], |i, h| seen.push((i, h.len()))).unwrap(), 3);
+    assert_eq!(seen, vec![(0, 64), (1, 64)]);
+}
+
 #[test]
 fn incremental_likelihood_equals_the_batched_likelihood() {
     for (format, kv, reference) in formats() {

@@ -563,8 +563,8 @@ fn run_prompt(
         };
         if slot.is_none() {
             *slot = Some(match reward {
-                RewardName::Likelihood => replay::Rewards::likelihood(&recording, &prompt),
-                _ => replay::Rewards::judge(&recording, &prompt, weights, judge_text(text, user)?, false),
+                RewardName::Likelihood => replay::Rewards::likelihood(&recording),
+                _ => replay::Rewards::judge(&recording, weights, judge_text(text, user)?, false),
             });
         }
         let Some(table) = slot.as_mut() else { unreachable!("just filled") };

@@ -55,16 +55,12 @@ pub struct JudgeText {
     pub no: u32,
 }
 
-/// Caches of the memo's judge beyond this many positions are dropped between calls.
-const JUDGE_CACHE_TOKENS: usize = 120_000;
-
 /// One prompt's rewards, for any row and any prefix of it: from the recording's NLLs
 /// (likelihood, exact and free) or from the judge (computed once per (row, length, prompt),
-/// batched, memoised).
+/// batched, memoised; each row's whole text run once, see [`JudgeScorer::score_prefixes`]).
 pub struct Rewards<'r> {
     rec: &'r Recording,
     name: RewardName,
-    prompt: Vec<u32>,
     judge: Option<(JudgeScorer, JudgeText)>,
     /// `(row, length, partial prompt)` → reward.
     memo: HashMap<(u32, usize, bool), f32>,
@@ -73,16 +69,15 @@ pub struct Rewards<'r> {
 }
 
 impl<'r> Rewards<'r> {
-    pub fn likelihood(rec: &'r Recording, prompt: &[u32]) -> Self {
-        Self { rec, name: RewardName::Likelihood, prompt: prompt.to_vec(), judge: None, memo: HashMap::new(), computed_tokens: 0 }
+    pub fn likelihood(rec: &'r Recording) -> Self {
+        Self { rec, name: RewardName::Likelihood, judge: None, memo: HashMap::new(), computed_tokens: 0 }
     }
 
-    pub fn judge(rec: &'r Recording, prompt: &[u32], model: &Arc<Model>, text: JudgeText, partial: bool) -> Self {
+    pub fn judge(rec: &'r Recording, model: &Arc<Model>, text: JudgeText, partial: bool) -> Self {
         let scorer = JudgeScorer::new(Arc::clone(model), text.before.clone(), text.after.clone(), text.yes, text.no)
-            .with_partial(text.after_partial.clone())
-            .incremental();
+            .with_partial(text.after_partial.clone());
         let name = if partial { RewardName::PartialJudge } else { RewardName::Judge };
-        Self { rec, name, prompt: prompt.to_vec(), judge: Some((scorer, text)), memo: HashMap::new(), computed_tokens: 0 }
+        Self { rec, name, judge: Some((scorer, text)), memo: HashMap::new(), computed_tokens: 0 }
     }
 
     pub fn name(&self) -> RewardName {
@@ -120,31 +115,13 @@ impl<'r> Rewards<'r> {
             let Some((scorer, _)) = self.judge.as_mut() else {
                 return Err(BackendError::device("rewards: no judge"));
             };
-            // A row may be asked at several lengths: one call per length of a row.
-            let mut rounds: Vec<Vec<(u32, usize)>> = Vec::new();
-            for &(row, len) in &missing {
-                match rounds.iter_mut().find(|r| r.iter().all(|&(r2, _)| r2 != row)) {
-                    Some(round) => round.push((row, len)),
-                    None => rounds.push(vec![(row, len)]),
-                }
-            }
-            for round in rounds {
-                let responses: Vec<Response<'_>> =
-                    round.iter().map(|&(row, len)| Response { row, tokens: &self.rec.rows[row as usize][..len] }).collect();
-                let scored = if partial_prompt {
-                    block_on_ready(scorer.score_partial(&self.prompt, &responses))?
-                } else {
-                    block_on_ready(scorer.score(&self.prompt, &responses))?
-                };
-                self.computed_tokens += scored.tokens_processed;
-                for (&(row, len), reward) in round.iter().zip(scored.rewards) {
-                    self.memo.insert((row, len, partial_prompt), reward);
-                }
-                if scorer.cached_tokens() > JUDGE_CACHE_TOKENS {
-                    let keep: Vec<u32> = round.iter().map(|&(row, _)| row).collect();
-                    let drop: Vec<u32> = (0..self.rec.rows.len() as u32).filter(|r| !keep.contains(r)).collect();
-                    scorer.release(&drop);
-                }
+            // Each row's whole text is run once and kept; a prefix then runs only the question.
+            let asks: Vec<(Response<'_>, usize)> =
+                missing.iter().map(|&(row, len)| (Response { row, tokens: &self.rec.rows[row as usize] }, len)).collect();
+            let scored = scorer.score_prefixes(&asks, partial_prompt)?;
+            self.computed_tokens += scored.tokens_processed;
+            for (&(row, len), reward) in missing.iter().zip(scored.rewards) {
+                self.memo.insert((row, len, partial_prompt), reward);
             }
         }
         Ok(items.iter().map(|&(row, len)| self.memo[&(row, len, partial_prompt)]).collect())

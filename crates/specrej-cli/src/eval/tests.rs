@@ -49,8 +49,8 @@ fn replay_equals_live_runs_on_the_default_model() {
     let judge = judge_text(&text, QUESTION).unwrap();
     for reward in [RewardName::Judge, RewardName::Likelihood, RewardName::PartialJudge] {
         let mut table = match reward {
-            RewardName::Likelihood => Rewards::likelihood(&rec, &prompt),
-            _ => Rewards::judge(&rec, &prompt, &model, judge.clone(), reward == RewardName::PartialJudge),
+            RewardName::Likelihood => Rewards::likelihood(&rec),
+            _ => Rewards::judge(&rec, &model, judge.clone(), reward == RewardName::PartialJudge),
         };
         let finals = table.finals().unwrap();
         // Several α and every rule set with the judge; fewer with the others (CI time).
