@@ -27,6 +27,24 @@ use crate::model::{device_err, Model};
 /// activations (`[tokens, ffn]` f32 is 6 MB per 1,000 tokens for SmolLM2-135M).
 const PASS_TOKENS: usize = 4096;
 
+/// Consecutive groups of items, each of at most [`PASS_TOKENS`] new tokens (an item longer
+/// than that alone): the passes that run `lens`.
+fn passes(lens: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < lens.len() {
+        let mut end = at + 1;
+        let mut tokens = lens[at];
+        while end < lens.len() && tokens + lens[end] <= PASS_TOKENS {
+            tokens += lens[end];
+            end += 1;
+        }
+        out.push(at..end);
+        at = end;
+    }
+    out
+}
+
 /// One row's base.
 #[derive(Debug)]
 struct Base {
@@ -118,7 +136,7 @@ impl Branches {
         // Room first: the least recently used bases of rows this call does not ask about.
         let start_len = start_ids.len();
         let incoming: usize = todo.iter().map(|(_, ids)| start_len + ids.len()).sum();
-        let mut held = self.bases.values().map(|b| start_len + b.ids.len()).sum::<usize>();
+        let mut held = self.held_tokens();
         if held + incoming > self.max_tokens {
             let mut idle: Vec<(u64, u32)> =
                 self.bases.iter().filter(|(_, b)| b.used != self.clock).map(|(&r, b)| (b.used, r)).collect();
@@ -132,16 +150,9 @@ impl Branches {
                 }
             }
         }
-        let mut run = 0u64;
-        let mut at = 0;
-        while at < todo.len() {
-            let mut end = at;
-            let mut tokens = 0;
-            while end < todo.len() && (end == at || tokens + todo[end].1.len() <= PASS_TOKENS) {
-                tokens += todo[end].1.len();
-                end += 1;
-            }
-            let group = &todo[at..end];
+        let lens: Vec<usize> = todo.iter().map(|(_, ids)| ids.len()).collect();
+        for pass in passes(&lens) {
+            let group = &todo[pass];
             let mut seqs: Vec<Seq> = group.iter().map(|_| start.fork()).collect();
             {
                 let mut pass: Vec<(&mut Seq, &[u32])> =
@@ -153,9 +164,8 @@ impl Branches {
             for (seq, &(row, ids)) in seqs.into_iter().zip(group) {
                 self.bases.insert(row, Base { ids: ids.to_vec(), seq: Arc::new(seq), used: self.clock });
             }
-            run += tokens as u64;
-            at = end;
         }
+        let run = lens.iter().sum::<usize>() as u64;
         Ok(run)
     }
 
@@ -192,40 +202,32 @@ impl Branches {
         }
         let model = Arc::clone(&self.model);
         let h = model.config.hidden_size;
-        let mut run = 0u64;
-        let mut at = 0;
-        while at < views.len() {
-            let mut end = at;
-            let mut tokens = 0;
-            while end < views.len() && (end == at || tokens + views[end].1.len() <= PASS_TOKENS) {
-                tokens += views[end].1.len();
-                end += 1;
-            }
+        let lens: Vec<usize> = views.iter().map(|(_, ids)| ids.len()).collect();
+        for pass in passes(&lens) {
             let hidden = {
-                let mut pass: Vec<(&mut Seq, &[u32])> = views[at..end].iter_mut().map(|(s, ids)| (s, *ids)).collect();
-                model.forward_seqs(&mut pass, &self.pool).map_err(PassError::backend)?
+                let mut run: Vec<(&mut Seq, &[u32])> = views[pass.clone()].iter_mut().map(|(s, ids)| (s, *ids)).collect();
+                model.forward_seqs(&mut run, &self.pool).map_err(PassError::backend)?
             }; // [Σ suffix, hidden]
-            let mut picked = Vec::with_capacity(end - at);
+            let mut picked = Vec::with_capacity(pass.len());
             let mut offset = 0u32;
-            for (_, ids) in &views[at..end] {
-                offset += ids.len() as u32;
+            for &len in &lens[pass.clone()] {
+                offset += len as u32;
                 picked.push(offset - 1);
             }
             let normed = Tensor::new(picked.as_slice(), hidden.device())
                 .and_then(|ids| hidden.index_select(&ids, 0))
                 .and_then(|x| model.final_norm(&x))
                 .and_then(|x| host_vec(&x))
-                .map_err(device_err)?; // [end − at, hidden]
+                .map_err(device_err)?; // [pass.len(), hidden]
             for (k, last) in normed.chunks_exact(h).enumerate() {
-                f(at + k, last);
+                f(pass.start + k, last);
             }
             // The views' own blocks (the suffixes' K/V) go back to the pool here.
-            for view in &mut views[at..end] {
+            for view in &mut views[pass] {
                 view.0 = Seq::new();
             }
-            run += tokens as u64;
-            at = end;
         }
+        let run = lens.iter().sum::<usize>() as u64;
         Ok(run)
     }
 }

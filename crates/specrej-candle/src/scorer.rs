@@ -737,11 +737,6 @@ impl JudgeScorer {
         Ok(Scored { rewards, tokens_processed: processed })
     }
 
-    /// Positions [`JudgeScorer::score_prefixes`] holds over all rows.
-    pub fn prefix_cached_tokens(&self) -> usize {
-        self.branches.as_ref().map_or(0, Branches::held_tokens) + self.cached_tokens()
-    }
-
     fn score_any(&mut self, responses: &[Response<'_>], partial: bool) -> Result<Scored, BackendError> {
         if self.incremental.is_some() {
             if responses.is_empty() { Ok(Scored::default()) } else { self.score_incremental(responses, partial) }
