@@ -553,11 +553,6 @@ impl JudgeScorer {
         self
     }
 
-    /// Positions the incremental caches hold over all rows (0 when not incremental).
-    pub fn cached_tokens(&self) -> usize {
-        self.incremental.as_ref().map_or(0, IncrementalRows::cached_tokens)
-    }
-
     /// Keeps a K/V cache per row between calls, reused up to the longest common prefix
     /// of `before ++ response ++ after` with what the row's cache holds; rows are run one at
     /// a time. Scores equal the batched ones to rounding with [`crate::WeightFormat::F32`];
@@ -677,10 +672,10 @@ impl JudgeScorer {
             if *len > r.tokens.len() {
                 return Err(BackendError::device(format!("judge: row {} has {} tokens, {len} asked for", r.row, r.tokens.len())));
             }
-            self.runner.check(r.tokens)?;
         }
+        // Token ids are checked where they run: once per row and per question by the branches,
+        // per call by the incremental caches.
         let after = if partial { self.after_partial.clone().unwrap_or_else(|| self.after.clone()) } else { self.after.clone() };
-        self.runner.check(&after)?;
         if !self.runner.on_host() {
             return self.prefixes_by_rounds(items, partial);
         }
