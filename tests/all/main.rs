@@ -3,4 +3,5 @@
 mod conformance;
 mod dense;
 mod dependencies;
+mod gguf_rules;
 mod real_model;

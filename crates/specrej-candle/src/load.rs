@@ -6,11 +6,13 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::gguf_file;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device as CDevice, Tensor};
 
-use crate::config::{Architecture, ModelConfig};
+use specrej_gguf::{GgufError, GgufFile};
+
+use crate::config::{hf_key, Architecture, ModelConfig};
 use crate::error::LoadError;
 use crate::model::{Embedding, Layer, Linear, Model};
 use crate::options::{LoadOptions, WeightFormat};
@@ -217,8 +219,8 @@ const HF_NAMES: Names = Names {
 
 /// What a loader knows besides the tensors.
 struct Header {
+    /// Validated, with the vocabulary size and tied embeddings known.
     config: ModelConfig,
-    rope_interleaved: bool,
     inv_freq: Vec<f32>,
     vocab: Option<Vec<String>>,
     /// Build the language-model head (false: a trunk, e.g. of a reward model).
@@ -233,25 +235,8 @@ fn build<S: TensorSource>(
     options: &LoadOptions,
     device: CDevice,
 ) -> Result<Arc<Model>, LoadError> {
-    let Header { mut config, rope_interleaved, inv_freq, vocab, with_head } = header;
-    let path = source.path().to_path_buf();
-    let config_err = |key: &str, reason: String| LoadError::Config { path: path.clone(), key: key.into(), reason };
-    // The vocabulary size comes from the embedding matrix itself.
-    let embd_shape = source
-        .shape(names.embedding)
-        .ok_or_else(|| LoadError::MissingTensor { path: path.clone(), name: names.embedding.into() })?;
-    if embd_shape.len() != 2 || embd_shape[1] != config.hidden_size {
-        return Err(LoadError::ShapeMismatch {
-            path: path.clone(),
-            name: names.embedding.into(),
-            expected: vec![embd_shape.first().copied().unwrap_or(0), config.hidden_size],
-            found: embd_shape,
-        });
-    }
-    config.vocab_size = embd_shape[0];
-    config.tied_embeddings = !source.has(names.output);
-    config.validate().map_err(|(key, reason)| config_err(key, reason))?;
-
+    let Header { config, inv_freq, vocab, with_head } = header;
+    let rope_interleaved = config.rope_interleaved;
     let mut b = Builder { source, format: options.weights, device: &device };
     let c = config.clone();
     let (h, hd) = (c.hidden_size, c.head_dim);
@@ -438,25 +423,18 @@ fn open(path: &Path) -> Result<File, LoadError> {
     })
 }
 
-fn value_u64(v: &Value) -> Option<u64> {
-    match *v {
-        Value::U8(x) => Some(x.into()),
-        Value::U16(x) => Some(x.into()),
-        Value::U32(x) => Some(x.into()),
-        Value::U64(x) => Some(x),
-        Value::I8(x) => u64::try_from(x).ok(),
-        Value::I16(x) => u64::try_from(x).ok(),
-        Value::I32(x) => u64::try_from(x).ok(),
-        Value::I64(x) => u64::try_from(x).ok(),
-        _ => None,
-    }
-}
-
-fn value_f32(v: &Value) -> Option<f32> {
-    match *v {
-        Value::F32(x) => Some(x),
-        Value::F64(x) => Some(x as f32),
-        _ => value_u64(v).map(|x| x as f32),
+/// specrej-gguf's verdict on a GGUF file as a [`LoadError`] naming it (the message after the
+/// path is specrej-gguf's, as every backend reports it).
+fn gguf_error(path: &Path, e: GgufError) -> LoadError {
+    let path = path.to_path_buf();
+    match e {
+        GgufError::NotGguf { found } => LoadError::NotGguf { path, found: found.to_vec() },
+        GgufError::Io(source) => LoadError::Io { path, source },
+        GgufError::UnsupportedArchitecture(architecture) => LoadError::UnsupportedArchitecture { path, architecture },
+        GgufError::Config { key, reason } => LoadError::Config { path, key, reason },
+        GgufError::MissingTensor(name) => LoadError::MissingTensor { path, name },
+        GgufError::ShapeMismatch { name, expected, found } => LoadError::ShapeMismatch { path, name, expected, found },
+        other => LoadError::Corrupt { path, reason: other.to_string() },
     }
 }
 
@@ -485,14 +463,15 @@ fn load_gguf_reader<R: Read + Seek>(path: PathBuf, mut reader: R, options: &Load
     if magic != b"GGUF" {
         return Err(LoadError::NotGguf { path, found: magic });
     }
-    // The header through specrej-gguf first: its rules decide what is corrupt on every target
-    // (candle's reader panics on some corrupt headers, which on wasm32 is an abort).
+    // The whole file through specrej-gguf first (header, tensor table, hyper-parameters):
+    // its rules decide what is corrupt or unusable on every target, and with them nothing
+    // candle's reader could panic on or over-allocate for gets past (a panic on wasm32 is an
+    // abort). candle's reader then only loads tensors specrej-gguf has checked.
     let io = |source| LoadError::Io { path: path.clone(), source };
     let len = reader.seek(SeekFrom::End(0)).map_err(io)?;
     reader.seek(SeekFrom::Start(0)).map_err(io)?;
-    if let Err(e) = specrej_gguf::GgufMetadata::read_limited(&mut reader, Some(len)) {
-        return Err(LoadError::Corrupt { path, reason: e.to_string() });
-    }
+    let file = GgufFile::read_limited(&mut reader, Some(len)).map_err(|e| gguf_error(&path, e))?;
+    let config = file.model_config().map_err(|e| gguf_error(&path, e))?;
     reader.seek(SeekFrom::Start(0)).map_err(io)?;
     let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut reader)));
     let content = match content {
@@ -500,87 +479,18 @@ fn load_gguf_reader<R: Read + Seek>(path: PathBuf, mut reader: R, options: &Load
         Ok(Err(e)) => return Err(LoadError::Corrupt { path, reason: crate::error::message(&e) }),
         Err(_) => return Err(LoadError::Corrupt { path, reason: "the header could not be decoded".into() }),
     };
-    let md = &content.metadata;
-    let config_err = |key: &str, reason: &str| LoadError::Config { path: path.clone(), key: key.into(), reason: reason.into() };
-
-    let arch_name = match md.get("general.architecture") {
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(config_err("general.architecture", "not a string")),
-        None => return Err(config_err("general.architecture", "missing")),
-    };
-    let architecture = match arch_name.as_str() {
-        "llama" => Architecture::Llama,
-        "mistral" => Architecture::Mistral,
-        "qwen2" => Architecture::Qwen2,
-        _ => return Err(LoadError::UnsupportedArchitecture { path, architecture: arch_name }),
-    };
-    let key = |k: &str| format!("{arch_name}.{k}");
-    let get_usize = |k: &str, default: Option<usize>| -> Result<usize, LoadError> {
-        let full = key(k);
-        match md.get(&full) {
-            Some(v) => value_u64(v)
-                .and_then(|x| usize::try_from(x).ok())
-                .ok_or_else(|| config_err(&full, "not a non-negative integer")),
-            None => default.ok_or_else(|| config_err(&full, "missing")),
-        }
-    };
-    let get_f32 = |k: &str, default: f32| -> Result<f32, LoadError> {
-        let full = key(k);
-        match md.get(&full) {
-            Some(v) => value_f32(v).ok_or_else(|| config_err(&full, "not a number")),
-            None => Ok(default),
-        }
-    };
-    let hidden_size = get_usize("embedding_length", None)?;
-    let heads = get_usize("attention.head_count", None)?;
-    let kv_heads = get_usize("attention.head_count_kv", Some(heads))?;
-    let head_dim = get_usize("attention.key_length", (heads > 0).then(|| hidden_size / heads))?;
-    let value_dim = get_usize("attention.value_length", Some(head_dim))?;
-    if value_dim != head_dim {
-        return Err(config_err(&key("attention.value_length"), "differs from key_length (unsupported)"));
+    // Defence in depth: candle must find the tensors where specrej-gguf did.
+    let agrees = content.tensor_data_offset == file.tensors.data_start()
+        && content.tensor_infos.len() == file.tensors.len()
+        && file.tensors.iter().all(|t| content.tensor_infos.get(&t.name).is_some_and(|c| c.offset == t.offset && c.shape.dims() == t.shape));
+    if !agrees {
+        return Err(LoadError::Corrupt { path, reason: "candle's GGUF reader and specrej-gguf disagree about the tensor table".into() });
     }
-    let rope_dim = get_usize("rope.dimension_count", Some(head_dim))?;
-    if rope_dim != head_dim {
-        return Err(config_err(&key("rope.dimension_count"), "partial rotary embeddings are not supported"));
-    }
-    let token_id = |k: &str| md.get(k).and_then(value_u64).and_then(|x| u32::try_from(x).ok());
-    let mut eos_token_ids: Vec<u32> = Vec::new();
-    for k in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
-        if let Some(id) = token_id(k)
-            && !eos_token_ids.contains(&id)
-        {
-            eos_token_ids.push(id);
-        }
-    }
-    let config = ModelConfig {
-        architecture,
-        vocab_size: 1, // placeholder: build() reads it from the embedding's shape
-        hidden_size,
-        layers: get_usize("block_count", None)?,
-        heads,
-        kv_heads,
-        head_dim,
-        ffn_size: get_usize("feed_forward_length", None)?,
-        rope_theta: get_f32("rope.freq_base", 10_000.0)?,
-        rms_norm_eps: get_f32("attention.layer_norm_rms_epsilon", 1e-5)?,
-        context_length: get_usize("context_length", Some(4096))?,
-        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-        eos_token_ids,
-        tied_embeddings: false, // from the tensors present
-    };
-    config.validate().map_err(|(k, reason)| LoadError::Config { path: path.clone(), key: key(k), reason })?;
-    let vocab = match md.get("tokenizer.ggml.tokens") {
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| match v {
-                Value::String(s) => Some(s.clone()),
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>(),
-        _ => None,
-    };
+    let vocab = file.metadata.get_array("tokenizer.ggml.tokens").and_then(|items| {
+        items.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
+    });
     let mut source = GgufSource { path: path.clone(), content, reader };
-    let mut freqs = inv_freq(head_dim, config.rope_theta);
+    let mut freqs = inv_freq(config.head_dim, config.rope_theta);
     // Llama 3.1+ long-context scaling: llama.cpp stores the per-frequency divisors.
     if source.has("rope_freqs.weight") {
         let factors = match source.read("rope_freqs.weight")? {
@@ -600,10 +510,7 @@ fn load_gguf_reader<R: Read + Seek>(path: PathBuf, mut reader: R, options: &Load
             *f /= d;
         }
     }
-    // llama.cpp permutes llama/mistral Q and K rows for its interleaved ("normal") RoPE;
-    // qwen2 files keep Hugging Face's rotate-half ("neox") layout.
-    let rope_interleaved = architecture != Architecture::Qwen2;
-    build(source, &GGUF_NAMES, Header { config, rope_interleaved, inv_freq: freqs, vocab, with_head: true }, options, device)
+    build(source, &GGUF_NAMES, Header { config, inv_freq: freqs, vocab, with_head: true }, options, device)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -730,13 +637,15 @@ fn load_hf(
     let heads = need(hf.num_attention_heads, "num_attention_heads")?;
     let head_dim = match hf.head_dim {
         Some(d) => d,
-        None if heads > 0 => hidden_size / heads,
-        None => return Err(config_err("num_attention_heads", "must be positive")),
+        None if heads == 0 => 0, // validate() names the head count
+        None => ModelConfig::derived_head_dim(hidden_size, heads).ok_or_else(|| {
+            config_err("head_dim", &format!("missing, and {heads} heads do not divide hidden_size {hidden_size}"))
+        })?,
     };
     let rope_theta = hf.rope_theta.unwrap_or(10_000.0) as f32;
     let config = ModelConfig {
         architecture,
-        vocab_size: 1, // placeholder: build() reads it from the embedding's shape
+        vocab_size: 1, // placeholder: set from the embedding's shape once the shards are read
         hidden_size,
         layers: need(hf.num_hidden_layers, "num_hidden_layers")?,
         heads,
@@ -748,9 +657,12 @@ fn load_hf(
         context_length: hf.max_position_embeddings.unwrap_or(4096),
         bos_token_id: token_ids(&hf.bos_token_id).first().copied(),
         eos_token_ids: token_ids(&hf.eos_token_id),
+        rope_interleaved: false, // Hugging Face checkpoints rotate halves
         tied_embeddings: false,
     };
-    config.validate().map_err(|(key, reason)| config_err(key, &reason))?;
+    // The shared rules now (before reading the shards), and once the vocabulary is known.
+    let invalid = |e: specrej_gguf::ConfigError| config_err(hf_key(e.field), &e.reason);
+    config.validate().map_err(invalid)?;
     let mut freqs = inv_freq(head_dim, rope_theta);
     if let Some(scaling) = hf.rope_scaling.as_ref().filter(|v| !v.is_null()) {
         apply_rope_scaling(&mut freqs, scaling).map_err(|reason| config_err("rope_scaling", &reason))?;
@@ -805,7 +717,22 @@ fn load_hf(
         }
     }
     let source = SafetensorsSource { dir, tensors };
-    let header = Header { config, rope_interleaved: false, inv_freq: freqs, vocab: None, with_head: !trunk };
+    // The vocabulary size comes from the embedding matrix itself.
+    let embedding = HF_NAMES.embedding;
+    let embd_shape = source
+        .shape(embedding)
+        .ok_or_else(|| LoadError::MissingTensor { path: source.dir.clone(), name: embedding.into() })?;
+    if embd_shape.len() != 2 || embd_shape[1] != config.hidden_size {
+        return Err(LoadError::ShapeMismatch {
+            path: source.dir.clone(),
+            name: embedding.into(),
+            expected: vec![embd_shape.first().copied().unwrap_or(0), config.hidden_size],
+            found: embd_shape,
+        });
+    }
+    let config = ModelConfig { vocab_size: embd_shape[0], tied_embeddings: !source.has(HF_NAMES.output), ..config };
+    config.validate().map_err(invalid)?;
+    let header = Header { config, inv_freq: freqs, vocab: None, with_head: !trunk };
     let model = build(source, &HF_NAMES, header, options, device)?;
     Ok((model, extras))
 }

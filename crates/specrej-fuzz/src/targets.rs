@@ -5,6 +5,7 @@ use std::io::{Cursor, Read, Write};
 use std::path::Path;
 
 use specrej_host::api::{parse_request, Endpoint, RequestLimits};
+use specrej_text::gguf::GgufFile;
 use specrej_text::{ChatTemplate, GgufMetadata, Message, Tokenizer};
 
 /// A target: its name, the tokens its mutations insert, and the function under test, which
@@ -54,13 +55,20 @@ const GGUF_WORDS: &[&[u8]] = &[
     b"{% for m in messages %}",
     b"llama.context_length",
     b"llama.attention.head_count",
+    b"llama.attention.head_count_kv",
+    b"llama.attention.key_length",
+    b"llama.embedding_length",
+    b"token_embd.weight",
+    b"output.weight",
     b"\x00\x00\x00\x00\x00\x00\x00\x00",
     b"\xff\xff\xff\xff\xff\xff\xff\xff",
 ];
 
-/// GGUF bytes: the metadata reader, the tokenizer and chat template built from it (with a
-/// render), the WebGPU backend's tensor table and config, and candle's load of the whole model.
+/// GGUF bytes: specrej-gguf's whole-file check (metadata, tensor table, `ModelConfig`), the
+/// tokenizer and chat template built from the metadata (with a render), the WebGPU backend's
+/// check (specrej-gguf's, then its kernels' limits), and candle's load of the whole model.
 fn gguf(bytes: &[u8], _work: &Path) -> String {
+    let file = GgufFile::from_bytes(bytes).and_then(|f| f.model_config()).map(|_| ());
     let text = GgufMetadata::from_bytes(bytes).map_err(|e| e.to_string()).and_then(|meta| {
         let tokenizer = Tokenizer::from_gguf(&meta).map_err(|e| e.to_string())?;
         let ids = tokenizer.encode("Hello, world", false).map_err(|e| e.to_string())?;
@@ -71,7 +79,7 @@ fn gguf(bytes: &[u8], _work: &Path) -> String {
     });
     let wgpu = specrej_wgpu::check_gguf(bytes).map(|_| ());
     let candle = specrej_candle::load_gguf_bytes(bytes, &specrej_candle::LoadOptions::default()).map(|_| ());
-    format!("{} | {} | {}", class(text), class(wgpu), class(candle))
+    format!("{} | {} | {} | {}", class(file), class(text), class(wgpu), class(candle))
 }
 
 const SAFETENSORS_WORDS: &[&[u8]] = &[

@@ -1,11 +1,36 @@
-//! specrej's one GGUF metadata reader (pure Rust): specrej-text, specrej-wgpu and
-//! specrej-candle read every GGUF header through it, so one set of rules decides what a
-//! corrupt file is, on every target (wasm32 included).
+//! specrej's one GGUF reader (pure Rust): specrej-text, specrej-wgpu and specrej-candle read
+//! every GGUF file through it, so one set of rules decides what a corrupt file is and what a
+//! usable Llama-family model is, on every target (wasm32 included).
 //!
-//! Parses the header (magic `GGUF`, version 2 or 3, tensor count, key/value count) and the
-//! key/value metadata, and stops before the tensor infos. Corrupt input gives a [`GgufError`]
-//! naming what is wrong, never a panic: lengths are checked against the bytes that remain (when
-//! known) and allocations never exceed what the input actually holds.
+//! * [`GgufMetadata`]: the header (magic `GGUF`, version 2 or 3, tensor count, key/value
+//!   count) and the key/value metadata, stopping before the tensor infos.
+//! * [`GgufFile`]: the metadata and the [`TensorTable`] after it (each tensor's name, shape,
+//!   [`GgmlType`], offset and size; the alignment and the data section's start), every tensor
+//!   checked to lie inside the file.
+//! * [`ModelConfig`]: a Llama-family model's hyper-parameters from the metadata and the tensor
+//!   table, under one set of validation rules ([`ModelConfig::validate`]) that every backend
+//!   uses; a backend's own limits (e.g. the WebGPU kernels' head width) are its own checks.
+//! * [`write_gguf`]: a small writer, for tests and tools.
+//!
+//! Corrupt input gives a [`GgufError`] naming what is wrong (the key, or the tensor), never a
+//! panic: lengths are checked against the bytes that remain (when known), arithmetic on sizes
+//! and offsets is checked, and allocations never exceed what the input actually holds.
+
+mod config;
+mod tensors;
+mod write;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::{
+    Architecture, ConfigError, DEFAULT_CONTEXT_LENGTH, MAX_CONTEXT_LENGTH, ModelConfig,
+};
+pub use tensors::{
+    GgmlType, GgufFile, MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS, TensorInfo, TensorProblem,
+    TensorTable,
+};
+pub use write::{TensorData, write_gguf};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -80,9 +105,45 @@ pub enum GgufError {
     /// The same key appears twice.
     #[error("corrupt GGUF: duplicate metadata key {0:?}")]
     DuplicateKey(String),
-    /// `general.alignment` is not a positive multiple of 8 (the GGUF spec's rule).
-    #[error("corrupt GGUF: general.alignment is {0}, not a positive multiple of 8")]
+    /// `general.alignment` is not a `uint32` power of two of at least 8 (the GGUF spec asks
+    /// for a multiple of 8, ggml's padding arithmetic for a power of two).
+    #[error("corrupt GGUF: general.alignment is {0}, not a uint32 power of two of at least 8")]
     BadAlignment(String),
+    /// A tensor's info is inconsistent (names the tensor).
+    #[error("corrupt GGUF: tensor {name:?}: {problem}")]
+    Tensor {
+        /// The tensor.
+        name: String,
+        /// What is wrong with it.
+        problem: TensorProblem,
+    },
+    /// Two tensor infos carry the same name.
+    #[error("corrupt GGUF: tensor {0:?} appears twice")]
+    DuplicateTensor(String),
+    /// `general.architecture` names a model family specrej does not implement.
+    #[error("unsupported architecture {0:?} (supported: llama, mistral, qwen2)")]
+    UnsupportedArchitecture(String),
+    /// A hyper-parameter is missing, has the wrong type, or fails [`ModelConfig::validate`].
+    #[error("bad or missing config entry {key:?}: {reason}")]
+    Config {
+        /// The metadata key (e.g. `llama.attention.head_count_kv`).
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A tensor the model needs is absent.
+    #[error("missing tensor {0:?}")]
+    MissingTensor(String),
+    /// A tensor has another shape than the metadata implies.
+    #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// The tensor.
+        name: String,
+        /// The shape the metadata implies (outer dimension first).
+        expected: Vec<usize>,
+        /// The shape in the file (outer dimension first).
+        found: Vec<usize>,
+    },
     /// Any other I/O error.
     #[error("I/O error reading GGUF: {0}")]
     Io(#[from] io::Error),
@@ -90,6 +151,9 @@ pub enum GgufError {
 
 /// How deeply arrays may nest before the reader gives up (real files use depth 1).
 pub const MAX_ARRAY_DEPTH: usize = 8;
+
+/// The data section's alignment when `general.alignment` is absent (the GGUF spec's default).
+pub const DEFAULT_ALIGNMENT: u64 = 32;
 
 /// GGUF value type ids, as stored in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -288,7 +352,7 @@ impl fmt::Display for GgufValue {
 pub struct GgufMetadata {
     /// GGUF version (2 or 3).
     pub version: u32,
-    /// Number of tensors (their infos follow the metadata; not read).
+    /// Number of tensors (their infos follow the metadata: [`GgufFile`] reads them).
     pub tensor_count: u64,
     /// Metadata key/value pairs.
     pub kv: BTreeMap<String, GgufValue>,
@@ -318,11 +382,11 @@ impl GgufMetadata {
 
     /// Parses from a reader whose total length (from the current position) is `len`, if known.
     pub fn read_limited<R: Read>(reader: R, len: Option<u64>) -> Result<Self, GgufError> {
-        let mut r = Src {
-            r: reader,
-            pos: 0,
-            len,
-        };
+        Self::read_from(&mut Src::new(reader, len))
+    }
+
+    /// Parses the header and metadata from `r`, leaving it just past the metadata.
+    pub(crate) fn read_from<R: Read>(r: &mut Src<R>) -> Result<Self, GgufError> {
         let mut magic = [0u8; 4];
         r.fill(&mut magic, "magic")?;
         if &magic != b"GGUF" {
@@ -367,11 +431,18 @@ impl GgufMetadata {
             }
             kv.insert(key, value);
         }
-        // Readers divide by it to find the tensor data (candle once panicked on 0).
+        // Readers divide by it to find the tensor data (candle once panicked on 0), and ggml
+        // rounds up with a mask, which only a power of two makes right.
         if let Some(v) = kv.get("general.alignment") {
-            match v.as_u32() {
-                Some(a) if a > 0 && a % 8 == 0 => {}
-                _ => return Err(GgufError::BadAlignment(v.to_string())),
+            match v {
+                GgufValue::U32(a) if a.is_power_of_two() && *a >= 8 => {}
+                GgufValue::U32(_) => return Err(GgufError::BadAlignment(v.to_string())),
+                other => {
+                    return Err(GgufError::BadAlignment(format!(
+                        "{other} (a {:?}, not a U32)",
+                        other.ty()
+                    )));
+                }
             }
         }
         Ok(GgufMetadata {
@@ -380,6 +451,14 @@ impl GgufMetadata {
             kv,
             metadata_end: r.pos,
         })
+    }
+
+    /// The data section's alignment: `general.alignment` (checked when read), else 32.
+    pub fn alignment(&self) -> u64 {
+        match self.get("general.alignment") {
+            Some(GgufValue::U32(a)) => u64::from(*a),
+            _ => DEFAULT_ALIGNMENT,
+        }
     }
 
     /// The value of `key`, if present.
@@ -409,18 +488,22 @@ impl GgufMetadata {
 }
 
 /// A reader that tracks its position and (optionally) how many bytes remain.
-struct Src<R> {
+pub(crate) struct Src<R> {
     r: R,
-    pos: u64,
-    len: Option<u64>,
+    pub(crate) pos: u64,
+    pub(crate) len: Option<u64>,
 }
 
 impl<R: Read> Src<R> {
+    pub(crate) fn new(r: R, len: Option<u64>) -> Self {
+        Src { r, pos: 0, len }
+    }
+
     fn remaining(&self) -> Option<u64> {
         self.len.map(|l| l.saturating_sub(self.pos))
     }
 
-    fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<(), GgufError> {
+    pub(crate) fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<(), GgufError> {
         match self.r.read_exact(buf) {
             Ok(()) => {
                 self.pos += buf.len() as u64;
@@ -435,7 +518,7 @@ impl<R: Read> Src<R> {
     }
 
     /// Fails if `count` items of at least `min_size` bytes each cannot fit in what remains.
-    fn check_len(
+    pub(crate) fn check_len(
         &self,
         count: u64,
         min_size: u64,
@@ -463,15 +546,15 @@ impl<R: Read> Src<R> {
         Ok(b)
     }
 
-    fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
+    pub(crate) fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
         Ok(u32::from_le_bytes(self.bytes(what)?))
     }
 
-    fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
+    pub(crate) fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
         Ok(u64::from_le_bytes(self.bytes(what)?))
     }
 
-    fn string(&mut self, what: &str) -> Result<String, GgufError> {
+    pub(crate) fn string(&mut self, what: &str) -> Result<String, GgufError> {
         let len_offset = self.pos;
         let len = self.u64(what)?;
         self.check_len(len, 1, what, len_offset, "bytes")?;

@@ -35,21 +35,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The bytes are not a GGUF file, or its header is corrupt.
+    /// The file is not a valid GGUF model by specrej-gguf's rules (the ones every backend
+    /// applies): not GGUF, a corrupt header or tensor table, an unsupported architecture, or
+    /// bad hyper-parameters. Its message is specrej-gguf's.
     #[error("{0}")]
     Gguf(#[from] specrej_gguf::GgufError),
-    /// The tensor infos or data are inconsistent with the file.
-    #[error("corrupt GGUF: {0}")]
-    Corrupt(String),
-    /// The model architecture is not one this backend implements.
-    #[error("unsupported architecture {0:?} (supported: llama, mistral, qwen2)")]
-    UnsupportedArchitecture(String),
-    /// A required metadata entry is missing or has the wrong type or value.
-    #[error("bad or missing GGUF metadata {key:?}: {reason}")]
-    Config {
+    /// A valid model this backend's kernels cannot run (e.g. heads wider than 256).
+    #[error("unsupported by the wgpu backend: {key:?}: {reason}")]
+    Unsupported {
         /// The metadata key.
         key: String,
-        /// What is wrong with it.
+        /// Which limit it exceeds.
         reason: String,
     },
     /// A required tensor is absent.

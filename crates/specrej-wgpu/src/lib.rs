@@ -196,14 +196,14 @@ pub fn adapters_blocking() -> Vec<AdapterInfo> {
 #[doc(hidden)]
 pub fn dequantize_tensor(gguf: &[u8], name: &str) -> Result<(Vec<usize>, Vec<f32>), Error> {
     let g = gguf::Gguf::parse(gguf)?;
-    let info = g.tensors.get(name).ok_or_else(|| Error::MissingTensor(name.into()))?;
+    let info = g.tensor(name).ok_or_else(|| Error::MissingTensor(name.into()))?;
     let values = g.to_f32(name, info)?;
     Ok((info.shape.clone(), values))
 }
 
 /// What [`WgpuModel`] checks of a GGUF file before it touches a device: the header, the
-/// tensor table against the bytes present, and the hyper-parameters. (The fuzzer runs it.)
+/// tensor table against the bytes present and the hyper-parameters (specrej-gguf's rules),
+/// then this backend's limits ([`Error::Unsupported`]). (The fuzzer runs it.)
 pub fn check_gguf(gguf: &[u8]) -> Result<Config, Error> {
-    let g = gguf::Gguf::parse(gguf)?;
-    Config::from_gguf(&g)
+    gguf::Gguf::parse(gguf)?.config()
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use specrej_core::BackendError;
 
 use crate::error::Error;
-use crate::gguf::{Config, Gguf};
+use crate::gguf::{shader_id, Config, Gguf};
 use crate::gpu::Gpu;
 use crate::{AdapterChoice, Options};
 
@@ -142,7 +142,7 @@ impl WgpuModel {
     /// Loads a GGUF file held in memory onto the adapter `options` selects.
     pub async fn load(gguf: &[u8], options: &Options) -> Result<Arc<Self>, Error> {
         let parsed = Gguf::parse(gguf)?;
-        let config = Config::from_gguf(&parsed)?;
+        let config = parsed.config()?;
         let instance = crate::instance();
         let adapter = pick_adapter(&instance, options.adapter.as_ref()).await?;
         let allow = crate::shaders::Variant { subgroups: options.subgroups, f16_kv: options.f16_kv };
@@ -173,7 +173,7 @@ impl WgpuModel {
         let dummy = gpu.storage("dummy", 16).map_err(|e| Error::Upload(e.to_string()))?;
         let mut matrix = |name: &str, out: usize, inp: usize, flags: u32, bias: Option<&str>| -> Result<Matrix, Error> {
             let info = g.info(name, &[out, inp])?;
-            let (ty, data): (u32, std::borrow::Cow<'_, [u8]>) = match info.ty.shader_id() {
+            let (ty, data): (u32, std::borrow::Cow<'_, [u8]>) = match shader_id(info.ggml_type) {
                 Some(id) => (id, g.data(info).into()),
                 // BF16: converted to F32 at load (documented in the crate docs).
                 None => (0, f32_bytes(&g.to_f32(name, info)?).to_vec().into()),
@@ -184,7 +184,7 @@ impl WgpuModel {
             }
             weight_bytes += bytes;
             let mut flags = flags;
-            let bias = match bias.filter(|b| g.tensors.contains_key(*b)) {
+            let bias = match bias.filter(|b| g.has(b)) {
                 Some(b) => {
                     let info = g.info(b, &[out])?;
                     flags |= 4;
@@ -202,12 +202,12 @@ impl WgpuModel {
             })
         };
         let embed = matrix("token_embd.weight", c.vocab_size, h, 0, None)?;
-        let head = if g.tensors.contains_key("output.weight") {
+        let head = if g.has("output.weight") {
             matrix("output.weight", c.vocab_size, h, 2, None)?
         } else {
             // Tied embeddings: the head reads the lookup table itself.
             let info = g.info("token_embd.weight", &[c.vocab_size, h])?;
-            let ty = info.ty.shader_id().unwrap_or(0);
+            let ty = shader_id(info.ggml_type).unwrap_or(0);
             Matrix {
                 buf: embed.buf.clone(),
                 dims: gpu.uniform("head", &[c.vocab_size as u32, h as u32, ty, 2]),
@@ -221,7 +221,7 @@ impl WgpuModel {
             let p = |s: &str| format!("blk.{i}.{s}");
             if qwen {
                 for b in ["attn_q.bias", "attn_k.bias", "attn_v.bias"] {
-                    if !g.tensors.contains_key(&p(b)) {
+                    if !g.has(&p(b)) {
                         return Err(Error::MissingTensor(p(b)));
                     }
                 }
@@ -244,7 +244,7 @@ impl WgpuModel {
         // RoPE: the same inverse frequencies and f32 arithmetic as specrej-candle.
         let half = hd / 2;
         let mut freqs: Vec<f32> = (0..half).map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f32 / hd as f32)).collect();
-        if let Some(info) = g.tensors.get("rope_freqs.weight") {
+        if let Some(info) = g.tensor("rope_freqs.weight") {
             let factors = g.to_f32("rope_freqs.weight", info)?;
             if factors.len() != half {
                 return Err(Error::ShapeMismatch { name: "rope_freqs.weight".into(), expected: vec![half], found: info.shape.clone() });
@@ -253,16 +253,19 @@ impl WgpuModel {
                 *f /= d;
             }
         }
-        let mut table = Vec::with_capacity(c.context_length * half * 2);
+        // Checked before it is built: a valid context (up to 2^24 positions) can ask for more
+        // than the adapter binds, or than the host should allocate for it.
+        let table_bytes = (c.context_length as u64).saturating_mul(half as u64 * 2 * 4);
+        if table_bytes > limit {
+            return Err(Error::TooLarge { name: "RoPE table".into(), bytes: table_bytes, limit });
+        }
+        let mut table = Vec::with_capacity(c.context_length * half * 2); // [context, head_dim/2] (cos, sin)
         for p in 0..c.context_length {
             for &f in &freqs {
                 let angle = p as f32 * f;
                 table.push(angle.cos());
                 table.push(angle.sin());
             }
-        }
-        if (table.len() * 4) as u64 > limit {
-            return Err(Error::TooLarge { name: "RoPE table".into(), bytes: (table.len() * 4) as u64, limit });
         }
         let rope_table = gpu.storage_init("rope table", f32_bytes(&table));
         let eps = c.rms_norm_eps.to_bits();
@@ -273,7 +276,7 @@ impl WgpuModel {
         let attn_u = gpu.uniform("attention", &[c.heads as u32, c.kv_heads as u32, hd as u32, scale.to_bits()]);
         let kv_width_u = gpu.uniform("kv width", &[(c.kv_heads * hd) as u32, 0, 0, 0]);
         let ffn_width_u = gpu.uniform("ffn width", &[c.ffn_size as u32, 0, 0, 0]);
-        let vocab = g.meta.get_array("tokenizer.ggml.tokens").and_then(|items| {
+        let vocab = g.meta().get_array("tokenizer.ggml.tokens").and_then(|items| {
             items.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
         });
         if let Some(e) = gpu.take_error() {
