@@ -28,17 +28,66 @@ const LANES: usize = 8;
 /// Query tokens per tile.
 const TILE: usize = 16;
 
-/// `out[s] = Σ_d q[d] · kt[d·BLOCK + s]` for the `BLOCK` keys of a transposed K block
-/// (`kt`: `[head_dim, BLOCK]`), summed in `d` order.
+/// `out[h][s] = Σ_d q[h][d] · kt[d·BLOCK + s]` for `N` query heads and the `BLOCK` keys of a
+/// transposed K block (`kt`: `[head_dim, BLOCK]`), each head's sums in `d` order: the same
+/// arithmetic as one head at a time, but each row of `kt` is loaded once for all `N` heads and
+/// the `N` heads' sums are independent chains (one head alone keeps only two vector
+/// accumulators busy, and waits on their latency).
 #[inline]
-fn block_scores(q: &[f32], kt: &[f32], out: &mut [f32; BLOCK]) {
-    let mut acc = [0.0f32; BLOCK];
-    for (qd, row) in q.iter().zip(kt.chunks_exact(BLOCK)) {
-        for s in 0..BLOCK {
-            acc[s] += qd * row[s];
+fn block_scores<const N: usize>(q: [&[f32]; N], kt: &[f32], out: &mut [[f32; BLOCK]; N]) {
+    let mut acc = [[0.0f32; BLOCK]; N];
+    for (d, row) in kt.chunks_exact(BLOCK).enumerate() {
+        for h in 0..N {
+            let qd = q[h][d];
+            for s in 0..BLOCK {
+                acc[h][s] += qd * row[s];
+            }
         }
     }
     *out = acc;
+}
+
+/// The scaled scores of query heads `0..group` (head `h`'s query is `q(h)`) against one K
+/// block, written to `scores[at(h)..at(h) + n]`; heads go through [`block_scores`] four at a time.
+#[inline]
+fn score_heads<'q>(
+    group: usize,
+    q: &impl Fn(usize) -> &'q [f32],
+    kt: &[f32],
+    scale: f32,
+    n: usize,
+    scores: &mut [f32],
+    at: &impl Fn(usize) -> usize,
+) {
+    fn heads<'q, const N: usize>(
+        first: usize,
+        q: &impl Fn(usize) -> &'q [f32],
+        kt: &[f32],
+        scale: f32,
+        n: usize,
+        scores: &mut [f32],
+        at: &impl Fn(usize) -> usize,
+    ) {
+        let mut block = [[0.0f32; BLOCK]; N];
+        block_scores(std::array::from_fn(|k| q(first + k)), kt, &mut block);
+        for (k, row) in block.iter().enumerate() {
+            let a = at(first + k);
+            for (dst, &x) in scores[a..a + n].iter_mut().zip(row) {
+                *dst = x * scale;
+            }
+        }
+    }
+    let mut h = 0;
+    while h < group {
+        let left = group - h;
+        match left {
+            1 => heads::<1>(h, q, kt, scale, n, scores, at),
+            2 => heads::<2>(h, q, kt, scale, n, scores, at),
+            3 => heads::<3>(h, q, kt, scale, n, scores, at),
+            _ => heads::<4>(h, q, kt, scale, n, scores, at),
+        }
+        h += left.min(4);
+    }
 }
 
 /// `acc += Σ_j p[j] · v[j]` over the rows of a V block (`v`: `[BLOCK, head_dim]`), in `j`
@@ -273,32 +322,19 @@ fn tile_head(
     // A member's scores for head h start at `off + h · stride(pos)`.
     let stride = |pos: usize| (pos + 1).next_multiple_of(BLOCK);
     let shared = tile.shared;
-    let mut block = [0.0f32; BLOCK];
     // Scores against the shared prefix: each key block converted once for the whole tile.
     if shared > 0 {
         let first = seqs[members[0].0].seq;
         for_blocks(first, shape, (layer, 0, g), 0, shared, buf, |p0, n, kt| {
             for &(_, pos, row, off) in &members {
-                for h in 0..group {
-                    block_scores(qh(row, h), kt, &mut block);
-                    let at = off + h * stride(pos) + p0;
-                    for (dst, &x) in scores[at..at + n].iter_mut().zip(&block) {
-                        *dst = x * scale;
-                    }
-                }
+                score_heads(group, &|h| qh(row, h), kt, scale, n, scores, &|h| off + h * stride(pos) + p0);
             }
         });
     }
     // Scores against each token's own positions, then its softmax.
     for &(i, pos, row, off) in &members {
         for_blocks(seqs[i].seq, shape, (layer, 0, g), shared, pos + 1, buf, |p0, n, kt| {
-            for h in 0..group {
-                block_scores(qh(row, h), kt, &mut block);
-                let at = off + h * stride(pos) + p0;
-                for (dst, &x) in scores[at..at + n].iter_mut().zip(&block) {
-                    *dst = x * scale;
-                }
-            }
+            score_heads(group, &|h| qh(row, h), kt, scale, n, scores, &|h| off + h * stride(pos) + p0);
         });
         for h in 0..group {
             let at = off + h * stride(pos);
@@ -383,7 +419,7 @@ mod tests {
         let kv_at = |seq: u32, pos: usize| (numbers(32, seq * 1000 + pos as u32), numbers(32, seq * 1000 + 500 + pos as u32));
         // The prefix: 21 positions (not a multiple of BLOCK).
         let mut prefix = Seq::new();
-        prefix.reserve(21, &pool).unwrap();
+        prefix.reserve(21, &pool).expect("reserve");
         for pos in 0..21 {
             let (k, v) = kv_at(0, pos);
             prefix.write(&shape, 0, pos, &k, &v);
@@ -394,7 +430,7 @@ mod tests {
         let lens = [1usize, 5, 40];
         let mut seqs: Vec<Seq> = lens.iter().map(|_| Seq::on_prefix(&prefix, 21)).collect();
         for (i, (s, &n)) in seqs.iter_mut().zip(&lens).enumerate() {
-            s.reserve(n, &pool).unwrap();
+            s.reserve(n, &pool).expect("reserve");
             for pos in 21..21 + n {
                 let (k, v) = kv_at(i as u32 + 1, pos);
                 s.write(&shape, 0, pos, &k, &v);

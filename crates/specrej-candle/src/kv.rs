@@ -396,7 +396,7 @@ mod tests {
     }
 
     fn fill(seq: &mut Seq, pool: &Arc<KvPool>, n: usize, base: f32) {
-        seq.reserve(n, pool).unwrap();
+        seq.reserve(n, pool).expect("reserve");
         let shape = pool.shape();
         for i in 0..n {
             let pos = seq.len() + i;
