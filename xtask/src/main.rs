@@ -10,8 +10,8 @@
 //!                           target/llama-cpp-venv on first use: minutes) in one run, and ratios
 //! cargo xtask component     build the decoder component (wasm32) → target/specrej-decoder.component.wasm
 //! cargo xtask component-with-reward   the same, world decoder-with-reward
-//! cargo xtask cuda-check    build the CLI and specrej-candle's tests with CUDA, unoptimised (toolkit
-//!                           wheels from PyPI, link-time stubs, no GPU needed): what CI runs
+//! cargo xtask cuda-check    build specrej-candle's tests with CUDA and type-check the CLI's, unoptimised
+//!                           (toolkit wheels from PyPI, link-time stubs, no GPU needed): what CI runs
 //! cargo xtask cuda-build [--release]   build the `specrej` CLI with CUDA (slow: nvcc kernels + codegen)
 //! cargo xtask gpu-check [--release]   stage CUDA binaries for scripts/gpu-check.sh (device machine)
 //! cargo xtask serve [ADDR]  specrej-server on ADDR (default 127.0.0.1:8080): the OpenAI-compatible API

@@ -192,9 +192,8 @@ fn throughput(args: ThroughputArgs) -> Result<()> {
                 (Policy::Candle(_), BackendArg::Cuda) => "CUDA device 0".to_string(),
                 (Policy::Candle(_), _) => format!("{threads} threads"),
             };
-            if !args.json {
-                eprintln!("{name}: {device}");
-            }
+            // Progress goes to stderr in every mode (`--json` owns stdout only).
+            eprintln!("{name}: {device}");
             let max_rows = args.rows.iter().copied().max().unwrap_or(1);
             // Room for the prompts plus the warm-up and timed steps, in every row, in the
             // backend's layout.
@@ -206,11 +205,7 @@ fn throughput(args: ThroughputArgs) -> Result<()> {
             let longest = prompts.long.iter().map(Vec::len).max().unwrap_or(1);
             let tokens = layout.tokens(longest, 1, own).max(layout.tokens(prompts.short.len(), max_rows, own));
             let kv_bytes = tokens * policy.kv_bytes_per_token();
-            let mut sink = |what: &str| {
-                if !args.json {
-                    eprintln!("{name}: {what}");
-                }
-            };
+            let mut sink = |what: &str| eprintln!("{name}: {what}");
             let (prefill, decode) = match &policy {
                 Policy::Candle(model) => measure(
                     &mut CandleDecoder::new(model.clone(), kv_bytes),
