@@ -1,9 +1,8 @@
-//! The reward model over HTTP/1.1 + JSON: a blocking server ([`serve`]) and a client
-//! [`Scorer`] ([`RemoteScorer`]). Hand-written on `std::net` (one request per connection,
-//! `Connection: close`); the schema is in the crate docs.
+//! The reward model over HTTP/1.1 + JSON: a blocking server ([`serve`], on specrej-http:
+//! one request per connection, `Connection: close`) and a client [`Scorer`]
+//! ([`RemoteScorer`], on ureq); the schema is in the crate docs.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -159,46 +158,58 @@ pub fn spawn_server(addr: impl ToSocketAddrs, rm: Arc<RewardModel>) -> std::io::
     Ok((local, handle))
 }
 
-/// `http://host:port/path` → (`host:port`, `/path`).
-fn parse_url(url: &str) -> Result<(String, String), RewardError> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| RewardError::Other(format!("{url}: only http:// URLs are supported")))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() {
-        return Err(RewardError::Other(format!("{url}: no host")));
+/// How long [`RemoteScorer`] waits for the TCP connection to the server.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default total time [`RemoteScorer`] gives one request, from connecting to the last
+/// byte of the answer ([`RemoteScorer::with_timeout`] changes it): the hand-written client
+/// waited up to 600 s for an answer, and a large batch on a CPU reward model can take minutes.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Largest answer body [`RemoteScorer`] reads (larger: an error, found while reading).
+pub const MAX_ANSWER_BYTES: usize = MAX_BODY_BYTES;
+
+/// Checks a reward server URL: `http://HOST[:PORT][/PATH]`, HOST a name, an IPv4 address or
+/// a bracketed IPv6 address (`[::1]`), PORT 1-65535 (default 80).
+fn parse_url(url: &str) -> Result<ureq::http::Uri, RewardError> {
+    let bad = |why: &str| RewardError::Other(format!("reward server URL {url:?}: {why} (expected http://HOST:PORT/PATH)"));
+    let uri: ureq::http::Uri = url.parse().map_err(|e| bad(&format!("not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(bad("https is not supported (plain http only, no TLS)")),
+        Some(other) => return Err(bad(&format!("scheme {other:?} is not supported, only http"))),
+        None => return Err(bad("no http:// scheme")),
     }
-    let authority = if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
-    Ok((authority, path.to_string()))
+    let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(bad("user info is not supported"));
+    }
+    if authority.host().is_empty() || authority.host() == "[]" {
+        return Err(bad("no host"));
+    }
+    // What follows the host (`host()` keeps an IPv6 address's brackets): nothing or `:PORT`.
+    let after_host = authority.as_str().get(authority.host().len()..).unwrap_or_default();
+    if !after_host.is_empty() {
+        let port = after_host.strip_prefix(':').unwrap_or(after_host);
+        if !port.bytes().all(|b| b.is_ascii_digit()) || !matches!(port.parse::<u16>(), Ok(1..)) {
+            return Err(bad(&format!("bad port {port:?} (1-65535)")));
+        }
+    }
+    Ok(uri)
 }
 
-/// POSTs `body` to `url`; returns (status, body).
-fn post(authority: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect(authority)?;
-    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response"))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP status line"))?;
-    Ok((status, raw[split + 4..].to_vec()))
+/// One line: ureq's error in words, with what was being done.
+fn describe(e: &ureq::Error, timeout: Duration) -> String {
+    let text = match e {
+        ureq::Error::Timeout(ureq::Timeout::Connect) => format!("could not connect within {CONNECT_TIMEOUT:?}"),
+        ureq::Error::Timeout(which) => format!("no complete answer within {timeout:?} ({which} timeout)"),
+        ureq::Error::HostNotFound => "host not found".to_string(),
+        ureq::Error::ConnectionFailed => "could not connect".to_string(),
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => format!("could not connect: {io}"),
+        ureq::Error::Io(io) => format!("I/O error: {io}"),
+        ureq::Error::BodyExceedsLimit(limit) => format!("answer body larger than {limit} bytes"),
+        ureq::Error::Protocol(p) => format!("malformed HTTP answer: {p}"),
+        other => other.to_string(),
+    };
+    text.replace(['\r', '\n'], " ")
 }
 
 /// A [`Scorer`] that asks a remote reward model server ([`serve`]) over HTTP.
@@ -206,31 +217,90 @@ fn post(authority: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u
 /// Sends the question text and the detokenized responses ([`detokenize`]) with their row ids
 /// under a per-scorer session name, so the server scores incrementally; `release` tells
 /// the server to drop rows (best effort: errors are ignored).
+///
+/// The client is a [`ureq::Agent`] of its own (clones share it): plain HTTP/1.1, connections
+/// kept alive and reused when the server allows, chunked answers decoded, at most
+/// [`CONNECT_TIMEOUT`] to connect and [`REQUEST_TIMEOUT`] (or [`RemoteScorer::with_timeout`])
+/// per request, answers over [`MAX_ANSWER_BYTES`] refused, no redirects followed, proxy
+/// environment variables ignored.
 #[derive(Debug, Clone)]
 pub struct RemoteScorer {
     url: String,
-    authority: String,
-    path: String,
+    uri: ureq::http::Uri,
+    agent: ureq::Agent,
+    timeout: Duration,
     policy: Tokenizer,
     question: String,
     session: Option<String>,
     pending_release: Vec<u32>,
 }
 
+/// The agent of one [`RemoteScorer`].
+fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_global(Some(timeout))
+        // Non-2xx answers are read (their JSON error is the message), not turned into errors.
+        .http_status_as_error(false)
+        // A 3xx is answered as the error it is for a POST.
+        .max_redirects(0)
+        // The server is named by the URL alone, as with the std::net client.
+        .proxy(None)
+        .build()
+        .new_agent()
+}
+
 impl RemoteScorer {
-    /// A scorer posting to `url` (`http://host:port/path`) with a fresh session name.
+    /// A scorer posting to `url` (`http://host:port/path`, `http://[::1]:port/path`; port 80
+    /// by default) with a fresh session name. Any other URL is an error naming it.
     pub fn new(url: &str, policy: Tokenizer, question: impl Into<String>) -> Result<Self, RewardError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let (authority, path) = parse_url(url)?;
+        let uri = parse_url(url)?;
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let session = format!("{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        Ok(Self { url: url.to_string(), authority, path, policy, question: question.into(), session: Some(session), pending_release: Vec::new() })
+        Ok(Self {
+            url: url.to_string(),
+            uri,
+            agent: agent(REQUEST_TIMEOUT),
+            timeout: REQUEST_TIMEOUT,
+            policy,
+            question: question.into(),
+            session: Some(session),
+            pending_release: Vec::new(),
+        })
     }
 
     /// Stateless requests: the server re-scores everything at every call.
     pub fn stateless(mut self) -> Self {
         self.session = None;
         self
+    }
+
+    /// The total time one request may take, connecting included (default [`REQUEST_TIMEOUT`]).
+    /// A new agent: connections kept so far are dropped.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self.agent = agent(timeout);
+        self
+    }
+
+    /// POSTs `body`; returns (status, answer body), the body at most [`MAX_ANSWER_BYTES`].
+    fn post(&self, body: &[u8]) -> Result<(u16, Vec<u8>), String> {
+        let fail = |e: ureq::Error| describe(&e, self.timeout);
+        let mut answer =
+            self.agent.post(self.uri.clone()).content_type("application/json").send(body).map_err(fail)?;
+        let status = answer.status().as_u16();
+        let cap = MAX_ANSWER_BYTES as u64;
+        if let Some(n) = answer.body().content_length()
+            && n > cap
+        {
+            return Err(format!("HTTP {status} answer of {n} bytes, over the {cap}-byte limit"));
+        }
+        let bytes = answer.body_mut().with_config().limit(cap).read_to_vec().map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(_) => format!("HTTP {status} answer body over the {cap}-byte limit"),
+            e => format!("HTTP {status} answer body: {}", fail(e)),
+        })?;
+        Ok((status, bytes))
     }
 
     /// Scores texts directly (no detokenization): one request.
@@ -243,14 +313,15 @@ impl RemoteScorer {
             release: std::mem::take(&mut self.pending_release),
         };
         let body = serde_json::to_vec(&req).map_err(BackendError::device)?;
-        let (status, answer) = post(&self.authority, &self.path, &body)
-            .map_err(|e| BackendError::device(format!("reward server {}: {e}", self.url)))?;
-        if status != 200 {
+        let (status, answer) =
+            self.post(&body).map_err(|e| BackendError::device(format!("reward server {}: {e}", self.url)))?;
+        if !(200..300).contains(&status) {
             let msg = serde_json::from_slice::<serde_json::Value>(&answer)
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
                 .unwrap_or_else(|| String::from_utf8_lossy(&answer).into_owned());
-            return Err(BackendError::device(format!("reward server {}: HTTP {status}: {msg}", self.url)));
+            let msg = msg.replace(['\r', '\n'], " ");
+            return Err(BackendError::device(format!("reward server {}: HTTP {status}: {}", self.url, msg.trim())));
         }
         let resp: ScoreResponse = serde_json::from_slice(&answer)
             .map_err(|e| BackendError::device(format!("reward server {}: bad answer: {e}", self.url)))?;
@@ -282,5 +353,34 @@ impl Scorer for RemoteScorer {
         if self.session.is_some() {
             self.pending_release.extend_from_slice(rows);
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod tests {
+    use super::parse_url;
+
+    /// (host, port, path and query) a URL parses to.
+    fn parts(url: &str) -> (String, u16, String) {
+        let uri = parse_url(url).unwrap();
+        let authority = uri.authority().unwrap();
+        let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+        (authority.host().to_string(), authority.port_u16().unwrap_or(80), path)
+    }
+
+    #[test]
+    fn urls_parse_to_host_port_and_path() {
+        let s = String::from;
+        assert_eq!(parts("http://[::1]:8123/score"), (s("[::1]"), 8123, s("/score")));
+        assert_eq!(parts("http://[::1]/score"), (s("[::1]"), 80, s("/score")));
+        assert_eq!(parts("http://127.0.0.1:9/"), (s("127.0.0.1"), 9, s("/")));
+        assert_eq!(parts("http://localhost:8080/v1/score?x=1"), (s("localhost"), 8080, s("/v1/score?x=1")));
+        assert_eq!(parts("http://example.com"), (s("example.com"), 80, s("/")));
+        let e = parse_url("https://example.com/").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "reward server URL \"https://example.com/\": https is not supported (plain http only, no TLS) (expected http://HOST:PORT/PATH)"
+        );
     }
 }

@@ -54,7 +54,10 @@
 //! (a pure function of its body). Sessions are held in a small LRU ([`MAX_SESSIONS`]).
 //! Connections are served one at a time (the model is the bottleneck), each with a 60 s
 //! read/write timeout. `specrej-reward-server RM_DIR [ADDR] [--weights f32|q8_0|native]`
-//! serves a directory from the command line.
+//! serves a directory from the command line. [`RemoteScorer`] (on ureq) accepts
+//! `Content-Length` and chunked answers of at most [`MAX_ANSWER_BYTES`], keeps connections
+//! alive where the server allows, and gives a request [`CONNECT_TIMEOUT`] to connect and
+//! [`REQUEST_TIMEOUT`] in all.
 #![forbid(unsafe_code)]
 
 mod error;
@@ -65,6 +68,9 @@ mod scorer;
 
 pub use error::RewardError;
 pub use export::{ExportDtype, ExportReport, export_judge_rm};
-pub use http::{MAX_BODY_BYTES, MAX_SESSIONS, RemoteScorer, ScoreRequest, ScoreResponse, serve, spawn_server};
+pub use http::{
+    CONNECT_TIMEOUT, MAX_ANSWER_BYTES, MAX_BODY_BYTES, MAX_SESSIONS, REQUEST_TIMEOUT, RemoteScorer, ScoreRequest, ScoreResponse,
+    serve, spawn_server,
+};
 pub use model::{RewardModel, SUPPORTED_ARCHITECTURES};
 pub use scorer::{RewardScorer, RewardSession, detokenize};
