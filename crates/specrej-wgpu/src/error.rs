@@ -37,7 +37,8 @@ pub enum Error {
     },
     /// The file is not a valid GGUF model by specrej-gguf's rules (the ones every backend
     /// applies): not GGUF, a corrupt header or tensor table, an unsupported architecture, or
-    /// bad hyper-parameters. Its message is specrej-gguf's.
+    /// bad hyper-parameters, or a tensor the model needs missing or misshapen. Its message is
+    /// specrej-gguf's.
     #[error("{0}")]
     Gguf(#[from] specrej_gguf::GgufError),
     /// A valid model this backend's kernels cannot run (e.g. heads wider than 256).
@@ -47,19 +48,6 @@ pub enum Error {
         key: String,
         /// Which limit it exceeds.
         reason: String,
-    },
-    /// A required tensor is absent.
-    #[error("missing tensor {0:?}")]
-    MissingTensor(String),
-    /// A tensor has another shape than the metadata implies.
-    #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch {
-        /// The tensor.
-        name: String,
-        /// The shape the metadata implies (outer dimension first).
-        expected: Vec<usize>,
-        /// The shape in the file (outer dimension first).
-        found: Vec<usize>,
     },
     /// A tensor is stored in a type this backend cannot read.
     #[error(

@@ -60,10 +60,10 @@ impl<'a> Gguf<'a> {
     /// The tensor's info, checked against the expected shape (outer dimension first) and
     /// against the types this backend reads.
     pub(crate) fn info(&self, name: &str, expected: &[usize]) -> Result<&TensorInfo, Error> {
-        let info = self.tensor(name).ok_or_else(|| Error::MissingTensor(name.into()))?;
+        let info = self.tensor(name).ok_or_else(|| Error::Gguf(specrej_gguf::GgufError::MissingTensor(name.into())))?;
         let squeeze = |d: &[usize]| d.iter().copied().filter(|&x| x != 1).collect::<Vec<_>>();
         if info.shape != expected && !(expected.len() == 1 && squeeze(&info.shape) == squeeze(expected)) {
-            return Err(Error::ShapeMismatch { name: name.into(), expected: expected.to_vec(), found: info.shape.clone() });
+            return Err(Error::Gguf(specrej_gguf::GgufError::ShapeMismatch { name: name.into(), expected: expected.to_vec(), found: info.shape.clone() }));
         }
         if shader_id(info.ggml_type).is_none() && info.ggml_type != GgmlType::Bf16 {
             return Err(Error::UnsupportedTensorType { name: name.into(), ty: info.ggml_type.name().into() });

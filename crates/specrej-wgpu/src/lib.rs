@@ -196,7 +196,7 @@ pub fn adapters_blocking() -> Vec<AdapterInfo> {
 #[doc(hidden)]
 pub fn dequantize_tensor(gguf: &[u8], name: &str) -> Result<(Vec<usize>, Vec<f32>), Error> {
     let g = gguf::Gguf::parse(gguf)?;
-    let info = g.tensor(name).ok_or_else(|| Error::MissingTensor(name.into()))?;
+    let info = g.tensor(name).ok_or_else(|| Error::Gguf(specrej_gguf::GgufError::MissingTensor(name.into())))?;
     let values = g.to_f32(name, info)?;
     Ok((info.shape.clone(), values))
 }

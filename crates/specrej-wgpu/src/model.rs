@@ -222,7 +222,7 @@ impl WgpuModel {
             if qwen {
                 for b in ["attn_q.bias", "attn_k.bias", "attn_v.bias"] {
                     if !g.has(&p(b)) {
-                        return Err(Error::MissingTensor(p(b)));
+                        return Err(Error::Gguf(specrej_gguf::GgufError::MissingTensor(p(b))));
                     }
                 }
             }
@@ -247,7 +247,7 @@ impl WgpuModel {
         if let Some(info) = g.tensor("rope_freqs.weight") {
             let factors = g.to_f32("rope_freqs.weight", info)?;
             if factors.len() != half {
-                return Err(Error::ShapeMismatch { name: "rope_freqs.weight".into(), expected: vec![half], found: info.shape.clone() });
+                return Err(Error::Gguf(specrej_gguf::GgufError::ShapeMismatch { name: "rope_freqs.weight".into(), expected: vec![half], found: info.shape.clone() }));
             }
             for (f, d) in freqs.iter_mut().zip(factors) {
                 *f /= d;
@@ -511,7 +511,7 @@ fn vector(gpu: &Gpu, g: &Gguf<'_>, name: &str, n: usize) -> Result<wgpu::Buffer,
     let info = g.info(name, &[n])?;
     let v = g.to_f32(name, info)?;
     if v.len() != n {
-        return Err(Error::ShapeMismatch { name: name.into(), expected: vec![n], found: info.shape.clone() });
+        return Err(Error::Gguf(specrej_gguf::GgufError::ShapeMismatch { name: name.into(), expected: vec![n], found: info.shape.clone() }));
     }
     Ok(gpu.storage_init(name, f32_bytes(&v)))
 }
