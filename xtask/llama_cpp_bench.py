@@ -97,13 +97,13 @@ def fan_out(ctx, batch, prompt, rows):
         L.llama_memory_seq_cp(memory, 0, seq, -1, -1)
 
 
-def prefill(model, vocab, sentence, lengths, threads):
+def prefill(model, sentence, lengths, threads):
     results = []
     for n in lengths:
         long = [sentence[i % len(sentence)] for i in range(n)]
         ctx = context(model, 1, n + 16, threads)
         batch = L.llama_batch_init(n, 0, 1)
-        fill(batch, [(t, i, 0, i == n - 1) for i, t in enumerate(long[:16])])
+        fill(batch, [(t, i, 0, False) for i, t in enumerate(long[:16])])
         decode(ctx, batch)  # warm-up
         L.llama_memory_clear(L.llama_get_memory(ctx), True)
         fill(batch, [(t, i, 0, i == n - 1) for i, t in enumerate(long)])
@@ -146,7 +146,7 @@ def decode_rows(model, short, rows, steps, cached, threads):
     return rows * steps / elapsed, elapsed / steps
 
 
-def best_of_n(model, vocab, prompt, eos, n, max_new, threads):
+def best_of_n(model, prompt, eos, n, max_new, threads):
     ctx = context(model, n, len(prompt) + max_new + 8, threads)
     batch = L.llama_batch_init(max(len(prompt), n), 0, n)
     fan_out(ctx, batch, prompt, n)
@@ -218,7 +218,7 @@ def main():
     sentence = tokenize(vocab, b"The quick brown fox jumps over the lazy dog while the band plays on. ")
     short = [sentence[i % len(sentence)] for i in range(16)]
     report = {"model": path, "threads": args.threads, "steps": args.steps}
-    report["prefill"] = prefill(model, vocab, sentence, [int(n) for n in args.prefill_tokens.split(",")], args.threads)
+    report["prefill"] = prefill(model, sentence, [int(n) for n in args.prefill_tokens.split(",")], args.threads)
     report["decode"] = []
     for cached in contexts:
         for rows in [int(r) for r in args.rows.split(",")]:
@@ -230,7 +230,7 @@ def main():
     for n in [int(n) for n in args.bon.split(",") if n.strip() and int(n) > 0]:
         if not prompt:
             sys.exit("--bon needs --bon-prompt")
-        run = best_of_n(model, vocab, prompt, eos, n, args.bon_tokens, args.threads)
+        run = best_of_n(model, prompt, eos, n, args.bon_tokens, args.threads)
         log(f"Best-of-{n}: {run['tokens']} tokens, decode {run['decode_tokens_per_second']:.1f} tokens/s")
         report["bon"].append(run)
     if args.json:

@@ -86,6 +86,14 @@ impl Policy {
         }
     }
 
+    /// How a decoder of this policy holds a batch's K/V (what a budget must hold for it).
+    pub fn kv_layout(&self) -> specrej_core::KvLayout {
+        match self {
+            Policy::Candle(model) => CandleDecoder::layout_for(model),
+            Policy::Wgpu(_) => specrej_core::KvLayout::DENSE,
+        }
+    }
+
     /// `--kv-budget auto`: the bytes, and the rule that gave them (printed in reports).
     /// A share of what the device has free (call it after the reward model loaded): the
     /// host's available memory on the CPU, the card's free memory on CUDA; WebGPU reports no

@@ -197,10 +197,7 @@ fn throughput(args: ThroughputArgs) -> Result<()> {
             let max_rows = args.rows.iter().copied().max().unwrap_or(1);
             // Room for the prompts plus the warm-up and timed steps, in every row, in the
             // backend's layout.
-            let layout = match &policy {
-                Policy::Candle(model) => CandleDecoder::layout_for(model),
-                Policy::Wgpu(_) => specrej_core::KvLayout::DENSE,
-            };
+            let layout = policy.kv_layout();
             let own = args.steps + 4 + (args.context.iter().max().unwrap_or(&16) - 16);
             let longest = prompts.long.iter().map(Vec::len).max().unwrap_or(1);
             let tokens = layout.tokens(longest, 1, own).max(layout.tokens(prompts.short.len(), max_rows, own));
@@ -289,10 +286,7 @@ fn best_of_n(
         sampling: Sampling { seed: 1, temperature: 1.0, top_k: 50, top_p: 1.0 },
         rules: Default::default(),
     };
-    let layout = match policy {
-        Policy::Candle(model) => CandleDecoder::layout_for(model),
-        Policy::Wgpu(_) => specrej_core::KvLayout::DENSE,
-    };
+    let layout = policy.kv_layout();
     let kv_bytes = layout.tokens(prompt.len(), n, max_new_tokens + 1) * policy.kv_bytes_per_token();
     let mut scorer = reward.scorer(policy, text, BON_PROMPT)?;
     let outcome = policy.generate(kv_bytes, &mut scorer, prompt, &options, &mut |_| {})?;
