@@ -138,12 +138,13 @@ pub fn least_squares(samples: &[(Vec<f64>, f64)]) -> Option<Vec<f64>> {
         for v in &mut a[col] {
             *v /= div;
         }
-        for row in 0..k {
+        let pivot_row = a[col].clone();
+        for (row, r) in a.iter_mut().enumerate() {
             if row != col {
-                let f = a[row][col];
+                let f = r[col];
                 if f != 0.0 {
-                    for j in col..=k {
-                        a[row][j] -= f * a[col][j];
+                    for (x, p) in r[col..=k].iter_mut().zip(&pivot_row[col..=k]) {
+                        *x -= f * p;
                     }
                 }
             }

@@ -99,6 +99,9 @@ impl Table<'_> {
     }
 }
 
+/// A statistic of one ladder point, read from the (score, relative tokens, relative wall) points.
+type PointStat<'a> = dyn Fn(&[(f64, f64, f64)], usize) -> Option<f64> + 'a;
+
 fn bon_label(n: usize) -> String {
     format!("bon-{n}")
 }
@@ -146,7 +149,7 @@ pub fn analyze(settings: &Settings, results: &[&PromptResult], reward: RewardNam
         let v: Vec<f64> = table.prompts.iter().filter_map(|(r, ..)| Table::run(r, label)).map(|run| run.initial_rows as f64).collect();
         if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 }
     };
-    let ci_of = |index: usize, what: &dyn Fn(&[(f64, f64, f64)], usize) -> Option<f64>| {
+    let ci_of = |index: usize, what: &PointStat<'_>| {
         math::bootstrap_ci(table.prompts.len(), bootstrap, |pick| table.points(pick).and_then(|pts| what(&pts, index)))
     };
     let mut bon = Vec::new();
