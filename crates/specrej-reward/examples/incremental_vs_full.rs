@@ -8,9 +8,9 @@
 //! re-running every row at every decision) with `JudgeScorer::incremental` instead.
 //!
 //! The policy's K/V budget holds `N × (prompt + ROOM)` tokens (ROOM defaults to 40), so
-//! decisions come at about ROOM, 2·ROOM, 4·ROOM new tokens. The RM runs with f32 weights
-//! (with Q8_0, candle's kernels quantize activations differently for different token counts,
-//! so incremental and full scores would differ by Q8 noise, ~0.05–0.1 on this judge).
+//! decisions come at about ROOM, 2·ROOM, 4·ROOM new tokens. The RM runs with f32 weights, as
+//! the checkpoint stores them (on the CPU incremental and full scores agree bit for bit in
+//! every weight format; see the crate docs).
 //! GGUF defaults to `$SPECREJ_MODEL` or `models/SmolLM2-135M-Instruct.Q4_1.gguf`; RM_DIR
 //! (default `target/smollm2-judge-rm`) is created by exporting the GGUF if it holds no
 //! `config.json`.

@@ -1,17 +1,26 @@
-//! The reward model over HTTP/1.1 + JSON: a blocking server ([`serve`], on specrej-http:
-//! one request per connection, `Connection: close`) and a client [`Scorer`]
-//! ([`RemoteScorer`], on ureq); the schema is in the crate docs.
+//! The reward model over HTTP/1.1 + JSON: a server ([`serve`], [`spawn_server`]: tokio,
+//! hyper and axum) and a client [`Scorer`] ([`RemoteScorer`], on ureq); the schema is in the
+//! crate docs.
 
 use std::collections::VecDeque;
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use specrej_core::{BackendError, Response, Scored, Scorer};
 use specrej_text::Tokenizer;
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::error::RewardError;
 use crate::model::RewardModel;
@@ -21,8 +30,43 @@ use crate::scorer::{RewardSession, detokenize};
 pub const MAX_BODY_BYTES: usize = 16 << 20;
 /// Sessions (RM caches of one client's request) the server keeps, least recently used dropped.
 pub const MAX_SESSIONS: usize = 8;
+/// Largest request head (request line and headers) the server reads (larger: 431).
 const MAX_HEADER_BYTES: usize = 16 << 10;
-const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the server allows its clients ([`ServerLimits::default`] is what [`serve`] and
+/// [`spawn_server`] use).
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Time a client has to send a request's head, counted from its first byte (or, on a
+    /// kept-alive connection, from the end of the previous answer); then the connection
+    /// is closed. A deadline for the whole head, not for each read.
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's whole body once its head is in (else 408).
+    pub body_timeout: Duration,
+    /// Largest request body (else 413): [`MAX_BODY_BYTES`] by default.
+    pub max_body_bytes: usize,
+    /// Requests with their bodies read that may wait for the model while it scores another
+    /// one; one more gets 429 with `Retry-After`.
+    pub max_queued: usize,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// After the shutdown signal, how long requests in flight get to finish before their
+    /// connections are dropped.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            max_body_bytes: MAX_BODY_BYTES,
+            max_queued: 64,
+            max_connections: 256,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
 
 /// The JSON body of a scoring request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -54,48 +98,45 @@ pub struct ScoreResponse {
     pub tokens_processed: u64,
 }
 
-struct HttpError(u16, String);
+/// An answer that is not a 200: its status and message (sent as `{"error": message}`).
+#[derive(Debug)]
+struct HttpError(StatusCode, String);
 
-impl From<specrej_http::HttpError> for HttpError {
-    fn from(e: specrej_http::HttpError) -> Self {
-        HttpError(e.status, e.message)
+impl IntoResponse for HttpError {
+    fn into_response(self) -> HttpResponse {
+        let body = serde_json::json!({ "error": self.1 }).to_string();
+        let mut answer =
+            (self.0, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response();
+        if self.0 == StatusCode::TOO_MANY_REQUESTS {
+            // A queued request takes about one scoring call: a second is a fair wait.
+            answer.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        answer
     }
 }
 
-const LIMITS: specrej_http::Limits =
-    specrej_http::Limits { max_header_bytes: MAX_HEADER_BYTES, max_body_bytes: MAX_BODY_BYTES, require_length: true };
-
-/// Reads one request ([`specrej_http::read_request`]): its body, or 405 for anything but POST.
-fn read_request(stream: &TcpStream) -> Result<Vec<u8>, HttpError> {
-    let request = specrej_http::read_request(stream, &LIMITS, |method| method == "POST")?;
-    if request.method != "POST" {
-        return Err(HttpError(405, format!("method {} not allowed: POST a JSON scoring request", request.method)));
-    }
-    Ok(request.body)
-}
-
-/// The server's state: the model and a few incremental sessions.
+/// The model and a few incremental sessions: one request at a time holds it.
 struct Server {
     rm: Arc<RewardModel>,
-    /// (session name, question, session), most recently used last.
+    /// (session name, session), most recently used last.
     sessions: VecDeque<(String, RewardSession)>,
 }
 
 impl Server {
     fn handle(&mut self, body: &[u8]) -> Result<ScoreResponse, HttpError> {
-        let req: ScoreRequest =
-            serde_json::from_slice(body).map_err(|e| HttpError(400, format!("invalid scoring request JSON: {e}")))?;
+        let bad = |m: String| HttpError(StatusCode::BAD_REQUEST, m);
+        let req: ScoreRequest = serde_json::from_slice(body).map_err(|e| bad(format!("invalid scoring request JSON: {e}")))?;
         if let Some(rows) = &req.rows
             && rows.len() != req.responses.len()
         {
-            return Err(HttpError(400, format!("{} rows for {} responses", rows.len(), req.responses.len())));
+            return Err(bad(format!("{} rows for {} responses", rows.len(), req.responses.len())));
         }
         let rows: Vec<u32> = match &req.rows {
             Some(r) => r.clone(),
             None => (0..req.responses.len() as u32).collect(),
         };
         let pairs: Vec<(u32, &str)> = rows.iter().copied().zip(req.responses.iter().map(String::as_str)).collect();
-        let model_err = |e: BackendError| HttpError(500, format!("reward model: {e}"));
+        let model_err = |e: BackendError| HttpError(StatusCode::INTERNAL_SERVER_ERROR, format!("reward model: {e}"));
         let scored = match (&req.session, &req.rows) {
             (Some(name), Some(_)) => {
                 let pos = self.sessions.iter().position(|(n, s)| n == name && s.question() == req.prompt);
@@ -116,45 +157,240 @@ impl Server {
         };
         Ok(ScoreResponse { rewards: scored.rewards, tokens_processed: scored.tokens_processed })
     }
+}
 
-    fn connection(&mut self, mut stream: TcpStream) {
-        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-        let result = read_request(&stream).and_then(|body| self.handle(&body));
-        let _ = match result {
-            Ok(resp) => match serde_json::to_string(&resp) {
-                Ok(json) => specrej_http::write_json(&mut stream, 200, &json),
-                Err(e) => specrej_http::write_json(&mut stream, 500, &serde_json::json!({ "error": e.to_string() }).to_string()),
-            },
-            Err(HttpError(status, message)) => {
-                specrej_http::write_json(&mut stream, status, &serde_json::json!({ "error": message }).to_string())
-            }
-        };
+/// What every request handler shares.
+struct Shared {
+    server: Arc<Mutex<Server>>,
+    /// Permits to wait for the model: `max_queued` + the one being scored.
+    queue: Arc<Semaphore>,
+    body_timeout: Duration,
+    max_body_bytes: usize,
+}
+
+/// The one handler (any path): POST a JSON [`ScoreRequest`], get a [`ScoreResponse`].
+async fn score(State(shared): State<Arc<Shared>>, method: Method, headers: HeaderMap, body: Body) -> HttpResponse {
+    match score_inner(&shared, method, &headers, body).await {
+        Ok(answer) => match serde_json::to_string(&answer) {
+            Ok(json) => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response(),
+            Err(e) => HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        },
+        Err(e) => e.into_response(),
     }
 }
 
-/// Serves `rm` on `listener` until the listener fails, one connection at a time (the model
-/// is the bottleneck). Every bad request gets a 4xx JSON error; nothing panics on input.
+async fn score_inner(shared: &Shared, method: Method, headers: &HeaderMap, body: Body) -> Result<ScoreResponse, HttpError> {
+    if method != Method::POST {
+        return Err(HttpError(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {method} not allowed: POST a JSON scoring request"),
+        ));
+    }
+    let limit = shared.max_body_bytes;
+    let too_large = || HttpError(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {limit} bytes"));
+    // A declared length over the limit is refused before a byte of the body is read.
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(too_large());
+    }
+    // Content-Length or chunked: the whole body within one deadline.
+    let bytes = match tokio::time::timeout(shared.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => {
+            return Err(HttpError(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {:?}", shared.body_timeout),
+            ));
+        }
+        Ok(Err(e)) if is_length_limit(&e) => return Err(too_large()),
+        Ok(Err(e)) => return Err(HttpError(StatusCode::BAD_REQUEST, format!("reading the request body: {e}"))),
+        Ok(Ok(bytes)) => bytes,
+    };
+    let Ok(permit) = Arc::clone(&shared.queue).try_acquire_owned() else {
+        return Err(HttpError(StatusCode::TOO_MANY_REQUESTS, "the reward model's queue is full: retry later".into()));
+    };
+    let server = Arc::clone(&shared.server);
+    // The model is CPU (or GPU) bound: it runs on a blocking thread, one request at a time.
+    let job = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        server.lock().unwrap_or_else(PoisonError::into_inner).handle(&bytes)
+    });
+    match job.await {
+        Ok(result) => result,
+        Err(e) => Err(HttpError(StatusCode::INTERNAL_SERVER_ERROR, format!("reward model: the scoring task failed: {e}"))),
+    }
+}
+
+/// Whether a body error is [`axum::body::to_bytes`]'s length limit.
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets requests in flight
+/// finish for `limits.shutdown_grace`. Every connection is its own task (keep-alive,
+/// a deadline for each request's head).
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    limits: &ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&connections).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors and the like: wait, as the connections in flight end.
+                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_header_size(MAX_HEADER_BYTES)
+            .half_close(true)
+            .keep_alive(true);
+        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A connection's I/O errors (a client gone, a malformed request hyper answered) end only it.
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(limits.shutdown_grace, graceful.shutdown()).await;
+}
+
+/// Runs the server on a runtime of its own until `shutdown` resolves.
+fn run(
+    listener: TcpListener,
+    rm: Arc<RewardModel>,
+    limits: &ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    // Two workers for the connections; the model runs on the blocking pool.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let shared = Arc::new(Shared {
+            server: Arc::new(Mutex::new(Server { rm, sessions: VecDeque::new() })),
+            queue: Arc::new(Semaphore::new(limits.max_queued + 1)),
+            body_timeout: limits.body_timeout,
+            max_body_bytes: limits.max_body_bytes,
+        });
+        let app = axum::Router::new().fallback(score).with_state(shared);
+        accept_loop(listener, app, limits, shutdown).await;
+        Ok(())
+    })
+}
+
+/// Serves `rm` on `listener` until SIGINT or SIGTERM, then lets requests in flight finish
+/// (at most [`ServerLimits::shutdown_grace`]). Connections are served concurrently, kept
+/// alive, and the model scores one request at a time. Every bad request gets a 4xx JSON
+/// error; nothing panics on input.
 pub fn serve(listener: TcpListener, rm: Arc<RewardModel>) -> std::io::Result<()> {
-    let mut server = Server { rm, sessions: VecDeque::new() };
-    for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => server.connection(stream),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+    run(listener, rm, &ServerLimits::default(), async {
+        let stop = shutdown_signal().await;
+        eprintln!("{stop}: finishing the requests in flight, then stopping");
+    })
+}
+
+/// The first of SIGINT (Ctrl-C) and SIGTERM, by name.
+async fn shutdown_signal() -> &'static str {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                s = interrupt => s,
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => interrupt.await,
         }
     }
-    Ok(())
+    #[cfg(not(unix))]
+    interrupt.await
 }
 
-/// Binds `addr` (e.g. `"127.0.0.1:0"`) and serves `rm` on a background thread; returns the
-/// bound address.
+/// A server running on a thread of its own ([`spawn_server_with`]).
+#[derive(Debug)]
+pub struct RunningServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets the requests in flight finish (at most the limits' grace) and
+    /// waits for the server's thread.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Binds `addr` (e.g. `"127.0.0.1:0"`) and serves `rm` with `limits` on a thread of its own
+/// until [`RunningServer::shutdown`] (or drop).
+pub fn spawn_server_with(addr: impl ToSocketAddrs, rm: Arc<RewardModel>, limits: ServerLimits) -> std::io::Result<RunningServer> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new().name("specrej-reward-server".into()).spawn(move || {
+        let _ = run(listener, rm, &limits, async {
+            let _ = stopped.await;
+        });
+    })?;
+    Ok(RunningServer { addr: local, stop: Some(stop), thread: Some(thread) })
+}
+
+/// Binds `addr` (e.g. `"127.0.0.1:0"`) and serves `rm` on a background thread for the rest
+/// of the process; returns the bound address.
 pub fn spawn_server(addr: impl ToSocketAddrs, rm: Arc<RewardModel>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
-    let handle = std::thread::spawn(move || {
-        let _ = serve(listener, rm);
-    });
+    let handle = std::thread::Builder::new().name("specrej-reward-server".into()).spawn(move || {
+        let _ = run(listener, rm, &ServerLimits::default(), std::future::pending());
+    })?;
     Ok((local, handle))
 }
 
@@ -194,6 +430,12 @@ fn parse_url(url: &str) -> Result<ureq::http::Uri, RewardError> {
         }
     }
     Ok(uri)
+}
+
+/// Checks a reward server URL as [`RemoteScorer::new`] does (`http://HOST[:PORT][/PATH]`),
+/// so a front end can refuse a bad flag before it loads anything.
+pub fn check_url(url: &str) -> Result<(), RewardError> {
+    parse_url(url).map(drop)
 }
 
 /// One line: ureq's error in words, with what was being done.
@@ -367,6 +609,13 @@ mod tests {
         let authority = uri.authority().unwrap();
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
         (authority.host().to_string(), authority.port_u16().unwrap_or(80), path)
+    }
+
+    #[test]
+    fn check_url_is_the_scorers_rule() {
+        assert!(super::check_url("http://[::1]:8123/score").is_ok());
+        let e = super::check_url("ftp://host/score").unwrap_err().to_string();
+        assert!(e.contains("scheme \"ftp\" is not supported"), "{e}");
     }
 
     #[test]

@@ -30,16 +30,17 @@
 //! tokenization of its end usually changes; the LCP rule re-runs exactly those ids.
 //!
 //! # Weight formats
-//! Load reward models with [`specrej_candle::WeightFormat::F32`] (or `Native` for
-//! safetensors, which is the same) when scores must not depend on how tokens are grouped:
-//! incremental and full scoring then agree to float rounding (~1e-6 relative). With the
-//! Q8_0 default, candle quantizes activations with kernels chosen by the number of tokens
-//! in a pass, so the same text scored in one pass or in pieces differs by Q8 noise (measured
-//! ~0.05–0.1 on the exported SmolLM2 judge, whose rewards are O(1)).
+//! Every weight format scores the same text to the same bits on the CPU, however its tokens
+//! are grouped: scoring runs specrej-candle's one varlen forward, whose per-row arithmetic
+//! does not depend on how many tokens share a pass, so incremental and full scoring agree
+//! exactly (tests on tiny checkpoints in f32 and Q8_0). Q8_0, the default, quantizes the
+//! weights to 8 bits; `F32` (or `Native` for safetensors, which is the same) keeps them as
+//! stored, so only F32 matches the checkpoint's transformers scores to rounding. On a GPU the
+//! dense forward is used, and incremental and full scores agree only to rounding.
 //!
 //! # HTTP JSON schema
-//! `POST` (any path) with `Content-Type: application/json` and a `Content-Length` body of at
-//! most [`MAX_BODY_BYTES`]:
+//! `POST` (any path) with `Content-Type: application/json` and a body (`Content-Length` or
+//! chunked) of at most [`MAX_BODY_BYTES`]:
 //! ```json
 //! {"prompt": "the user's question",
 //!  "responses": ["partial answer 1", "..."],
@@ -49,15 +50,21 @@
 //! ```
 //! Answer `200` with `{"rewards": [0.5, -1.25], "tokens_processed": 123}` (one reward per
 //! response, in order). Errors are `4xx`/`5xx` with `{"error": "message"}`: 400 malformed
-//! JSON or fields, 405 a method other than POST, 411 no `Content-Length`, 413 a body over
-//! the limit, 500 the model failed. Without `session` every request is scored from scratch
-//! (a pure function of its body). Sessions are held in a small LRU ([`MAX_SESSIONS`]).
-//! Connections are served one at a time (the model is the bottleneck), each with a 60 s
-//! read/write timeout. `specrej-reward-server RM_DIR [ADDR] [--weights f32|q8_0|native]`
-//! serves a directory from the command line. [`RemoteScorer`] (on ureq) accepts
-//! `Content-Length` and chunked answers of at most [`MAX_ANSWER_BYTES`], keeps connections
-//! alive where the server allows, and gives a request [`CONNECT_TIMEOUT`] to connect and
-//! [`REQUEST_TIMEOUT`] in all.
+//! JSON or fields, 405 a method other than POST, 408 a body slower than
+//! [`ServerLimits::body_timeout`], 413 a body over the limit, 429 (with `Retry-After`) when
+//! [`ServerLimits::max_queued`] requests already wait for the model, 500 the model failed;
+//! hyper itself answers a malformed request head with 400 and an oversized one with 431, and
+//! closes a connection whose head takes longer than [`ServerLimits::header_timeout`]. Without
+//! `session` every request is scored from scratch (a pure function of its body). Sessions
+//! are held in a small LRU ([`MAX_SESSIONS`]).
+//!
+//! The server ([`serve`], [`spawn_server`], [`spawn_server_with`]) runs on tokio, hyper and
+//! axum: each connection is a task (HTTP/1.1, kept alive), the model scores one request at a
+//! time on a blocking thread, and [`serve`] stops on SIGINT or SIGTERM after the requests in
+//! flight finish. `specrej-reward-server RM_DIR [ADDR] [--weights f32|q8_0|native]` serves a
+//! directory from the command line. [`RemoteScorer`] (on ureq) accepts `Content-Length` and
+//! chunked answers of at most [`MAX_ANSWER_BYTES`], keeps connections alive where the server
+//! allows, and gives a request [`CONNECT_TIMEOUT`] to connect and [`REQUEST_TIMEOUT`] in all.
 #![forbid(unsafe_code)]
 
 mod error;
@@ -69,8 +76,8 @@ mod scorer;
 pub use error::RewardError;
 pub use export::{ExportDtype, ExportReport, export_judge_rm};
 pub use http::{
-    CONNECT_TIMEOUT, MAX_ANSWER_BYTES, MAX_BODY_BYTES, MAX_SESSIONS, REQUEST_TIMEOUT, RemoteScorer, ScoreRequest, ScoreResponse,
-    serve, spawn_server,
+    CONNECT_TIMEOUT, MAX_ANSWER_BYTES, MAX_BODY_BYTES, MAX_SESSIONS, REQUEST_TIMEOUT, RemoteScorer, RunningServer, ScoreRequest,
+    ScoreResponse, ServerLimits, check_url, serve, spawn_server, spawn_server_with,
 };
 pub use model::{RewardModel, SUPPORTED_ARCHITECTURES};
 pub use scorer::{RewardScorer, RewardSession, detokenize};

@@ -7,6 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::DType;
 use common::*;
@@ -14,7 +15,10 @@ use specrej_candle::{LoadOptions, WeightFormat};
 use specrej_core::scheduler::{Method, Options};
 use specrej_core::testing::FakeDecoder;
 use specrej_core::{Response, Sampling, Scorer, block_on_ready};
-use specrej_reward::{RemoteScorer, RewardError, RewardModel, RewardScorer, RewardSession, detokenize, spawn_server};
+use specrej_reward::{
+    RemoteScorer, RewardError, RewardModel, RewardScorer, RewardSession, ServerLimits, detokenize, spawn_server,
+    spawn_server_with,
+};
 
 const F32: LoadOptions =
     LoadOptions { device: specrej_candle::Device::Cpu, weights: WeightFormat::F32, kv: specrej_candle::KvFormat::F32 };
@@ -110,10 +114,15 @@ fn decisions() -> Vec<Vec<(u32, String)>> {
     out
 }
 
+/// Incremental, full and direct scoring give the same bits, in every weight format: on the
+/// CPU a reward depends only on the text, never on how its tokens were split into passes.
 #[test]
 fn incremental_scoring_equals_full_rescoring_and_runs_fewer_tokens() {
-    for spec in [TinyRm::llama(), TinyRm::qwen2()] {
-        let (_dir, rm) = tiny(&spec, DType::F32);
+    let q8 = LoadOptions { weights: WeightFormat::Q8_0, ..F32 };
+    for (spec, options) in [(TinyRm::llama(), F32), (TinyRm::qwen2(), F32), (TinyRm::llama(), q8), (TinyRm::qwen2(), q8)] {
+        let dir = TempDir::new("rm");
+        spec.write(dir.path(), DType::F32);
+        let rm = RewardModel::load(dir.path(), &options).unwrap();
         let mut inc = RewardSession::new(rm.clone(), QUESTION);
         let mut full = RewardSession::full(rm.clone(), QUESTION);
         let (mut inc_tokens, mut full_tokens) = (0, 0);
@@ -127,9 +136,10 @@ fn incremental_scoring_equals_full_rescoring_and_runs_fewer_tokens() {
             let a = inc.score_texts(&pairs).unwrap();
             let b = full.score_texts(&pairs).unwrap();
             for (i, (x, y)) in a.rewards.iter().zip(&b.rewards).enumerate() {
-                assert!(close(*x, *y, 1e-4), "{} row {i} {:?}: incremental {x} vs full {y}", spec.arch, pairs[i].1);
+                let what = format!("{} {:?} row {i} {:?}", spec.arch, options.weights, pairs[i].1);
+                assert_eq!(x.to_bits(), y.to_bits(), "{what}: incremental {x} vs full {y}");
                 let direct = rm.score_text(QUESTION, pairs[i].1).unwrap();
-                assert!(close(*x, direct, 1e-4));
+                assert_eq!(x.to_bits(), direct.to_bits(), "{what}: incremental {x} vs direct {direct}");
             }
             // Full re-scoring runs every RM token of every row.
             let all: u64 = pairs.iter().map(|(_, t)| rm.chat_ids(QUESTION, t).unwrap().len() as u64).sum();
@@ -359,8 +369,18 @@ fn remote_scores_equal_local_scores_and_bad_requests_get_4xx() {
     assert_eq!(s, 400);
     let (s, _) = raw_http(addr, b"POST / HTTP/1.1\r\nContent-Length: 999999999999\r\n\r\n{}");
     assert_eq!(s, 413);
-    let (s, _) = raw_http(addr, b"POST / HTTP/1.1\r\n\r\n{}");
-    assert_eq!(s, 411);
+    // No Content-Length and not chunked: an empty body, which is not a scoring request.
+    let (s, body) = raw_http(addr, b"POST / HTTP/1.1\r\n\r\n");
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("JSON"), "{body}");
+    // A chunked body is read whole.
+    let (s, answer) = raw_http(
+        addr,
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{\"prompt\": \"q\", \r\n13\r\n\"responses\": [\"b\"]}\r\n0\r\n\r\n",
+    );
+    assert_eq!(s, 200, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(v["rewards"][0].as_f64().unwrap() as f32, rm.score_text("q", "b").unwrap());
     let (s, _) = raw_http(addr, b"\x00\x01garbage\r\n\r\n");
     assert_eq!(s, 400);
     let body = br#"{"prompt": "q", "responses": ["a", "b"], "rows": [1]}"#;
@@ -377,4 +397,121 @@ fn remote_scores_equal_local_scores_and_bad_requests_get_4xx() {
     let mut nowhere = RemoteScorer::new("http://127.0.0.1:9/", policy.clone(), QUESTION).unwrap();
     assert!(block_on_ready(nowhere.score(&[], &[Response { row: 0, tokens: &[5] }])).is_err());
     assert!(RemoteScorer::new("https://example.com/", policy, QUESTION).is_err());
+}
+
+/// A POST of `body` as raw bytes.
+fn post_bytes(body: &[u8]) -> Vec<u8> {
+    [format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(), body].concat()
+}
+
+#[test]
+fn slow_clients_do_not_hold_up_others() {
+    let (_dir, rm) = tiny(&TinyRm::llama(), DType::F32);
+    // Deadlines longer than the client's read timeout below: only concurrency can pass.
+    let limits = ServerLimits { header_timeout: Duration::from_secs(300), ..ServerLimits::default() };
+    let server = spawn_server_with("127.0.0.1:0", rm, limits).unwrap();
+    let addr = server.addr();
+    // 100 connections that have sent half a request head and then nothing.
+    let tricklers: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"POST / HTTP/1.1\r\nContent-Le").unwrap();
+            s
+        })
+        .collect();
+    // A normal request is answered while they wait (the old server, one connection at a
+    // time, answered it only after every trickler's read timeout).
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    client.write_all(&post_bytes(br#"{"prompt": "q", "responses": ["a"]}"#)).unwrap();
+    let mut answer = [0u8; 12];
+    client.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200", "{:?}", String::from_utf8_lossy(&answer));
+    drop(tricklers);
+    server.shutdown();
+}
+
+#[test]
+fn slow_heads_and_bodies_meet_deadlines_and_bodies_have_a_limit() {
+    let (_dir, rm) = tiny(&TinyRm::llama(), DType::F32);
+    let limits = ServerLimits {
+        header_timeout: Duration::from_millis(500),
+        body_timeout: Duration::from_millis(500),
+        max_body_bytes: 100,
+        ..ServerLimits::default()
+    };
+    let server = spawn_server_with("127.0.0.1:0", rm, limits).unwrap();
+    let addr = server.addr();
+    // A head that never ends: the connection is closed at the head deadline (a read sees
+    // the end or a reset, not its own 30 s timeout).
+    let mut head = TcpStream::connect(addr).unwrap();
+    head.write_all(b"POST / HTTP/1.1\r\nContent-Le").unwrap();
+    head.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = Instant::now();
+    if let Err(e) = head.read_to_end(&mut Vec::new()) {
+        assert!(!matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "never disconnected: {e}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // A body that stops arriving gets 408 at the body deadline, as JSON.
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    slow.write_all(b"POST / HTTP/1.1\r\nContent-Length: 40\r\n\r\n{\"prompt\": ").unwrap();
+    let mut out = String::new();
+    let _ = slow.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(out.contains("did not arrive within"), "{out}");
+    // Over the body limit: 413 for a declared length, and for a chunked body while reading it.
+    let (s, body) = raw_http(addr, &post_bytes(&[b' '; 101]));
+    assert_eq!(s, 413, "{body}");
+    let mut chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        chunked.extend_from_slice(b"28\r\n");
+        chunked.extend_from_slice(&[b' '; 40]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let (s, body) = raw_http(addr, &chunked);
+    assert_eq!(s, 413, "{body}");
+    assert!(body.contains("over 100 bytes"), "{body}");
+    server.shutdown();
+}
+
+#[test]
+fn shutdown_lets_the_request_in_flight_finish_then_stops() {
+    let (_dir, rm) = tiny(&TinyRm::llama(), DType::F32);
+    let server = spawn_server_with("127.0.0.1:0", rm.clone(), ServerLimits::default()).unwrap();
+    let addr = server.addr();
+    // Keep-alive: two requests on one connection.
+    let body = br#"{"prompt": "q", "responses": ["a"]}"#;
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    for _ in 0..2 {
+        conn.write_all(&post_bytes(body)).unwrap();
+        let mut head = [0u8; 12];
+        conn.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        // The rest of the answer: up to the end of its JSON body.
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"}") {
+            conn.read_exact(&mut byte).unwrap();
+            buf.push(byte[0]);
+        }
+    }
+    // A request half sent when the shutdown starts is still answered.
+    let mut in_flight = TcpStream::connect(addr).unwrap();
+    in_flight.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let req = post_bytes(body);
+    let (first, rest) = req.split_at(req.len() - 5);
+    in_flight.write_all(first).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let stopper = std::thread::spawn(move || server.shutdown());
+    std::thread::sleep(Duration::from_millis(200));
+    in_flight.write_all(rest).unwrap();
+    let mut out = String::new();
+    let _ = in_flight.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    stopper.join().unwrap();
+    // Then nothing listens.
+    assert!(TcpStream::connect(addr).is_err(), "still accepting after shutdown");
 }
