@@ -97,9 +97,9 @@ impl RewardArgs {
             anyhow::bail!("--reward {}: not judge, partial-judge, likelihood or a reward-model directory", dir.display());
         }
         if let Some(url) = &self.reward_url
-            && !url.starts_with("http://")
+            && let Err(e) = specrej_reward::check_url(url)
         {
-            anyhow::bail!("--reward-url {url}: expected http://host:port/path");
+            anyhow::bail!("--reward-url: {e}");
         }
         Ok(())
     }

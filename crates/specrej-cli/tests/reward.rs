@@ -16,7 +16,7 @@ use common::{fails_with, specrej, stderr, temp_dir};
 #[test]
 fn bad_reward_flags_are_named_before_any_model_loads() {
     fails_with(&["generate", "hi", "--reward", "/nonexistent/rm"], "not judge, partial-judge, likelihood or a reward-model directory");
-    fails_with(&["generate", "hi", "--reward-url", "ftp://example/score"], "expected http://host:port/path");
+    fails_with(&["generate", "hi", "--reward-url", "ftp://example/score"], "--reward-url: reward server URL \"ftp://example/score\": scheme \"ftp\" is not supported, only http (expected http://HOST:PORT/PATH)");
     // bench paper replays the judge and the likelihood only: anything else is a usage error.
     let output = specrej(&["bench", "paper", "--rewards", "/nonexistent/rm"]);
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));

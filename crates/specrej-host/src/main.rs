@@ -137,8 +137,8 @@ fn run(args: Args) -> Result<()> {
     let mut reward_urls = Vec::new();
     for spec in &args.reward_url {
         let (name, url) = named("reward-url", spec)?;
-        if !url.starts_with("http://") {
-            anyhow::bail!("--reward-url {spec}: expected NAME=http://host:port/path");
+        if let Err(e) = specrej_reward::check_url(url) {
+            anyhow::bail!("--reward-url {spec}: {e}");
         }
         reward_urls.push((name, url));
     }

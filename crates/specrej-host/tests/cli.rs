@@ -18,7 +18,7 @@ fn bad_reward_flags_are_named() {
         (vec!["--reward-model", "rm"], "--reward-model \"rm\": expected NAME=VALUE"),
         (vec!["--reward-model", "=dir"], "expected NAME=VALUE"),
         (vec!["--reward-model", "rm=/nonexistent/rm"], "/nonexistent/rm is not a reward-model directory"),
-        (vec!["--reward-url", "rm=ftp://host/score"], "expected NAME=http://host:port/path"),
+        (vec!["--reward-url", "rm=ftp://host/score"], "--reward-url rm=ftp://host/score: reward server URL \"ftp://host/score\": scheme \"ftp\" is not supported, only http"),
         (vec!["--fake", "--reward-url", "rm=http://127.0.0.1:1/score"], "need a real model, not --fake"),
     ] {
         let mut all = vec!["--component", c, "--listen", "127.0.0.1:0"];
