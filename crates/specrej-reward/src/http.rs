@@ -102,11 +102,14 @@ pub struct ScoreResponse {
 #[derive(Debug)]
 struct HttpError(StatusCode, String);
 
+/// A JSON answer.
+fn json(status: StatusCode, body: String) -> HttpResponse {
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+}
+
 impl IntoResponse for HttpError {
     fn into_response(self) -> HttpResponse {
-        let body = serde_json::json!({ "error": self.1 }).to_string();
-        let mut answer =
-            (self.0, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response();
+        let mut answer = json(self.0, serde_json::json!({ "error": self.1 }).to_string());
         if self.0 == StatusCode::TOO_MANY_REQUESTS {
             // A queued request takes about one scoring call: a second is a fair wait.
             answer.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -161,32 +164,31 @@ impl Server {
 
 /// What every request handler shares.
 struct Shared {
-    server: Arc<Mutex<Server>>,
+    server: Mutex<Server>,
     /// Permits to wait for the model: `max_queued` + the one being scored.
     queue: Arc<Semaphore>,
-    body_timeout: Duration,
-    max_body_bytes: usize,
+    limits: ServerLimits,
 }
 
 /// The one handler (any path): POST a JSON [`ScoreRequest`], get a [`ScoreResponse`].
 async fn score(State(shared): State<Arc<Shared>>, method: Method, headers: HeaderMap, body: Body) -> HttpResponse {
-    match score_inner(&shared, method, &headers, body).await {
+    match score_inner(shared, method, &headers, body).await {
         Ok(answer) => match serde_json::to_string(&answer) {
-            Ok(json) => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response(),
+            Ok(body) => json(StatusCode::OK, body),
             Err(e) => HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         },
         Err(e) => e.into_response(),
     }
 }
 
-async fn score_inner(shared: &Shared, method: Method, headers: &HeaderMap, body: Body) -> Result<ScoreResponse, HttpError> {
+async fn score_inner(shared: Arc<Shared>, method: Method, headers: &HeaderMap, body: Body) -> Result<ScoreResponse, HttpError> {
     if method != Method::POST {
         return Err(HttpError(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method {method} not allowed: POST a JSON scoring request"),
         ));
     }
-    let limit = shared.max_body_bytes;
+    let (limit, body_timeout) = (shared.limits.max_body_bytes, shared.limits.body_timeout);
     let too_large = || HttpError(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {limit} bytes"));
     // A declared length over the limit is refused before a byte of the body is read.
     if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
@@ -195,11 +197,11 @@ async fn score_inner(shared: &Shared, method: Method, headers: &HeaderMap, body:
         return Err(too_large());
     }
     // Content-Length or chunked: the whole body within one deadline.
-    let bytes = match tokio::time::timeout(shared.body_timeout, axum::body::to_bytes(body, limit)).await {
+    let bytes = match tokio::time::timeout(body_timeout, axum::body::to_bytes(body, limit)).await {
         Err(_) => {
             return Err(HttpError(
                 StatusCode::REQUEST_TIMEOUT,
-                format!("the request body did not arrive within {:?}", shared.body_timeout),
+                format!("the request body did not arrive within {body_timeout:?}"),
             ));
         }
         Ok(Err(e)) if is_length_limit(&e) => return Err(too_large()),
@@ -209,11 +211,10 @@ async fn score_inner(shared: &Shared, method: Method, headers: &HeaderMap, body:
     let Ok(permit) = Arc::clone(&shared.queue).try_acquire_owned() else {
         return Err(HttpError(StatusCode::TOO_MANY_REQUESTS, "the reward model's queue is full: retry later".into()));
     };
-    let server = Arc::clone(&shared.server);
     // The model is CPU (or GPU) bound: it runs on a blocking thread, one request at a time.
     let job = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        server.lock().unwrap_or_else(PoisonError::into_inner).handle(&bytes)
+        shared.server.lock().unwrap_or_else(PoisonError::into_inner).handle(&bytes)
     });
     match job.await {
         Ok(result) => result,
@@ -290,10 +291,9 @@ fn run(
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let shared = Arc::new(Shared {
-            server: Arc::new(Mutex::new(Server { rm, sessions: VecDeque::new() })),
+            server: Mutex::new(Server { rm, sessions: VecDeque::new() }),
             queue: Arc::new(Semaphore::new(limits.max_queued + 1)),
-            body_timeout: limits.body_timeout,
-            max_body_bytes: limits.max_body_bytes,
+            limits: limits.clone(),
         });
         let app = axum::Router::new().fallback(score).with_state(shared);
         accept_loop(listener, app, limits, shutdown).await;
