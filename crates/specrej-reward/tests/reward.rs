@@ -384,10 +384,10 @@ fn remote_scores_equal_local_scores_and_bad_requests_get_4xx() {
     let (s, _) = raw_http(addr, b"\x00\x01garbage\r\n\r\n");
     assert_eq!(s, 400);
     let body = br#"{"prompt": "q", "responses": ["a", "b"], "rows": [1]}"#;
-    let req = [format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(), body].concat();
+    let req = post_bytes(body);
     assert_eq!(raw_http(addr, &req).0, 400);
     let body = br#"{"prompt": "q", "responses": ["a", "b"]}"#;
-    let req = [format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(), body].concat();
+    let req = post_bytes(body);
     let (s, answer) = raw_http(addr, &req);
     assert_eq!(s, 200, "{answer}");
     let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
