@@ -70,32 +70,67 @@ pub fn resolve(root: &Path, path: &str) -> Result<PathBuf, Refused> {
     if file.is_file() { Ok(file) } else { Err(Refused::NotFound) }
 }
 
-/// Answers `GET`/`HEAD` of `path` from `root` on `stream`: 200 with the file, 403 for a
-/// path outside `root`, 404 for no file, 405 for another method. Returns the status sent.
-pub fn serve(stream: &mut impl Write, root: &Path, method: &str, path: &str) -> std::io::Result<u16> {
-    let head = method == "HEAD";
-    if method != "GET" && !head {
-        let message = b"only GET and HEAD\n";
-        crate::write_response(stream, 405, "text/plain; charset=utf-8", message, true)?;
-        return Ok(405);
-    }
-    let file = match resolve(root, path) {
-        Ok(file) => file,
-        Err(refused) => {
-            let (status, message) = match refused {
-                Refused::Forbidden => (403, format!("forbidden: {path}\n")),
-                Refused::NotFound => (404, format!("not found: {path}\n")),
-            };
-            crate::write_response(stream, status, "text/plain; charset=utf-8", message.as_bytes(), !head)?;
-            return Ok(status);
-        }
-    };
-    serve_file(stream, &file, head)
+/// What a static-file request gets: a file to send with 200, or a refusal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Send this file (it exists).
+    File(PathBuf),
+    /// A plain-text refusal: 403, 404 or 405, and its message.
+    Refused(u16, String),
 }
 
-/// Answers `GET`/`HEAD` of the browser demo's site: `/models/<file>.gguf` from `models`
-/// (a single `.gguf` file name, else 403), everything else from `root` as [`serve`] does.
-/// Without `models`, `/models/…` is looked up under `root` like any path.
+/// What `GET`/`HEAD` of `path` under `root` answers: the file, 403 for a path outside
+/// `root`, 404 for no file, 405 for another method.
+pub fn answer(root: &Path, method: &str, path: &str) -> Answer {
+    if method != "GET" && method != "HEAD" {
+        return Answer::Refused(405, "only GET and HEAD\n".into());
+    }
+    match resolve(root, path) {
+        Ok(file) => Answer::File(file),
+        Err(Refused::Forbidden) => Answer::Refused(403, format!("forbidden: {path}\n")),
+        Err(Refused::NotFound) => Answer::Refused(404, format!("not found: {path}\n")),
+    }
+}
+
+/// What the browser demo's site answers: `/models/<file>.gguf` from `models` (a single
+/// `.gguf` file name, else 403), everything else from `root` as [`answer`] does. Without
+/// `models`, `/models/…` is looked up under `root` like any path.
+pub fn site_answer(root: &Path, models: Option<&Path>, method: &str, path: &str) -> Answer {
+    let (Some(models), Some(name)) = (models, path.strip_prefix("/models/")) else {
+        return answer(root, method, path);
+    };
+    if method != "GET" && method != "HEAD" {
+        return answer(root, method, path);
+    }
+    let decoded = percent_decode(name).unwrap_or_default();
+    if !decoded.ends_with(".gguf") || decoded.contains(['/', '\\']) {
+        return Answer::Refused(403, "only /models/<file>.gguf\n".to_owned());
+    }
+    match resolve(models, &format!("/{name}")) {
+        Ok(file) => Answer::File(file),
+        Err(Refused::NotFound) => Answer::Refused(404, format!("not found: {path}\n")),
+        Err(Refused::Forbidden) => Answer::Refused(403, format!("forbidden: {path}\n")),
+    }
+}
+
+/// Writes `answer` on `stream`; only the head for `HEAD`. Returns the status sent.
+fn send(stream: &mut impl Write, answer: Answer, method: &str) -> std::io::Result<u16> {
+    let head = method == "HEAD";
+    match answer {
+        Answer::File(file) => serve_file(stream, &file, head),
+        Answer::Refused(status, message) => {
+            crate::write_response(stream, status, "text/plain; charset=utf-8", message.as_bytes(), !head)?;
+            Ok(status)
+        }
+    }
+}
+
+/// Answers `GET`/`HEAD` of `path` from `root` on `stream` ([`answer`]). Returns the status sent.
+pub fn serve(stream: &mut impl Write, root: &Path, method: &str, path: &str) -> std::io::Result<u16> {
+    send(stream, answer(root, method, path), method)
+}
+
+/// Answers `GET`/`HEAD` of the browser demo's site on `stream` ([`site_answer`]).
 pub fn serve_site(
     stream: &mut impl Write,
     root: &Path,
@@ -103,26 +138,7 @@ pub fn serve_site(
     method: &str,
     path: &str,
 ) -> std::io::Result<u16> {
-    let (Some(models), Some(name)) = (models, path.strip_prefix("/models/")) else {
-        return serve(stream, root, method, path);
-    };
-    if method != "GET" && method != "HEAD" {
-        return serve(stream, root, method, path);
-    }
-    let head = method == "HEAD";
-    let plain = "text/plain; charset=utf-8";
-    let decoded = percent_decode(name).unwrap_or_default();
-    let (status, message) = if decoded.ends_with(".gguf") && !decoded.contains(['/', '\\']) {
-        match resolve(models, &format!("/{name}")) {
-            Ok(file) => return serve_file(stream, &file, head),
-            Err(Refused::NotFound) => (404, format!("not found: {path}\n")),
-            Err(Refused::Forbidden) => (403, format!("forbidden: {path}\n")),
-        }
-    } else {
-        (403, "only /models/<file>.gguf\n".to_owned())
-    };
-    crate::write_response(stream, status, plain, message.as_bytes(), !head)?;
-    Ok(status)
+    send(stream, site_answer(root, models, method, path), method)
 }
 
 /// Sends `file` (a file known to exist) with status 200; only the head when `head_only`.

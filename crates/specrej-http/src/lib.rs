@@ -7,10 +7,14 @@
 //!   `Expect: 100-continue`.
 //! - [`write_response`] and [`reason`]: a whole response.
 //! - [`files`]: static files under a folder (GET/HEAD, content types, no path traversal).
+//! - [`serve`] (feature `server`): the tokio/hyper/axum serving loop and body rule of
+//!   specrej-server and specrej-reward-server.
 
 #![forbid(unsafe_code)]
 
 pub mod files;
+#[cfg(feature = "server")]
+pub mod serve;
 
 use std::io::{BufRead, BufReader, Read, Write};
 

@@ -14,11 +14,9 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response as HttpResponse};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
 use specrej_core::{BackendError, Response, Scored, Scorer};
+use specrej_http::serve::{accept_loop, read_body, shutdown_signal, ConnLimits};
 use specrej_text::Tokenizer;
 use tokio::sync::{Semaphore, oneshot};
 
@@ -188,26 +186,10 @@ async fn score_inner(shared: Arc<Shared>, method: Method, headers: &HeaderMap, b
             format!("method {method} not allowed: POST a JSON scoring request"),
         ));
     }
-    let (limit, body_timeout) = (shared.limits.max_body_bytes, shared.limits.body_timeout);
-    let too_large = || HttpError(StatusCode::PAYLOAD_TOO_LARGE, format!("request body over {limit} bytes"));
-    // A declared length over the limit is refused before a byte of the body is read.
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        && len > limit as u64
-    {
-        return Err(too_large());
-    }
-    // Content-Length or chunked: the whole body within one deadline.
-    let bytes = match tokio::time::timeout(body_timeout, axum::body::to_bytes(body, limit)).await {
-        Err(_) => {
-            return Err(HttpError(
-                StatusCode::REQUEST_TIMEOUT,
-                format!("the request body did not arrive within {body_timeout:?}"),
-            ));
-        }
-        Ok(Err(e)) if is_length_limit(&e) => return Err(too_large()),
-        Ok(Err(e)) => return Err(HttpError(StatusCode::BAD_REQUEST, format!("reading the request body: {e}"))),
-        Ok(Ok(bytes)) => bytes,
-    };
+    let bytes = read_body(headers, body, shared.limits.max_body_bytes, shared.limits.body_timeout).await.map_err(|e| {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        HttpError(status, e.to_string())
+    })?;
     let Ok(permit) = Arc::clone(&shared.queue).try_acquire_owned() else {
         return Err(HttpError(StatusCode::TOO_MANY_REQUESTS, "the reward model's queue is full: retry later".into()));
     };
@@ -222,60 +204,15 @@ async fn score_inner(shared: Arc<Shared>, method: Method, headers: &HeaderMap, b
     }
 }
 
-/// Whether a body error is [`axum::body::to_bytes`]'s length limit.
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = s.source();
+/// The connection rules of [`ServerLimits`].
+fn conn_limits(limits: &ServerLimits) -> ConnLimits {
+    ConnLimits {
+        header_timeout: limits.header_timeout,
+        max_header_bytes: MAX_HEADER_BYTES,
+        max_connections: limits.max_connections,
+        shutdown_grace: limits.shutdown_grace,
+        half_close: true,
     }
-    false
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves, then lets requests in flight
-/// finish for `limits.shutdown_grace`. Every connection is its own task (keep-alive,
-/// a deadline for each request's head).
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    limits: &ServerLimits,
-    shutdown: impl Future<Output = ()>,
-) {
-    let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&connections).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            () = &mut shutdown => break,
-        };
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
-                // Out of file descriptors and the like: wait, as the connections in flight end.
-                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .max_header_size(MAX_HEADER_BYTES)
-            .half_close(true)
-            .keep_alive(true);
-        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            // A connection's I/O errors (a client gone, a malformed request hyper answered) end only it.
-            let _ = conn.await;
-            drop(permit);
-        });
-    }
-    drop(listener);
-    let _ = tokio::time::timeout(limits.shutdown_grace, graceful.shutdown()).await;
 }
 
 /// Runs the server on a runtime of its own until `shutdown` resolves.
@@ -296,7 +233,7 @@ fn run(
             limits: limits.clone(),
         });
         let app = axum::Router::new().fallback(score).with_state(shared);
-        accept_loop(listener, app, limits, shutdown).await;
+        accept_loop(listener, app, &conn_limits(limits), shutdown).await;
         Ok(())
     })
 }
@@ -310,27 +247,6 @@ pub fn serve(listener: TcpListener, rm: Arc<RewardModel>) -> std::io::Result<()>
         let stop = shutdown_signal().await;
         eprintln!("{stop}: finishing the requests in flight, then stopping");
     })
-}
-
-/// The first of SIGINT (Ctrl-C) and SIGTERM, by name.
-async fn shutdown_signal() -> &'static str {
-    let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
-    };
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                s = interrupt => s,
-                _ = term.recv() => "SIGTERM",
-            },
-            Err(_) => interrupt.await,
-        }
-    }
-    #[cfg(not(unix))]
-    interrupt.await
 }
 
 /// A server running on a thread of its own ([`spawn_server_with`]).
