@@ -227,6 +227,82 @@ impl CandleDecoder {
         }
     }
 
+    /// One [`Decoder::step`] of each of `batches` (all of this decoder), in order. On the CPU
+    /// every row of every batch runs in one forward pass: a row's logits do not depend on the
+    /// other rows (the batch-invariance rule), so each batch gets the tokens its own step
+    /// would give it, bit for bit. On a GPU (a dense cache per batch) each batch steps alone.
+    /// A failed pass fails every batch in it, each left as it was (the step can be retried).
+    pub fn step_batches(&mut self, batches: &mut [&mut CandleBatch]) -> Vec<Result<Vec<u32>, BackendError>> {
+        let mut results: Vec<Option<Result<Vec<u32>, BackendError>>> = batches.iter().map(|_| None).collect();
+        // `[merged batches]`: each batch's pending tokens, `[rows]`, taken out for the pass.
+        let mut merged: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (i, batch) in batches.iter_mut().enumerate() {
+            let merge = self.on_host() && batch.rows() > 0 && matches!(batch.kv, Kv::Host(_));
+            match batch.pending.take() {
+                Some(pending) if merge => merged.push((i, pending)),
+                pending => {
+                    batch.pending = pending;
+                    results[i] = Some(self.step_sync(batch));
+                }
+            }
+        }
+        if merged.len() == 1 {
+            // One batch: its own step (the same pass).
+            let (i, pending) = merged.remove(0);
+            batches[i].pending = Some(pending);
+            results[i] = Some(self.step_sync(batches[i]));
+        } else if !merged.is_empty() {
+            match self.step_merged(batches, &merged) {
+                Ok(tokens) => {
+                    for ((i, _), tokens) in merged.iter().zip(tokens) {
+                        results[*i] = Some(Ok(record(batches[*i], tokens)));
+                    }
+                }
+                Err(error) => {
+                    for (i, pending) in merged {
+                        batches[i].pending = Some(pending); // as it was
+                        results[i] = Some(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(BackendError::device("step_batches: a batch was not stepped")))).collect()
+    }
+
+    /// The CPU pass of [`CandleDecoder::step_batches`]: the `pending` tokens of batches
+    /// `merged[j].0` run together; each batch's rows are sampled with its own sampling.
+    fn step_merged(&self, batches: &mut [&mut CandleBatch], merged: &[(usize, Vec<u32>)]) -> Result<Vec<Vec<u32>>, BackendError> {
+        let model = &*self.model;
+        let vocab = model.config.vocab_size;
+        let hidden = {
+            let mut pass: Vec<(&mut Seq, &[u32])> = Vec::new();
+            let mut next = merged.iter().peekable();
+            for (i, batch) in batches.iter_mut().enumerate() {
+                let Some((_, pending)) = next.next_if(|(j, _)| *j == i) else { continue };
+                if let Kv::Host(seqs) = &mut batch.kv {
+                    pass.extend(seqs.iter_mut().zip(pending.chunks_exact(1)));
+                }
+            }
+            model.forward_seqs(&mut pass, &self.pool).map_err(PassError::backend)? // [Σ rows, hidden]
+        };
+        let logits = model.logits(&hidden).map_err(device_err)?; // [Σ rows, vocab]
+        with_host(&logits, |l| {
+            let mut offset = 0;
+            merged
+                .iter()
+                .map(|(i, _)| {
+                    let batch = &*batches[*i];
+                    let rows = &l[offset * vocab..(offset + batch.rows()) * vocab];
+                    offset += batch.rows();
+                    let tokens = sample_rows(rows, vocab, vocab, &batch.sampling, &batch.row_ids, &batch.generated);
+                    self.send_nll(rows, vocab, vocab, &tokens, &batch.row_ids, &batch.generated);
+                    tokens
+                })
+                .collect()
+        })
+        .map_err(device_err)
+    }
+
     /// Runs each row's pending token and samples the next (CPU).
     fn step_host(
         &self,
