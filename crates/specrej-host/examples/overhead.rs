@@ -15,11 +15,9 @@
 //! and prints wall times, their ratio, the fuel the guest spent and the time spent inside
 //! host calls (the rest is the guest and the boundary).
 
-use std::cell::Cell;
 use std::ops::Range;
-use std::rc::Rc;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -69,14 +67,14 @@ struct Args {
 /// An [`Engine`] that adds up the time spent in its calls.
 struct Timed<E> {
     inner: E,
-    spent: Rc<Cell<Duration>>,
+    spent: Arc<Mutex<Duration>>,
 }
 
 impl<E> Timed<E> {
     fn time<T>(&mut self, f: impl FnOnce(&mut E) -> T) -> T {
         let start = Instant::now();
         let out = f(&mut self.inner);
-        self.spent.set(self.spent.get() + start.elapsed());
+        *self.spent.lock().unwrap_or_else(PoisonError::into_inner) += start.elapsed();
         out
     }
 }
@@ -177,14 +175,14 @@ fn main() -> Result<()> {
     let events = if args.events { EventKinds::all() } else { EventKinds::empty() };
     let limits = Limits::for_request(args.n, args.max_new_tokens, Duration::from_secs(3600));
     let wasm = || -> Result<(Outcome, f64, u64, f64)> {
-        let spent = Rc::new(Cell::new(Duration::ZERO));
-        let engine = Box::new(Timed { inner: Pair::new(decoder(), judge()), spent: Rc::clone(&spent) });
+        let spent = Arc::new(Mutex::new(Duration::ZERO));
+        let engine = Box::new(Timed { inner: Pair::new(decoder(), judge()), spent: Arc::clone(&spent) });
         let start = Instant::now();
         // The observer does nothing, as natively; the guest still sends every event asked for.
         let run = runtime.generate(engine, &prompt, &options, events, Box::new(|_| true), limits);
         let wall = start.elapsed().as_secs_f64();
         let outcome = run.result.map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok((outcome, wall, run.fuel_used, spent.get().as_secs_f64()))
+        Ok((outcome, wall, run.fuel_used, spent.lock().unwrap_or_else(PoisonError::into_inner).as_secs_f64()))
     };
 
     eprintln!(

@@ -9,11 +9,14 @@
 //!   chat template, or the fake backend; the rewards a request may pick (`judge`,
 //!   `likelihood`, and specrej-reward models or reward servers the server was started with).
 //! - [`api`]: the OpenAI-compatible request and response documents.
-//! - [`server`]: HTTP on `std::net`: `/v1/chat/completions`, `/v1/completions`,
-//!   `/v1/models`, `/health`; one engine worker; server-sent events; optionally the static
-//!   files of the browser demo (`--static DIR`, what `cargo xtask serve` passes).
+//! - [`batcher`]: the engine thread, the one owner of the decoder and its K/V; it merges
+//!   the steps of all running requests into one batched pass, and hands out the KV budget.
+//! - [`server`]: HTTP on tokio, hyper and axum: `/v1/chat/completions`, `/v1/completions`,
+//!   `/v1/models`, `/health`, `/metrics`; server-sent events; optionally the static files
+//!   of the browser demo (`--static DIR`, what `cargo xtask serve` passes).
 
 pub mod api;
+pub mod batcher;
 pub mod model;
 pub mod runtime;
 pub mod server;

@@ -54,9 +54,13 @@ struct Args {
     /// How weights are held in memory.
     #[arg(long, value_enum, default_value = "q8-0")]
     weights: WeightsArg,
-    /// KV budget per request, in cached tokens (rows × positions). Default: 2 GiB worth.
+    /// KV budget of all requests together, in cached tokens (rows × positions); each
+    /// running request holds a grant of it. Default: 2 GiB worth.
     #[arg(long)]
     kv_budget_tokens: Option<usize>,
+    /// Requests that may wait for their share of the KV budget (one more gets 429).
+    #[arg(long, default_value_t = 64)]
+    max_queued: usize,
     /// Largest n a request may ask for.
     #[arg(long, default_value_t = 64)]
     max_n: usize,
@@ -69,8 +73,8 @@ struct Args {
     /// Wall-clock limit of one request, in seconds.
     #[arg(long, default_value_t = 600)]
     request_timeout_secs: u64,
-    /// Connections handled at once (more get 503).
-    #[arg(long, default_value_t = 64)]
+    /// Connections served at once (more wait in the listen backlog).
+    #[arg(long, default_value_t = 256)]
     max_connections: usize,
     /// Serve the fake backend (a hash "language model"; no model file): for smoke tests.
     #[arg(long)]
@@ -179,9 +183,12 @@ fn run(args: Args) -> Result<()> {
         kv_budget_tokens,
         request_timeout: Duration::from_secs(args.request_timeout_secs),
         max_connections: args.max_connections,
+        max_queued: args.max_queued,
+        stop_on_signal: true,
         model_id,
         static_dir: args.static_dir.clone(),
         models_dir: models_dir.filter(|_| args.static_dir.is_some()),
+        ..ServerConfig::default()
     };
     let listener = TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let served = Arc::new(served);
@@ -196,8 +203,7 @@ fn run(args: Args) -> Result<()> {
     if let Some(dir) = &args.static_dir {
         eprintln!("specrej-server: the demo from {} at http://{}/", dir.display(), handle.addr);
     }
-    handle.accept.join().map_err(|_| anyhow::anyhow!("the accept loop panicked"))?;
-    Ok(())
+    handle.join()
 }
 
 /// `--fake`: the test double, in builds with the `fake` feature (the tests' builds) only.

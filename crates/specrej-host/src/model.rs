@@ -12,7 +12,9 @@ use specrej_core::testing::{FakeDecoder, FakeScorer, FAKE_EOS};
 use specrej_reward::{RemoteScorer, RewardModel, RewardScorer};
 use specrej_text::{Message, ModelText};
 
-use crate::runtime::{Engine, Pair};
+use crate::batcher::{Scorer, SharedDecoder};
+#[cfg(feature = "fake")]
+use crate::batcher::EachAlone;
 
 /// The default model's file name (`cargo xtask fetch-model` puts it in `models/`).
 pub use specrej_text::DEFAULT_MODEL_FILE;
@@ -228,55 +230,56 @@ impl Served {
         }
     }
 
-    /// The engine for one request: a decoder holding `capacity` cached tokens and the
-    /// reward model; `question` is the user's text (the judge asks about it).
-    pub fn engine(&self, capacity: usize, reward: &RewardKind, question: &str) -> Result<Box<dyn Engine>> {
+    /// The server's one decoder: `capacity` cached tokens of K/V for all requests together
+    /// (on the CPU one block pool; a request's step runs in the same pass as the others').
+    pub fn decoder(&self, capacity: usize) -> Box<dyn SharedDecoder> {
         match self {
             Served::Real(m) => {
                 let bytes = capacity.saturating_mul(m.weights.kv_bytes_per_token());
-                let decoder = CandleDecoder::new(Arc::clone(&m.weights), bytes);
-                Ok(match reward {
-                    RewardKind::Judge | RewardKind::PartialJudge => {
-                        let segments = specrej_text::judge_segments(&m.text.tokenizer, &m.text.template, question)?;
-                        let mut judge = JudgeScorer::new(
-                            Arc::clone(&m.weights),
-                            segments.before,
-                            segments.after,
-                            segments.yes,
-                            segments.no,
-                        );
-                        if *reward == RewardKind::PartialJudge {
-                            judge = judge.with_partial(segments.after_partial);
-                        }
-                        Box::new(Pair::new(decoder, judge))
-                    }
-                    RewardKind::Likelihood => {
-                        Box::new(Pair::new(decoder, LikelihoodScorer::new(Arc::clone(&m.weights))))
-                    }
-                    RewardKind::Named(name) => {
-                        let Some((_, reward)) = m.rewards.iter().find(|(n, _)| n == name) else {
-                            anyhow::bail!("no reward model {name:?}");
-                        };
-                        let tokenizer = m.text.tokenizer.clone();
-                        match reward {
-                            ExtraReward::Model(rm) => {
-                                Box::new(Pair::new(decoder, RewardScorer::new(Arc::clone(rm), tokenizer, question)))
-                            }
-                            ExtraReward::Remote(url) => {
-                                let remote = RemoteScorer::new(url, tokenizer, question)
-                                    .with_context(|| format!("reward server {url}"))?;
-                                Box::new(Pair::new(decoder, remote))
-                            }
-                        }
-                    }
-                })
+                Box::new(CandleDecoder::new(Arc::clone(&m.weights), bytes))
             }
             #[cfg(feature = "fake")]
             Served::Fake => {
                 let mut decoder = FakeDecoder::new(capacity);
                 decoder.max_sequence_len = FAKE_CONTEXT;
-                Ok(Box::new(Pair::new(decoder, FakeScorer::default())))
+                Box::new(EachAlone(decoder))
             }
+        }
+    }
+
+    /// One request's reward model; `question` is the user's text (the judge asks about it).
+    /// The flag says whether it computes on the engine thread (the judge, the likelihood, a
+    /// local reward model) or waits on the network (a reward server), off that thread.
+    pub fn scorer(&self, reward: &RewardKind, question: &str) -> Result<(Scorer, bool)> {
+        match self {
+            Served::Real(m) => Ok(match reward {
+                RewardKind::Judge | RewardKind::PartialJudge => {
+                    let segments = specrej_text::judge_segments(&m.text.tokenizer, &m.text.template, question)?;
+                    let mut judge =
+                        JudgeScorer::new(Arc::clone(&m.weights), segments.before, segments.after, segments.yes, segments.no);
+                    if *reward == RewardKind::PartialJudge {
+                        judge = judge.with_partial(segments.after_partial);
+                    }
+                    (Box::new(judge), true)
+                }
+                RewardKind::Likelihood => (Box::new(LikelihoodScorer::new(Arc::clone(&m.weights))), true),
+                RewardKind::Named(name) => {
+                    let Some((_, reward)) = m.rewards.iter().find(|(n, _)| n == name) else {
+                        anyhow::bail!("no reward model {name:?}");
+                    };
+                    let tokenizer = m.text.tokenizer.clone();
+                    match reward {
+                        ExtraReward::Model(rm) => (Box::new(RewardScorer::new(Arc::clone(rm), tokenizer, question)), true),
+                        ExtraReward::Remote(url) => {
+                            let remote =
+                                RemoteScorer::new(url, tokenizer, question).with_context(|| format!("reward server {url}"))?;
+                            (Box::new(remote), false)
+                        }
+                    }
+                }
+            }),
+            #[cfg(feature = "fake")]
+            Served::Fake => Ok((Box::new(FakeScorer::default()), true)),
         }
     }
 }

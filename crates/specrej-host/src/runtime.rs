@@ -1,22 +1,23 @@
 //! The component in wasmtime: the host side of `wit/decoder.wit`.
 //!
-//! [`Runtime`] compiles the component once; [`Runtime::generate`] instantiates it in a
-//! fresh [`Store`] per request (so a trap poisons nothing), with a fuel budget and an
-//! epoch deadline, implements its `engine` and `progress` imports over an [`Engine`], and
-//! calls `decode.generate`.
+//! [`Runtime`] compiles the component once; every request instantiates it in a fresh
+//! [`Store`] (so a trap poisons nothing), with a fuel budget and an epoch deadline, and calls
+//! `decode.generate`. wasmtime runs it asynchronously: the guest runs on a fiber, and each
+//! `engine` import is an `async` host function that sends its work to the engine thread of
+//! [`crate::batcher`] and awaits its answer ([`Runtime::run`], what the server calls on its
+//! tokio tasks). [`Runtime::generate`] is the same run for one request with an [`Engine`] of
+//! its own (an engine thread just for it), driven to completion on the caller's thread.
 //!
 //! Both worlds run: the bindings are those of `decoder-with-reward` (a superset of
 //! `decoder`'s imports), and [`Runtime::world`] says which one the component targets (read
-//! from its imports). A `decoder-with-reward` component scores through the `reward` import:
-//! [`Runtime::generate_with_reward`] backs it with any [`HostReward`] (every
-//! [`specrej_core::Scorer`] is one: the built-in judge, a specrej-reward model, a remote
-//! scorer); without one, with the engine's own scorer.
+//! from its imports). A request has one reward model ([`crate::batcher::Lease`]'s scorer):
+//! it answers `engine.score` and the `reward` import alike.
 
 use std::any::Any;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use specrej_core::backend::{check_fork, check_retain};
@@ -27,6 +28,8 @@ use specrej_core::{
 use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
 use wasmtime::{Config, Store, StoreLimits, StoreLimitsBuilder, Trap};
 
+use crate::batcher::{self, Batch, Lease, SharedDecoder};
+
 /// The generated bindings (private; [`EventKinds`] is re-exported).
 mod bindings {
     wasmtime::component::bindgen!({
@@ -34,8 +37,10 @@ mod bindings {
         // A superset of world `decoder`: one linker instantiates components of either world.
         world: "decoder-with-reward",
         with: { "specrej:decoder/engine.batch": crate::runtime::HostBatch },
-        // Resource-table lookups can fail: let every import trap instead of panicking.
-        imports: { default: trappable },
+        // Every import may await the engine thread; resource-table lookups can fail, so
+        // every import traps instead of panicking.
+        imports: { default: async | trappable },
+        exports: { default: async },
     });
 }
 
@@ -44,10 +49,10 @@ use bindings::specrej::decoder::{engine as wit_engine, progress, reward as wit_r
 
 pub use bindings::specrej::decoder::progress::EventKinds;
 
-/// The host's side of one request: a decoder and a reward model behind one object-safe
-/// trait (the component's `engine` import). Futures are driven with [`block_on_ready`]:
-/// every backend here is synchronous.
-pub trait Engine {
+/// A decoder and a reward model behind one object-safe trait: what [`Runtime::generate`]
+/// runs one request on. Futures are driven with [`block_on_ready`]: every backend here is
+/// synchronous.
+pub trait Engine: Send {
     /// [`Decoder::token_capacity`].
     fn token_capacity(&self) -> usize;
     /// [`Decoder::kv_bytes_per_token`].
@@ -75,7 +80,7 @@ pub trait Engine {
 /// A reward function the host supplies through the `reward` import of world
 /// `decoder-with-reward`. Every [`Scorer`] is one (its futures driven with
 /// [`block_on_ready`]).
-pub trait HostReward {
+pub trait HostReward: Send {
     /// [`Scorer::score`].
     fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError>;
     /// [`Scorer::release`].
@@ -84,7 +89,7 @@ pub trait HostReward {
     fn forked(&mut self, children: &[(u32, u32)]);
 }
 
-impl<S: Scorer> HostReward for S {
+impl<S: Scorer + Send> HostReward for S {
     fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
         block_on_ready(Scorer::score(self, prompt, responses))
     }
@@ -142,9 +147,9 @@ fn downcast<B: 'static>(batch: &mut AnyBatch) -> Result<&mut B, BackendError> {
 
 impl<D, S> Engine for Pair<D, S>
 where
-    D: Decoder,
+    D: Decoder + Send,
     D::Batch: Send + 'static,
-    S: Scorer,
+    S: Scorer + Send,
 {
     fn token_capacity(&self) -> usize {
         self.decoder.token_capacity()
@@ -197,7 +202,8 @@ where
 /// The host value behind the component's `batch` resource: the batch and its live rows
 /// (to check the guest's `retain` indices before the backend sees them).
 pub struct HostBatch {
-    batch: AnyBatch,
+    /// `None` only while it is away on the engine thread.
+    batch: Option<Batch>,
     rows: usize,
 }
 
@@ -279,39 +285,30 @@ impl std::fmt::Display for RunError {
 impl std::error::Error for RunError {}
 
 /// What [`Runtime::generate`] gives back.
+#[derive(Debug)]
 pub struct Run {
     /// The outcome, or why there is none.
     pub result: Result<Outcome, RunError>,
-    /// The engine, for the next request.
-    pub engine: Box<dyn Engine>,
-    /// The host reward, if one was given.
-    pub reward: Option<Box<dyn HostReward>>,
     /// Fuel the guest spent.
     pub fuel_used: u64,
 }
 
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Run").field("result", &self.result).field("fuel_used", &self.fuel_used).finish_non_exhaustive()
-    }
-}
-
 /// What the observer of a run sees: the core's events, rebuilt on the host side. Returning
 /// `false` cancels the run (the `on-event` import traps; e.g. a streaming client left).
-pub type Observer = Box<dyn FnMut(&Event<'_>) -> bool>;
+pub type Observer = Box<dyn FnMut(&Event<'_>) -> bool + Send>;
 
-/// The store's data: the engine, the host reward, the batches the guest holds, the observer,
-/// and the time spent in each kind of import (the guest has no clock).
+/// The store's data: the request's lease on the engine, the batches the guest holds, the
+/// observer, and the time spent in each kind of import (the guest has no clock).
 struct State {
-    engine: Box<dyn Engine>,
-    reward: Option<Box<dyn HostReward>>,
+    engine: Lease,
     table: ResourceTable,
     observer: Observer,
     limits: StoreLimits,
     times: Times,
 }
 
-/// Seconds spent in the imports, by kind (`Stats`' time breakdown).
+/// Seconds spent in the imports, by kind (`Stats`' time breakdown), waiting for the engine
+/// thread included.
 #[derive(Clone, Copy, Debug, Default)]
 struct Times {
     prefill: f64,
@@ -320,12 +317,20 @@ struct Times {
     reward: f64,
 }
 
-/// Runs `f`, adding its duration to `slot`.
-fn timed<R>(slot: &mut f64, f: impl FnOnce() -> R) -> R {
-    let start = Instant::now();
-    let result = f();
+/// Adds the time since `start` to `slot`.
+fn add_time(slot: &mut f64, start: Instant) {
     *slot += start.elapsed().as_secs_f64();
-    result
+}
+
+/// What [`Runtime::run`] gives back.
+#[derive(Debug)]
+pub struct LeaseRun {
+    /// The outcome, or why there is none.
+    pub result: Result<Outcome, RunError>,
+    /// The lease, for its reward model.
+    pub lease: Lease,
+    /// Fuel the guest spent.
+    pub fuel_used: u64,
 }
 
 /// A compiled component, ready to run requests.
@@ -345,6 +350,78 @@ impl std::fmt::Debug for Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// An [`Engine`] shared by the engine thread (as the decoder) and the request's lease (as its
+/// reward model) of one [`Runtime::generate`] call: both run on the engine thread, so the
+/// lock is never contended.
+type SharedEngine = Arc<Mutex<Box<dyn Engine>>>;
+
+fn lock(engine: &SharedEngine) -> std::sync::MutexGuard<'_, Box<dyn Engine>> {
+    engine.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The decoder half of a [`SharedEngine`].
+struct EngineDecoder(SharedEngine);
+
+impl SharedDecoder for EngineDecoder {
+    fn token_capacity(&self) -> usize {
+        lock(&self.0).token_capacity()
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        lock(&self.0).kv_bytes_per_token()
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        lock(&self.0).kv_layout()
+    }
+
+    fn max_sequence_len(&self) -> usize {
+        lock(&self.0).max_sequence_len()
+    }
+
+    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<AnyBatch, BackendError> {
+        lock(&self.0).prefill(prompt, rows, sampling)
+    }
+
+    fn step(&mut self, batches: &mut [&mut AnyBatch]) -> Vec<Result<Vec<u32>, BackendError>> {
+        let mut engine = lock(&self.0);
+        batches.iter_mut().map(|batch| engine.step(batch)).collect()
+    }
+
+    fn retain(&mut self, batch: &mut AnyBatch, keep: &[usize]) -> Result<(), BackendError> {
+        lock(&self.0).retain(batch, keep)
+    }
+
+    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+        lock(&self.0).fork(batch, children)
+    }
+
+    fn kv_bytes_held(&self) -> Option<u64> {
+        None
+    }
+
+    fn merges(&self) -> bool {
+        false
+    }
+}
+
+/// The reward half of a [`SharedEngine`].
+struct EngineScorer(SharedEngine);
+
+impl HostReward for EngineScorer {
+    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+        lock(&self.0).score(prompt, responses)
+    }
+
+    fn release(&mut self, rows: &[u32]) {
+        lock(&self.0).release(rows);
+    }
+
+    fn forked(&mut self, children: &[(u32, u32)]) {
+        lock(&self.0).forked(children);
     }
 }
 
@@ -392,8 +469,8 @@ impl Runtime {
     }
 
     /// Runs `decode.generate` once: `specrej_core::generate` inside the component over
-    /// `engine`, reporting the event kinds in `events` to `observer`. Gives the engine back
-    /// with the result. `stats.wall_seconds` is the host's measure (the guest has no clock).
+    /// `engine`, reporting the event kinds in `events` to `observer`.
+    /// `stats.wall_seconds` is the host's measure (the guest has no clock).
     pub fn generate(
         &self,
         engine: Box<dyn Engine>,
@@ -407,9 +484,12 @@ impl Runtime {
     }
 
     /// [`Runtime::generate`] with the host's own reward function behind the `reward` import
-    /// (world `decoder-with-reward`; `engine`'s scorer is then not called). With `None`, a
-    /// `decoder-with-reward` component is scored by `engine`'s scorer; with `Some`, a
-    /// `decoder` component fails with [`RunError::NoRewardImport`].
+    /// (world `decoder-with-reward`; `engine`'s scorer is then not called). With `None`, the
+    /// component is scored by `engine`'s scorer; with `Some`, a `decoder` component fails
+    /// with [`RunError::NoRewardImport`].
+    ///
+    /// The request gets an engine thread of its own over `engine` (the same batcher the
+    /// server uses, with one request in it), and the call is driven on this thread.
     #[allow(clippy::too_many_arguments, reason = "generate's arguments plus the reward; a struct would only rename them")]
     pub fn generate_with_reward(
         &self,
@@ -422,12 +502,44 @@ impl Runtime {
         limits: Limits,
     ) -> Run {
         if reward.is_some() && self.world == World::Decoder {
-            return Run { result: Err(RunError::NoRewardImport), engine, reward, fuel_used: 0 };
+            return Run { result: Err(RunError::NoRewardImport), fuel_used: 0 };
         }
+        let capacity = engine.token_capacity();
+        let shared: SharedEngine = Arc::new(Mutex::new(engine));
+        let scorer: Box<dyn HostReward> = match reward {
+            Some(reward) => reward,
+            None => Box::new(EngineScorer(Arc::clone(&shared))),
+        };
+        let (handle, thread) = match batcher::spawn(Box::new(EngineDecoder(shared))) {
+            Ok(started) => started,
+            Err(e) => return Run { result: Err(RunError::Trap(format!("starting the engine thread: {e}"))), fuel_used: 0 },
+        };
+        let lease = handle.lease(capacity, scorer, true, None);
+        drop(handle);
+        let run = pollster::block_on(self.run(lease, prompt, options, events, observer, limits));
+        // The last lease gone, the engine thread ends.
+        drop(run.lease);
+        let _ = thread.join();
+        Run { result: run.result, fuel_used: run.fuel_used }
+    }
+
+    /// Runs `decode.generate` once on `lease` (a request's share of an engine thread),
+    /// reporting the event kinds in `events` to `observer`. The future is `Send`: the server
+    /// runs it on its tokio tasks, and dropping it (a client gone) drops the request's
+    /// batches, whose K/V goes back to the engine's pool. `stats.wall_seconds` is the host's
+    /// measure (the guest has no clock).
+    pub async fn run(
+        &self,
+        lease: Lease,
+        prompt: &[u32],
+        options: &Options,
+        events: EventKinds,
+        observer: Observer,
+        limits: Limits,
+    ) -> LeaseRun {
         let start = Instant::now();
         let state = State {
-            engine,
-            reward,
+            engine: lease,
             table: ResourceTable::new(),
             observer,
             limits: StoreLimitsBuilder::new().memory_size(limits.memory_bytes).instances(16).build(),
@@ -435,9 +547,9 @@ impl Runtime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
-        let result = self.call(&mut store, prompt, options, events, limits);
+        let result = self.call(&mut store, prompt, options, events, limits).await;
         let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
-        let State { engine, reward, times, .. } = store.into_data();
+        let State { engine: lease, times, .. } = store.into_data();
         let result = result.map(|mut outcome| {
             let stats = &mut outcome.stats;
             stats.wall_seconds = start.elapsed().as_secs_f64();
@@ -447,10 +559,10 @@ impl Runtime {
             stats.reward_seconds = times.reward;
             outcome
         });
-        Run { result, engine, reward, fuel_used }
+        LeaseRun { result, lease, fuel_used }
     }
 
-    fn call(
+    async fn call(
         &self,
         store: &mut Store<State>,
         prompt: &[u32],
@@ -467,9 +579,9 @@ impl Runtime {
         store.set_fuel(limits.fuel).map_err(trap)?;
         let ticks = (limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
-        let instance = self.pre.instantiate(&mut *store).map_err(trap)?;
+        let instance = self.pre.instantiate_async(&mut *store).await.map_err(trap)?;
         let options = to_wit_options(options, events);
-        let answer = instance.specrej_decoder_decode().call_generate(&mut *store, prompt, &options).map_err(trap)?;
+        let answer = instance.specrej_decoder_decode().call_generate(&mut *store, prompt, &options).await.map_err(trap)?;
         match answer {
             Ok(outcome) => Ok(from_wit_outcome(outcome)),
             Err(decode::DecodeError::InvalidRequest(message)) => Err(RunError::InvalidRequest(message)),
@@ -477,6 +589,7 @@ impl Runtime {
         }
     }
 }
+
 
 // ---- the imports ----
 
@@ -496,67 +609,91 @@ fn from_wit_error(error: types::EngineError) -> BackendError {
 
 impl types::Host for State {}
 
+fn responses(responses: Vec<types::Response>) -> Vec<(u32, Vec<u32>)> {
+    responses.into_iter().map(|r| (r.row, r.tokens)).collect()
+}
+
+fn scored(result: Result<Scored, BackendError>) -> Result<types::Scored, types::EngineError> {
+    result.map(|s| types::Scored { rewards: s.rewards, tokens_processed: s.tokens_processed }).map_err(to_wit_error)
+}
+
+impl State {
+    async fn score(&mut self, prompt: Vec<u32>, responses: Vec<types::Response>) -> Result<types::Scored, types::EngineError> {
+        let start = Instant::now();
+        let result = self.engine.score(prompt, self::responses(responses)).await;
+        add_time(&mut self.times.reward, start);
+        scored(result)
+    }
+}
+
 impl wit_engine::HostBatch for State {
-    fn step(&mut self, batch: Resource<HostBatch>) -> wasmtime::Result<Result<Vec<u32>, types::EngineError>> {
+    async fn step(&mut self, batch: Resource<HostBatch>) -> wasmtime::Result<Result<Vec<u32>, types::EngineError>> {
+        let start = Instant::now();
         let batch = self.table.get_mut(&batch)?;
-        let engine = &mut self.engine;
-        Ok(timed(&mut self.times.step, || engine.step(&mut batch.batch)).map_err(to_wit_error))
+        let result = self.engine.step(&mut batch.batch).await;
+        add_time(&mut self.times.step, start);
+        Ok(result.map_err(to_wit_error))
     }
 
-    fn retain(&mut self, batch: Resource<HostBatch>, keep: Vec<u32>) -> wasmtime::Result<Result<(), types::EngineError>> {
+    async fn retain(&mut self, batch: Resource<HostBatch>, keep: Vec<u32>) -> wasmtime::Result<Result<(), types::EngineError>> {
         let batch = self.table.get_mut(&batch)?;
         let keep: Vec<usize> = keep.into_iter().map(|i| i as usize).collect();
         // The backend's contract is checked here too, whatever the backend does.
         if let Err(error) = check_retain(&keep, batch.rows) {
             return Ok(Err(to_wit_error(error)));
         }
-        let engine = &mut self.engine;
-        let result = timed(&mut self.times.retain, || engine.retain(&mut batch.batch, &keep));
+        let start = Instant::now();
+        let kept = keep.len();
+        let result = self.engine.retain(&mut batch.batch, keep).await;
+        add_time(&mut self.times.retain, start);
         if result.is_ok() {
-            batch.rows = keep.len();
+            batch.rows = kept;
         }
         Ok(result.map_err(to_wit_error))
     }
 
-    fn fork(&mut self, batch: Resource<HostBatch>, children: Vec<(u32, u32)>) -> wasmtime::Result<Result<(), types::EngineError>> {
+    async fn fork(&mut self, batch: Resource<HostBatch>, children: Vec<(u32, u32)>) -> wasmtime::Result<Result<(), types::EngineError>> {
         let batch = self.table.get_mut(&batch)?;
         let children: Vec<(usize, u32)> = children.into_iter().map(|(parent, id)| (parent as usize, id)).collect();
         if let Err(error) = check_fork(&children, batch.rows) {
             return Ok(Err(to_wit_error(error)));
         }
-        let engine = &mut self.engine;
-        let result = timed(&mut self.times.retain, || engine.fork(&mut batch.batch, &children));
+        let start = Instant::now();
+        let added = children.len();
+        let result = self.engine.fork(&mut batch.batch, children).await;
+        add_time(&mut self.times.retain, start);
         if result.is_ok() {
-            batch.rows += children.len();
+            batch.rows += added;
         }
         Ok(result.map_err(to_wit_error))
     }
 
-    fn drop(&mut self, batch: Resource<HostBatch>) -> wasmtime::Result<()> {
+    async fn drop(&mut self, batch: Resource<HostBatch>) -> wasmtime::Result<()> {
+        // Its K/V goes back to the engine's pool (blocks are counted, not owned, by it).
         self.table.delete(batch)?;
         Ok(())
     }
 }
 
 impl wit_engine::Host for State {
-    fn token_capacity(&mut self) -> wasmtime::Result<u64> {
+    async fn token_capacity(&mut self) -> wasmtime::Result<u64> {
         Ok(self.engine.token_capacity() as u64)
     }
 
-    fn kv_bytes_per_token(&mut self) -> wasmtime::Result<u64> {
-        Ok(self.engine.kv_bytes_per_token() as u64)
+    async fn kv_bytes_per_token(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.engine.info().kv_bytes_per_token as u64)
     }
 
-    fn layout(&mut self) -> wasmtime::Result<types::KvLayout> {
-        let layout = self.engine.kv_layout();
+    async fn layout(&mut self) -> wasmtime::Result<types::KvLayout> {
+        let layout = self.engine.info().kv_layout;
         Ok(types::KvLayout { shared_prompt: layout.shared_prompt, block: u32::try_from(layout.block).unwrap_or(u32::MAX) })
     }
 
-    fn max_sequence_len(&mut self) -> wasmtime::Result<u64> {
-        Ok(self.engine.max_sequence_len() as u64)
+    async fn max_sequence_len(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.engine.info().max_sequence_len as u64)
     }
 
-    fn prefill(
+    async fn prefill(
         &mut self,
         prompt: Vec<u32>,
         rows: types::RowRange,
@@ -572,62 +709,54 @@ impl wit_engine::Host for State {
             top_k: sampling.top_k as usize,
             top_p: sampling.top_p,
         };
-        let engine = &mut self.engine;
-        match timed(&mut self.times.prefill, || engine.prefill(&prompt, rows.start..rows.end, &sampling)) {
-            Ok(batch) => Ok(Ok(self.table.push(HostBatch { batch, rows: (rows.end - rows.start) as usize })?)),
+        let start = Instant::now();
+        let result = self.engine.prefill(prompt, rows.start..rows.end, sampling).await;
+        add_time(&mut self.times.prefill, start);
+        match result {
+            Ok(batch) => {
+                let rows = batch.rows();
+                Ok(Ok(self.table.push(HostBatch { batch: Some(batch), rows })?))
+            }
             Err(error) => Ok(Err(to_wit_error(error))),
         }
     }
 
-    fn score(
+    async fn score(
         &mut self,
         prompt: Vec<u32>,
         responses: Vec<types::Response>,
     ) -> wasmtime::Result<Result<types::Scored, types::EngineError>> {
-        let responses: Vec<Response<'_>> = responses.iter().map(|r| Response { row: r.row, tokens: &r.tokens }).collect();
-        let engine = &mut self.engine;
-        Ok(timed(&mut self.times.reward, || engine.score(&prompt, &responses))
-            .map(|s| types::Scored { rewards: s.rewards, tokens_processed: s.tokens_processed })
-            .map_err(to_wit_error))
+        Ok(State::score(self, prompt, responses).await)
     }
 
-    fn release(&mut self, rows: Vec<u32>) -> wasmtime::Result<()> {
+    async fn release(&mut self, rows: Vec<u32>) -> wasmtime::Result<()> {
         self.engine.release(&rows);
         Ok(())
     }
 
-    fn forked(&mut self, children: Vec<(u32, u32)>) -> wasmtime::Result<()> {
+    async fn forked(&mut self, children: Vec<(u32, u32)>) -> wasmtime::Result<()> {
         self.engine.forked(&children);
         Ok(())
     }
 }
 
+/// The request's one reward model answers the `reward` import as it answers `engine.score`.
 impl wit_reward::Host for State {
-    fn score(
+    async fn score(
         &mut self,
         prompt: Vec<u32>,
         responses: Vec<types::Response>,
     ) -> wasmtime::Result<Result<types::Scored, types::EngineError>> {
-        let Some(reward) = self.reward.as_mut() else { return wit_engine::Host::score(self, prompt, responses) };
-        let responses: Vec<Response<'_>> = responses.iter().map(|r| Response { row: r.row, tokens: &r.tokens }).collect();
-        Ok(timed(&mut self.times.reward, || reward.score(&prompt, &responses))
-            .map(|s| types::Scored { rewards: s.rewards, tokens_processed: s.tokens_processed })
-            .map_err(to_wit_error))
+        Ok(State::score(self, prompt, responses).await)
     }
 
-    fn release(&mut self, rows: Vec<u32>) -> wasmtime::Result<()> {
-        match self.reward.as_mut() {
-            Some(reward) => reward.release(&rows),
-            None => self.engine.release(&rows),
-        }
+    async fn release(&mut self, rows: Vec<u32>) -> wasmtime::Result<()> {
+        self.engine.release(&rows);
         Ok(())
     }
 
-    fn forked(&mut self, children: Vec<(u32, u32)>) -> wasmtime::Result<()> {
-        match self.reward.as_mut() {
-            Some(reward) => reward.forked(&children),
-            None => self.engine.forked(&children),
-        }
+    async fn forked(&mut self, children: Vec<(u32, u32)>) -> wasmtime::Result<()> {
+        self.engine.forked(&children);
         Ok(())
     }
 }
@@ -645,7 +774,7 @@ impl std::fmt::Display for Cancelled {
 impl std::error::Error for Cancelled {}
 
 impl progress::Host for State {
-    fn on_event(&mut self, event: progress::Event) -> wasmtime::Result<()> {
+    async fn on_event(&mut self, event: progress::Event) -> wasmtime::Result<()> {
         let observer = &mut self.observer;
         let go_on = match event {
             progress::Event::Prefilled((first_row, rows)) => observer(&Event::Prefilled { first_row, rows: rows as usize }),

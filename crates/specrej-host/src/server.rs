@@ -1,47 +1,74 @@
-//! The HTTP server: HTTP/1.1 on `std::net` (the request reader of `specrej-http`, shared
-//! with `specrej-reward`'s scorer server), a thread per connection for parsing, validating,
-//! tokenizing and writing, and one engine worker that runs requests in arrival order
-//! through the component.
+//! The HTTP server: tokio, hyper 1 and axum, on [`specrej_http::serve`]'s loop (a task per
+//! connection, kept alive, a deadline for each request's head and one for its body).
+//!
+//! A generation request is parsed, validated and tokenized on its connection's task, waits
+//! for its grant of the KV budget ([`Admission`]; a full queue is a 429), then runs its own
+//! scheduler (the component in its own `Store`, [`Runtime::run`]) on that task. Its engine
+//! calls go to the one engine thread ([`crate::batcher`]), which merges the steps of every
+//! running request into one batched pass. A client that leaves drops its request's future
+//! (a streaming one, its body and with it the task running the request): the request's
+//! batches are dropped and their K/V goes back to the pool within the step.
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or, with
-//! `"stream": true`, server-sent events), `GET /v1/models`, `GET /health`. With
-//! [`ServerConfig::static_dir`] also `GET`/`HEAD` of the files under it (the browser demo,
-//! `index.html` at `/`) and of `/models/<file>.gguf` from [`ServerConfig::models_dir`]; the
-//! API routes come first.
+//! `"stream": true`, server-sent events), `GET /v1/models`, `GET /health`, `GET /metrics`
+//! (Prometheus text). With [`ServerConfig::static_dir`] also `GET`/`HEAD` of the files under
+//! it (the browser demo, `index.html` at `/`) and of `/models/<file>.gguf` from
+//! [`ServerConfig::models_dir`]; the API routes come first. Every request ends with one
+//! JSON log line on stderr.
 
-use std::collections::HashMap;
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::panic::AssertUnwindSafe;
+use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method as HttpMethod, StatusCode, Uri};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::stream;
 use serde_json::{json, Value};
 use specrej_core::{Event, KvLayout, Method, Options, Outcome, Sampling};
+use specrej_http::serve::{accept_loop, read_body, shutdown_signal, ConnLimits};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{self, ApiError, Endpoint, GenerateRequest, Prompt, RequestLimits, ResponseContext};
-use crate::model::{RewardKind, Served};
+use crate::batcher::{self, Admission, EngineHandle, Lease, Refusal};
+use crate::model::Served;
 use crate::runtime::{EventKinds, Limits, Observer, RunError, Runtime, World};
 
 /// Largest request body accepted (larger: 413).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 const MAX_HEADER_BYTES: usize = 16 << 10;
-const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How the server runs.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// Request limits (n, max_tokens).
     pub limits: RequestLimits,
-    /// The KV budget, in cached tokens (rows × positions), shared by one request at a time.
+    /// The KV budget, in cached tokens (rows × positions), shared by all requests: each
+    /// holds a grant of it while it runs.
     pub kv_budget_tokens: usize,
-    /// Wall-clock limit of one request inside the component.
+    /// Wall-clock limit of one request, from its admission to its last token (504).
     pub request_timeout: Duration,
-    /// Connections handled at once; more get 503.
+    /// Connections served at once; further clients wait in the listen backlog.
     pub max_connections: usize,
+    /// Requests that may wait for their KV grant; one more gets 429 with `Retry-After`.
+    pub max_queued: usize,
+    /// Time a client has to send a request's whole head (then the connection is closed).
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's whole body once its head is in (else 408).
+    pub body_timeout: Duration,
+    /// After SIGINT/SIGTERM (or [`ServerHandle::shutdown`]), how long requests in flight
+    /// get to finish.
+    pub shutdown_grace: Duration,
+    /// Stop on SIGINT or SIGTERM (the binary; tests stop through the handle).
+    pub stop_on_signal: bool,
     /// The model's id in responses and `/v1/models`.
     pub model_id: String,
     /// Serve the files under this folder too (`GET`/`HEAD`; `/` is its `index.html`).
@@ -57,7 +84,12 @@ impl Default for ServerConfig {
             limits: RequestLimits::default(),
             kv_budget_tokens: 1 << 15,
             request_timeout: Duration::from_secs(600),
-            max_connections: 64,
+            max_connections: 256,
+            max_queued: 64,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            stop_on_signal: false,
             model_id: "specrej".into(),
             static_dir: None,
             models_dir: None,
@@ -70,15 +102,35 @@ impl Default for ServerConfig {
 pub struct ServerHandle {
     /// The address it listens on (the real port when bound to port 0).
     pub addr: SocketAddr,
-    /// The accept loop.
-    pub accept: JoinHandle<()>,
     /// The world the component targets.
     pub world: World,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
-/// What the worker sends back to a connection.
-enum WorkerMsg {
-    /// A progress event (streaming requests only).
+impl ServerHandle {
+    /// Waits until the server stops (on a signal, with [`ServerConfig::stop_on_signal`]).
+    pub fn join(mut self) -> anyhow::Result<()> {
+        match self.thread.take() {
+            Some(thread) => thread.join().map_err(|_| anyhow::anyhow!("the server thread panicked")),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops accepting, lets the requests in flight finish (at most the grace) and waits.
+    pub fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What the request's run sends its stream.
+enum RunMsg {
+    /// A progress event.
     Event(OwnedEvent),
     /// The end: the outcome, or an error.
     Done(Result<Outcome, ApiError>),
@@ -92,254 +144,202 @@ enum OwnedEvent {
     Finished { row: u32 },
 }
 
-/// One request for the worker.
-struct Job {
-    prompt: Vec<u32>,
-    options: Options,
-    reward: RewardKind,
-    question: String,
-    capacity: usize,
-    stream: bool,
-    reply: mpsc::Sender<WorkerMsg>,
-}
-
-/// What every connection thread shares.
-struct Shared {
+/// What every handler shares.
+struct App {
     served: Arc<Served>,
+    runtime: Runtime,
+    engine: EngineHandle,
+    admission: Admission,
     config: ServerConfig,
-    jobs: mpsc::Sender<Job>,
-    queued: AtomicUsize,
-    connections: AtomicUsize,
+    metrics: Metrics,
     counter: AtomicU64,
+    started: Instant,
 }
 
 /// Binds nothing: serves `listener` with `served` through the component `component`
-/// (its bytes; compiled here, so a bad file fails before the first request).
-pub fn spawn(
-    listener: TcpListener,
-    served: Arc<Served>,
-    component: Vec<u8>,
-    config: ServerConfig,
-) -> anyhow::Result<ServerHandle> {
+/// (its bytes; compiled here, so a bad file fails before the first request), on a thread
+/// of its own with its own tokio runtime and the engine thread.
+pub fn spawn(listener: TcpListener, served: Arc<Served>, component: Vec<u8>, config: ServerConfig) -> anyhow::Result<ServerHandle> {
+    let runtime = Runtime::from_bytes(&component).map_err(|e| anyhow::anyhow!("loading the component: {e:?}"))?;
+    let world = runtime.world();
     let addr = listener.local_addr()?;
-    let (jobs, queue) = mpsc::channel::<Job>();
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<World, String>>();
-    let worker_served = Arc::clone(&served);
-    let timeout = config.request_timeout;
-    std::thread::Builder::new().name("specrej-engine".into()).spawn(move || {
-        let runtime = match Runtime::from_bytes(&component) {
-            Ok(runtime) => {
-                let _ = ready_tx.send(Ok(runtime.world()));
-                runtime
-            }
-            Err(error) => {
-                let _ = ready_tx.send(Err(format!("{error:?}")));
-                return;
-            }
-        };
-        for job in queue {
-            work(&runtime, &worker_served, job, timeout);
-        }
-    })?;
-    let world = match ready_rx.recv() {
-        Ok(Ok(world)) => world,
-        Ok(Err(message)) => anyhow::bail!("loading the component: {message}"),
-        Err(_) => anyhow::bail!("the engine thread died while loading the component"),
-    };
-    let shared = Arc::new(Shared {
+    listener.set_nonblocking(true)?;
+    let (engine, _engine_thread) = batcher::spawn(served.decoder(config.kv_budget_tokens))?;
+    let admission = Admission::new(engine.info().token_capacity, config.max_queued);
+    // Two workers: the connections and the requests' schedulers (the model has its own thread).
+    let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let app = Arc::new(App {
         served,
+        runtime,
+        engine,
+        admission,
         config,
-        jobs,
-        queued: AtomicUsize::new(0),
-        connections: AtomicUsize::new(0),
+        metrics: Metrics::default(),
         counter: AtomicU64::new(0),
+        started: Instant::now(),
     });
-    let accept = std::thread::Builder::new().name("specrej-accept".into()).spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let shared = Arc::clone(&shared);
-            if shared.connections.fetch_add(1, Ordering::SeqCst) >= shared.config.max_connections {
-                shared.connections.fetch_sub(1, Ordering::SeqCst);
-                let mut stream = stream;
-                let error = ApiError::status(503, "server_busy", "too many connections; retry later");
-                let _ = write_json(&mut stream, 503, &error.body());
-                continue;
-            }
-            let spawned = std::thread::Builder::new().name("specrej-conn".into()).spawn({
-                let shared = Arc::clone(&shared);
-                move || {
-                    connection(&shared, stream);
-                    shared.connections.fetch_sub(1, Ordering::SeqCst);
-                }
-            });
-            if spawned.is_err() {
-                shared.connections.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-    })?;
-    Ok(ServerHandle { addr, accept, world })
-}
-
-/// Runs one job on the engine thread; never panics out (a panic becomes a 500).
-fn work(runtime: &Runtime, served: &Served, job: Job, timeout: Duration) {
-    let reply = job.reply.clone();
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let engine = served
-            .engine(job.capacity, &job.reward, &job.question)
-            .map_err(|e| ApiError::status(500, "server_error", format!("building the engine: {e:#}")))?;
-        let events = if job.stream {
-            EventKinds::PREFILLED | EventKinds::STEP | EventKinds::DECISION | EventKinds::FINISHED
-        } else {
-            EventKinds::empty()
-        };
-        let tx = job.reply.clone();
-        // A streaming client that left drops the receiver: the send fails and the run stops.
-        let observer: Observer =
-            Box::new(move |event| own(event).is_none_or(|event| tx.send(WorkerMsg::Event(event)).is_ok()));
-        let limits = Limits::for_request(job.options.n, job.options.max_new_tokens, timeout);
-        let run = runtime.generate(engine, &job.prompt, &job.options, events, observer, limits);
-        run.result.map_err(run_error)
-    }));
-    let result = result.unwrap_or_else(|_| Err(ApiError::status(500, "server_error", "the engine panicked")));
-    let _ = reply.send(WorkerMsg::Done(result));
-}
-
-fn own(event: &Event<'_>) -> Option<OwnedEvent> {
-    Some(match *event {
-        Event::Prefilled { first_row, rows } => OwnedEvent::Prefilled { first_row, rows },
-        Event::Step { rows, tokens, .. } => OwnedEvent::Step { rows: rows.to_vec(), tokens: tokens.to_vec() },
-        Event::Decision { decision, rows, scores, kept } => OwnedEvent::Decision {
-            position: decision.position,
-            threshold: decision.threshold,
-            rows: rows.to_vec(),
-            scores: scores.to_vec(),
-            kept: kept.to_vec(),
-        },
-        Event::Finished { row, .. } => OwnedEvent::Finished { row },
-        Event::Forked { .. } | Event::Scored { .. } => return None,
-    })
-}
-
-fn run_error(error: RunError) -> ApiError {
-    match error {
-        RunError::InvalidRequest(message) => ApiError::bad_request(message),
-        RunError::Engine(error) => ApiError::status(500, "server_error", format!("engine error: {error}")),
-        RunError::OutOfFuel => {
-            ApiError::status(500, "server_error", error_text(&RunError::OutOfFuel)).with_code("component_out_of_fuel")
-        }
-        RunError::Timeout => ApiError::status(504, "timeout", error_text(&RunError::Timeout)).with_code("timeout"),
-        other => ApiError::status(500, "server_error", error_text(&other)),
-    }
-}
-
-fn error_text(error: &RunError) -> String {
-    error.to_string()
-}
-
-fn write_json(stream: &mut TcpStream, status: u16, body: &Value) -> std::io::Result<()> {
-    specrej_http::write_json(stream, status, &body.to_string())
-}
-
-const HTTP_LIMITS: specrej_http::Limits =
-    specrej_http::Limits { max_header_bytes: MAX_HEADER_BYTES, max_body_bytes: MAX_BODY_BYTES, require_length: false };
-
-/// Reads one request ([`specrej_http::read_request`]; only a POST has a body).
-fn read_request(stream: &TcpStream) -> Result<specrej_http::Request, ApiError> {
-    specrej_http::read_request(stream, &HTTP_LIMITS, |method| method == "POST").map_err(|e| match e.status {
-        400 => ApiError::bad_request(e.message),
-        status => ApiError::status(status, "invalid_request_error", e.message),
-    })
-}
-
-/// `GET`/`HEAD` of a static file ([`specrej_http::files::serve_site`]): `/models/<file>.gguf`
-/// from `models_dir`, the rest from `static_dir`. Returns false when no static folder is
-/// configured.
-fn serve_static(config: &ServerConfig, stream: &mut TcpStream, method: &str, path: &str) -> bool {
-    let Some(root) = &config.static_dir else { return false };
-    let _ = specrej_http::files::serve_site(stream, root, config.models_dir.as_deref(), method, path);
-    true
-}
-
-fn connection(shared: &Shared, mut stream: TcpStream) {
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let request = match read_request(&stream) {
-        Ok(request) => request,
-        Err(error) => {
-            let _ = write_json(&mut stream, error.status, &error.body());
-            return;
-        }
-    };
-    let endpoint = match (request.method.as_str(), request.path.as_str()) {
-        ("GET", "/health") => {
-            let body = json!({
-                "status": "ok",
-                "model": shared.config.model_id,
-                "queued": shared.queued.load(Ordering::SeqCst),
-            });
-            let _ = write_json(&mut stream, 200, &body);
-            return;
-        }
-        ("GET", "/v1/models") => {
-            let body = json!({
-                "object": "list",
-                "data": [{
-                    "id": shared.config.model_id, "object": "model", "created": 0, "owned_by": "specrej",
-                    "specrej": { "rewards": shared.served.reward_names() },
-                }],
-            });
-            let _ = write_json(&mut stream, 200, &body);
-            return;
-        }
-        ("POST", "/v1/chat/completions") => Endpoint::Chat,
-        ("POST", "/v1/completions") => Endpoint::Completions,
-        (_, "/health" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
-            let error = ApiError::status(405, "invalid_request_error", format!("method {} not allowed here", request.method));
-            let _ = write_json(&mut stream, 405, &error.body());
-            return;
-        }
-        (method @ ("GET" | "HEAD"), path) if serve_static(&shared.config, &mut stream, method, path) => return,
-        (_, path) => {
-            let error = ApiError::status(404, "not_found_error", format!("no route {path}"));
-            let _ = write_json(&mut stream, 404, &error.body());
-            return;
-        }
-    };
-    if let Err(error) = generate(shared, endpoint, &request.body, &mut stream) {
-        let _ = write_json(&mut stream, error.status, &error.body());
-    }
-}
-
-/// The per-request KV budget, in the decoder's layout: room for all `n` rows to the end for
-/// Best-of-N; `n` rows of min_new_tokens each for Speculative Rejection, so decisions fall
-/// where a memory-bound device would make them; capped by the server's budget.
-fn request_capacity(request: &GenerateRequest, prompt_len: usize, budget: usize, layout: KvLayout) -> Result<usize, ApiError> {
-    let (len, param) = match request.method {
-        Method::BestOfN => (request.max_tokens, "max_tokens"),
-        Method::SpeculativeRejection { .. } => (request.min_new_tokens, "specrej.min_new_tokens"),
-    };
-    let one = layout.tokens(prompt_len, 1, len);
-    if one > budget {
-        return Err(ApiError {
-            status: 413,
-            message: format!(
-                "one row needs {one} cached tokens (prompt {prompt_len} + {param} {len}) but the server's KV budget holds {budget}"
-            ),
-            kind: "invalid_request_error",
-            param: Some(param.into()),
-            code: Some("kv_budget_exceeded"),
+    let thread = std::thread::Builder::new().name("specrej-server".into()).spawn(move || {
+        tokio.block_on(async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => listener,
+                Err(e) => return eprintln!("specrej-server: {e}"),
+            };
+            let limits = ConnLimits {
+                header_timeout: app.config.header_timeout,
+                max_header_bytes: MAX_HEADER_BYTES,
+                max_connections: app.config.max_connections,
+                shutdown_grace: app.config.shutdown_grace,
+                half_close: false,
+            };
+            tokio::spawn(sample_tokens(Arc::clone(&app)));
+            let on_signal = app.config.stop_on_signal;
+            let shutdown = async move {
+                let signal = async {
+                    if on_signal {
+                        let name = shutdown_signal().await;
+                        eprintln!("specrej-server: {name}: finishing the requests in flight, then stopping");
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                let handle = async {
+                    // A dropped handle leaves the server running.
+                    if stopped.await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! { () = signal => {}, () = handle => {} }
+            };
+            accept_loop(listener, router(Arc::clone(&app)), &limits, shutdown).await;
         });
+    })?;
+    Ok(ServerHandle { addr, world, stop: Some(stop), thread: Some(thread) })
+}
+
+fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/health", get(health).fallback(not_allowed))
+        .route("/metrics", get(metrics).fallback(not_allowed))
+        .route("/v1/models", get(models).fallback(not_allowed))
+        .route("/v1/chat/completions", post(chat).fallback(not_allowed))
+        .route("/v1/completions", post(completions).fallback(not_allowed))
+        .fallback(fallback)
+        .with_state(app)
+}
+
+/// A JSON answer.
+fn json_response(status: u16, body: &Value) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body.to_string()).into_response()
+}
+
+fn error_response(error: &ApiError) -> Response {
+    let mut answer = json_response(error.status, &error.body());
+    if error.status == 429 {
+        // A request in flight takes seconds: a second is a fair wait before asking again.
+        answer.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    Ok(layout.tokens(prompt_len, request.n, len).min(budget))
+    answer
 }
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+async fn not_allowed(method: HttpMethod) -> Response {
+    error_response(&ApiError::status(405, "invalid_request_error", format!("method {method} not allowed here")))
 }
 
-fn generate(shared: &Shared, endpoint: Endpoint, body: &[u8], stream: &mut TcpStream) -> Result<(), ApiError> {
-    let served = &*shared.served;
-    let request = api::parse_request(endpoint, body, &shared.config.limits, &served.reward_names())?;
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let body = json!({
+        "status": "ok",
+        "model": app.config.model_id,
+        "queued": app.admission.queued(),
+        "active": app.metrics.active.load(Ordering::SeqCst),
+    });
+    json_response(200, &body)
+}
+
+async fn models(State(app): State<Arc<App>>) -> Response {
+    let body = json!({
+        "object": "list",
+        "data": [{
+            "id": app.config.model_id, "object": "model", "created": 0, "owned_by": "specrej",
+            "specrej": { "rewards": app.served.reward_names() },
+        }],
+    });
+    json_response(200, &body)
+}
+
+async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    generate(app, Endpoint::Chat, headers, body).await
+}
+
+async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    generate(app, Endpoint::Completions, headers, body).await
+}
+
+/// Static files (with [`ServerConfig::static_dir`]), else 404.
+async fn fallback(State(app): State<Arc<App>>, method: HttpMethod, uri: Uri) -> Response {
+    let path = uri.path();
+    let Some(root) = app.config.static_dir.as_ref().filter(|_| method == HttpMethod::GET || method == HttpMethod::HEAD) else {
+        return error_response(&ApiError::status(404, "not_found_error", format!("no route {path}")));
+    };
+    let plain = |status: u16, text: String| {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::NOT_FOUND);
+        (status, [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))], text).into_response()
+    };
+    let file = match specrej_http::files::site_answer(root, app.config.models_dir.as_deref(), method.as_str(), path) {
+        specrej_http::files::Answer::File(file) => file,
+        specrej_http::files::Answer::Refused(status, message) => return plain(status, message),
+    };
+    let opened = std::fs::File::open(&file).and_then(|f| Ok((f.metadata()?.len(), f)));
+    let Ok((len, handle)) = opened else { return plain(404, "not found\n".into()) };
+    let body = if method == HttpMethod::HEAD { Body::empty() } else { file_body(handle) };
+    let mut answer = (StatusCode::OK, body).into_response();
+    let headers = answer.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(specrej_http::files::content_type(&file)));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    answer
+}
+
+/// A file's bytes as a body, read in 256 KiB chunks on a blocking thread (the model file is
+/// ~100 MB: it is never held in memory whole).
+fn file_body(mut file: std::fs::File) -> Body {
+    let (tx, rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        loop {
+            let mut chunk = vec![0u8; 256 << 10];
+            match file.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    if tx.blocking_send(Ok(chunk)).is_err() {
+                        break; // the client left
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    Body::from_stream(stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) }))
+}
+
+/// A request parsed, tokenized and checked: ready to run.
+struct Prepared {
+    request: GenerateRequest,
+    prompt: Vec<u32>,
+    options: Options,
+    /// Its grant of the KV budget, in cached tokens.
+    capacity: usize,
+}
+
+fn prepare(app: &App, endpoint: Endpoint, body: &[u8]) -> Result<Prepared, ApiError> {
+    let served = &*app.served;
+    let request = api::parse_request(endpoint, body, &app.config.limits, &served.reward_names())?;
     let (prompt, prompt_param) = match &request.prompt {
         Prompt::Chat(messages) => (served.encode_chat(messages), "messages"),
         Prompt::Text(text) => (served.encode_raw(text), "prompt"),
@@ -391,7 +391,8 @@ fn generate(shared: &Shared, endpoint: Endpoint, body: &[u8], stream: &mut TcpSt
         };
         return Err(ApiError::invalid(param, message).with_code("context_length_exceeded"));
     }
-    let capacity = request_capacity(&request, prompt.len(), shared.config.kv_budget_tokens, served.kv_layout())?;
+    let info = app.engine.info();
+    let capacity = request_capacity(&request, prompt.len(), info.token_capacity, info.kv_layout)?;
     let options = Options {
         method: request.method,
         n: request.n,
@@ -401,62 +402,205 @@ fn generate(shared: &Shared, endpoint: Endpoint, body: &[u8], stream: &mut TcpSt
         sampling: Sampling { seed: request.seed, temperature: request.temperature, top_k: request.top_k, top_p: request.top_p },
         rules: request.rules,
     };
-    let (reply, answers) = mpsc::channel();
-    let job = Job {
-        prompt,
-        options,
-        reward: request.reward.clone(),
-        question: request.prompt.question().to_string(),
-        capacity,
-        stream: request.stream,
-        reply,
+    Ok(Prepared { request, prompt, options, capacity })
+}
+
+/// A request's grant of the KV budget, in the decoder's layout: room for all `n` rows to the
+/// end for Best-of-N; `n` rows of min_new_tokens each for Speculative Rejection, so decisions
+/// fall where a memory-bound device would make them; capped by the server's budget.
+fn request_capacity(request: &GenerateRequest, prompt_len: usize, budget: usize, layout: KvLayout) -> Result<usize, ApiError> {
+    let (len, param) = match request.method {
+        Method::BestOfN => (request.max_tokens, "max_tokens"),
+        Method::SpeculativeRejection { .. } => (request.min_new_tokens, "specrej.min_new_tokens"),
     };
-    shared.queued.fetch_add(1, Ordering::SeqCst);
-    let sent = shared.jobs.send(job);
-    if sent.is_err() {
-        shared.queued.fetch_sub(1, Ordering::SeqCst);
-        return Err(ApiError::status(503, "server_error", "the engine worker is gone"));
+    let one = layout.tokens(prompt_len, 1, len);
+    if one > budget {
+        return Err(ApiError {
+            status: 413,
+            message: format!(
+                "one row needs {one} cached tokens (prompt {prompt_len} + {param} {len}) but the server's KV budget holds {budget}"
+            ),
+            kind: "invalid_request_error",
+            param: Some(param.into()),
+            code: Some("kv_budget_exceeded"),
+        });
     }
-    let number = shared.counter.fetch_add(1, Ordering::SeqCst);
+    Ok(layout.tokens(prompt_len, request.n, len).min(budget))
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A generation request, from its body to its answer.
+async fn generate(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let number = app.counter.fetch_add(1, Ordering::SeqCst);
     let created = now();
     let id = match endpoint {
         Endpoint::Chat => format!("chatcmpl-{created}-{number}"),
         Endpoint::Completions => format!("cmpl-{created}-{number}"),
     };
-    let ctx = ResponseContext { id: &id, created, model: &shared.config.model_id, request: &request, kv_budget_tokens: capacity };
-    let decode = |ids: &[u32]| served.decode(ids);
-    if request.stream {
-        let result = stream_events(&ctx, &answers, stream, &decode);
-        shared.queued.fetch_sub(1, Ordering::SeqCst);
-        let _ = result; // a client that left is not an error of ours
-        return Ok(());
-    }
-    let outcome = loop {
-        match answers.recv() {
-            Ok(WorkerMsg::Done(result)) => break result,
-            Ok(WorkerMsg::Event(_)) => {}
-            Err(_) => break Err(ApiError::status(500, "server_error", "the engine worker dropped the request")),
+    let mut log = RequestLog::new(Arc::clone(&app), id.clone(), endpoint);
+    let bytes = match read_body(&headers, body, MAX_BODY_BYTES, app.config.body_timeout).await {
+        Ok(bytes) => bytes,
+        Err(e) => return log.refuse(ApiError::status(e.status(), "invalid_request_error", e.to_string())),
+    };
+    let prepared = match prepare(&app, endpoint, &bytes) {
+        Ok(prepared) => prepared,
+        Err(error) => return log.refuse(error),
+    };
+    log.describe(&prepared);
+    let grant = match app.admission.admit(prepared.capacity).await {
+        Ok(grant) => grant,
+        Err(Refusal::QueueFull) => {
+            let error = ApiError::status(429, "rate_limit_error", "the server's queue is full: retry later").with_code("queue_full");
+            return log.refuse(error);
+        }
+        Err(Refusal::TooLarge) => {
+            let message = format!("the request needs {} cached tokens; the server's KV budget holds {}", prepared.capacity, app.admission.total());
+            return log.refuse(ApiError::status(413, "invalid_request_error", message).with_code("kv_budget_exceeded"));
         }
     };
-    shared.queued.fetch_sub(1, Ordering::SeqCst);
-    let outcome = outcome?;
-    let _ = write_json(stream, 200, &api::response_document(&ctx, &outcome, &decode));
-    Ok(())
+    log.admitted();
+    let (scorer, on_engine) = match app.served.scorer(&prepared.request.reward, prepared.request.prompt.question()) {
+        Ok(scorer) => scorer,
+        Err(e) => return log.refuse(ApiError::status(500, "server_error", format!("building the reward model: {e:#}"))),
+    };
+    let lease = app.engine.lease(prepared.capacity, scorer, on_engine, Some(grant));
+    let ctx = Context { id, created, prepared };
+    if ctx.prepared.request.stream {
+        return stream_response(app, ctx, lease, log);
+    }
+    let _active = Active::new(&app.metrics);
+    let result = run(&app, &ctx.prepared, lease, EventKinds::empty(), Box::new(|_| true)).await;
+    match result {
+        Ok(outcome) => {
+            let document = api::response_document(&ctx.response(&app), &outcome, &|ids: &[u32]| app.served.decode(ids));
+            log.done(200, Some(&outcome));
+            json_response(200, &document)
+        }
+        Err(error) => log.refuse(error),
+    }
 }
 
-/// Writes one server-sent event (`event` `None`: a plain `data:` event).
-fn sse(stream: &mut TcpStream, event: Option<&str>, data: &str) -> std::io::Result<()> {
-    let mut text = String::new();
-    if let Some(event) = event {
-        text.push_str("event: ");
-        text.push_str(event);
-        text.push('\n');
+/// Runs a prepared request on its lease, within the request deadline.
+async fn run(app: &App, prepared: &Prepared, lease: Lease, events: EventKinds, observer: Observer) -> Result<Outcome, ApiError> {
+    let timeout = app.config.request_timeout;
+    let limits = Limits::for_request(prepared.options.n, prepared.options.max_new_tokens, timeout);
+    let call = app.runtime.run(lease, &prepared.prompt, &prepared.options, events, observer, limits);
+    match tokio::time::timeout(timeout, call).await {
+        Ok(run) => run.result.map_err(run_error),
+        Err(_) => Err(run_error(RunError::Timeout)),
     }
-    text.push_str("data: ");
-    text.push_str(data);
-    text.push_str("\n\n");
-    stream.write_all(text.as_bytes())?;
-    stream.flush()
+}
+
+/// A request's identity and what it asked for.
+struct Context {
+    id: String,
+    created: u64,
+    prepared: Prepared,
+}
+
+impl Context {
+    fn response<'a>(&'a self, app: &'a App) -> ResponseContext<'a> {
+        ResponseContext {
+            id: &self.id,
+            created: self.created,
+            model: &app.config.model_id,
+            request: &self.prepared.request,
+            kv_budget_tokens: self.prepared.capacity,
+        }
+    }
+}
+
+fn own(event: &Event<'_>) -> Option<OwnedEvent> {
+    Some(match *event {
+        Event::Prefilled { first_row, rows } => OwnedEvent::Prefilled { first_row, rows },
+        Event::Step { rows, tokens, .. } => OwnedEvent::Step { rows: rows.to_vec(), tokens: tokens.to_vec() },
+        Event::Decision { decision, rows, scores, kept } => OwnedEvent::Decision {
+            position: decision.position,
+            threshold: decision.threshold,
+            rows: rows.to_vec(),
+            scores: scores.to_vec(),
+            kept: kept.to_vec(),
+        },
+        Event::Finished { row, .. } => OwnedEvent::Finished { row },
+        Event::Forked { .. } | Event::Scored { .. } => return None,
+    })
+}
+
+fn run_error(error: RunError) -> ApiError {
+    match error {
+        RunError::InvalidRequest(message) => ApiError::bad_request(message),
+        RunError::Engine(error) => ApiError::status(500, "server_error", format!("engine error: {error}")),
+        RunError::OutOfFuel => ApiError::status(500, "server_error", RunError::OutOfFuel.to_string()).with_code("component_out_of_fuel"),
+        RunError::Timeout => ApiError::status(504, "timeout", RunError::Timeout.to_string()).with_code("timeout"),
+        other => ApiError::status(500, "server_error", other.to_string()),
+    }
+}
+
+/// Aborts a task when dropped (a streaming client's body gone).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Streams a request: `data:` chunks with the leader's new text, `event: leader` when the
+/// leader changes, `event: rejected` at each decision, `event: winner` with the whole
+/// response document, then `data: [DONE]`. The leader is row `first_row` of a batch until
+/// the first decision, then the best-scored kept row; when it finishes, the lowest live row.
+/// The request runs on a task of its own, aborted when the client's body is dropped.
+fn stream_response(app: Arc<App>, ctx: Context, lease: Lease, log: RequestLog) -> Response {
+    let (tx, rx) = mpsc::unbounded_channel::<RunMsg>();
+    let ctx = Arc::new(ctx);
+    let task = {
+        let (app, ctx, tx) = (Arc::clone(&app), Arc::clone(&ctx), tx.clone());
+        let mut log = log;
+        tokio::spawn(async move {
+            let _active = Active::new(&app.metrics);
+            let events = EventKinds::PREFILLED | EventKinds::STEP | EventKinds::DECISION | EventKinds::FINISHED;
+            // A client that left drops the receiver: the send fails and the run stops.
+            let sender = tx.clone();
+            let observer: Observer = Box::new(move |event| own(event).is_none_or(|event| sender.send(RunMsg::Event(event)).is_ok()));
+            let result = run(&app, &ctx.prepared, lease, events, observer).await;
+            match &result {
+                Ok(outcome) => log.done(200, Some(outcome)),
+                Err(error) => log.done(error.status, None),
+            }
+            let _ = tx.send(RunMsg::Done(result));
+        })
+    };
+    drop(tx);
+    let streamer = Streamer::new(app, ctx);
+    let state = (rx, streamer, VecDeque::new(), false, AbortOnDrop(task));
+    let events = stream::unfold(state, |(mut rx, mut streamer, mut queue, mut ended, guard)| async move {
+        loop {
+            if let Some(event) = queue.pop_front() {
+                return Some((Ok::<_, std::convert::Infallible>(event), (rx, streamer, queue, ended, guard)));
+            }
+            if ended {
+                return None;
+            }
+            match rx.recv().await {
+                Some(message) => {
+                    ended = matches!(message, RunMsg::Done(_));
+                    queue.extend(streamer.on(message));
+                }
+                None => {
+                    let error = ApiError::status(500, "server_error", "the request's task ended without an answer");
+                    queue.push_back(SseEvent::default().event("error").data(error.body().to_string()));
+                    queue.push_back(SseEvent::default().data("[DONE]"));
+                    ended = true;
+                }
+            }
+        }
+    });
+    let mut answer = Sse::new(events).into_response();
+    answer.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    answer
 }
 
 /// Follows the current leader's text as it grows.
@@ -466,21 +610,29 @@ struct Leader {
     sent: String,
 }
 
-/// Streams a request: `data:` chunks with the leader's new text, `event: leader` when the
-/// leader changes, `event: rejected` at each decision, `event: winner` with the whole
-/// response document, then `data: [DONE]`. The leader is row `first_row` of a batch until
-/// the first decision, then the best-scored kept row; when it finishes, the lowest live row.
-fn stream_events(
-    ctx: &ResponseContext<'_>,
-    answers: &mpsc::Receiver<WorkerMsg>,
-    stream: &mut TcpStream,
-    decode: &dyn Fn(&[u32]) -> String,
-) -> std::io::Result<()> {
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n";
-    stream.write_all(head.as_bytes())?;
-    let chat = ctx.request.endpoint == Endpoint::Chat;
-    let chunk = |text: Option<&str>, row: Option<u32>, finish: Option<&str>| -> String {
-        let choice = if chat {
+/// Turns a request's run messages into server-sent events.
+struct Streamer {
+    app: Arc<App>,
+    ctx: Arc<Context>,
+    chat: bool,
+    started: bool,
+    tokens: HashMap<u32, Vec<u32>>,
+    live: Vec<u32>,
+    leader: Leader,
+}
+
+impl Streamer {
+    fn new(app: Arc<App>, ctx: Arc<Context>) -> Self {
+        let chat = ctx.prepared.request.endpoint == Endpoint::Chat;
+        Self { app, ctx, chat, started: false, tokens: HashMap::new(), live: Vec::new(), leader: Leader { row: None, sent: String::new() } }
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        self.app.served.decode(ids)
+    }
+
+    fn chunk(&self, text: Option<&str>, row: Option<u32>, finish: Option<&str>) -> SseEvent {
+        let choice = if self.chat {
             let delta = match text {
                 Some(t) => json!({ "content": t }),
                 None if finish.is_none() => json!({ "role": "assistant", "content": "" }),
@@ -490,57 +642,52 @@ fn stream_events(
         } else {
             json!({ "index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null })
         };
-        json!({
-            "id": ctx.id,
-            "object": if chat { "chat.completion.chunk" } else { "text_completion" },
-            "created": ctx.created,
-            "model": ctx.model,
+        let data = json!({
+            "id": self.ctx.id,
+            "object": if self.chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.ctx.created,
+            "model": self.app.config.model_id,
             "choices": [choice],
             "specrej": { "row": row },
-        })
-        .to_string()
-    };
-    if chat {
-        sse(stream, None, &chunk(None, None, None))?;
+        });
+        SseEvent::default().data(data.to_string())
     }
-    let mut tokens: HashMap<u32, Vec<u32>> = HashMap::new();
-    let mut live: Vec<u32> = Vec::new();
-    let mut leader = Leader { row: None, sent: String::new() };
-    let switch = |leader: &mut Leader, row: u32, tokens: &HashMap<u32, Vec<u32>>, stream: &mut TcpStream| {
-        leader.row = Some(row);
-        leader.sent = decode(tokens.get(&row).map_or(&[][..], Vec::as_slice));
-        sse(stream, Some("leader"), &json!({ "row": row, "text": leader.sent }).to_string())
-    };
-    loop {
-        let message = match answers.recv() {
-            Ok(message) => message,
-            Err(_) => {
-                let error = ApiError::status(500, "server_error", "the engine worker dropped the request");
-                sse(stream, Some("error"), &error.body().to_string())?;
-                break;
+
+    fn switch(&mut self, row: u32) -> SseEvent {
+        self.leader.row = Some(row);
+        self.leader.sent = self.decode(self.tokens.get(&row).map_or(&[][..], Vec::as_slice));
+        SseEvent::default().event("leader").data(json!({ "row": row, "text": self.leader.sent }).to_string())
+    }
+
+    fn on(&mut self, message: RunMsg) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        if !self.started {
+            self.started = true;
+            if self.chat {
+                out.push(self.chunk(None, None, None));
             }
-        };
+        }
         match message {
-            WorkerMsg::Event(OwnedEvent::Prefilled { first_row, rows }) => {
+            RunMsg::Event(OwnedEvent::Prefilled { first_row, rows }) => {
                 // A new batch starts when the last one has finished: its first row leads.
-                live = (first_row..first_row + rows as u32).collect();
-                switch(&mut leader, first_row, &tokens, stream)?;
+                self.live = (first_row..first_row + rows as u32).collect();
+                out.push(self.switch(first_row));
             }
-            WorkerMsg::Event(OwnedEvent::Step { rows, tokens: sampled }) => {
+            RunMsg::Event(OwnedEvent::Step { rows, tokens: sampled }) => {
                 for (&row, &token) in rows.iter().zip(&sampled) {
-                    tokens.entry(row).or_default().push(token);
+                    self.tokens.entry(row).or_default().push(token);
                 }
-                live = rows;
-                if let Some(row) = leader.row.filter(|r| live.contains(r)) {
-                    let text = decode(&tokens[&row]);
-                    if !text.ends_with('\u{FFFD}') && text.len() > leader.sent.len() && text.starts_with(&leader.sent) {
-                        let delta = text[leader.sent.len()..].to_string();
-                        leader.sent = text;
-                        sse(stream, None, &chunk(Some(&delta), Some(row), None))?;
+                self.live = rows;
+                if let Some(row) = self.leader.row.filter(|r| self.live.contains(r)) {
+                    let text = self.decode(&self.tokens[&row]);
+                    if !text.ends_with('\u{FFFD}') && text.len() > self.leader.sent.len() && text.starts_with(&self.leader.sent) {
+                        let delta = text[self.leader.sent.len()..].to_string();
+                        self.leader.sent = text;
+                        out.push(self.chunk(Some(&delta), Some(row), None));
                     }
                 }
             }
-            WorkerMsg::Event(OwnedEvent::Decision { position, threshold, rows, scores, kept }) => {
+            RunMsg::Event(OwnedEvent::Decision { position, threshold, rows, scores, kept }) => {
                 let rejected: Vec<Value> = rows
                     .iter()
                     .zip(&scores)
@@ -553,8 +700,8 @@ fn stream_events(
                     "rejected": rejected,
                     "kept": kept,
                 });
-                sse(stream, Some("rejected"), &data.to_string())?;
-                live.retain(|r| kept.contains(r));
+                out.push(SseEvent::default().event("rejected").data(data.to_string()));
+                self.live.retain(|r| kept.contains(r));
                 let best = rows
                     .iter()
                     .zip(&scores)
@@ -562,32 +709,240 @@ fn stream_events(
                     .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(a.0)))
                     .map(|(r, _)| *r);
                 if let Some(best) = best
-                    && leader.row != Some(best)
+                    && self.leader.row != Some(best)
                 {
-                    switch(&mut leader, best, &tokens, stream)?;
+                    out.push(self.switch(best));
                 }
             }
-            WorkerMsg::Event(OwnedEvent::Finished { row }) => {
-                live.retain(|&r| r != row);
-                if leader.row == Some(row)
-                    && let Some(&next) = live.iter().min()
+            RunMsg::Event(OwnedEvent::Finished { row }) => {
+                self.live.retain(|&r| r != row);
+                if self.leader.row == Some(row)
+                    && let Some(&next) = self.live.iter().min()
                 {
-                    switch(&mut leader, next, &tokens, stream)?;
+                    out.push(self.switch(next));
                 }
             }
-            WorkerMsg::Done(Ok(outcome)) => {
-                let document = api::response_document(ctx, &outcome, decode);
-                sse(stream, Some("winner"), &document.to_string())?;
+            RunMsg::Done(Ok(outcome)) => {
+                let app = Arc::clone(&self.app);
+                let document = api::response_document(&self.ctx.response(&app), &outcome, &|ids: &[u32]| app.served.decode(ids));
+                out.push(SseEvent::default().event("winner").data(document.to_string()));
                 let finish = api::finish_reason(outcome.winner().finish);
-                sse(stream, None, &chunk(None, Some(outcome.winner().row), Some(finish)))?;
-                break;
+                out.push(self.chunk(None, Some(outcome.winner().row), Some(finish)));
+                out.push(SseEvent::default().data("[DONE]"));
             }
-            WorkerMsg::Done(Err(error)) => {
-                sse(stream, Some("error"), &error.body().to_string())?;
-                break;
+            RunMsg::Done(Err(error)) => {
+                out.push(SseEvent::default().event("error").data(error.body().to_string()));
+                out.push(SseEvent::default().data("[DONE]"));
             }
         }
+        out
     }
-    stream.write_all(b"data: [DONE]\n\n")?;
-    stream.flush()
+}
+
+// ---- observability ----
+
+/// Upper bounds (seconds) of the request-latency histogram's buckets.
+const LATENCY_BUCKETS: [f64; 12] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+
+/// The server's own counters (the engine's are in [`batcher::EngineCounters`]).
+#[derive(Debug, Default)]
+struct Metrics {
+    /// Requests running (admitted, not yet answered).
+    active: AtomicUsize,
+    /// Requests ended, by outcome label.
+    ended: Mutex<HashMap<&'static str, u64>>,
+    /// Decisions made by finished requests.
+    decisions: AtomicU64,
+    /// `[buckets + 1]` counts (the last is +Inf), the sum of seconds, per finished request.
+    latency: Mutex<([u64; LATENCY_BUCKETS.len() + 1], f64)>,
+    /// (when, tokens sampled so far) once a second, the last 11 samples.
+    token_samples: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+/// Counts a request as active while it lives.
+struct Active<'a>(&'a Metrics);
+
+impl<'a> Active<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.active.fetch_add(1, Ordering::SeqCst);
+        Self(metrics)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Samples the engine's token counter once a second (for `specrej_tokens_per_second`).
+async fn sample_tokens(app: Arc<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let tokens = app.engine.counters().tokens.load(Ordering::Relaxed);
+        let mut samples = app.metrics.token_samples.lock().unwrap_or_else(PoisonError::into_inner);
+        samples.push_back((Instant::now(), tokens));
+        while samples.len() > 11 {
+            samples.pop_front();
+        }
+    }
+}
+
+/// `GET /metrics`: Prometheus text format 0.0.4.
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let text = render_metrics(&app);
+    (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], text)
+        .into_response()
+}
+
+fn render_metrics(app: &App) -> String {
+    use std::fmt::Write as _;
+    let engine = app.engine.counters();
+    let info = app.engine.info();
+    let m = &app.metrics;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    let bytes = |tokens: usize| tokens as u64 * info.kv_bytes_per_token as u64;
+    metric("specrej_queue_depth", "gauge", "Requests waiting for their KV grant.", app.admission.queued().to_string());
+    metric("specrej_requests_active", "gauge", "Requests running.", m.active.load(Ordering::SeqCst).to_string());
+    metric("specrej_batches_active", "gauge", "Batches alive on the engine.", engine.batches.load(Ordering::SeqCst).to_string());
+    metric("specrej_rows_active", "gauge", "Rows alive over all requests.", engine.rows.load(Ordering::SeqCst).to_string());
+    metric("specrej_kv_budget_bytes", "gauge", "The whole KV budget.", bytes(app.admission.total()).to_string());
+    metric("specrej_kv_granted_bytes", "gauge", "KV budget granted to running requests.", bytes(app.admission.granted()).to_string());
+    let used = if info.merges { engine.kv_bytes_held.load(Ordering::Relaxed) } else { bytes(app.admission.granted()) };
+    metric("specrej_kv_used_bytes", "gauge", "KV bytes held by rows (the grants where the backend does not count blocks).", used.to_string());
+    metric("specrej_kv_free_bytes", "gauge", "KV budget not held.", bytes(app.admission.total()).saturating_sub(used).to_string());
+    metric("specrej_tokens_generated_total", "counter", "Tokens sampled.", engine.tokens.load(Ordering::Relaxed).to_string());
+    let rate = {
+        let samples = m.token_samples.lock().unwrap_or_else(PoisonError::into_inner);
+        match (samples.front(), samples.back()) {
+            (Some(first), Some(last)) if last.0 > first.0 => (last.1 - first.1) as f64 / (last.0 - first.0).as_secs_f64(),
+            _ => 0.0,
+        }
+    };
+    metric("specrej_tokens_per_second", "gauge", "Tokens sampled per second over the last 10 s.", format!("{rate:.3}"));
+    metric("specrej_step_rounds_total", "counter", "Engine step rounds (one batched pass each on the CPU).", engine.rounds.load(Ordering::Relaxed).to_string());
+    metric("specrej_batch_steps_total", "counter", "Request batches stepped (a round of k requests counts k).", engine.batch_steps.load(Ordering::Relaxed).to_string());
+    metric("specrej_widest_round_batches", "gauge", "The most request batches one round has stepped together.", engine.widest_round.load(Ordering::Relaxed).to_string());
+    metric("specrej_decisions_total", "counter", "Speculative Rejection decisions of finished requests.", m.decisions.load(Ordering::Relaxed).to_string());
+    metric("specrej_uptime_seconds", "gauge", "Seconds since the server started.", format!("{:.3}", app.started.elapsed().as_secs_f64()));
+    let _ = writeln!(out, "# HELP specrej_requests_total Requests ended, by outcome.\n# TYPE specrej_requests_total counter");
+    let ended = m.ended.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut labels: Vec<_> = ended.iter().collect();
+    labels.sort();
+    for (label, count) in labels {
+        let _ = writeln!(out, "specrej_requests_total{{outcome=\"{label}\"}} {count}");
+    }
+    let (counts, sum) = *m.latency.lock().unwrap_or_else(PoisonError::into_inner);
+    let _ = writeln!(out, "# HELP specrej_request_duration_seconds Seconds from a request's body to its answer.\n# TYPE specrej_request_duration_seconds histogram");
+    let mut cumulative = 0;
+    for (bound, count) in LATENCY_BUCKETS.iter().zip(&counts) {
+        cumulative += count;
+        let _ = writeln!(out, "specrej_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    cumulative += counts[LATENCY_BUCKETS.len()];
+    let _ = writeln!(out, "specrej_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "specrej_request_duration_seconds_sum {sum:.6}\nspecrej_request_duration_seconds_count {cumulative}");
+    out
+}
+
+/// One JSON line on stderr per request, written when it ends (answered, refused, or its
+/// client gone), and the request's part of [`Metrics`].
+struct RequestLog {
+    app: Arc<App>,
+    id: String,
+    endpoint: Endpoint,
+    start: Instant,
+    admitted: Option<Instant>,
+    fields: Value,
+    ended: bool,
+}
+
+impl RequestLog {
+    fn new(app: Arc<App>, id: String, endpoint: Endpoint) -> Self {
+        Self { app, id, endpoint, start: Instant::now(), admitted: None, fields: json!({}), ended: false }
+    }
+
+    fn describe(&mut self, prepared: &Prepared) {
+        let r = &prepared.request;
+        self.fields = json!({
+            "method": api::method_name(r.method),
+            "n": r.n,
+            "max_tokens": r.max_tokens,
+            "reward": r.reward.name(),
+            "seed": r.seed,
+            "stream": r.stream,
+            "prompt_tokens": prepared.prompt.len(),
+            "kv_grant_tokens": prepared.capacity,
+        });
+    }
+
+    fn admitted(&mut self) {
+        self.admitted = Some(Instant::now());
+    }
+
+    fn refuse(&mut self, error: ApiError) -> Response {
+        self.end(error.status, None, Some(&error.message));
+        error_response(&error)
+    }
+
+    fn done(&mut self, status: u16, outcome: Option<&Outcome>) {
+        self.end(status, outcome, None);
+    }
+
+    fn end(&mut self, status: u16, outcome: Option<&Outcome>, error: Option<&str>) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        let seconds = self.start.elapsed().as_secs_f64();
+        let label = match status {
+            0 => "client_gone",
+            200..=299 => "ok",
+            429 => "queue_full",
+            504 => "timeout",
+            400..=499 => "client_error",
+            _ => "server_error",
+        };
+        let m = &self.app.metrics;
+        *m.ended.lock().unwrap_or_else(PoisonError::into_inner).entry(label).or_default() += 1;
+        if self.admitted.is_some() {
+            let mut latency = m.latency.lock().unwrap_or_else(PoisonError::into_inner);
+            let bucket = LATENCY_BUCKETS.iter().position(|&b| seconds <= b).unwrap_or(LATENCY_BUCKETS.len());
+            latency.0[bucket] += 1;
+            latency.1 += seconds;
+        }
+        let mut line = json!({
+            "ts": now(),
+            "id": self.id,
+            "endpoint": match self.endpoint { Endpoint::Chat => "chat", Endpoint::Completions => "completions" },
+            "status": status,
+            "outcome": label,
+            "seconds": (seconds * 1e3).round() / 1e3,
+            "queue_seconds": self.admitted.map(|a| ((a - self.start).as_secs_f64() * 1e3).round() / 1e3),
+        });
+        if let (Value::Object(line), Value::Object(fields)) = (&mut line, &self.fields) {
+            line.extend(fields.clone());
+            if let Some(outcome) = outcome {
+                m.decisions.fetch_add(outcome.trace.len() as u64, Ordering::Relaxed);
+                line.insert("completion_tokens".into(), json!(outcome.stats.tokens_generated));
+                line.insert("decisions".into(), json!(outcome.trace.len()));
+                line.insert("winner_row".into(), json!(outcome.winner().row));
+            }
+            if let Some(error) = error {
+                line.insert("error".into(), json!(error));
+            }
+        }
+        eprintln!("{line}");
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        // Dropped unanswered: the client left (hyper dropped the request's future).
+        self.end(0, None, Some("the client left before the answer"));
+    }
 }

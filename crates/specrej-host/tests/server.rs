@@ -59,10 +59,10 @@ fn fake_server() -> SocketAddr {
             limits: RequestLimits { max_n: 32, max_tokens: 512, default_max_tokens: 24 },
             kv_budget_tokens: 2000,
             request_timeout: Duration::from_secs(60),
-            max_connections: 64,
             model_id: "specrej-fake".into(),
             static_dir: Some(site),
             models_dir: Some(models),
+            ..ServerConfig::default()
         };
         start(Served::Fake, config)
     })

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::cell::RefCell;
-use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use specrej_core::testing::{FakeDecoder, FakeScorer, FAKE_EOS};
@@ -54,14 +52,14 @@ fn component_with_reward(
     prompt: &[u32],
     options: &Options,
 ) -> (Result<Outcome, RunError>, Vec<String>, u64) {
-    let events = Rc::new(RefCell::new(Vec::new()));
-    let sink = Rc::clone(&events);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&events);
     let observer = Box::new(move |e: &specrej_core::Event<'_>| {
-        sink.borrow_mut().push(format!("{e:?}"));
+        sink.lock().expect("events").push(format!("{e:?}"));
         true
     });
     let run = runtime.generate_with_reward(engine, reward, prompt, options, EventKinds::all(), observer, limits(options));
-    let events = events.borrow().clone();
+    let events = events.lock().expect("events").clone();
     (run.result.map(zero_wall), events, run.fuel_used)
 }
 

@@ -71,7 +71,23 @@ pub fn raw(addr: SocketAddr, request: &[u8]) -> Answer {
     let text = String::from_utf8(bytes).expect("utf-8 answer");
     let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status");
-    Answer { status, headers: head.to_ascii_lowercase(), body: body.to_string() }
+    let headers = head.to_ascii_lowercase();
+    let body = if headers.contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    Answer { status, headers, body }
+}
+
+/// The payload of a chunked body (streamed answers have no length).
+pub fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).expect("a chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].strip_prefix("\r\n").expect("CRLF after a chunk");
+    }
+    out
 }
 
 pub fn head(addr: SocketAddr, path: &str) -> Answer {
