@@ -21,6 +21,6 @@ pub mod model;
 pub mod runtime;
 pub mod server;
 
-pub use model::{BackendKind, ExtraReward, RealModel, RewardKind, Served};
+pub use model::{BackendKind, ExtraReward, RealModel, RewardKind, Served, WgpuServed};
 pub use runtime::{Engine, EventKinds, HostReward, Limits, Pair, Run, RunError, Runtime, World};
 pub use server::{spawn, ServerConfig, ServerHandle};

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use specrej_candle::WeightFormat;
 use specrej_host::api::RequestLimits;
-use specrej_host::{model, BackendKind, ExtraReward, RealModel, Served, ServerConfig};
+use specrej_host::{model, BackendKind, ExtraReward, RealModel, Served, ServerConfig, WgpuServed};
 
 /// The component `cargo xtask component` writes.
 const DEFAULT_COMPONENT: &str = "target/specrej-decoder.component.wasm";
@@ -20,6 +20,9 @@ enum BackendArg {
     Cpu,
     /// candle on an NVIDIA GPU (needs a build with `--features cuda`).
     Cuda,
+    /// WebGPU through wgpu (Vulkan, Metal, DX12); GGUF models; the judge and likelihood
+    /// rewards run on it too.
+    Wgpu,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -51,7 +54,11 @@ struct Args {
     /// Where the model runs.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
-    /// How weights are held in memory.
+    /// With `--backend wgpu`: the adapter, by index or a fragment of its name (`specrej
+    /// adapters` lists them); default: wgpu's high-performance choice.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// How weights are held in memory (candle).
     #[arg(long, value_enum, default_value = "q8-0")]
     weights: WeightsArg,
     /// KV budget of all requests together, in cached tokens (rows × positions); each
@@ -149,24 +156,34 @@ fn run(args: Args) -> Result<()> {
     if args.fake && !(reward_dirs.is_empty() && reward_urls.is_empty()) {
         anyhow::bail!("--reward-model and --reward-url need a real model, not --fake");
     }
+    if args.backend == BackendArg::Wgpu && !(reward_dirs.is_empty() && reward_urls.is_empty()) {
+        anyhow::bail!("--reward-model and --reward-url run with --backend cpu or cuda, not wgpu");
+    }
+    if args.adapter.is_some() && args.backend != BackendArg::Wgpu {
+        anyhow::bail!("--adapter picks a WebGPU adapter: it needs --backend wgpu");
+    }
     let mut models_dir = None;
     let (served, model_id) = if args.fake {
         fake_backend()?
     } else {
         let path = model::locate(args.model.as_deref())?;
+        let id = path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        if path.is_file() {
+            models_dir = Some(path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf));
+        }
         let backend = match args.backend {
             BackendArg::Cpu => BackendKind::Cpu,
             BackendArg::Cuda => BackendKind::Cuda,
+            BackendArg::Wgpu => {
+                let model = WgpuServed::load(&path, args.adapter.as_deref())?;
+                return serve(&args, Served::Wgpu(Box::new(model)), id, models_dir, component, &component_path);
+            }
         };
         let weights = match args.weights {
             WeightsArg::Native => WeightFormat::Native,
             WeightsArg::Q8_0 => WeightFormat::Q8_0,
             WeightsArg::F32 => WeightFormat::F32,
         };
-        let id = path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
-        if path.is_file() {
-            models_dir = Some(path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf));
-        }
         let mut model = RealModel::load(&path, backend, weights)?;
         for (name, dir) in reward_dirs {
             model.load_reward(name, dir).with_context(|| format!("--reward-model {name}={}", dir.display()))?;
@@ -176,6 +193,18 @@ fn run(args: Args) -> Result<()> {
         }
         (Served::Real(Box::new(model)), id)
     };
+    serve(&args, served, model_id, models_dir, component, &component_path)
+}
+
+/// Serves `served` until SIGINT or SIGTERM.
+fn serve(
+    args: &Args,
+    served: Served,
+    model_id: String,
+    models_dir: Option<PathBuf>,
+    component: Vec<u8>,
+    component_path: &Path,
+) -> Result<()> {
     let kv_budget_tokens =
         args.kv_budget_tokens.unwrap_or(specrej_candle::DEFAULT_KV_BUDGET_BYTES / served.kv_bytes_per_token().max(1));
     let config = ServerConfig {

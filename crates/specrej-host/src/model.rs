@@ -11,9 +11,9 @@ use specrej_candle::{CandleDecoder, JudgeScorer, LikelihoodScorer, LoadOptions, 
 use specrej_core::testing::{FakeDecoder, FakeScorer, FAKE_EOS};
 use specrej_reward::{RemoteScorer, RewardModel, RewardScorer};
 use specrej_text::{Message, ModelText};
+use specrej_wgpu::{WgpuDecoder, WgpuJudgeScorer, WgpuLikelihoodScorer, WgpuModel};
 
 use crate::batcher::{Scorer, SharedDecoder};
-#[cfg(feature = "fake")]
 use crate::batcher::EachAlone;
 
 /// The default model's file name (`cargo xtask fetch-model` puts it in `models/`).
@@ -119,11 +119,39 @@ impl RealModel {
     }
 }
 
+/// A GGUF model on wgpu (`specrej-server --backend wgpu`): the judge and the likelihood run
+/// on it too.
+#[derive(Debug)]
+pub struct WgpuServed {
+    /// The weights on the adapter.
+    pub model: Arc<WgpuModel>,
+    /// The tokenizer and chat template.
+    pub text: ModelText,
+}
+
+impl WgpuServed {
+    /// Loads the GGUF file `path` on the adapter `adapter` (a name fragment or index; default:
+    /// wgpu's high-performance choice).
+    pub fn load(path: &Path, adapter: Option<&str>) -> Result<Self> {
+        if path.is_dir() {
+            anyhow::bail!("{}: --backend wgpu runs GGUF files, not safetensors directories", path.display());
+        }
+        let options = specrej_wgpu::Options {
+            adapter: adapter.map(|a| a.parse::<specrej_wgpu::AdapterChoice>().unwrap_or_else(|e| match e {})),
+            ..specrej_wgpu::Options::default()
+        };
+        let model = WgpuModel::load_path_blocking(path, &options).with_context(|| format!("loading {} on wgpu", path.display()))?;
+        Ok(Self { model, text: ModelText::load(path)? })
+    }
+}
+
 /// The model behind the server.
 #[derive(Debug)]
 pub enum Served {
     /// A real model on candle.
     Real(Box<RealModel>),
+    /// A real model (GGUF) on WebGPU through wgpu.
+    Wgpu(Box<WgpuServed>),
     /// `specrej_core::testing::FakeDecoder` / `FakeScorer`, with a one-byte-per-token
     /// "tokenizer": byte `b` is token `1 + b % 15`, token `t` decodes to the letter `'a' + t - 1`.
     /// Only with the `fake` feature, which the tests enable: production builds carry no double.
@@ -140,6 +168,7 @@ impl Served {
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
         match self {
             Served::Real(m) => Ok(m.text.encode_chat(messages)?),
+            Served::Wgpu(m) => Ok(m.text.encode_chat(messages)?),
             #[cfg(feature = "fake")]
             Served::Fake => {
                 let text: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
@@ -152,6 +181,7 @@ impl Served {
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Served::Real(m) => Ok(m.text.encode(text)?),
+            Served::Wgpu(m) => Ok(m.text.encode(text)?),
             #[cfg(feature = "fake")]
             Served::Fake => Ok(text.bytes().map(|b| 1 + u32::from(b) % 15).collect()),
         }
@@ -161,6 +191,7 @@ impl Served {
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
             Served::Real(m) => m.text.decode(ids),
+            Served::Wgpu(m) => m.text.decode(ids),
             #[cfg(feature = "fake")]
             Served::Fake => ids
                 .iter()
@@ -174,6 +205,7 @@ impl Served {
     pub fn eos(&self) -> Vec<u32> {
         match self {
             Served::Real(m) => m.text.tokenizer.eos_ids().to_vec(),
+            Served::Wgpu(m) => m.text.tokenizer.eos_ids().to_vec(),
             #[cfg(feature = "fake")]
             Served::Fake => vec![FAKE_EOS],
         }
@@ -184,6 +216,8 @@ impl Served {
         let mut names = vec!["judge", "partial_judge", "likelihood"];
         match self {
             Served::Real(m) => names.extend(m.rewards.iter().map(|(name, _)| name.as_str())),
+            // The wgpu judge has one question (no partial one).
+            Served::Wgpu(_) => names.retain(|&n| n != "partial_judge"),
             #[cfg(feature = "fake")]
             Served::Fake => {}
         }
@@ -194,6 +228,7 @@ impl Served {
     pub fn context_length(&self) -> usize {
         match self {
             Served::Real(m) => m.weights.config().context_length,
+            Served::Wgpu(m) => m.model.config().context_length,
             #[cfg(feature = "fake")]
             Served::Fake => FAKE_CONTEXT,
         }
@@ -203,6 +238,7 @@ impl Served {
     pub fn kv_bytes_per_token(&self) -> usize {
         match self {
             Served::Real(m) => m.weights.kv_bytes_per_token(),
+            Served::Wgpu(m) => m.model.kv_bytes_per_token(),
             #[cfg(feature = "fake")]
             Served::Fake => 8,
         }
@@ -212,6 +248,7 @@ impl Served {
     pub fn kv_layout(&self) -> specrej_core::KvLayout {
         match self {
             Served::Real(m) => CandleDecoder::layout_for(&m.weights),
+            Served::Wgpu(_) => specrej_core::KvLayout::DENSE,
             #[cfg(feature = "fake")]
             Served::Fake => specrej_core::KvLayout::DENSE,
         }
@@ -221,9 +258,15 @@ impl Served {
     /// the longest tail it asks with. `None` for rewards that read no more than the policy's
     /// own prompt and answer, or that apply their own limit (a reward model's tokenizer).
     pub fn judge_overhead(&self, reward: &RewardKind, question: &str) -> Result<Option<usize>> {
-        match (self, reward) {
-            (Served::Real(m), RewardKind::Judge | RewardKind::PartialJudge) => {
-                let segments = specrej_text::judge_segments(&m.text.tokenizer, &m.text.template, question)?;
+        let text = match self {
+            Served::Real(m) => Some(&m.text),
+            Served::Wgpu(m) => Some(&m.text),
+            #[cfg(feature = "fake")]
+            Served::Fake => None,
+        };
+        match (text, reward) {
+            (Some(text), RewardKind::Judge | RewardKind::PartialJudge) => {
+                let segments = specrej_text::judge_segments(&text.tokenizer, &text.template, question)?;
                 Ok(Some(segments.overhead(*reward == RewardKind::PartialJudge)))
             }
             _ => Ok(None),
@@ -237,6 +280,10 @@ impl Served {
             Served::Real(m) => {
                 let bytes = capacity.saturating_mul(m.weights.kv_bytes_per_token());
                 Box::new(CandleDecoder::new(Arc::clone(&m.weights), bytes))
+            }
+            Served::Wgpu(m) => {
+                let bytes = capacity.saturating_mul(m.model.kv_bytes_per_token());
+                Box::new(EachAlone(WgpuDecoder::new(Arc::clone(&m.model), bytes)))
             }
             #[cfg(feature = "fake")]
             Served::Fake => {
@@ -277,6 +324,14 @@ impl Served {
                         }
                     }
                 }
+            }),
+            Served::Wgpu(m) => Ok(match reward {
+                RewardKind::Judge => {
+                    let s = specrej_text::judge_segments(&m.text.tokenizer, &m.text.template, question)?;
+                    (Box::new(WgpuJudgeScorer::new(Arc::clone(&m.model), s.before, s.after, s.yes, s.no)), true)
+                }
+                RewardKind::Likelihood => (Box::new(WgpuLikelihoodScorer::new(Arc::clone(&m.model))), true),
+                other => anyhow::bail!("reward {:?} runs on the cpu and cuda backends, not on wgpu", other.name()),
             }),
             #[cfg(feature = "fake")]
             Served::Fake => Ok((Box::new(FakeScorer::default()), true)),

@@ -339,7 +339,12 @@ struct Prepared {
 
 fn prepare(app: &App, endpoint: Endpoint, body: &[u8]) -> Result<Prepared, ApiError> {
     let served = &*app.served;
-    let request = api::parse_request(endpoint, body, &app.config.limits, &served.reward_names())?;
+    let names = served.reward_names();
+    let request = api::parse_request(endpoint, body, &app.config.limits, &names)?;
+    if !names.contains(&request.reward.name()) {
+        let message = format!("reward {:?} does not run on this server's backend; it offers {}", request.reward.name(), names.join(", "));
+        return Err(ApiError::invalid("specrej.reward", message));
+    }
     let (prompt, prompt_param) = match &request.prompt {
         Prompt::Chat(messages) => (served.encode_chat(messages), "messages"),
         Prompt::Text(text) => (served.encode_raw(text), "prompt"),

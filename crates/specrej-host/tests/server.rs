@@ -440,16 +440,17 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Request `i` of the load test: (a key naming what it asks for, the body, streamed?).
+/// Best-of-N and Speculative Rejection alternate, n runs 4-16, every fourth is streamed.
 fn load_request(i: usize) -> (String, String, bool) {
     let seed = i % 5;
-    let stream = (i + 1).is_multiple_of(8);
+    let stream = (i + 1).is_multiple_of(4);
+    let n = 4 + 4 * (i / 2 % 4);
     let (key, specrej) = if i.is_multiple_of(2) {
-        let n = 2 + i % 3;
         (format!("bon n={n} seed={seed}"), json!({ "method": "best_of_n", "n": n }))
     } else {
         (
-            format!("sr seed={seed}"),
-            json!({ "method": "speculative_rejection", "n": 4, "alpha": 0.5, "min_new_tokens": 4 }),
+            format!("sr n={n} seed={seed}"),
+            json!({ "method": "speculative_rejection", "n": n, "alpha": 0.5, "min_new_tokens": 4 }),
         )
     };
     let body = json!({
@@ -461,8 +462,8 @@ fn load_request(i: usize) -> (String, String, bool) {
 
 #[test]
 #[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
-fn load_32_requests_from_8_clients_are_all_answered() {
-    const CLIENTS: usize = 8;
+fn load_64_requests_from_16_clients_are_all_answered_and_batched_together() {
+    const CLIENTS: usize = 16;
     const PER_CLIENT: usize = 4;
     let addr = real_server();
     // (key, winner text, id, latency in ms) of every answer.
@@ -527,4 +528,270 @@ fn load_32_requests_from_8_clients_are_all_answered() {
         quantile(&latencies, 0.95),
         latencies.last().copied().unwrap_or(0.0),
     );
+    // The engine merged the steps of several requests into one pass.
+    assert!(metric(addr, "specrej_widest_round_batches") >= 2.0, "{}", get(addr, "/metrics").body);
+    // A request alone gets the answer it got among the others.
+    let (key, body, _) = load_request(1);
+    let alone = post(addr, CHAT, &body).json();
+    assert_eq!(alone["choices"][0]["message"]["content"].as_str(), Some(winners[key.as_str()]), "{key} alone");
+}
+
+/// The value of an unlabelled metric in `/metrics`.
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let text = get(addr, "/metrics").body;
+    let line = text.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("{name} in {text}"));
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+}
+
+/// Polls `done` every 10 ms until it holds or `limit` passes; whether it held.
+fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    done()
+}
+
+#[test]
+fn metrics_and_health_describe_the_engine() {
+    let addr = fake_server();
+    assert_eq!(post(addr, CHAT, &chat_body(json!({ "max_tokens": 6, "specrej": { "n": 3 } }))).status, 200);
+    let answer = get(addr, "/metrics");
+    assert_eq!(answer.status, 200);
+    assert!(answer.headers.contains("content-type: text/plain; version=0.0.4"), "{}", answer.headers);
+    for name in [
+        "specrej_queue_depth",
+        "specrej_requests_active",
+        "specrej_rows_active",
+        "specrej_kv_used_bytes",
+        "specrej_kv_free_bytes",
+        "specrej_tokens_per_second",
+        "specrej_decisions_total",
+        "specrej_request_duration_seconds_count",
+    ] {
+        assert!(answer.body.contains(&format!("# TYPE {}", name.trim_end_matches("_count"))), "{name}: {}", answer.body);
+    }
+    assert!(metric(addr, "specrej_tokens_generated_total") >= 18.0, "{}", answer.body);
+    assert!(metric(addr, "specrej_request_duration_seconds_count") >= 1.0, "{}", answer.body);
+    assert!(answer.body.contains("specrej_requests_total{outcome=\"ok\"}"), "{}", answer.body);
+    assert_eq!(post(addr, "/metrics", "{}").status, 405);
+    let health = get(addr, "/health").json();
+    assert_eq!((health["status"].as_str(), health["queued"].is_u64()), (Some("ok"), true), "{health}");
+}
+
+/// A fake server of its own with short deadlines.
+fn strict_fake_server() -> SocketAddr {
+    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let config = ServerConfig {
+            limits: RequestLimits { max_n: 32, max_tokens: 512, default_max_tokens: 24 },
+            kv_budget_tokens: 4000,
+            header_timeout: Duration::from_secs(3),
+            body_timeout: Duration::from_secs(1),
+            model_id: "specrej-fake".into(),
+            ..ServerConfig::default()
+        };
+        start(Served::Fake, config)
+    })
+}
+
+#[test]
+fn slow_clients_do_not_delay_a_normal_request() {
+    use std::io::{Read, Write};
+    let addr = strict_fake_server();
+    let body = chat_body(json!({ "max_tokens": 8 }));
+    let sent = Instant::now();
+    assert_eq!(post(addr, CHAT, &body).status, 200);
+    let normal = sent.elapsed();
+    // 100 connections that trickle their heads, a byte at a time.
+    let mut slow: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ").expect("write");
+            s
+        })
+        .collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickle = {
+        let stop = Arc::clone(&stop);
+        let mut streams: Vec<_> = slow.iter().map(|s| s.try_clone().expect("clone")).collect();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for s in &mut streams {
+                    let _ = s.write_all(b"a");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let sent = Instant::now();
+    let answer = post(addr, CHAT, &body);
+    let during = sent.elapsed();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // Not held up until the slow heads' deadline (3 s) frees their connections.
+    assert!(during < normal + Duration::from_secs(1), "{during:?} among slow clients vs {normal:?} alone");
+    // The head deadline is for the whole head, however it trickles: the connections close.
+    let closed = slow.iter_mut().all(|s| {
+        s.set_read_timeout(Some(Duration::from_secs(6))).expect("timeout");
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => true, // the server closed it
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        }
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    trickle.join().expect("trickle");
+    assert!(closed, "the slow connections were closed by the header deadline");
+}
+
+#[test]
+fn chunked_oversized_and_slow_bodies() {
+    use std::io::{Read, Write};
+    let addr = strict_fake_server();
+    // A chunked body is read like any other.
+    let body = chat_body(json!({ "max_tokens": 4 }));
+    let (a, b) = body.split_at(body.len() / 2);
+    let chunked = format!(
+        "POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+        a.len(),
+        b.len()
+    );
+    let answer = raw(addr, chunked.as_bytes());
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // A chunked body over the limit is a 413, found while reading.
+    let big = "x".repeat(specrej_host::server::MAX_BODY_BYTES + 1);
+    let chunked = format!(
+        "POST {CHAT} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{big}\r\n0\r\n\r\n",
+        big.len()
+    );
+    let answer = raw(addr, chunked.as_bytes());
+    assert_eq!((answer.status, answer.json()["error"]["type"].as_str()), (413, Some("invalid_request_error")), "{}", answer.body);
+    // A body that stops coming: 408 once the body deadline passes, with a JSON error.
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(format!("POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{{\"mess").as_bytes()).expect("write");
+    let sent = Instant::now();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"error\""), "{text}");
+    assert!(sent.elapsed() < Duration::from_secs(5), "{:?}", sent.elapsed());
+    // Garbage on the socket: a 400, and the server goes on.
+    assert_eq!(raw(addr, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n").status, 400);
+    assert_eq!(post(addr, CHAT, &chat_body(json!({ "max_tokens": 4 }))).status, 200);
+}
+
+/// A real-model server (of its own: the tests below watch its metrics) whose KV budget
+/// holds one request of [`held_request`] at a time, and a queue of one.
+fn tight_real_server() -> SocketAddr {
+    let path = common::default_model();
+    let model = RealModel::load(Path::new(&path), BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0).expect("model");
+    let config = ServerConfig { model_id: "smollm2".into(), kv_budget_tokens: 640, max_queued: 1, ..ServerConfig::default() };
+    start(Served::Real(Box::new(model)), config)
+}
+
+/// Rows of [`held_request`].
+const HELD_ROWS: usize = 8;
+
+/// A Best-of-N request that takes [`tight_real_server`]'s whole KV budget for a few seconds
+/// (48 + 8 × 48 cached tokens of 640).
+fn held_request(stream: bool) -> String {
+    json!({
+        "messages": [{ "role": "user", "content": "Write a long story about a fox." }],
+        "max_tokens": 48, "seed": 1, "stream": stream,
+        "specrej": { "method": "best_of_n", "n": HELD_ROWS, "reward": "likelihood" },
+    })
+    .to_string()
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn a_full_queue_is_a_429_with_retry_after_and_the_queued_request_runs_next() {
+    let addr = tight_real_server();
+    let first = std::thread::spawn(move || post(addr, CHAT, &held_request(false)));
+    assert!(eventually(Duration::from_secs(30), || metric(addr, "specrej_requests_active") == 1.0), "the first runs");
+    let second = std::thread::spawn(move || post(addr, CHAT, &held_request(false)));
+    assert!(eventually(Duration::from_secs(30), || metric(addr, "specrej_queue_depth") == 1.0), "the second waits");
+    let third = post(addr, CHAT, &held_request(false));
+    assert_eq!(third.status, 429, "{}", third.body);
+    assert!(third.headers.contains("retry-after: 1"), "{}", third.headers);
+    assert_eq!(third.json()["error"]["code"], "queue_full");
+    let (first, second) = (first.join().expect("first"), second.join().expect("second"));
+    assert_eq!((first.status, second.status), (200, 200), "{} / {}", first.body, second.body);
+    // Identical seeded requests, one run alone and one after it: the same answer.
+    assert_eq!(first.json()["choices"][0]["message"], second.json()["choices"][0]["message"]);
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn a_client_that_leaves_frees_its_rows() {
+    use std::io::{Read, Write};
+    let addr = tight_real_server();
+    for stream in [false, true] {
+        let gone_before = get(addr, "/metrics").body.lines().find(|l| l.contains("outcome=\"client_gone\"")).map(str::to_owned);
+        let body = held_request(stream);
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        let head = format!("POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+        s.write_all(head.as_bytes()).expect("write");
+        s.write_all(body.as_bytes()).expect("write");
+        if stream {
+            // The stream has started.
+            let mut buf = [0u8; 64];
+            s.read_exact(&mut buf).expect("the stream's first bytes");
+        }
+        assert!(eventually(Duration::from_secs(30), || metric(addr, "specrej_rows_active") == HELD_ROWS as f64), "its rows run");
+        drop(s);
+        let left = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(10), || metric(addr, "specrej_rows_active") == 0.0
+                && metric(addr, "specrej_batches_active") == 0.0
+                && metric(addr, "specrej_requests_active") == 0.0),
+            "stream {stream}: the rows stay after the client left: {}",
+            get(addr, "/metrics").body
+        );
+        eprintln!("stream {stream}: rows freed {:?} after the client left", left.elapsed());
+        let gone_after = get(addr, "/metrics").body.lines().find(|l| l.contains("outcome=\"client_gone\"")).map(str::to_owned);
+        assert_ne!(gone_before, gone_after, "counted as client_gone");
+        assert_eq!(metric(addr, "specrej_kv_used_bytes"), 0.0, "every block is back in the pool");
+    }
+    // The server serves the next request as usual.
+    assert_eq!(post(addr, CHAT, &held_request(false)).status, 200);
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn the_server_runs_on_wgpu_too() {
+    if specrej_wgpu::adapters_blocking().is_empty() {
+        assert!(!specrej_core::gpu_required("wgpu"), "SPECREJ_REQUIRE_GPU requires wgpu but no WebGPU adapter was found");
+        eprintln!("skipped: no WebGPU adapter (install mesa-vulkan-drivers for lavapipe)");
+        return;
+    }
+    let model = specrej_host::WgpuServed::load(&common::default_model(), None).expect("the model on wgpu");
+    let addr = start(Served::Wgpu(Box::new(model)), ServerConfig { model_id: "smollm2".into(), ..ServerConfig::default() });
+    let models = get(addr, "/v1/models").json();
+    assert_eq!(models["data"][0]["specrej"]["rewards"], json!(["judge", "likelihood"]), "{models}");
+    // Two requests at once: the engine thread steps them one after the other (dense caches).
+    let ask = |method: &'static str| {
+        std::thread::spawn(move || {
+            let body = json!({
+                "messages": [{ "role": "user", "content": "Name a fruit." }],
+                "max_tokens": 6, "seed": 2, "temperature": 0,
+                "specrej": { "method": method, "n": 2, "min_new_tokens": 2, "reward": "likelihood" },
+            });
+            post(addr, CHAT, &body.to_string())
+        })
+    };
+    for (method, answer) in [("best_of_n", ask("best_of_n")), ("speculative_rejection", ask("speculative_rejection"))] {
+        let answer = answer.join().expect("request thread");
+        assert_eq!(answer.status, 200, "{method}: {}", answer.body);
+        let doc = answer.json();
+        assert_eq!(doc["specrej"]["method"], method);
+        assert!(doc["usage"]["completion_tokens"].as_u64().expect("tokens") > 0, "{doc}");
+    }
+    let partial = json!({ "messages": [{ "role": "user", "content": "Hi" }], "specrej": { "reward": "partial_judge" } });
+    let answer = post(addr, CHAT, &partial.to_string());
+    assert_eq!((answer.status, answer.json()["error"]["param"].as_str()), (400, Some("specrej.reward")), "{}", answer.body);
 }
