@@ -136,6 +136,23 @@ def run_load(port, requests, clients, max_tokens, timeout):
     }
 
 
+def engine_seconds(port):
+    """specrej_engine_seconds_total by job from /metrics ({} for a server without it)."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/metrics")
+        answer = conn.getresponse()
+        text = answer.read().decode() if answer.status == 200 else ""
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("specrej_engine_seconds_total{job=\""):
+            job = line.split('"')[1]
+            out[job] = float(line.split()[-1])
+    return out
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -182,6 +199,7 @@ def main():
             server = start_server(getattr(args, side), args.model, args.component, port)
             try:
                 r = run_load(port, args.requests, args.clients, args.max_tokens, args.timeout)
+                r["engine_seconds"] = engine_seconds(port)
             finally:
                 server.terminate()
                 server.wait(timeout=60)
@@ -192,6 +210,9 @@ def main():
                 f"{len(r['failures'])} failures, {len(r['mismatched'])} mismatched keys",
                 flush=True,
             )
+            if r["engine_seconds"]:
+                split = ", ".join(f"{k} {v:.1f} s" for k, v in r["engine_seconds"].items())
+                print(f"  engine thread: {split}", flush=True)
             for f in r["failures"][:5]:
                 print(f"  {f}", flush=True)
     mean = {s: {k: statistics.mean(r[k] for r in results[s]) for k in ("requests_per_s", "tokens_per_s", "p50_s", "p95_s")} for s in results}

@@ -186,6 +186,17 @@ pub struct EngineCounters {
     pub widest_round: AtomicUsize,
     /// Bytes of K/V held now (0 where the backend does not count them).
     pub kv_bytes_held: AtomicU64,
+    /// Nanoseconds the engine thread has spent on each kind of job, by [`JOB_KINDS`].
+    pub busy_nanos: [AtomicU64; 4],
+}
+
+/// The kinds of engine work [`EngineCounters::busy_nanos`] counts, in its order.
+pub const JOB_KINDS: [&str; 4] = ["prefill", "step", "score", "retain_fork"];
+
+impl EngineCounters {
+    fn add_busy(&self, kind: usize, since: Instant) {
+        self.busy_nanos[kind].fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
 }
 
 /// A batch on its way between a request and the engine thread: its rows, and a token that
@@ -492,6 +503,13 @@ impl Worker {
     }
 
     fn run_job(&mut self, job: Job) {
+        let start = Instant::now();
+        let kind = match &job {
+            Job::Prefill { .. } => 0,
+            Job::Step { .. } => 1,
+            Job::Score { .. } => 2,
+            Job::Retain { .. } | Job::Fork { .. } => 3,
+        };
         match job {
             Job::Prefill { prompt, rows, sampling, reply } => {
                 let count = rows.len();
@@ -526,6 +544,7 @@ impl Worker {
             }
             step @ Job::Step { .. } => self.accept(step),
         }
+        self.counters.add_busy(kind, start);
     }
 
     /// One step of every waiting batch, merged.
@@ -537,10 +556,12 @@ impl Worker {
         if waiting.is_empty() {
             return;
         }
+        let start = Instant::now();
         let results = {
             let mut batches: Vec<&mut AnyBatch> = waiting.iter_mut().map(|w| &mut w.batch.inner).collect();
             self.decoder.step(&mut batches)
         };
+        self.counters.add_busy(1, start);
         let c = &self.counters;
         c.rounds.fetch_add(1, Ordering::Relaxed);
         c.batch_steps.fetch_add(waiting.len() as u64, Ordering::Relaxed);

@@ -573,6 +573,8 @@ fn stream_response(app: Arc<App>, ctx: Context, lease: Lease, log: RequestLog) -
             let result = run(&app, &ctx.prepared, lease, events, observer).await;
             match &result {
                 Ok(outcome) => log.done(200, Some(outcome)),
+                // The observer stopped the run because the stream's receiver is gone.
+                Err(_) if tx.is_closed() => drop(log),
                 Err(error) => log.done(error.status, None),
             }
             let _ = tx.send(RunMsg::Done(result));
@@ -834,6 +836,10 @@ fn render_metrics(app: &App) -> String {
     metric("specrej_widest_round_batches", "gauge", "The most request batches one round has stepped together.", engine.widest_round.load(Ordering::Relaxed).to_string());
     metric("specrej_decisions_total", "counter", "Speculative Rejection decisions of finished requests.", m.decisions.load(Ordering::Relaxed).to_string());
     metric("specrej_uptime_seconds", "gauge", "Seconds since the server started.", format!("{:.3}", app.started.elapsed().as_secs_f64()));
+    let _ = writeln!(out, "# HELP specrej_engine_seconds_total Seconds the engine thread spent, by kind of work.\n# TYPE specrej_engine_seconds_total counter");
+    for (kind, nanos) in batcher::JOB_KINDS.iter().zip(&engine.busy_nanos) {
+        let _ = writeln!(out, "specrej_engine_seconds_total{{job=\"{kind}\"}} {:.6}", nanos.load(Ordering::Relaxed) as f64 * 1e-9);
+    }
     let _ = writeln!(out, "# HELP specrej_requests_total Requests ended, by outcome.\n# TYPE specrej_requests_total counter");
     let ended = m.ended.lock().unwrap_or_else(PoisonError::into_inner);
     let mut labels: Vec<_> = ended.iter().collect();

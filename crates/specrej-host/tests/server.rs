@@ -687,10 +687,28 @@ fn chunked_oversized_and_slow_bodies() {
 /// A real-model server (of its own: the tests below watch its metrics) whose KV budget
 /// holds one request of [`held_request`] at a time, and a queue of one.
 fn tight_real_server() -> SocketAddr {
+    tight_real_handle().addr
+}
+
+fn tight_real_handle() -> specrej_host::ServerHandle {
     let path = common::default_model();
     let model = RealModel::load(Path::new(&path), BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0).expect("model");
     let config = ServerConfig { model_id: "smollm2".into(), kv_budget_tokens: 640, max_queued: 1, ..ServerConfig::default() };
-    start(Served::Real(Box::new(model)), config)
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    specrej_host::spawn(listener, Arc::new(Served::Real(Box::new(model))), common::component_bytes(), config).expect("server starts")
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn shutdown_lets_the_request_in_flight_finish_and_stops_accepting() {
+    let server = tight_real_handle();
+    let addr = server.addr;
+    let running = std::thread::spawn(move || post(addr, CHAT, &held_request(false)));
+    assert!(eventually(Duration::from_secs(30), || metric(addr, "specrej_requests_active") == 1.0), "it runs");
+    server.shutdown();
+    let answer = running.join().expect("request thread");
+    assert_eq!(answer.status, 200, "the request in flight is answered: {}", answer.body);
+    assert!(std::net::TcpStream::connect(addr).is_err(), "no longer accepting");
 }
 
 /// Rows of [`held_request`].
