@@ -21,6 +21,7 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -478,13 +479,15 @@ impl Worker {
                 self.accept(job);
             }
             while let Some(job) = self.others.pop_front() {
-                self.run_job(job);
+                // A backend that panics fails the calls in hand (their answers are dropped:
+                // "the engine thread dropped the call") and the thread serves on.
+                let _ = catch_unwind(AssertUnwindSafe(|| self.run_job(job)));
             }
             let all_in = self.steps.len() >= self.counters.batches.load(Ordering::SeqCst);
             if let Some(first) = self.first_wait
                 && (all_in || first.elapsed() >= GATHER)
             {
-                self.round();
+                let _ = catch_unwind(AssertUnwindSafe(|| self.round()));
             }
             if let Some(held) = self.decoder.kv_bytes_held() {
                 self.counters.kv_bytes_held.store(held, Ordering::Relaxed);
@@ -641,5 +644,114 @@ struct QueueSlot<'a>(&'a AtomicUsize);
 impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use specrej_core::testing::{FakeDecoder, FakeScorer};
+
+    use super::*;
+
+    /// The fake, which panics on a step of a batch whose first row id is 99.
+    struct Panicky(FakeDecoder);
+
+    impl Decoder for Panicky {
+        type Batch = (bool, <FakeDecoder as Decoder>::Batch);
+
+        fn token_capacity(&self) -> usize {
+            self.0.token_capacity()
+        }
+
+        fn kv_bytes_per_token(&self) -> usize {
+            self.0.kv_bytes_per_token()
+        }
+
+        fn max_sequence_len(&self) -> usize {
+            self.0.max_sequence_len()
+        }
+
+        fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<Self::Batch, BackendError> {
+            Ok((rows.start == 99, self.0.prefill(prompt, rows, sampling)?))
+        }
+
+        async fn step(&mut self, batch: &mut Self::Batch) -> Result<Vec<u32>, BackendError> {
+            assert!(!batch.0, "a backend bug");
+            self.0.step(&mut batch.1).await
+        }
+
+        fn retain(&mut self, batch: &mut Self::Batch, keep: &[usize]) -> Result<(), BackendError> {
+            self.0.retain(&mut batch.1, keep)
+        }
+    }
+
+    fn engine() -> EngineHandle {
+        spawn(Box::new(EachAlone(Panicky(FakeDecoder::new(10_000))))).expect("engine thread").0
+    }
+
+    fn lease(engine: &EngineHandle) -> Lease {
+        engine.lease(1000, Box::new(FakeScorer::default()), true, None)
+    }
+
+    #[test]
+    fn a_round_steps_every_waiting_request_and_tokens_do_not_depend_on_the_others() {
+        let engine = engine();
+        let run = |rows: Range<u32>, steps: usize| {
+            let mut lease = lease(&engine);
+            std::thread::spawn(move || {
+                pollster::block_on(async {
+                    let mut slot = Some(lease.prefill(vec![1, 2, 3], rows, Sampling::default()).await.expect("prefill"));
+                    let mut tokens = Vec::new();
+                    for _ in 0..steps {
+                        tokens.push(lease.step(&mut slot).await.expect("step"));
+                    }
+                    tokens
+                })
+            })
+        };
+        let alone = run(0..3, 20).join().expect("alone");
+        let together: Vec<_> = [run(0..3, 20), run(10..12, 30), run(20..24, 25)].into_iter().map(|t| t.join().expect("thread")).collect();
+        assert_eq!(together[0], alone, "a request's tokens do not depend on the others");
+        let c = engine.counters();
+        assert!(c.widest_round.load(Ordering::SeqCst) >= 2, "steps of several requests ran in one round");
+        assert_eq!((c.batches.load(Ordering::SeqCst), c.rows.load(Ordering::SeqCst)), (0, 0), "every batch is gone");
+        assert_eq!(c.tokens.load(Ordering::SeqCst), 3 * 20 + 3 * 20 + 2 * 30 + 4 * 25);
+    }
+
+    #[test]
+    fn a_backend_panic_fails_its_calls_and_the_engine_serves_on() {
+        let engine = engine();
+        let mut lease = lease(&engine);
+        pollster::block_on(async {
+            let mut slot = Some(lease.prefill(vec![1, 2], 99..100, Sampling::default()).await.expect("prefill"));
+            let error = lease.step(&mut slot).await.expect_err("the step panics");
+            assert!(error.to_string().contains("dropped the call"), "{error}");
+            let mut slot = Some(lease.prefill(vec![1, 2], 0..2, Sampling::default()).await.expect("prefill"));
+            assert_eq!(lease.step(&mut slot).await.expect("a step").len(), 2);
+            assert_eq!(engine.counters().batches.load(Ordering::SeqCst), 1, "the panicked batch was dropped");
+        });
+    }
+
+    #[test]
+    fn admission_grants_in_order_and_bounds_its_queue() {
+        let admission = Admission::new(100, 1);
+        pollster::block_on(async {
+            let first = admission.admit(60).await.expect("free");
+            assert_eq!(admission.admit(101).await.err(), Some(Refusal::TooLarge));
+            let waiting = admission.admit(50);
+            let mut waiting = std::pin::pin!(waiting);
+            // It waits (polled once, it is not ready), and fills the queue of one.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(Future::poll(waiting.as_mut(), &mut cx).is_pending());
+            assert_eq!(admission.queued(), 1);
+            assert_eq!(admission.admit(10).await.err(), Some(Refusal::QueueFull));
+            drop(first);
+            let second = waiting.await.expect("admitted once the first ends");
+            assert_eq!((admission.queued(), admission.granted()), (0, 50));
+            drop(second);
+        });
+        assert_eq!(admission.granted(), 0);
     }
 }
