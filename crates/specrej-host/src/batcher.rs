@@ -17,7 +17,10 @@
 //! batch it had sent comes back to nobody and is dropped here, its blocks returned to the
 //! pool within the step. Admission is by KV memory: [`Admission`] hands out the decoder's
 //! token capacity in grants, one per request, each request's scheduler planning within its
-//! own; a request waits until its grant is free, and gets it back when it ends.
+//! own; a request waits until its grant is free. Once a request's rows can only become
+//! fewer, each `retain` (a Speculative Rejection decision) gives back the part of its grant
+//! they can no longer use, at once, to the requests waiting ([`GrantPlan`]); the rest comes
+//! back when it ends.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -221,10 +224,12 @@ impl Batch {
     }
 }
 
-/// Counts a batch and its rows as alive in [`EngineCounters`] while it exists.
+/// Counts a batch and its rows as alive in [`EngineCounters`] while it exists; its drop
+/// wakes the engine thread, whose round may have been waiting for it.
 struct Alive {
     counters: Arc<EngineCounters>,
     rows: usize,
+    wake: mpsc::Sender<Job>,
 }
 
 impl Alive {
@@ -239,12 +244,22 @@ impl Drop for Alive {
     fn drop(&mut self) {
         self.counters.rows.fetch_sub(self.rows, Ordering::SeqCst);
         self.counters.batches.fetch_sub(1, Ordering::SeqCst);
+        let _ = self.wake.send(Job::Wake);
     }
 }
 
 /// What a request's engine import becomes on the engine thread.
 enum Job {
-    Prefill { prompt: Vec<u32>, rows: Range<u32>, sampling: Sampling, reply: oneshot::Sender<Result<Batch, BackendError>> },
+    /// `wake`: how the batch, once dropped, wakes the engine thread.
+    Prefill {
+        prompt: Vec<u32>,
+        rows: Range<u32>,
+        sampling: Sampling,
+        wake: mpsc::Sender<Job>,
+        reply: oneshot::Sender<Result<Batch, BackendError>>,
+    },
+    /// A batch was dropped: a round waiting for it may start.
+    Wake,
     Step { batch: Batch, reply: oneshot::Sender<(Batch, Result<Vec<u32>, BackendError>)> },
     Retain { batch: Batch, keep: Vec<usize>, reply: oneshot::Sender<(Batch, Result<(), BackendError>)> },
     Fork { batch: Batch, children: Vec<(usize, u32)>, reply: oneshot::Sender<(Batch, Result<(), BackendError>)> },
@@ -286,6 +301,11 @@ pub struct EngineInfo {
 /// Starts the engine thread over `decoder`; it ends when the last handle (and every
 /// [`Lease`] made from it) is dropped.
 pub fn spawn(decoder: Box<dyn SharedDecoder>) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    spawn_gathering(decoder, GATHER)
+}
+
+/// [`spawn`] with rounds that wait up to `gather` for the live batches' step calls.
+fn spawn_gathering(decoder: Box<dyn SharedDecoder>, gather: Duration) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let info = EngineInfo {
         token_capacity: decoder.token_capacity(),
         kv_bytes_per_token: decoder.kv_bytes_per_token(),
@@ -297,7 +317,7 @@ pub fn spawn(decoder: Box<dyn SharedDecoder>) -> std::io::Result<(EngineHandle, 
     let (jobs, queue) = mpsc::channel();
     let thread_counters = Arc::clone(&counters);
     let thread = std::thread::Builder::new().name("specrej-engine".into()).spawn(move || {
-        Worker { decoder, counters: thread_counters, others: VecDeque::new(), steps: Vec::new(), first_wait: None }.run(&queue);
+        Worker { decoder, counters: thread_counters, others: VecDeque::new(), steps: Vec::new(), first_wait: None, gather }.run(&queue);
     })?;
     Ok((EngineHandle { jobs, info, counters }, thread))
 }
@@ -317,7 +337,7 @@ impl EngineHandle {
     /// model `scorer`, scored on the engine thread (`on_engine`) or on a blocking thread of
     /// its own (a remote scorer, which waits on the network, not on the device).
     pub fn lease(&self, capacity: usize, scorer: Scorer, on_engine: bool, grant: Option<OwnedSemaphorePermit>) -> Lease {
-        Lease { handle: self.clone(), capacity, scorer: Some(scorer), on_engine, _grant: grant }
+        Lease { handle: self.clone(), capacity, scorer: Some(scorer), on_engine, grant, plan: None, prefilled: 0 }
     }
 
     fn send(&self, job: Job) -> Result<(), BackendError> {
@@ -332,7 +352,29 @@ pub struct Lease {
     /// `None` only while it is away being scored.
     scorer: Option<Scorer>,
     on_engine: bool,
-    _grant: Option<OwnedSemaphorePermit>,
+    /// The part of the KV budget this request still holds (see [`GrantPlan`]).
+    grant: Option<OwnedSemaphorePermit>,
+    plan: Option<GrantPlan>,
+    /// Rows prefilled so far, over all batches.
+    prefilled: usize,
+}
+
+/// What a request can still need, so that its grant can shrink to it.
+///
+/// Once every one of a request's `rows` has been prefilled, and it cannot fork (no refill),
+/// its live rows can only become fewer: the most K/V it can ever hold again is its live rows
+/// at `max_new_tokens` each. After each `retain` (a Speculative Rejection decision, or
+/// finished rows dropped) the grant gives back whatever is above that, at once, to the
+/// requests waiting for theirs. The capacity the request's scheduler sees does not change,
+/// so its decisions, and its answer, do not depend on the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrantPlan {
+    /// The request's rows in all (Best-of-N's n; Speculative Rejection's initial cap).
+    pub rows: usize,
+    /// Its prompt's length.
+    pub prompt_len: usize,
+    /// The most tokens a row generates.
+    pub max_new_tokens: usize,
 }
 
 impl std::fmt::Debug for Lease {
@@ -356,11 +398,39 @@ impl Lease {
         self.handle.info
     }
 
+    /// Lets the grant shrink as the request's rows do ([`GrantPlan`]); without a plan it is
+    /// held whole to the end (a request that may fork).
+    pub fn with_plan(mut self, plan: GrantPlan) -> Self {
+        self.plan = Some(plan);
+        self
+    }
+
+    /// Tokens of the KV budget the request holds right now.
+    pub fn granted(&self) -> usize {
+        self.grant.as_ref().map_or(0, OwnedSemaphorePermit::num_permits)
+    }
+
+    /// After a retain left `rows` live rows: gives back the grant above what they can need.
+    fn shrink_grant(&mut self, rows: usize) {
+        let (Some(plan), Some(grant)) = (self.plan, self.grant.as_mut()) else { return };
+        if self.prefilled < plan.rows {
+            return; // a later batch still needs room
+        }
+        let need = self.handle.info.kv_layout.tokens(plan.prompt_len, rows, plan.max_new_tokens);
+        if let Some(surplus) = grant.num_permits().checked_sub(need).filter(|&s| s > 0) {
+            drop(grant.split(surplus)); // back to the queue, at once
+        }
+    }
+
     /// [`SharedDecoder::prefill`] on the engine thread.
     pub async fn prefill(&mut self, prompt: Vec<u32>, rows: Range<u32>, sampling: Sampling) -> Result<Batch, BackendError> {
+        let count = rows.len();
         let (reply, answer) = oneshot::channel();
-        self.handle.send(Job::Prefill { prompt, rows, sampling, reply })?;
-        answer.await.map_err(|_| gone())?
+        let wake = self.handle.jobs.clone();
+        self.handle.send(Job::Prefill { prompt, rows, sampling, wake, reply })?;
+        let batch = answer.await.map_err(|_| gone())??;
+        self.prefilled += count;
+        Ok(batch)
     }
 
     /// This batch's share of the next step round.
@@ -379,6 +449,9 @@ impl Lease {
         let (reply, answer) = oneshot::channel();
         self.handle.send(Job::Retain { batch, keep, reply })?;
         let (batch, result) = answer.await.map_err(|_| gone())?;
+        if result.is_ok() {
+            self.shrink_grant(batch.rows());
+        }
         *slot = Some(batch);
         result
     }
@@ -453,6 +526,8 @@ struct Worker {
     steps: Vec<WaitingStep>,
     /// When the first of `steps` arrived.
     first_wait: Option<Instant>,
+    /// How long a round waits for the live batches' calls ([`GATHER`]).
+    gather: Duration,
 }
 
 impl Worker {
@@ -464,7 +539,7 @@ impl Worker {
                     Err(_) => return,
                 },
                 Some(first) if self.others.is_empty() && self.steps.len() < self.counters.batches.load(Ordering::SeqCst) => {
-                    match queue.recv_timeout(GATHER.saturating_sub(first.elapsed())) {
+                    match queue.recv_timeout(self.gather.saturating_sub(first.elapsed())) {
                         Ok(job) => Some(job),
                         Err(mpsc::RecvTimeoutError::Timeout) => None,
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -485,7 +560,7 @@ impl Worker {
             }
             let all_in = self.steps.len() >= self.counters.batches.load(Ordering::SeqCst);
             if let Some(first) = self.first_wait
-                && (all_in || first.elapsed() >= GATHER)
+                && (all_in || first.elapsed() >= self.gather)
             {
                 let _ = catch_unwind(AssertUnwindSafe(|| self.round()));
             }
@@ -501,6 +576,7 @@ impl Worker {
                 self.first_wait.get_or_insert_with(Instant::now);
                 self.steps.push(WaitingStep { batch, reply });
             }
+            Job::Wake => {} // the loop looks again at who is in
             other => self.others.push_back(other),
         }
     }
@@ -508,17 +584,18 @@ impl Worker {
     fn run_job(&mut self, job: Job) {
         let start = Instant::now();
         let kind = match &job {
-            Job::Prefill { .. } => 0,
+            Job::Prefill { .. } | Job::Wake => 0,
             Job::Step { .. } => 1,
             Job::Score { .. } => 2,
             Job::Retain { .. } | Job::Fork { .. } => 3,
         };
         match job {
-            Job::Prefill { prompt, rows, sampling, reply } => {
+            Job::Wake => {}
+            Job::Prefill { prompt, rows, sampling, wake, reply } => {
                 let count = rows.len();
                 let result = self.decoder.prefill(&prompt, rows, &sampling).map(|inner| {
                     self.counters.batches.fetch_add(1, Ordering::SeqCst);
-                    let mut alive = Alive { counters: Arc::clone(&self.counters), rows: 0 };
+                    let mut alive = Alive { counters: Arc::clone(&self.counters), rows: 0, wake };
                     alive.set_rows(count);
                     Batch { inner, rows: count, _alive: alive }
                 });
@@ -697,12 +774,15 @@ mod tests {
 
     #[test]
     fn a_round_steps_every_waiting_request_and_tokens_do_not_depend_on_the_others() {
-        let engine = engine();
-        let run = |rows: Range<u32>, steps: usize| {
+        // Rounds wait (up to 10 s) for every live batch: once all three are prefilled, each
+        // round holds all that are still running.
+        let (engine, _) = spawn_gathering(Box::new(EachAlone(Panicky(FakeDecoder::new(10_000)))), Duration::from_secs(10)).expect("engine");
+        let run = |rows: Range<u32>, steps: usize, ready: Arc<std::sync::Barrier>| {
             let mut lease = lease(&engine);
             std::thread::spawn(move || {
                 pollster::block_on(async {
                     let mut slot = Some(lease.prefill(vec![1, 2, 3], rows, Sampling::default()).await.expect("prefill"));
+                    ready.wait();
                     let mut tokens = Vec::new();
                     for _ in 0..steps {
                         tokens.push(lease.step(&mut slot).await.expect("step"));
@@ -711,11 +791,18 @@ mod tests {
                 })
             })
         };
-        let alone = run(0..3, 20).join().expect("alone");
-        let together: Vec<_> = [run(0..3, 20), run(10..12, 30), run(20..24, 25)].into_iter().map(|t| t.join().expect("thread")).collect();
+        let alone = run(0..3, 20, Arc::new(std::sync::Barrier::new(1))).join().expect("alone");
+        assert_eq!(engine.counters().widest_round.load(Ordering::SeqCst), 1);
+        let ready = Arc::new(std::sync::Barrier::new(3));
+        let together: Vec<_> = [run(0..3, 20, Arc::clone(&ready)), run(10..12, 30, Arc::clone(&ready)), run(20..24, 25, ready)]
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect();
         assert_eq!(together[0], alone, "a request's tokens do not depend on the others");
         let c = engine.counters();
-        assert!(c.widest_round.load(Ordering::SeqCst) >= 2, "steps of several requests ran in one round");
+        assert_eq!(c.widest_round.load(Ordering::SeqCst), 3, "the steps of all three ran in one round");
+        // 20 rounds of three, 5 of two, 5 of one.
+        assert_eq!((c.rounds.load(Ordering::SeqCst), c.batch_steps.load(Ordering::SeqCst)), (20 + 30, 20 + 20 * 3 + 5 * 2 + 5), "{c:?}");
         assert_eq!((c.batches.load(Ordering::SeqCst), c.rows.load(Ordering::SeqCst)), (0, 0), "every batch is gone");
         assert_eq!(c.tokens.load(Ordering::SeqCst), 3 * 20 + 3 * 20 + 2 * 30 + 4 * 25);
     }
@@ -731,6 +818,33 @@ mod tests {
             let mut slot = Some(lease.prefill(vec![1, 2], 0..2, Sampling::default()).await.expect("prefill"));
             assert_eq!(lease.step(&mut slot).await.expect("a step").len(), 2);
             assert_eq!(engine.counters().batches.load(Ordering::SeqCst), 1, "the panicked batch was dropped");
+        });
+    }
+
+    #[test]
+    fn a_retain_gives_back_the_grant_the_rows_left_can_never_use() {
+        let engine = engine();
+        let admission = Admission::new(1000, 4);
+        pollster::block_on(async {
+            // 4 rows of at most 32 new tokens after a 3-token prompt.
+            let grant = admission.admit(144).await.expect("free");
+            let plan = GrantPlan { rows: 4, prompt_len: 3, max_new_tokens: 32 };
+            let mut lease = engine.lease(144, Box::new(FakeScorer::default()), true, Some(grant)).with_plan(plan);
+            let mut slot = Some(lease.prefill(vec![1, 2, 3], 0..4, Sampling::default()).await.expect("prefill"));
+            lease.step(&mut slot).await.expect("step");
+            // The fake's layout is dense and exact: 3 rows can use 3 × (3 + 32) = 105 at most,
+            // so 39 go back to the admission queue at once.
+            lease.retain(&mut slot, vec![0, 1, 3]).await.expect("retain");
+            assert_eq!((lease.granted(), admission.granted()), (105, 105));
+            // All rows kept: nothing changes.
+            lease.retain(&mut slot, vec![0, 1, 2]).await.expect("retain");
+            assert_eq!(lease.granted(), 105);
+            // One row left: 35.
+            lease.retain(&mut slot, vec![1]).await.expect("retain");
+            assert_eq!((lease.granted(), admission.granted()), (35, 35));
+            assert_eq!(lease.token_capacity(), 144, "the scheduler's capacity does not change");
+            drop(lease);
+            assert_eq!(admission.granted(), 0);
         });
     }
 

@@ -38,7 +38,7 @@ use specrej_http::serve::{accept_loop, read_body, shutdown_signal, ConnLimits};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{self, ApiError, Endpoint, GenerateRequest, Prompt, RequestLimits, ResponseContext};
-use crate::batcher::{self, Admission, EngineHandle, Lease, Refusal};
+use crate::batcher::{self, Admission, EngineHandle, GrantPlan, Lease, Refusal};
 use crate::model::Served;
 use crate::runtime::{EventKinds, Limits, Observer, RunError, Runtime, World};
 
@@ -471,7 +471,11 @@ async fn generate(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: B
         Ok(scorer) => scorer,
         Err(e) => return log.refuse(ApiError::status(500, "server_error", format!("building the reward model: {e:#}"))),
     };
-    let lease = app.engine.lease(prepared.capacity, scorer, on_engine, Some(grant));
+    let mut lease = app.engine.lease(prepared.capacity, scorer, on_engine, Some(grant));
+    if prepared.request.rules.refill.is_none() {
+        let plan = GrantPlan { rows: prepared.options.n, prompt_len: prepared.prompt.len(), max_new_tokens: prepared.options.max_new_tokens };
+        lease = lease.with_plan(plan);
+    }
     let ctx = Context { id, created, prepared };
     if ctx.prepared.request.stream {
         return stream_response(app, ctx, lease, log);

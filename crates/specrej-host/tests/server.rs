@@ -813,3 +813,36 @@ fn the_server_runs_on_wgpu_too() {
     let answer = post(addr, CHAT, &partial.to_string());
     assert_eq!((answer.status, answer.json()["error"]["param"].as_str()), (400, Some("specrej.reward")), "{}", answer.body);
 }
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn a_decision_frees_memory_that_a_queued_request_takes_at_once() {
+    // The budget is one request's grant (48 + 8 × 16 = 176 tokens). The first request's
+    // decision keeps 1 row of 8, which can use 48 + 64 at most: the 64 above go back at once,
+    // enough for the second request (48 + 16), which then runs beside the first.
+    let path = common::default_model();
+    let model = RealModel::load(Path::new(&path), BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0).expect("model");
+    let config = ServerConfig { model_id: "smollm2".into(), kv_budget_tokens: 176, ..ServerConfig::default() };
+    let addr = start(Served::Real(Box::new(model)), config);
+    let ask = |specrej: Value, max_tokens: usize| {
+        let body = json!({
+            "messages": [{ "role": "user", "content": "Name a fruit." }],
+            "max_tokens": max_tokens, "seed": 4, "specrej": specrej,
+        });
+        std::thread::spawn(move || post(addr, CHAT, &body.to_string()))
+    };
+    let sr = json!({ "method": "speculative_rejection", "n": 8, "alpha": 0.9, "min_new_tokens": 16, "reward": "likelihood" });
+    let first = ask(sr, 64);
+    assert!(eventually(Duration::from_secs(30), || metric(addr, "specrej_requests_active") == 1.0), "the first runs");
+    let second = ask(json!({ "method": "best_of_n", "n": 1, "reward": "likelihood" }), 16);
+    assert!(eventually(Duration::from_secs(30), || metric(addr, "specrej_queue_depth") == 1.0), "the second waits");
+    assert!(
+        eventually(Duration::from_secs(60), || metric(addr, "specrej_requests_active") == 2.0),
+        "after the decision both run: {}",
+        get(addr, "/metrics").body
+    );
+    let (first, second) = (first.join().expect("first"), second.join().expect("second"));
+    assert_eq!((first.status, second.status), (200, 200), "{} / {}", first.body, second.body);
+    let trace = &first.json()["usage"]["rejection_trace"];
+    assert_eq!(trace[0]["kept_rows"], 1, "{trace}");
+}
