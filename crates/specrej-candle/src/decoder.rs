@@ -215,7 +215,11 @@ impl CandleDecoder {
             return Ok(record(batch, tokens));
         };
         let result = match &mut batch.kv {
-            Kv::Host(seqs) => self.step_host(seqs, &pending, &batch.sampling, &batch.row_ids, &batch.generated),
+            Kv::Host(_) => {
+                // The CPU pass is step_batches' (one batch of one).
+                batch.pending = Some(pending);
+                return self.step_batches(&mut [batch]).pop().unwrap_or_else(|| Err(BackendError::device("no step")));
+            }
             Kv::Dense(cache) => self.step_dense(cache, &pending, &batch.sampling, &batch.row_ids, &batch.generated),
         };
         match result {
@@ -237,7 +241,7 @@ impl CandleDecoder {
         // `[merged batches]`: each batch's pending tokens, `[rows]`, taken out for the pass.
         let mut merged: Vec<(usize, Vec<u32>)> = Vec::new();
         for (i, batch) in batches.iter_mut().enumerate() {
-            let merge = self.on_host() && batch.rows() > 0 && matches!(batch.kv, Kv::Host(_));
+            let merge = batch.rows() > 0 && matches!(batch.kv, Kv::Host(_));
             match batch.pending.take() {
                 Some(pending) if merge => merged.push((i, pending)),
                 pending => {
@@ -246,12 +250,7 @@ impl CandleDecoder {
                 }
             }
         }
-        if merged.len() == 1 {
-            // One batch: its own step (the same pass).
-            let (i, pending) = merged.remove(0);
-            batches[i].pending = Some(pending);
-            results[i] = Some(self.step_sync(batches[i]));
-        } else if !merged.is_empty() {
+        if !merged.is_empty() {
             match self.step_merged(batches, &merged) {
                 Ok(tokens) => {
                     for ((i, _), tokens) in merged.iter().zip(tokens) {
@@ -269,8 +268,9 @@ impl CandleDecoder {
         results.into_iter().map(|r| r.unwrap_or_else(|| Err(BackendError::device("step_batches: a batch was not stepped")))).collect()
     }
 
-    /// The CPU pass of [`CandleDecoder::step_batches`]: the `pending` tokens of batches
-    /// `merged[j].0` run together; each batch's rows are sampled with its own sampling.
+    /// The CPU pass of a step (of [`CandleDecoder::step_batches`], and so of every CPU
+    /// [`Decoder::step`]): the `pending` tokens of batches `merged[j].0` run together; each
+    /// batch's rows are sampled with its own sampling, straight from the logits' storage.
     fn step_merged(&self, batches: &mut [&mut CandleBatch], merged: &[(usize, Vec<u32>)]) -> Result<Vec<Vec<u32>>, BackendError> {
         let model = &*self.model;
         let vocab = model.config.vocab_size;
@@ -299,30 +299,6 @@ impl CandleDecoder {
                     tokens
                 })
                 .collect()
-        })
-        .map_err(device_err)
-    }
-
-    /// Runs each row's pending token and samples the next (CPU).
-    fn step_host(
-        &self,
-        seqs: &mut [Seq],
-        pending: &[u32],
-        sampling: &Sampling,
-        row_ids: &[u32],
-        generated: &[u32],
-    ) -> Result<Vec<u32>, BackendError> {
-        let model = &*self.model;
-        let mut pass: Vec<(&mut Seq, &[u32])> =
-            seqs.iter_mut().zip(pending.chunks_exact(1)).collect();
-        let hidden = model.forward_seqs(&mut pass, &self.pool).map_err(PassError::backend)?; // [rows, hidden]
-        let logits = model.logits(&hidden).map_err(device_err)?; // [rows, vocab]
-        let vocab = model.config.vocab_size;
-        // Sampled straight from the logits' storage: nothing is copied.
-        with_host(&logits, |l| {
-            let tokens = sample_rows(l, vocab, vocab, sampling, row_ids, generated);
-            self.send_nll(l, vocab, vocab, &tokens, row_ids, generated);
-            tokens
         })
         .map_err(device_err)
     }
