@@ -203,24 +203,23 @@ impl EngineCounters {
     }
 }
 
-/// A batch on its way between a request and the engine thread: its rows, and a token that
-/// keeps it counted as alive until it is dropped (wherever that happens).
+/// A batch on its way between a request and the engine thread, counted as alive (with its
+/// rows) until it is dropped, wherever that happens.
 pub struct Batch {
     inner: AnyBatch,
-    rows: usize,
-    _alive: Alive,
+    alive: Alive,
 }
 
 impl std::fmt::Debug for Batch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batch").field("rows", &self.rows).finish_non_exhaustive()
+        f.debug_struct("Batch").field("rows", &self.alive.rows).finish_non_exhaustive()
     }
 }
 
 impl Batch {
     /// Live rows.
     pub fn rows(&self) -> usize {
-        self.rows
+        self.alive.rows
     }
 }
 
@@ -433,37 +432,38 @@ impl Lease {
         Ok(batch)
     }
 
-    /// This batch's share of the next step round.
-    pub async fn step(&mut self, slot: &mut Option<Batch>) -> Result<Vec<u32>, BackendError> {
+    /// Sends `slot`'s batch to the engine thread in the job `job` makes, and puts it back
+    /// with the answer.
+    async fn round_trip<T>(
+        &mut self,
+        slot: &mut Option<Batch>,
+        job: impl FnOnce(Batch, oneshot::Sender<(Batch, Result<T, BackendError>)>) -> Job,
+    ) -> Result<T, BackendError> {
         let batch = slot.take().ok_or_else(|| BackendError::device("the batch is away"))?;
         let (reply, answer) = oneshot::channel();
-        self.handle.send(Job::Step { batch, reply })?;
+        self.handle.send(job(batch, reply))?;
         let (batch, result) = answer.await.map_err(|_| gone())?;
         *slot = Some(batch);
         result
+    }
+
+    /// This batch's share of the next step round.
+    pub async fn step(&mut self, slot: &mut Option<Batch>) -> Result<Vec<u32>, BackendError> {
+        self.round_trip(slot, |batch, reply| Job::Step { batch, reply }).await
     }
 
     /// [`SharedDecoder::retain`] on the engine thread.
     pub async fn retain(&mut self, slot: &mut Option<Batch>, keep: Vec<usize>) -> Result<(), BackendError> {
-        let batch = slot.take().ok_or_else(|| BackendError::device("the batch is away"))?;
-        let (reply, answer) = oneshot::channel();
-        self.handle.send(Job::Retain { batch, keep, reply })?;
-        let (batch, result) = answer.await.map_err(|_| gone())?;
-        if result.is_ok() {
+        self.round_trip(slot, |batch, reply| Job::Retain { batch, keep, reply }).await?;
+        if let Some(batch) = slot {
             self.shrink_grant(batch.rows());
         }
-        *slot = Some(batch);
-        result
+        Ok(())
     }
 
     /// [`SharedDecoder::fork`] on the engine thread.
     pub async fn fork(&mut self, slot: &mut Option<Batch>, children: Vec<(usize, u32)>) -> Result<(), BackendError> {
-        let batch = slot.take().ok_or_else(|| BackendError::device("the batch is away"))?;
-        let (reply, answer) = oneshot::channel();
-        self.handle.send(Job::Fork { batch, children, reply })?;
-        let (batch, result) = answer.await.map_err(|_| gone())?;
-        *slot = Some(batch);
-        result
+        self.round_trip(slot, |batch, reply| Job::Fork { batch, children, reply }).await
     }
 
     /// The request's reward model on `responses`.
@@ -597,7 +597,7 @@ impl Worker {
                     self.counters.batches.fetch_add(1, Ordering::SeqCst);
                     let mut alive = Alive { counters: Arc::clone(&self.counters), rows: 0, wake };
                     alive.set_rows(count);
-                    Batch { inner, rows: count, _alive: alive }
+                    Batch { inner, alive }
                 });
                 // A request that left drops the batch here: its K/V goes back at once.
                 let _ = reply.send(result);
@@ -605,16 +605,14 @@ impl Worker {
             Job::Retain { mut batch, keep, reply } => {
                 let result = self.decoder.retain(&mut batch.inner, &keep);
                 if result.is_ok() {
-                    batch.rows = keep.len();
-                    batch._alive.set_rows(batch.rows);
+                    batch.alive.set_rows(keep.len());
                 }
                 let _ = reply.send((batch, result));
             }
             Job::Fork { mut batch, children, reply } => {
                 let result = self.decoder.fork(&mut batch.inner, &children);
                 if result.is_ok() {
-                    batch.rows += children.len();
-                    batch._alive.set_rows(batch.rows);
+                    batch.alive.set_rows(batch.rows() + children.len());
                 }
                 let _ = reply.send((batch, result));
             }

@@ -199,17 +199,18 @@ where
     }
 }
 
-/// The host value behind the component's `batch` resource: the batch and its live rows
-/// (to check the guest's `retain` indices before the backend sees them).
+/// The host value behind the component's `batch` resource.
+#[derive(Debug)]
 pub struct HostBatch {
     /// `None` only while it is away on the engine thread.
     batch: Option<Batch>,
-    rows: usize,
 }
 
-impl std::fmt::Debug for HostBatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostBatch").field("rows", &self.rows).finish_non_exhaustive()
+impl HostBatch {
+    /// Its live rows (to check the guest's `retain` and `fork` indices before the backend
+    /// sees them); 0 while it is away, when no call can reach it anyway.
+    fn rows(&self) -> usize {
+        self.batch.as_ref().map_or(0, Batch::rows)
     }
 }
 
@@ -639,32 +640,24 @@ impl wit_engine::HostBatch for State {
         let batch = self.table.get_mut(&batch)?;
         let keep: Vec<usize> = keep.into_iter().map(|i| i as usize).collect();
         // The backend's contract is checked here too, whatever the backend does.
-        if let Err(error) = check_retain(&keep, batch.rows) {
+        if let Err(error) = check_retain(&keep, batch.rows()) {
             return Ok(Err(to_wit_error(error)));
         }
         let start = Instant::now();
-        let kept = keep.len();
         let result = self.engine.retain(&mut batch.batch, keep).await;
         add_time(&mut self.times.retain, start);
-        if result.is_ok() {
-            batch.rows = kept;
-        }
         Ok(result.map_err(to_wit_error))
     }
 
     async fn fork(&mut self, batch: Resource<HostBatch>, children: Vec<(u32, u32)>) -> wasmtime::Result<Result<(), types::EngineError>> {
         let batch = self.table.get_mut(&batch)?;
         let children: Vec<(usize, u32)> = children.into_iter().map(|(parent, id)| (parent as usize, id)).collect();
-        if let Err(error) = check_fork(&children, batch.rows) {
+        if let Err(error) = check_fork(&children, batch.rows()) {
             return Ok(Err(to_wit_error(error)));
         }
         let start = Instant::now();
-        let added = children.len();
         let result = self.engine.fork(&mut batch.batch, children).await;
         add_time(&mut self.times.retain, start);
-        if result.is_ok() {
-            batch.rows += added;
-        }
         Ok(result.map_err(to_wit_error))
     }
 
@@ -713,10 +706,7 @@ impl wit_engine::Host for State {
         let result = self.engine.prefill(prompt, rows.start..rows.end, sampling).await;
         add_time(&mut self.times.prefill, start);
         match result {
-            Ok(batch) => {
-                let rows = batch.rows();
-                Ok(Ok(self.table.push(HostBatch { batch: Some(batch), rows })?))
-            }
+            Ok(batch) => Ok(Ok(self.table.push(HostBatch { batch: Some(batch) })?)),
             Err(error) => Ok(Err(to_wit_error(error))),
         }
     }
