@@ -6,7 +6,7 @@
 //! cache `[rows, kv_heads, cap, head_dim]` per layer and `retain` is a row gather.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use specrej_core::backend::{cap_limit, check_fits, check_fork, check_retain};
@@ -16,6 +16,7 @@ use specrej_core::{BackendError, Decoder, KvLayout, Sampling};
 use crate::host::{with_host, PassError};
 use crate::kv::{KvPool, Seq, BLOCK};
 use crate::model::{alloc_err, device_err, device_memory, greedy_rows, to_host_rows, KvCache, Model};
+use crate::share::{lock, HostRows, KvShare};
 
 /// Default K/V budget: 2 GiB.
 pub const DEFAULT_KV_BUDGET_BYTES: usize = 2 << 30;
@@ -47,17 +48,19 @@ pub struct CandleDecoder {
     pool: Arc<KvPool>,
     /// Where [`CandleDecoder::record_nll`] sends each sampled token's NLL.
     nll: Option<NllSink>,
+    /// Where [`CandleDecoder::lend_kv`] lends the CPU batches' K/V.
+    share: Option<KvShare>,
 }
 
 /// Per sampled token: (row id, tokens the row had before it, `−log softmax(logits)[token]`
 /// under the untempered distribution), exactly as [`crate::LikelihoodScorer`] computes it.
-pub type NllSink = Arc<std::sync::Mutex<Vec<(u32, u32, f32)>>>;
+pub type NllSink = Arc<Mutex<Vec<(u32, u32, f32)>>>;
 
 /// Where a batch's K/V lives.
 #[derive(Debug)]
 enum Kv {
-    /// CPU: one sequence per row over the shared prompt.
-    Host(Vec<Seq>),
+    /// CPU: one sequence per row over the shared prompt (lendable: [`KvShare`]).
+    Host(Arc<Mutex<HostRows>>),
     /// GPU: one dense cache for all rows.
     Dense(KvCache),
 }
@@ -78,6 +81,22 @@ pub struct CandleBatch {
     /// Prompt length.
     prompt_len: usize,
     sampling: Sampling,
+    /// Where the rows go when the batch lets go of them (CPU, [`CandleDecoder::lend_kv`]).
+    share: Option<KvShare>,
+}
+
+impl Drop for CandleBatch {
+    fn drop(&mut self) {
+        if let (Some(share), Kv::Host(rows)) = (&self.share, &self.kv) {
+            let mut rows = lock(rows);
+            let prompt = Arc::clone(&rows.prompt);
+            let seqs = std::mem::take(&mut rows.seqs);
+            let run = std::mem::take(&mut rows.run);
+            for ((seq, run), &row) in seqs.into_iter().zip(run).zip(&self.row_ids) {
+                share.park(row, &prompt, run, seq);
+            }
+        }
+    }
 }
 
 impl CandleBatch {
@@ -94,7 +113,7 @@ impl CandleBatch {
     /// Cached positions per row (prompt plus generated tokens already run).
     pub fn cached_len(&self) -> usize {
         match &self.kv {
-            Kv::Host(seqs) => seqs.first().map_or(self.prompt_len, Seq::len),
+            Kv::Host(rows) => lock(rows).seqs.first().map_or(self.prompt_len, Seq::len),
             Kv::Dense(cache) => cache.len,
         }
     }
@@ -108,7 +127,28 @@ impl CandleDecoder {
         let shape = model.kv_shape();
         let block_bytes = shape.block_elems() * model.kv_format.bytes();
         let pool = KvPool::new(shape, model.kv_format, kv_budget_bytes / block_bytes.max(1));
-        Self { model, kv_budget_bytes, pool, nll: None }
+        Self { model, kv_budget_bytes, pool, nll: None, share: None }
+    }
+
+    /// From now on, lends the K/V of this decoder's CPU batches through `share` (see
+    /// [`KvShare`]): a scorer borrowing from it (the self-judge) reuses the rows' K/V, and
+    /// rows a batch lets go of are parked there until judged, released, or their memory is
+    /// needed. An error if `share` is for another model.
+    pub fn lend_kv(&mut self, share: &KvShare) -> Result<(), BackendError> {
+        if !share.is_for(&self.model) {
+            return Err(BackendError::device("lend_kv: the share is for another model"));
+        }
+        self.share = Some(share.clone());
+        Ok(())
+    }
+
+    /// Runs `pass`; when it runs out of blocks while rows are parked, drops them and
+    /// tries once more.
+    fn with_room<T>(&self, mut pass: impl FnMut() -> Result<T, PassError>) -> Result<T, BackendError> {
+        match pass() {
+            Err(PassError::OutOfMemory) if self.share.as_ref().is_some_and(KvShare::evict) => pass().map_err(PassError::backend),
+            result => result.map_err(PassError::backend),
+        }
     }
 
     /// From now on, every step also sends each sampled token's NLL to `sink` (the likelihood
@@ -182,10 +222,12 @@ impl CandleDecoder {
             return Ok(batch.first.repeat(batch.rows()));
         };
         match &batch.kv {
-            Kv::Host(seqs) => {
-                let mut forks: Vec<Seq> = seqs.iter().map(Seq::fork).collect();
-                let mut pass: Vec<(&mut Seq, &[u32])> = forks.iter_mut().zip(pending.chunks_exact(1)).collect();
-                let hidden = model.forward_seqs(&mut pass, &self.pool).map_err(PassError::backend)?;
+            Kv::Host(rows) => {
+                let mut forks: Vec<Seq> = lock(rows).seqs.iter().map(Seq::fork).collect();
+                let hidden = self.with_room(|| {
+                    let mut pass: Vec<(&mut Seq, &[u32])> = forks.iter_mut().zip(pending.chunks_exact(1)).collect();
+                    model.forward_seqs(&mut pass, &self.pool)
+                })?;
                 model.logits(&hidden).and_then(|l| to_host_rows(&l)).map_err(device_err)
             }
             Kv::Dense(cache) => {
@@ -275,15 +317,28 @@ impl CandleDecoder {
         let model = &*self.model;
         let vocab = model.config.vocab_size;
         let hidden = {
-            let mut pass: Vec<(&mut Seq, &[u32])> = Vec::new();
+            // `[merged batches]`: each one's rows, locked for the pass, and its pending tokens.
+            let mut locked = Vec::with_capacity(merged.len());
             let mut next = merged.iter().peekable();
-            for (i, batch) in batches.iter_mut().enumerate() {
+            for (i, batch) in batches.iter().enumerate() {
                 let Some((_, pending)) = next.next_if(|(j, _)| *j == i) else { continue };
-                if let Kv::Host(seqs) = &mut batch.kv {
-                    pass.extend(seqs.iter_mut().zip(pending.chunks_exact(1)));
+                if let Kv::Host(rows) = &batch.kv {
+                    locked.push((lock(rows), pending));
                 }
             }
-            model.forward_seqs(&mut pass, &self.pool).map_err(PassError::backend)? // [Σ rows, hidden]
+            let hidden = self.with_room(|| {
+                let mut pass: Vec<(&mut Seq, &[u32])> = Vec::new();
+                for (rows, pending) in locked.iter_mut() {
+                    pass.extend(rows.seqs.iter_mut().zip(pending.chunks_exact(1)));
+                }
+                model.forward_seqs(&mut pass, &self.pool)
+            })?; // [Σ rows, hidden]
+            for (rows, pending) in locked.iter_mut() {
+                for (run, &token) in rows.run.iter_mut().zip(pending.iter()) {
+                    run.push(token);
+                }
+            }
+            hidden
         };
         let logits = model.logits(&hidden).map_err(device_err)?; // [Σ rows, vocab]
         with_host(&logits, |l| {
@@ -431,14 +486,19 @@ impl Decoder for CandleDecoder {
         }
         let (kv, first) = if self.on_host() {
             let mut prefix = Seq::new();
-            let hidden = model.forward_seqs(&mut [(&mut prefix, prompt)], &self.pool).map_err(PassError::backend)?; // [len, hidden]
+            let hidden = self.with_room(|| model.forward_seqs(&mut [(&mut prefix, prompt)], &self.pool))?; // [len, hidden]
             let first = hidden
                 .narrow(0, len - 1, 1)
                 .and_then(|last| model.logits(&last))
                 .and_then(|l| to_host_rows(&l))
                 .map_err(device_err)?;
             let prefix = Arc::new(prefix);
-            (Kv::Host((0..rows).map(|_| Seq::on_prefix(&prefix, len)).collect()), first)
+            let seqs = (0..rows).map(|_| Seq::on_prefix(&prefix, len)).collect();
+            let rows = Arc::new(Mutex::new(HostRows::new(prompt, seqs)));
+            if let Some(share) = &self.share {
+                share.register(&rows);
+            }
+            (Kv::Host(rows), first)
         } else {
             // The budget counts the batch's cache; the transient batch-1 pass is not counted.
             check_fits(self, rows, len)?;
@@ -462,6 +522,7 @@ impl Decoder for CandleDecoder {
             first: Arc::new(first),
             prompt_len: len,
             sampling: *sampling,
+            share: self.share.clone().filter(|_| self.on_host()),
         })
     }
 
@@ -476,18 +537,22 @@ impl Decoder for CandleDecoder {
             return Ok(()); // strictly ascending and in range: the identity
         }
         match &mut batch.kv {
-            Kv::Host(seqs) => {
-                // Dropped rows' blocks go back to the pool; nothing is copied or allocated.
+            Kv::Host(host) => {
+                // Dropped rows' blocks go back to the pool (or are parked, when lent); nothing
+                // is copied or allocated.
+                let mut host = lock(host);
+                let prompt = Arc::clone(&host.prompt);
+                let seqs = std::mem::take(&mut host.seqs);
+                let run = std::mem::take(&mut host.run);
                 let mut next = keep.iter().peekable();
-                let mut i = 0;
-                seqs.retain(|_| {
-                    let kept = next.peek() == Some(&&i);
-                    if kept {
-                        next.next();
+                for (i, (seq, run)) in seqs.into_iter().zip(run).enumerate() {
+                    if next.next_if(|&&k| k == i).is_some() {
+                        host.seqs.push(seq);
+                        host.run.push(run);
+                    } else if let Some(share) = &batch.share {
+                        share.park(batch.row_ids[i], &prompt, run, seq);
                     }
-                    i += 1;
-                    kept
-                });
+                }
             }
             Kv::Dense(cache) => {
                 let model = &*self.model;
@@ -505,12 +570,15 @@ impl Decoder for CandleDecoder {
 
     fn fork(&mut self, batch: &mut CandleBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
         check_fork(children, batch.rows())?;
-        let Kv::Host(seqs) = &mut batch.kv else {
+        let Kv::Host(host) = &batch.kv else {
             return Err(BackendError::device("fork: rows can be forked on the CPU only"));
         };
+        let mut host = lock(host);
         for &(parent, id) in children {
-            let child = seqs[parent].fork();
-            seqs.push(child);
+            let child = host.seqs[parent].fork();
+            let run = host.run[parent].clone();
+            host.seqs.push(child);
+            host.run.push(run);
             batch.row_ids.push(id);
             batch.generated.push(batch.generated[parent]);
             if let Some(p) = &mut batch.pending {

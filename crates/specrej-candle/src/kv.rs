@@ -239,10 +239,10 @@ impl Block {
         }
     }
 
-    /// A copy of `self` (for copy on write), counted by the same pool.
-    fn duplicate(&self) -> Result<Self, OutOfBlocks> {
-        self.pool.take()?;
-        Ok(Self { data: self.data.clone(), pool: Arc::clone(&self.pool) })
+    /// A copy of `self` (for copy on write), counted by `pool`.
+    fn duplicate(&self, pool: &Arc<KvPool>) -> Result<Self, OutOfBlocks> {
+        pool.take()?;
+        Ok(Self { data: self.data.clone(), pool: Arc::clone(pool) })
     }
 }
 
@@ -326,16 +326,18 @@ impl Seq {
         Slot { block: &self.blocks[i / BLOCK], slot: i % BLOCK }
     }
 
-    /// Makes room for positions up to `len + extra`: allocates blocks and unshares the one
-    /// the next write goes to. On failure nothing is left half-done that matters (extra
-    /// blocks are simply kept for later).
+    /// Makes room for positions up to `len + extra`: allocates blocks from `pool` and
+    /// unshares the one the next write goes to (its copy comes from `pool` too, whichever
+    /// pool the shared block was drawn from: a scorer extending a decoder's row never draws on
+    /// the decoder's budget). On failure nothing is left half-done that matters (extra blocks
+    /// are simply kept for later).
     pub(crate) fn reserve(&mut self, extra: usize, pool: &Arc<KvPool>) -> Result<(), OutOfBlocks> {
         let own_after = self.len + extra - self.shared_len();
         let needed = own_after.div_ceil(BLOCK);
         // The block holding position `len` (if it exists) will be written: it must be ours alone.
         let first_written = (self.len - self.shared_len()) / BLOCK;
         if extra > 0 && first_written < self.blocks.len() && Arc::get_mut(&mut self.blocks[first_written]).is_none() {
-            let copy = self.blocks[first_written].duplicate()?;
+            let copy = self.blocks[first_written].duplicate(pool)?;
             self.blocks[first_written] = Arc::new(copy);
         }
         while self.blocks.len() < needed {

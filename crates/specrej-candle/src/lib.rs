@@ -65,6 +65,8 @@ mod load;
 mod model;
 mod options;
 mod scorer;
+mod self_judge;
+mod share;
 
 #[cfg(test)]
 mod tests;
@@ -81,4 +83,6 @@ pub use load::{load, load_gguf, load_gguf_bytes, load_safetensors, load_safetens
 pub use model::Model;
 pub use options::{Device, LoadOptions, WeightFormat};
 pub use scorer::{JudgeScorer, LikelihoodScorer};
+pub use self_judge::SelfJudgeScorer;
+pub use share::KvShare;
 pub use specrej_core::likelihood::EMPTY_RESPONSE_REWARD;

@@ -38,9 +38,9 @@ struct Prefix {
 
 /// Shared machinery: prefix once, then the suffixes in chunks within a K/V budget.
 #[derive(Debug, Clone)]
-struct Runner {
-    model: Arc<Model>,
-    kv_budget_bytes: usize,
+pub(crate) struct Runner {
+    pub(crate) model: Arc<Model>,
+    pub(crate) kv_budget_bytes: usize,
 }
 
 /// A prefix run once on the CPU.
@@ -50,12 +50,12 @@ struct HostPrefix {
 }
 
 impl Runner {
-    fn on_host(&self) -> bool {
+    pub(crate) fn on_host(&self) -> bool {
         self.model.device.is_cpu()
     }
 
     /// The CPU pool of one scoring call.
-    fn pool(&self) -> Arc<KvPool> {
+    pub(crate) fn pool(&self) -> Arc<KvPool> {
         let shape = self.model.kv_shape();
         let block = shape.block_elems() * self.model.kv_format.bytes();
         KvPool::new(shape, self.model.kv_format, (self.kv_budget_bytes / block.max(1)).max(1))
@@ -137,7 +137,7 @@ impl Runner {
 
     /// Logits `[n, vocab]` of final-normed hidden states `[n, hidden]`, in chunks of
     /// [`LOGIT_CHUNK`] rows: calls `f(row index, logits row)`.
-    fn head_chunks(&self, normed: &[f32], mut f: impl FnMut(usize, &[f32])) -> Result<(), BackendError> {
+    pub(crate) fn head_chunks(&self, normed: &[f32], mut f: impl FnMut(usize, &[f32])) -> Result<(), BackendError> {
         let model = &*self.model;
         let (h, vocab) = (model.config.hidden_size, model.config.vocab_size);
         for (c, chunk) in normed.chunks(LOGIT_CHUNK * h).enumerate() {
@@ -154,7 +154,7 @@ impl Runner {
         Ok(())
     }
 
-    fn check(&self, tokens: &[u32]) -> Result<(), BackendError> {
+    pub(crate) fn check(&self, tokens: &[u32]) -> Result<(), BackendError> {
         self.model.check_tokens(tokens).map_err(BackendError::Device)
     }
 

@@ -7,7 +7,8 @@ use specrej_core::{Response, Scored, Scorer, block_on_ready};
 use super::loading::full_logits;
 use super::*;
 use specrej_core::likelihood::log_sum_exp;
-use crate::{EMPTY_RESPONSE_REWARD, JudgeScorer, LikelihoodScorer};
+use crate::{CandleDecoder, EMPTY_RESPONSE_REWARD, JudgeScorer, KvShare, LikelihoodScorer, SelfJudgeScorer};
+use specrej_core::Decoder;
 
 /// −exp(mean NLL) of `response` after `prompt`, from one full causal pass of the dense
 /// reference forward (candle's ops, f32 cache).
@@ -298,4 +299,107 @@ fn incremental_likelihood_equals_the_batched_likelihood() {
         // Prompt once, then about 2 tokens per row per call (the new one and the one before).
         assert!(total < 4 + 3 * 2 * 8, "{total}");
     }
+}
+
+/// Steps `batch` `steps` times; returns each row's sampled tokens (the last one not yet run).
+fn sample_rows(dec: &mut CandleDecoder, batch: &mut crate::CandleBatch, steps: usize) -> Vec<Vec<u32>> {
+    let mut tokens = vec![Vec::new(); batch.rows()];
+    for _ in 0..steps {
+        let step = block_on_ready(dec.step(batch)).expect("step");
+        for (t, x) in tokens.iter_mut().zip(step) {
+            t.push(x);
+        }
+    }
+    tokens
+}
+
+/// The self-judge reads the decoder's K/V of live and parked rows and gives the bits of
+/// running the same input from scratch (and, in f32, the direct forward's numbers), while
+/// running only what the decoder has not: the last sampled token and the question.
+#[test]
+fn self_judge_on_lent_kv_equals_the_self_judge_from_scratch() {
+    for (format, kv, reference) in formats() {
+        let (_dir, model) = tiny_gguf_kv(&Tiny::default(), GgmlDType::F32, format, kv);
+        let prompt = vec![1u32, 50, 51, 52, 9];
+        let after = vec![2u32, 53, 54, 55];
+        let (yes, no) = (60u32, 61u32);
+        let share = KvShare::new(&model);
+        let mut dec = CandleDecoder::new(model.clone(), 1 << 30);
+        dec.lend_kv(&share).expect("same model");
+        let mut lent = SelfJudgeScorer::new(model.clone(), after.clone(), yes, no).borrowing(&share).expect("same model");
+        let mut scratch = SelfJudgeScorer::new(model.clone(), after.clone(), yes, no);
+        let mut batch = dec.prefill(&prompt, 0..4, &sampling(1.0)).expect("prefill");
+        let mut tokens = sample_rows(&mut dec, &mut batch, 21); // 20 run, 1 pending per row
+        // Row 1's answer ends with the end-of-turn token: `after` does not repeat it.
+        tokens[1].push(2);
+        let rs = |rows: &[usize], tokens: &[Vec<u32>]| -> Vec<(u32, Vec<u32>)> { rows.iter().map(|&r| (r as u32, tokens[r].clone())).collect() };
+        let check = |lent: &mut SelfJudgeScorer, scratch: &mut SelfJudgeScorer, items: &[(u32, Vec<u32>)], partial: bool, run_each: u64| {
+            let responses: Vec<Response<'_>> = items.iter().map(|(row, t)| Response { row: *row, tokens: t }).collect();
+            let call = |s: &mut SelfJudgeScorer| {
+                if partial { block_on_ready(s.score_partial(&prompt, &responses)) } else { block_on_ready(s.score(&prompt, &responses)) }
+                    .expect("score")
+            };
+            let (a, b) = (call(lent), call(scratch));
+            assert_same(&a.rewards, &b.rewards, format, &format!("{kv:?}: lent vs scratch"));
+            assert_eq!(a.tokens_processed, run_each * items.len() as u64, "{format:?}/{kv:?}: only the new positions ran");
+            // From scratch: the prompt once, then every input's answer and question.
+            let tails: usize = items.iter().map(|(_, t)| lent.input(&prompt, t).len() - prompt.len()).sum();
+            assert_eq!(b.tokens_processed, (prompt.len() + tails) as u64);
+            if reference {
+                let vocab = model.config().vocab_size;
+                for ((_, t), got) in items.iter().zip(&a.rewards) {
+                    let all = lent.input(&prompt, t);
+                    let logits = full_logits(&model, &all);
+                    let last = &logits[(all.len() - 1) * vocab..];
+                    let want = last[yes as usize] - last[no as usize];
+                    assert!(close(*got, want), "{format:?}: {got} vs direct {want}");
+                }
+            }
+        };
+        // Live rows, at a decision: the pending token and `after` run.
+        check(&mut lent, &mut scratch, &rs(&[0, 2, 3], &tokens), true, 1 + 4);
+        // Rows 1 and 3 let go of: parked, then judged from there (row 1 ran its last token
+        // before the end-of-turn one, so the end-of-turn token and the rest of `after` run).
+        dec.retain(&mut batch, &[0, 2]).expect("retain");
+        assert_eq!(share.parked_rows(), 2);
+        check(&mut lent, &mut scratch, &rs(&[1, 3], &tokens), false, 1 + 4);
+        assert_eq!(share.parked_rows(), 0, "judged rows are dropped");
+        // The batch's end parks the rest; a rejected row is released.
+        drop(batch);
+        assert_eq!(share.parked_rows(), 2);
+        lent.release(&[0]);
+        assert_eq!(share.parked_rows(), 1);
+        // A row the decoder no longer holds runs from the prompt: the same bits.
+        let gone = block_on_ready(lent.score(&prompt, &[Response { row: 0, tokens: &tokens[0] }])).expect("score");
+        let fresh = block_on_ready(scratch.score(&prompt, &[Response { row: 0, tokens: &tokens[0] }])).expect("score");
+        assert_same(&gone.rewards, &fresh.rewards, format, "a row no longer lent");
+    }
+}
+
+/// Parked rows never make a step fail: when the pool runs out, the decoder drops them and
+/// retries.
+#[test]
+fn parked_rows_give_way_to_live_ones() {
+    let (_dir, model) = tiny_gguf(&Tiny::default(), GgmlDType::F32, WeightFormat::F32);
+    let prompt = vec![1u32, 50, 51, 52, 9];
+    // The prompt's block and two blocks of 16 own positions for each of two rows.
+    let budget = CandleDecoder::budget_for(&model, prompt.len(), 2, 32);
+    let share = KvShare::new(&model);
+    let mut dec = CandleDecoder::new(model.clone(), budget);
+    dec.lend_kv(&share).expect("same model");
+    let mut batch = dec.prefill(&prompt, 0..2, &sampling(1.0)).expect("prefill");
+    let alone = {
+        let mut plain = CandleDecoder::new(model.clone(), budget);
+        let mut b = plain.prefill(&prompt, 0..2, &sampling(1.0)).expect("prefill");
+        let _ = sample_rows(&mut plain, &mut b, 20);
+        plain.retain(&mut b, &[0]).expect("retain");
+        sample_rows(&mut plain, &mut b, 40)
+    };
+    let _ = sample_rows(&mut dec, &mut batch, 20);
+    dec.retain(&mut batch, &[0]).expect("retain");
+    assert_eq!(share.parked_rows(), 1);
+    // Row 0 grows into the memory row 1 holds while parked: the step evicts it.
+    let tokens = sample_rows(&mut dec, &mut batch, 40);
+    assert_eq!(share.parked_rows(), 0);
+    assert_eq!(tokens, alone, "the same tokens as without the loan");
 }
