@@ -56,6 +56,57 @@ impl JudgeSegments {
     }
 }
 
+/// The self-judge's user turn after the policy's own answer: the policy is asked about the
+/// answer it just gave, in the same conversation.
+pub const SELF_JUDGE_QUESTION: &str =
+    "Is your answer above helpful, correct and well written? Answer with yes or no.";
+
+/// The self-judge's ids after the policy's answer, and its answer tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfJudgeSegments {
+    /// The end of the assistant's turn, the user turn with [`SELF_JUDGE_QUESTION`], and the
+    /// start of the next assistant turn.
+    pub after: Vec<u32>,
+    /// The "yes" answer token.
+    pub yes: u32,
+    /// The "no" answer token.
+    pub no: u32,
+}
+
+/// The self-judge's segments for `template`: the chat of a user turn, the assistant's answer
+/// and a user turn asking [`SELF_JUDGE_QUESTION`], split after the answer. Fails if the
+/// template does not render an assistant turn's content exactly once, or if the chat before
+/// the answer is not what the policy's prompt renders (then the answer would not follow
+/// the ids the policy ran).
+pub fn self_judge_segments(tokenizer: &Tokenizer, template: &ChatTemplate) -> Result<SelfJudgeSegments> {
+    const USER: &str = "question";
+    let chat = [Message::user(USER), Message::assistant(RESPONSE_PLACEHOLDER), Message::user(SELF_JUDGE_QUESTION)];
+    let rendered = template.render(&chat, true)?;
+    let mut parts = rendered.split(RESPONSE_PLACEHOLDER);
+    let (Some(before), Some(after), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(Error::Judge("the chat template must render the assistant's answer exactly once".into()));
+    };
+    if template.render(&[Message::user(USER)], true)? != before {
+        return Err(Error::Judge(
+            "the chat template renders the conversation before an answer unlike the prompt for it".into(),
+        ));
+    }
+    let after = tokenizer.encode(after, false)?;
+    if after.is_empty() {
+        return Err(Error::Judge("the self-judge's question renders to no tokens".into()));
+    }
+    let (yes, no) = answer_pair(tokenizer)?;
+    Ok(SelfJudgeSegments { after, yes, no })
+}
+
+/// The first of [`ANSWER_PAIRS`] whose words are both single tokens.
+fn answer_pair(tokenizer: &Tokenizer) -> Result<(u32, u32)> {
+    ANSWER_PAIRS
+        .iter()
+        .find_map(|(y, n)| Some((tokenizer.single_token(y)?, tokenizer.single_token(n)?)))
+        .ok_or_else(|| Error::Judge("no yes/no answer pair is a pair of single tokens in this vocabulary".into()))
+}
+
 /// Builds the judge prompt for `question` with `template`, tokenized by `tokenizer`.
 ///
 /// The chat is one user message (the template may add its default system prompt); it is
@@ -95,14 +146,7 @@ pub fn judge_segments(
     }
     let after_ids = tokenizer.encode(&after, false)?;
     let after_partial = tokenizer.encode(&after_partial, false)?;
-    let (yes, no) = ANSWER_PAIRS
-        .iter()
-        .find_map(|(y, n)| Some((tokenizer.single_token(y)?, tokenizer.single_token(n)?)))
-        .ok_or_else(|| {
-            Error::Judge(
-                "no yes/no answer pair is a pair of single tokens in this vocabulary".into(),
-            )
-        })?;
+    let (yes, no) = answer_pair(tokenizer)?;
     Ok(JudgeSegments {
         before: before_ids,
         after: after_ids,

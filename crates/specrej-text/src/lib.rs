@@ -6,6 +6,7 @@
 //!   ([`StreamDecoder`]).
 //! - [`ChatTemplate`]: renders a model's Jinja chat template (HF semantics) with minijinja.
 //! - [`judge_segments`]: the token segments of an LLM-as-judge prompt.
+//! - [`self_judge_segments`]: the ids after the policy's own answer that ask it whether the answer is good.
 //! - [`locate_model`] and [`ModelText`]: finding the model file and loading its tokenizer
 //!   and chat template, shared by the front ends (`specrej`, `specrej-server`).
 
@@ -18,7 +19,7 @@ pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Message};
 pub use gguf::{GgufError, GgufMetadata, GgufType, GgufValue};
-pub use judge::{JudgeSegments, judge_segments};
+pub use judge::{JudgeSegments, SelfJudgeSegments, judge_segments, self_judge_segments};
 pub use model::{DEFAULT_MODEL_FILE, ModelText, locate_model};
 pub use tokenizer::{StreamDecoder, Tokenizer};
 

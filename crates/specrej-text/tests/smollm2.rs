@@ -3,7 +3,7 @@
 //! Reference ids come from llama.cpp (llama-cpp-python 0.3.36,
 //! `Llama(path, vocab_only=True).tokenize(s.encode(), add_bos=False, special=True)`).
 
-use specrej_text::{ChatTemplate, GgufMetadata, Message, Tokenizer, judge_segments};
+use specrej_text::{ChatTemplate, GgufMetadata, Message, Tokenizer, judge_segments, self_judge_segments};
 
 const NEEDS_MODEL: &str = "needs the default model: cargo xtask test sets SPECREJ_MODEL";
 
@@ -211,4 +211,29 @@ fn judge_segments_split_the_prompt() {
         .encode(&format!("{before}{response}{after}"), false)
         .expect("encode");
     assert_eq!(whole, [j.before.clone(), resp, j.after.clone()].concat());
+}
+
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn self_judge_segments_continue_the_policys_conversation() {
+    let m = meta();
+    let tk = Tokenizer::from_gguf(&m).expect("tokenizer");
+    let t = ChatTemplate::from_gguf(&m).expect("template");
+    let s = self_judge_segments(&tk, &t).expect("self-judge");
+    assert_eq!((s.yes, s.no), (10539, 5230), "Yes / No");
+    assert_eq!(
+        tk.decode(&s.after, false).expect("decode"),
+        "<|im_end|>\n<|im_start|>user\nIs your answer above helpful, correct and well written? Answer with yes or no.<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // The end of the assistant's turn is the token the policy samples as its EOS.
+    assert_eq!(s.after[0], 2, "<|im_end|>");
+    // The policy's prompt, its answer and `after` tokenize as the whole conversation does.
+    let q = "What is the capital of France?";
+    let answer = "The capital of France is Paris.";
+    let prompt = tk.encode(&t.render(&[Message::user(q)], true).expect("render"), false).expect("encode");
+    let whole = t
+        .render(&[Message::user(q), Message::assistant(answer), Message::user(specrej_text::judge::SELF_JUDGE_QUESTION)], true)
+        .expect("render");
+    let ids = [prompt, tk.encode(answer, false).expect("encode"), s.after.clone()].concat();
+    assert_eq!(tk.encode(&whole, false).expect("encode"), ids);
 }
