@@ -1,6 +1,7 @@
 //! `--backend cpu|cuda|wgpu`: the policy model on one backend, and driving the scheduler over it.
 
 use crate::generate::WeightsArg;
+use crate::reward::Reward;
 use anyhow::{Context, Result};
 use specrej_candle::{CandleDecoder, LoadOptions, Model};
 use specrej_core::{Decoder, Event, Options, Outcome, Scorer};
@@ -123,17 +124,24 @@ impl Policy {
         }
     }
 
-    /// Runs one request with a fresh decoder holding `kv_bytes` of cache.
+    /// Runs one request with a fresh decoder holding `kv_bytes` of cache (lending its K/V to
+    /// `reward` where the reward reads it: the self-judge).
     pub fn generate(
         &self,
         kv_bytes: usize,
-        reward: &mut impl Scorer,
+        reward: &mut Reward,
         prompt: &[u32],
         options: &Options,
         on_event: &mut dyn FnMut(&Event),
     ) -> Result<Outcome> {
         match self {
-            Policy::Candle(model) => drive(&mut CandleDecoder::new(model.clone(), kv_bytes), reward, prompt, options, on_event),
+            Policy::Candle(model) => {
+                let mut decoder = CandleDecoder::new(model.clone(), kv_bytes);
+                if let Some(share) = reward.kv_share() {
+                    decoder.lend_kv(share)?;
+                }
+                drive(&mut decoder, reward, prompt, options, on_event)
+            }
             Policy::Wgpu(model) => drive(&mut WgpuDecoder::new(model.clone(), kv_bytes), reward, prompt, options, on_event),
         }
     }

@@ -247,7 +247,7 @@ pub fn run(args: Args) -> Result<()> {
         rules,
     };
     let context = policy.context_length();
-    if let Some(overhead) = reward.judge_overhead(&text, &args.prompt)? {
+    if let Some(overhead) = reward.judge_overhead(&text, &args.prompt, prompt.len())? {
         // The scheduler stops rows at the context; the judge must still read the longest.
         let longest = args.max_new_tokens.min(context.saturating_sub(prompt.len()));
         if overhead >= context {

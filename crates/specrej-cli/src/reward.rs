@@ -4,7 +4,7 @@
 use crate::model::Text;
 use anyhow::{Context, Result};
 use crate::backend::Policy;
-use specrej_candle::{JudgeScorer, LikelihoodScorer, LoadOptions, WeightFormat};
+use specrej_candle::{JudgeScorer, KvShare, LikelihoodScorer, LoadOptions, SelfJudgeScorer, WeightFormat};
 use specrej_wgpu::{WgpuJudgeScorer, WgpuLikelihoodScorer};
 use specrej_core::{BackendError, Response, Scored, Scorer};
 use specrej_reward::{RemoteScorer, RewardModel, RewardScorer};
@@ -20,6 +20,10 @@ pub enum RewardSpec {
     Judge,
     /// The same judge, asked at decisions whether an unfinished answer is on track so far.
     PartialJudge,
+    /// The policy asked, after its own answer in the same conversation, whether the answer
+    /// is good: logit(Yes) − logit(No). On the CPU it reads the decoder's K/V of the
+    /// answer instead of reading the answer again.
+    SelfJudge,
     /// −perplexity of the answer under the policy.
     Likelihood,
     /// A Hugging Face `*ForSequenceClassification` directory.
@@ -33,8 +37,9 @@ impl FromStr for RewardSpec {
         match s {
             "judge" => Ok(RewardSpec::Judge),
             "partial-judge" => Ok(RewardSpec::PartialJudge),
+            "self-judge" => Ok(RewardSpec::SelfJudge),
             "likelihood" => Ok(RewardSpec::Likelihood),
-            "" => Err("expected judge, partial-judge, likelihood or a reward-model directory".to_string()),
+            "" => Err("expected judge, partial-judge, self-judge, likelihood or a reward-model directory".to_string()),
             path => Ok(RewardSpec::Model(PathBuf::from(path))),
         }
     }
@@ -45,6 +50,7 @@ impl fmt::Display for RewardSpec {
         match self {
             RewardSpec::Judge => f.write_str("judge"),
             RewardSpec::PartialJudge => f.write_str("partial-judge"),
+            RewardSpec::SelfJudge => f.write_str("self-judge"),
             RewardSpec::Likelihood => f.write_str("likelihood"),
             RewardSpec::Model(dir) => write!(f, "{}", dir.display()),
         }
@@ -67,9 +73,11 @@ pub enum Rescore {
 pub struct RewardArgs {
     /// The reward model: `judge` (the policy asked whether the answer is good),
     /// `partial-judge` (the same, asked at decisions whether the unfinished answer is on
-    /// track), `likelihood` (−perplexity under the policy), or a Hugging Face reward-model
-    /// directory (`*ForSequenceClassification`: config.json, *.safetensors, tokenizer.json).
-    #[arg(long, default_value = "judge", value_name = "judge|partial-judge|likelihood|DIR")]
+    /// track), `self-judge` (the policy asked right after its own answer, in the same
+    /// conversation: on the CPU it reuses the answer's K/V), `likelihood` (−perplexity
+    /// under the policy), or a Hugging Face reward-model directory
+    /// (`*ForSequenceClassification`: config.json, *.safetensors, tokenizer.json).
+    #[arg(long, default_value = "judge", value_name = "judge|partial-judge|self-judge|likelihood|DIR")]
     pub reward: RewardSpec,
     /// Score with a reward server instead (`http://host:port/path`, the JSON protocol of
     /// `specrej-reward-server`).
@@ -94,7 +102,7 @@ impl RewardArgs {
         if let (None, RewardSpec::Model(dir)) = (&self.reward_url, &self.reward)
             && !dir.is_dir()
         {
-            anyhow::bail!("--reward {}: not judge, partial-judge, likelihood or a reward-model directory", dir.display());
+            anyhow::bail!("--reward {}: not judge, partial-judge, self-judge, likelihood or a reward-model directory", dir.display());
         }
         if let Some(url) = &self.reward_url
             && let Err(e) = specrej_reward::check_url(url)
@@ -111,6 +119,7 @@ impl RewardArgs {
             (Some(url), _) => Kind::Remote(url.clone()),
             (None, RewardSpec::Judge) => Kind::Judge { partial: false },
             (None, RewardSpec::PartialJudge) => Kind::Judge { partial: true },
+            (None, RewardSpec::SelfJudge) => Kind::SelfJudge,
             (None, RewardSpec::Likelihood) => Kind::Likelihood,
             (None, RewardSpec::Model(dir)) => {
                 // f32 so incremental and full scoring agree to rounding (see specrej-reward).
@@ -126,6 +135,7 @@ impl RewardArgs {
 #[derive(Debug)]
 enum Kind {
     Judge { partial: bool },
+    SelfJudge,
     Likelihood,
     Model(Arc<RewardModel>),
     Remote(String),
@@ -139,14 +149,20 @@ pub struct RewardSource {
 }
 
 impl RewardSource {
-    /// Tokens the judge reads besides the answer (its question quotes `user`, and the
-    /// longest tail it asks with); `None` for the rewards that read only the policy's prompt
-    /// and answer, or apply their own limit.
-    pub fn judge_overhead(&self, text: &Text, user: &str) -> Result<Option<usize>> {
-        let Kind::Judge { partial } = self.kind else {
-            return Ok(None);
-        };
-        Ok(Some(specrej_text::judge_segments(&text.tokenizer, &text.template, user)?.overhead(partial)))
+    /// Tokens a judge reads besides the answer: the judge's question quotes `user` and has
+    /// the longest tail it asks with; the self-judge reads the policy's prompt
+    /// (`prompt_len` tokens) and its question. `None` for the rewards that read only the
+    /// policy's prompt and answer, or apply their own limit.
+    pub fn judge_overhead(&self, text: &Text, user: &str, prompt_len: usize) -> Result<Option<usize>> {
+        match self.kind {
+            Kind::Judge { partial } => {
+                Ok(Some(specrej_text::judge_segments(&text.tokenizer, &text.template, user)?.overhead(partial)))
+            }
+            Kind::SelfJudge => {
+                Ok(Some(prompt_len + specrej_text::self_judge_segments(&text.tokenizer, &text.template)?.after.len()))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// A fresh scorer (no cached state) for the user's message `user`; `policy` and `text`
@@ -171,6 +187,17 @@ impl RewardSource {
                     Policy::Wgpu(model) => {
                         Reward::WgpuJudge(WgpuJudgeScorer::new(model.clone(), s.before, s.after, s.yes, s.no))
                     }
+                }
+            }
+            Kind::SelfJudge => {
+                let s = specrej_text::self_judge_segments(&text.tokenizer, &text.template)?;
+                match policy {
+                    Policy::Candle(model) => {
+                        let share = KvShare::new(model);
+                        let judge = SelfJudgeScorer::new(model.clone(), s.after, s.yes, s.no).borrowing(&share)?;
+                        Reward::SelfJudge(judge, share)
+                    }
+                    Policy::Wgpu(_) => anyhow::bail!("--reward self-judge runs on the cpu and cuda backends"),
                 }
             }
             Kind::Likelihood => match policy {
@@ -201,6 +228,8 @@ impl RewardSource {
 #[derive(Debug)]
 pub enum Reward {
     Judge(JudgeScorer),
+    /// The self-judge and the loan it borrows from (the decoder lends to it).
+    SelfJudge(SelfJudgeScorer, KvShare),
     Likelihood(LikelihoodScorer),
     Model(RewardScorer),
     Remote(RemoteScorer),
@@ -208,10 +237,21 @@ pub enum Reward {
     WgpuLikelihood(WgpuLikelihoodScorer),
 }
 
+impl Reward {
+    /// The K/V loan a decoder should lend through, for a reward that reads the decoder's K/V.
+    pub fn kv_share(&self) -> Option<&KvShare> {
+        match self {
+            Reward::SelfJudge(_, share) => Some(share),
+            _ => None,
+        }
+    }
+}
+
 impl Scorer for Reward {
     async fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
         match self {
             Reward::Judge(s) => s.score(prompt, responses).await,
+            Reward::SelfJudge(s, _) => s.score(prompt, responses).await,
             Reward::Likelihood(s) => s.score(prompt, responses).await,
             Reward::Model(s) => s.score(prompt, responses).await,
             Reward::Remote(s) => s.score(prompt, responses).await,
@@ -223,6 +263,7 @@ impl Scorer for Reward {
     async fn score_partial(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
         match self {
             Reward::Judge(s) => s.score_partial(prompt, responses).await,
+            Reward::SelfJudge(s, _) => s.score_partial(prompt, responses).await,
             Reward::Likelihood(s) => s.score_partial(prompt, responses).await,
             Reward::Model(s) => s.score_partial(prompt, responses).await,
             Reward::Remote(s) => s.score_partial(prompt, responses).await,
@@ -234,6 +275,7 @@ impl Scorer for Reward {
     fn fork(&mut self, children: &[(u32, u32)]) {
         match self {
             Reward::Judge(s) => s.fork(children),
+            Reward::SelfJudge(s, _) => s.fork(children),
             Reward::Likelihood(s) => s.fork(children),
             Reward::Model(s) => s.fork(children),
             Reward::Remote(s) => s.fork(children),
@@ -245,6 +287,7 @@ impl Scorer for Reward {
     fn release(&mut self, rows: &[u32]) {
         match self {
             Reward::Judge(s) => s.release(rows),
+            Reward::SelfJudge(s, _) => s.release(rows),
             Reward::Likelihood(s) => s.release(rows),
             Reward::Model(s) => s.release(rows),
             Reward::Remote(s) => s.release(rows),

@@ -15,7 +15,7 @@ use common::{fails_with, specrej, stderr, temp_dir};
 
 #[test]
 fn bad_reward_flags_are_named_before_any_model_loads() {
-    fails_with(&["generate", "hi", "--reward", "/nonexistent/rm"], "not judge, partial-judge, likelihood or a reward-model directory");
+    fails_with(&["generate", "hi", "--reward", "/nonexistent/rm"], "not judge, partial-judge, self-judge, likelihood or a reward-model directory");
     fails_with(&["generate", "hi", "--reward-url", "ftp://example/score"], "--reward-url: reward server URL \"ftp://example/score\": scheme \"ftp\" is not supported, only http (expected http://HOST:PORT/PATH)");
     // bench paper replays the judge and the likelihood only: anything else is a usage error.
     let output = specrej(&["bench", "paper", "--rewards", "/nonexistent/rm"]);
@@ -93,4 +93,27 @@ fn reward_model_directory_local_remote_incremental_and_full() {
     assert_eq!(rm_tokens(&remote), rm_tokens(&local), "the server scores incrementally too");
 
     let _ = std::fs::remove_dir_all(&rm_dir);
+}
+
+/// The self-judge reads the decoder's K/V: a Speculative Rejection run with decisions ranks
+/// by it while its reward model runs only the question (28 tokens here) and each row's last
+/// sampled token: never the prompt (~30 tokens) or the answer again.
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn self_judge_runs_on_the_policys_own_kv() {
+    let model = std::env::var("SPECREJ_MODEL").expect("SPECREJ_MODEL");
+    let own = generate_json(&model, &["--reward", "self-judge"]);
+    assert_eq!(own["reward"], "self-judge");
+    let trace = own["trace"].as_array().unwrap();
+    assert!(!trace.is_empty(), "the budget forces decisions");
+    let best = own["candidates"].as_array().unwrap().iter().map(|c| c["score"].as_f64().unwrap()).fold(f64::MIN, f64::max);
+    assert_eq!(own["winner"]["score"].as_f64(), Some(best));
+    // Per scored row: the question (~30 tokens) and one more; never the answer again.
+    let scored_rows: u64 = trace.iter().map(|d| d["live_rows"].as_u64().unwrap()).sum::<u64>()
+        + own["candidates"].as_array().unwrap().len() as u64;
+    assert!(rm_tokens(&own) <= scored_rows * 32, "{} reward tokens for {scored_rows} scored rows", rm_tokens(&own));
+    // Deterministic: the same seed, the same winner and rewards.
+    let again = generate_json(&model, &["--reward", "self-judge"]);
+    assert_eq!(again["winner"], own["winner"]);
+    assert_eq!(again["trace"], own["trace"]);
 }
