@@ -208,4 +208,9 @@ impl Scorer for SelfJudgeScorer {
             share.release(rows);
         }
     }
+
+    /// With a loan: a finished answer is judged while the decoder still holds it (parked).
+    fn eager(&self) -> bool {
+        self.share.is_some()
+    }
 }

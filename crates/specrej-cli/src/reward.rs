@@ -295,4 +295,11 @@ impl Scorer for Reward {
             Reward::WgpuLikelihood(s) => s.release(rows),
         }
     }
+
+    fn eager(&self) -> bool {
+        match self {
+            Reward::SelfJudge(s, _) => s.eager(),
+            _ => false,
+        }
+    }
 }

@@ -268,4 +268,13 @@ pub trait Scorer {
     fn release(&mut self, rows: &[u32]) {
         let _ = rows;
     }
+
+    /// Whether finished answers are scored as soon as the decoder has let go of their rows,
+    /// instead of all together at the end. A scorer that reads the decoder's memory of an
+    /// answer (the self-judge) says yes: that memory may soon be needed for other rows.
+    /// Rewards are the same either way; only the calls are grouped differently. The default
+    /// is no.
+    fn eager(&self) -> bool {
+        false
+    }
 }

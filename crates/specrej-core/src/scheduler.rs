@@ -378,14 +378,7 @@ pub async fn generate<D: Decoder, S: Scorer>(
     }
 
     // Score every candidate not scored yet at once, and rank them.
-    let unscored: Vec<usize> = (0..run.candidates.len()).filter(|&i| run.candidates[i].score.is_nan()).collect();
-    let responses: Vec<Response<'_>> =
-        unscored.iter().map(|&i| Response { row: run.candidates[i].row, tokens: &run.candidates[i].tokens }).collect();
-    let scored = score(scorer, prompt, &responses, false, &mut run.stats).await?;
-    drop(responses);
-    for (&i, score) in unscored.iter().zip(scored) {
-        run.candidates[i].score = score;
-    }
+    run.score_finished(scorer).await?;
     run.candidates.sort_by(|a, b| {
         select::rank_key(b.score).total_cmp(&select::rank_key(a.score)).then(a.row.cmp(&b.row))
     });
@@ -555,7 +548,27 @@ impl Run<'_> {
             live = still;
             if finished_some && !live.is_empty() {
                 self.retain(decoder, &mut batch, &keep)?;
+                if scorer.eager() {
+                    self.score_finished(scorer).await?;
+                }
             }
+        }
+        drop(batch); // the decoder lets go of the last rows
+        if scorer.eager() {
+            self.score_finished(scorer).await?;
+        }
+        Ok(())
+    }
+
+    /// Scores every candidate not scored yet (whole answers).
+    async fn score_finished<S: Scorer>(&mut self, scorer: &mut S) -> Result<(), Error> {
+        let unscored: Vec<usize> = (0..self.candidates.len()).filter(|&i| self.candidates[i].score.is_nan()).collect();
+        let responses: Vec<Response<'_>> =
+            unscored.iter().map(|&i| Response { row: self.candidates[i].row, tokens: &self.candidates[i].tokens }).collect();
+        let scored = score(scorer, self.prompt, &responses, false, &mut self.stats).await?;
+        drop(responses);
+        for (&i, score) in unscored.iter().zip(scored) {
+            self.candidates[i].score = score;
         }
         Ok(())
     }

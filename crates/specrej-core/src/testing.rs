@@ -174,6 +174,8 @@ pub struct FakeScorer {
     pub partial_calls: usize,
     /// Forks reported, as (parent, child) row ids.
     pub forked: Vec<(u32, u32)>,
+    /// What [`Scorer::eager`] answers.
+    pub eager: bool,
 }
 
 impl FakeScorer {
@@ -207,5 +209,9 @@ impl Scorer for FakeScorer {
 
     fn release(&mut self, rows: &[u32]) {
         self.released.extend_from_slice(rows);
+    }
+
+    fn eager(&self) -> bool {
+        self.eager
     }
 }

@@ -347,3 +347,25 @@ fn refill_forks_the_kept_rows_into_the_freed_memory() {
     let err = block_on_ready(generate(&mut replay, &mut FakeScorer::default(), PROMPT, &opts, &mut |_| {})).expect_err("no fork");
     assert!(err.to_string().contains("fork"), "{err}");
 }
+
+/// An eager scorer gets finished answers as the decoder lets go of them: the same outcome
+/// (candidates, scores, rejections, decisions), in more calls, for every method.
+#[test]
+fn eager_scoring_changes_only_when_answers_are_scored() {
+    let runs: [(Method, usize, usize, Rules); 4] = [
+        (Method::BestOfN, 16, 40, Rules::default()), // two batches
+        (sr(0.5), 32, 200, Rules::default()),
+        (sr(0.5), 32, 200, Rules { paper_exact: true, ..Rules::default() }),
+        (sr(0.7), 16, 120, Rules { refill: Some(1.0), ..Rules::default() }),
+    ];
+    for (method, n, max_new, rules) in runs {
+        let opts = Options { rules, ..options(method, n, max_new) };
+        let at_end = run(&mut FakeDecoder::new(400), &mut FakeScorer::default(), &opts);
+        let mut scorer = FakeScorer { eager: true, ..FakeScorer::default() };
+        let eager = run(&mut FakeDecoder::new(400), &mut scorer, &opts);
+        assert_eq!(eager.candidates, at_end.candidates, "{method:?}");
+        assert_eq!(eager.rejected, at_end.rejected, "{method:?}");
+        assert_eq!(eager.trace, at_end.trace, "{method:?}");
+        assert!(eager.stats.reward_calls > at_end.stats.reward_calls, "{method:?}: {} vs {}", eager.stats.reward_calls, at_end.stats.reward_calls);
+    }
+}
