@@ -85,3 +85,37 @@ fn tiny_run_writes_json_markdown_and_svgs() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The self-judge replayed over a recording equals the self-judge run live on lent K/V: the
+/// same candidates, rewards, decisions, reward calls and reward tokens.
+#[test]
+#[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
+fn self_judge_replay_equals_the_live_run() {
+    let model = std::env::var("SPECREJ_MODEL").expect("SPECREJ_MODEL names the model file");
+    let out = out_dir("self-judge");
+    std::fs::create_dir_all(&out).expect("out dir");
+    let calibration = out.join("calibration.json");
+    std::fs::write(
+        &calibration,
+        r#"{"machine":"test","step":[[1,0.01],[64,0.1]],"per_row_token":1e-6,"prefill":[0.0,0.002,0.0],
+            "reward":{"judge":[0.0,0.002,0.0,0.0]}}"#,
+    )
+    .expect("calibration");
+    let output = Command::new(env!("CARGO_BIN_EXE_specrej"))
+        .args(["bench", "paper", "--limit", "1", "--bon", "2,8", "--alphas", "0.5", "--max-new-tokens", "48"])
+        .args(["--kv-budget", "8MB", "--policies", "paper", "--rewards", "self-judge", "--check-live", "--model", &model])
+        .arg("--calibration")
+        .arg(&calibration)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("the binary runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("results.json")).expect("JSON");
+    let reward = &json["prompts"][0]["rewards"][0];
+    assert_eq!(reward["reward"], "self-judge");
+    assert!(!reward["runs"][2]["decisions"].as_array().expect("decisions").is_empty(), "the budget forces a decision: {reward}");
+    assert_eq!(reward["live_check"]["equal"], true, "{}", reward["live_check"]);
+    let _ = std::fs::remove_dir_all(&out);
+}

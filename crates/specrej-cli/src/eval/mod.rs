@@ -35,7 +35,7 @@ use crate::generate::WeightsArg;
 use crate::model::{self, Text};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use specrej_candle::{CandleDecoder, JudgeScorer, LikelihoodScorer, LoadOptions, Model};
+use specrej_candle::{CandleDecoder, JudgeScorer, KvShare, LikelihoodScorer, LoadOptions, Model, SelfJudgeScorer};
 use specrej_core::{block_on_ready, Decoder, Method, Options, Outcome, Rules, Sampling};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -466,11 +466,12 @@ fn calibrate(weights: &Arc<Model>, text: &Text, settings: &Settings) -> Result<c
                 let mut shadow = replay::live_cost(*reward, None);
                 cost::reward(LikelihoodScorer::new(Arc::clone(weights)).incremental(), &prompt, &answer, &mut |r| shadow(&prompt, r))?
             }
-            RewardName::Judge | RewardName::PartialJudge => {
+            // The self-judge's calls are priced by the judge's fit (`RewardName::cost_key`).
+            RewardName::Judge | RewardName::PartialJudge | RewardName::SelfJudge => {
                 let scorer = JudgeScorer::new(Arc::clone(weights), judge.before.clone(), judge.after.clone(), judge.yes, judge.no)
                     .with_partial(judge.after_partial.clone())
                     .incremental();
-                let mut shadow = replay::live_cost(*reward, Some(judge));
+                let mut shadow = replay::live_cost(RewardName::Judge, Some(judge));
                 cost::reward(scorer, &prompt, &answer, &mut |r| shadow(&prompt, r))?
             }
         };
@@ -555,15 +556,21 @@ fn run_prompt(
     // One judge table for `judge` and `partial-judge`: the same final rewards and caches.
     let mut judge_table: Option<replay::Rewards<'_>> = None;
     let mut likelihood_table: Option<replay::Rewards<'_>> = None;
+    let mut self_judge_table: Option<replay::Rewards<'_>> = None;
     for &reward in &settings.rewards {
         eprintln!("{label}: {} rewards and replays", reward.label());
         let slot = match reward {
             RewardName::Likelihood => &mut likelihood_table,
             RewardName::Judge | RewardName::PartialJudge => &mut judge_table,
+            RewardName::SelfJudge => &mut self_judge_table,
         };
         if slot.is_none() {
             *slot = Some(match reward {
                 RewardName::Likelihood => replay::Rewards::likelihood(&recording),
+                RewardName::SelfJudge => {
+                    let s = specrej_text::self_judge_segments(&text.tokenizer, &text.template)?;
+                    replay::Rewards::self_judge(&recording, weights, &prompt, s.after, s.yes, s.no)
+                }
                 _ => replay::Rewards::judge(&recording, weights, judge_text(text, user)?, false),
             });
         }
@@ -713,6 +720,13 @@ fn live_check(
             if reward == RewardName::PartialJudge {
                 scorer = scorer.with_partial(j.after_partial);
             }
+            block_on_ready(specrej_core::generate(&mut decoder, &mut scorer, prompt, options, &mut |_| {}))?
+        }
+        RewardName::SelfJudge => {
+            let s = specrej_text::self_judge_segments(&text.tokenizer, &text.template)?;
+            let share = KvShare::new(weights);
+            decoder.lend_kv(&share)?;
+            let mut scorer = SelfJudgeScorer::new(Arc::clone(weights), s.after, s.yes, s.no).borrowing(&share)?;
             block_on_ready(specrej_core::generate(&mut decoder, &mut scorer, prompt, options, &mut |_| {}))?
         }
     };

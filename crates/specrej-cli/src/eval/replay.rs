@@ -25,6 +25,9 @@ pub enum RewardName {
     PartialJudge,
     /// −perplexity of the answer under the policy (the paper's self-reward setting).
     Likelihood,
+    /// The policy asked after its own answer, in the same conversation (reads the
+    /// decoder's K/V live: a call runs each row's question and last sampled token).
+    SelfJudge,
 }
 
 impl RewardName {
@@ -33,13 +36,16 @@ impl RewardName {
             RewardName::Judge => "judge",
             RewardName::PartialJudge => "partial-judge",
             RewardName::Likelihood => "likelihood",
+            RewardName::SelfJudge => "self-judge",
         }
     }
 
-    /// The calibration's key for this reward's calls.
+    /// The calibration's key for this reward's calls: the self-judge's calls are the judge's
+    /// kind (the policy's forward over new positions after a cached context), priced by the
+    /// same fit on what they run.
     pub fn cost_key(self) -> &'static str {
         match self {
-            RewardName::Judge | RewardName::PartialJudge => "judge",
+            RewardName::Judge | RewardName::PartialJudge | RewardName::SelfJudge => "judge",
             RewardName::Likelihood => "likelihood",
         }
     }
@@ -73,6 +79,14 @@ impl<'r> Rewards<'r> {
         Self { rec, name: RewardName::Likelihood, judge: None, memo: HashMap::new(), computed_tokens: 0 }
     }
 
+    /// The self-judge: a judge whose `before` is the policy's `prompt` and which asks `after`
+    /// at decisions too (`after[0]` ends the assistant's turn: see [`Rewards::get`]).
+    pub fn self_judge(rec: &'r Recording, model: &Arc<Model>, prompt: &[u32], after: Vec<u32>, yes: u32, no: u32) -> Self {
+        let text = JudgeText { before: prompt.to_vec(), after_partial: after.clone(), after, yes, no };
+        let scorer = JudgeScorer::new(Arc::clone(model), text.before.clone(), text.after.clone(), text.yes, text.no);
+        Self { rec, name: RewardName::SelfJudge, judge: Some((scorer, text)), memo: HashMap::new(), computed_tokens: 0 }
+    }
+
     pub fn judge(rec: &'r Recording, model: &Arc<Model>, text: JudgeText, partial: bool) -> Self {
         let scorer = JudgeScorer::new(Arc::clone(model), text.before.clone(), text.after.clone(), text.yes, text.no)
             .with_partial(text.after_partial.clone());
@@ -87,7 +101,8 @@ impl<'r> Rewards<'r> {
     /// A judge table serves `judge` and `partial-judge` alike (one memo, one cache):
     /// which decisions ask is set here.
     pub fn set_name(&mut self, name: RewardName) {
-        if self.name != RewardName::Likelihood && name != RewardName::Likelihood {
+        let judges = [RewardName::Judge, RewardName::PartialJudge];
+        if judges.contains(&self.name) && judges.contains(&name) {
             self.name = name;
         }
     }
@@ -112,12 +127,20 @@ impl<'r> Rewards<'r> {
             m
         };
         if !missing.is_empty() {
-            let Some((scorer, _)) = self.judge.as_mut() else {
+            let Some((scorer, text)) = self.judge.as_mut() else {
                 return Err(BackendError::device("rewards: no judge"));
+            };
+            // The self-judge reads an answer that ends the assistant's turn (its EOS) without
+            // that token: its question starts with it.
+            let end = (self.name == RewardName::SelfJudge).then(|| text.after[0]);
+            let rows = &self.rec.rows;
+            let asked = |row: u32, len: usize| match end {
+                Some(e) if len > 0 && rows[row as usize][len - 1] == e => len - 1,
+                _ => len,
             };
             // Each row's whole text is run once and kept; a prefix then runs only the question.
             let asks: Vec<(Response<'_>, usize)> =
-                missing.iter().map(|&(row, len)| (Response { row, tokens: &self.rec.rows[row as usize] }, len)).collect();
+                missing.iter().map(|&(row, len)| (Response { row, tokens: &rows[row as usize] }, asked(row, len))).collect();
             let scored = scorer.score_prefixes(&asks, partial_prompt)?;
             self.computed_tokens += scored.tokens_processed;
             for (&(row, len), reward) in missing.iter().zip(scored.rewards) {
@@ -165,6 +188,9 @@ impl Shadow {
 
     /// What one call runs, as the live scorer would run it.
     fn call(&mut self, prompt: &[u32], judge: Option<&JudgeText>, responses: &[Response<'_>], partial: bool) -> Cost {
+        if let (RewardName::SelfJudge, Some(j)) = (self.name, judge) {
+            return self_judge_cost(prompt, &j.after, responses);
+        }
         let (prefix, back): (Vec<u32>, usize) = match (self.name, judge) {
             (RewardName::Likelihood, _) => (prompt.to_vec(), 1),
             (_, Some(j)) => (j.before.clone(), 0),
@@ -198,6 +224,25 @@ impl Shadow {
         }
         Cost { tokens, rows, pairs }
     }
+}
+
+/// What the live self-judge runs on lent K/V: per row, what the decoder has not run (its
+/// last sampled token, unless that ends the turn, which the question starts with) and the
+/// question, each new position attending to everything before it.
+fn self_judge_cost(prompt: &[u32], after: &[u32], responses: &[Response<'_>]) -> Cost {
+    let mut cost = Cost::default();
+    for r in responses {
+        let (answer, ran) = match r.tokens.split_last() {
+            Some((&last, rest)) if last == after[0] => (rest.len(), rest.len()),
+            Some(_) => (r.tokens.len(), r.tokens.len() - 1),
+            None => (0, 0),
+        };
+        let (keep, total) = ((prompt.len() + ran) as u64, (prompt.len() + answer + after.len()) as u64);
+        cost.tokens += total - keep;
+        cost.pairs += (keep + 1..=total).sum::<u64>();
+        cost.rows += 1;
+    }
+    cost
 }
 
 /// The reward model of a replayed run: rewards from [`Rewards`], decision scores as `mode`
@@ -251,6 +296,11 @@ impl Scorer for ReplayScorer<'_, '_> {
         for r in rows {
             self.shadow.rows.remove(r);
         }
+    }
+
+    /// As the live self-judge: finished answers as they finish.
+    fn eager(&self) -> bool {
+        self.shadow.name == RewardName::SelfJudge
     }
 }
 
