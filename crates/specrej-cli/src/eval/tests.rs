@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use specrej_candle::{CandleDecoder, JudgeScorer, LikelihoodScorer, LoadOptions};
+use specrej_candle::{CandleDecoder, JudgeScorer, KvShare, LikelihoodScorer, LoadOptions, SelfJudgeScorer};
 use specrej_core::{block_on_ready, Decoder, Method, Options, Rules, Sampling, Scorer};
 
 use super::cost::Calibration;
@@ -47,9 +47,11 @@ fn replay_equals_live_runs_on_the_default_model() {
         max_sequence_len: probe.max_sequence_len(),
     };
     let judge = judge_text(&text, QUESTION).unwrap();
-    for reward in [RewardName::Judge, RewardName::Likelihood, RewardName::PartialJudge] {
+    let own = specrej_text::self_judge_segments(&text.tokenizer, &text.template).unwrap();
+    for reward in [RewardName::Judge, RewardName::Likelihood, RewardName::PartialJudge, RewardName::SelfJudge] {
         let mut table = match reward {
             RewardName::Likelihood => Rewards::likelihood(&rec),
+            RewardName::SelfJudge => Rewards::self_judge(&rec, &model, &prompt, own.after.clone(), own.yes, own.no),
             _ => Rewards::judge(&rec, &model, judge.clone(), reward == RewardName::PartialJudge),
         };
         let finals = table.finals().unwrap();
@@ -65,6 +67,7 @@ fn replay_equals_live_runs_on_the_default_model() {
             ],
             RewardName::Likelihood => vec![(0.3, Rules::default()), (0.8, Rules::default())],
             RewardName::PartialJudge => vec![(0.5, policies)],
+            RewardName::SelfJudge => vec![(0.5, Rules::default()), (0.5, Rules { paper_exact: true, ..Rules::default() })],
         };
         for (alpha, rules) in configs {
             let options = replay::sr_options(&base, alpha, 24, rules);
@@ -73,6 +76,13 @@ fn replay_equals_live_runs_on_the_default_model() {
             let mut decoder = CandleDecoder::new(Arc::clone(&model), bytes);
             let live = match reward {
                 RewardName::Likelihood => run(&mut decoder, &mut LikelihoodScorer::new(Arc::clone(&model)).incremental(), &prompt, &options),
+                RewardName::SelfJudge => {
+                    // On the decoder's K/V, under a budget that forces a decision every block or two.
+                    let share = KvShare::new(&model);
+                    decoder.lend_kv(&share).unwrap();
+                    let mut j = SelfJudgeScorer::new(Arc::clone(&model), own.after.clone(), own.yes, own.no).borrowing(&share).unwrap();
+                    run(&mut decoder, &mut j, &prompt, &options)
+                }
                 _ => {
                     let mut j = JudgeScorer::new(Arc::clone(&model), judge.before.clone(), judge.after.clone(), judge.yes, judge.no).incremental();
                     if reward == RewardName::PartialJudge {
