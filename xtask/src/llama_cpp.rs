@@ -28,13 +28,17 @@ const FLAGS: [(&str, &str); 6] = [
     ("--bon", "8,64"),
     ("--bon-tokens", "256"),
 ];
+/// Flags only specrej takes (llama.cpp scores nothing), with this command's defaults.
+const OURS_ONLY: [(&str, &str); 1] = [("--reward", "judge")];
 
 pub fn bench(model: &Path, extra: &[&str]) -> Result<()> {
     let mut flags: Vec<(String, String)> = FLAGS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut ours_only: Vec<(String, String)> = OURS_ONLY.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let mut rest = extra.iter();
     while let Some(&flag) = rest.next() {
-        let Some(slot) = flags.iter_mut().find(|(k, _)| k == flag) else {
-            bail!("bench-llama-cpp: unknown flag {flag} (takes {})", FLAGS.map(|(k, _)| k).join(", "));
+        let Some(slot) = flags.iter_mut().chain(ours_only.iter_mut()).find(|(k, _)| k == flag) else {
+            let known: Vec<&str> = FLAGS.iter().chain(&OURS_ONLY).map(|(k, _)| *k).collect();
+            bail!("bench-llama-cpp: unknown flag {flag} (takes {})", known.join(", "));
         };
         slot.1 = rest.next().with_context(|| format!("bench-llama-cpp: {flag} needs a value"))?.to_string();
     }
@@ -44,7 +48,7 @@ pub fn bench(model: &Path, extra: &[&str]) -> Result<()> {
     let mut ours = cargo();
     ours.args(["run", "--release", "--quiet", "-p", "specrej-cli", "--", "bench", "throughput", "--model"]).arg(model);
     ours.args(["--weights", "q8-0", "--json"]);
-    for (k, v) in &flags {
+    for (k, v) in flags.iter().chain(&ours_only) {
         ours.args([k, v]);
     }
     let ours = json(&mut ours)?;
