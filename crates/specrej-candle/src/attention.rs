@@ -134,6 +134,7 @@ mod avx512 {
     /// [`super::scores_portable`] for `B` K blocks at once (`kt[b]`: `[head_dim, BLOCK]`):
     /// `N·B` independent chains.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop, reason = "indices into several register arrays at once")]
     pub(super) fn scores<T: Elem, const N: usize, const B: usize>(
         q: &[&[f32]; N],
         kt: &[&[T]; B],
@@ -162,6 +163,7 @@ mod avx512 {
     /// [`super::values_portable`] for `N` query heads and `head_dim = 16·W`, the
     /// accumulators in registers.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop, reason = "indices into several register arrays at once")]
     pub(super) fn values<T: Elem, const N: usize, const W: usize>(p: &[&[f32]; N], n: usize, v: &[T], acc: &mut [f32]) {
         let hd = 16 * W;
         let v = &v[..n * hd];
@@ -202,13 +204,15 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting it rounds to an integer
     let x = x.max(-87.0);
-    let n = x.mul_add(LOG2E, ROUND) - ROUND;
+    let t = x.mul_add(LOG2E, ROUND); // 1.5 · 2^23 + n, n an integer in [-126, 0]
+    let n = t - ROUND;
     let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     let mut p: f32 = 1.0 / 720.0;
     for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = p.mul_add(r, c);
     }
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    // 2^n, with n read from `t`'s low mantissa bits (integer arithmetic, so it vectorises).
+    let scale = f32::from_bits((t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23);
     p * scale
 }
 
@@ -216,8 +220,15 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
 /// (the elements past `len` are scratch). The sum is [`LANES`] partial sums in chunk order,
 /// then halved pairwise: a fixed order whatever the length.
 pub(crate) fn softmax(x: &mut [f32], len: usize) {
-    debug_assert!(x.len() >= len && x.len() % LANES == 0);
-    let max = x[..len].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    debug_assert!(x.len() >= len && x.len().is_multiple_of(LANES));
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let (whole, tail) = x[..len].split_at(len - len % LANES);
+    for chunk in whole.chunks_exact(LANES) {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(v);
+        }
+    }
+    let max = tail.iter().copied().fold(lanes.into_iter().fold(f32::NEG_INFINITY, f32::max), f32::max);
     let mut sum = [0.0f32; LANES];
     for (c, chunk) in x.chunks_exact_mut(LANES).enumerate() {
         let chunk: &mut [f32; LANES] = chunk.try_into().expect("LANES elements");
@@ -395,8 +406,31 @@ struct Member {
     stride: usize,
 }
 
+/// Asks the CPU to bring `data[at..at + n]` into its L2 cache (a hint): a run needed soon,
+/// but after the runs [`Data::prefetch`] brings into L1 now.
+fn prefetch_l2(data: &Data, at: usize, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (ptr, bytes) = match data {
+            Data::F16(d) => (d[at..at + n].as_ptr().cast::<i8>(), n * 2),
+            Data::F32(d) => (d[at..at + n].as_ptr().cast::<i8>(), n * 4),
+        };
+        for line in (0..bytes).step_by(64) {
+            // A prefetch reads nothing into the program, cannot fault and changes no memory;
+            // `ptr + line` stays inside the slice just bounds-checked. `unsafe` only because
+            // it is a `#[target_feature]` intrinsic (SSE, which every x86_64 CPU has).
+            #[allow(unsafe_code, reason = "a prefetch hint; see above")]
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(ptr.wrapping_add(line));
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, at, n);
+}
+
 /// A `(layer, kv, head)` run of the block holding `pos` (a block boundary) of `seq`.
-fn run_of<'s>(seq: &'s Seq, at: usize, pos: usize) -> (&'s Data, usize) {
+fn run_of(seq: &Seq, at: usize, pos: usize) -> (&Data, usize) {
     let s = seq.slot(pos);
     debug_assert_eq!(s.slot, 0, "runs start on a block boundary");
     (&s.block.data, at)
@@ -671,6 +705,12 @@ fn tile_head(
             let who = &members[users..end];
             prefetch(seq, k_run, p0 + 2 * BLOCK, last);
             prefetch(seq, k_run, p0 + 3 * BLOCK, last);
+            // The values of these blocks follow once the scores are done: into L2 meanwhile.
+            for b in [p0, p0 + BLOCK] {
+                if b < last {
+                    prefetch_l2(&seq.slot(b).block.data, v_run, run_len);
+                }
+            }
             // One token alone over two blocks: pair them, for twice the independent chains.
             if ctx.avx512 && who.len() == 1 && p0 + BLOCK <= who[0].pos {
                 ctx.score_blocks(g, who, &[run_of(seq, k_run, p0), run_of(seq, k_run, p0 + BLOCK)], p0, scores, buf);
