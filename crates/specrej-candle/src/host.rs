@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{Storage, Tensor};
 
-use crate::attention::{attend, SeqTokens};
+use crate::attention::{attend, exp_neg, SeqTokens};
 use crate::kv::{KvPool, OutOfBlocks, Seq, Shape};
 use crate::model::{forward_group, Model};
 
@@ -66,6 +66,20 @@ pub(crate) fn with_host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R
         }
         _ => candle_core::bail!("host access: tensor is not on the CPU"),
     }
+}
+
+/// `silu(g) · u` element-wise (`g`, `u`: `[n, ffn]` each; returns `[n * ffn]`), with our own
+/// exponential ([`exp_neg`]): `silu(x) = x / (1 + e^-x)`, where for `x < 0` that is
+/// `x · t / (1 + t)` with `t = e^x`, so the exponential is only ever taken of `-|x|`.
+fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
+    g.iter()
+        .zip(u)
+        .map(|(&x, &y)| {
+            let t = exp_neg(-x.abs());
+            let num = if x < 0.0 { x * t } else { x };
+            num / (1.0 + t) * y
+        })
+        .collect()
 }
 
 impl Model {
@@ -172,7 +186,8 @@ impl Model {
             x = (x + layer.o.forward(&y)?)?; // [n, hidden]
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps)?; // [n, hidden]
             let [g, u] = forward_group([&layer.gate, &layer.up], &h)?; // [n, ffn] each
-            let a = (g.silu()? * u)?; // [n, ffn]
+            let a = with_host(&g, |g| with_host(&u, |u| swiglu(g, u)))??; // [n * ffn]
+            let a = Tensor::from_vec(a, g.dims2()?, &self.device)?; // [n, ffn]
             x = (x + layer.down.forward(&a)?)?; // [n, hidden]
         }
         for (seq, ids) in pass.iter_mut() {
