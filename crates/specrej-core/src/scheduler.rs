@@ -563,11 +563,16 @@ impl Run<'_> {
     /// Scores every candidate not scored yet (whole answers).
     async fn score_finished<S: Scorer>(&mut self, scorer: &mut S) -> Result<(), Error> {
         let unscored: Vec<usize> = (0..self.candidates.len()).filter(|&i| self.candidates[i].score.is_nan()).collect();
+        self.score_candidates(scorer, &unscored).await
+    }
+
+    /// Scores candidates `indices` (whole answers) in one call.
+    async fn score_candidates<S: Scorer>(&mut self, scorer: &mut S, indices: &[usize]) -> Result<(), Error> {
         let responses: Vec<Response<'_>> =
-            unscored.iter().map(|&i| Response { row: self.candidates[i].row, tokens: &self.candidates[i].tokens }).collect();
+            indices.iter().map(|&i| Response { row: self.candidates[i].row, tokens: &self.candidates[i].tokens }).collect();
         let scored = score(scorer, self.prompt, &responses, false, &mut self.stats).await?;
         drop(responses);
-        for (&i, score) in unscored.iter().zip(scored) {
+        for (&i, score) in indices.iter().zip(scored) {
             self.candidates[i].score = score;
         }
         Ok(())
@@ -754,13 +759,7 @@ impl Run<'_> {
             .filter_map(|&(row, _)| index_of(&self.candidates, row))
             .filter(|&i| self.candidates[i].score.is_nan())
             .collect();
-        let responses: Vec<Response<'_>> =
-            fresh.iter().map(|&i| Response { row: self.candidates[i].row, tokens: &self.candidates[i].tokens }).collect();
-        let fresh_scores = score(scorer, self.prompt, &responses, false, &mut self.stats).await?;
-        drop(responses);
-        for (&i, s) in fresh.iter().zip(fresh_scores) {
-            self.candidates[i].score = s;
-        }
+        self.score_candidates(scorer, &fresh).await?;
         // The reference sorts finished rows first, then the live ones, by score (stable).
         let finished: Vec<(u32, bool, f32)> = self
             .ranked
