@@ -13,7 +13,8 @@
 //! cargo xtask cuda-check    build specrej-candle's tests with CUDA and type-check the CLI's, unoptimised
 //!                           (toolkit wheels from PyPI, link-time stubs, no GPU needed): what CI runs
 //! cargo xtask cuda-build [--release]   build the `specrej` CLI with CUDA (slow: nvcc kernels + codegen)
-//! cargo xtask gpu-check [--release]   stage CUDA binaries for scripts/gpu-check.sh (device machine)
+//! cargo xtask gpu-check [--release] [--dry-run]   stage CUDA binaries and the model for scripts/gpu-check.sh
+//!                           (device machine); --dry-run also runs that script here, CUDA steps skipped
 //! cargo xtask serve [ADDR]  specrej-server on ADDR (default 127.0.0.1:8080): the OpenAI-compatible API
 //!                           over the default model through the component, and the browser demo
 //! cargo xtask serve-static [ADDR]   the browser demo's files only (no API, no wasmtime build)
@@ -64,7 +65,7 @@ fn task() -> Result<()> {
         }
         Some("cuda-check") => cuda::check_cuda(&root()),
         Some("cuda-build") => cuda::build_cuda(&root(), rest.contains(&"--release")),
-        Some("gpu-check") => gpu::gpu_check(&root(), &fetch_model()?, rest.contains(&"--release")),
+        Some("gpu-check") => gpu::gpu_check(&root(), &fetch_model()?, rest.contains(&"--release"), rest.contains(&"--dry-run")),
         Some("serve") => serve(rest.first().copied().unwrap_or("127.0.0.1:8080")),
         Some("serve-static") => {
             fetch_model()?;
@@ -79,7 +80,7 @@ fn task() -> Result<()> {
         _ => {
             eprintln!(
                 "usage: cargo xtask <fetch-model | demo [specrej generate flags] | test [cargo test args] | bench | \
-                 bench-llama-cpp | component | component-with-reward | cuda-check | cuda-build [--release] | gpu-check [--release] | \
+                 bench-llama-cpp | component | component-with-reward | cuda-check | cuda-build [--release] | gpu-check [--release] [--dry-run] | \
                  serve [ADDR] | serve-static [ADDR] | web-e2e | fuzz [SECONDS]>"
             );
             std::process::exit(2);

@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! gpu_bench write-model --shape smollm2-135m|llama3-8b --out M.gguf [--tokenizer T.gguf] [--seed N]
-//! gpu_bench decode  --model M.gguf [--device cuda|cpu] [--rows 1,64,256] [--steps 32] [--prompt 64] [--temperature 0]
-//! gpu_bench methods --model M.gguf [--device cuda|cpu] [--n 64] [--max-new 128] [--alpha 0.5] [--prompt 64]
+//! gpu_bench decode  --model M.gguf [--device cuda|cpu] [--weights q8_0|native|f32] [--rows 1,64,256]
+//!                   [--steps 32] [--prompt 64] [--temperature 0] [--copy-mib 2048]
+//! gpu_bench methods --model M.gguf [--device cuda|cpu] [--weights q8_0|native|f32] [--n 64] [--max-new 128]
+//!                   [--alpha 0.5] [--prompt 64]
+//! gpu_bench bandwidth [--device cuda|cpu] [--copy-mib 2048]
 //! ```
 //!
 //! `write-model` writes a GGUF with random Q8_0 weights (norms f32), so a model of realistic
@@ -12,6 +15,14 @@
 //! result. Its text is noise, its speed is the real model's. `decode` measures batched
 //! decode throughput; `methods` times Best-of-N against Speculative Rejection (likelihood
 //! reward) on one random prompt. Both print one JSON object per measurement.
+//!
+//! `bandwidth` times a device-to-device copy of a `--copy-mib` buffer (the best of five,
+//! bytes read plus bytes written over the seconds). `decode` measures the same first (unless
+//! `--copy-mib 0`) and puts each row count's memory-bandwidth bound beside its throughput:
+//! the bytes one step must move (every weight matrix once as `--weights` holds it, each row's
+//! K/V read over its cached positions, the logits written and read once) over that copy
+//! bandwidth. The bound ignores activations, kernel launches and the host: a ceiling, not a
+//! prediction.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +31,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Tensor};
 use specrej_candle::{
     CandleDecoder, Device, LikelihoodScorer, LoadOptions, Model, WeightFormat, load_gguf,
 };
@@ -115,7 +127,7 @@ fn norm(rng: &mut Rng, n: usize) -> Result<QTensor> {
         .map(|_| 0.9 + 0.2 * (rng.next() >> 40) as f32 / (1u64 << 24) as f32)
         .collect();
     Ok(QTensor::quantize(
-        &candle_core::Tensor::from_vec(data, n, &candle_core::Device::Cpu)?,
+        &Tensor::from_vec(data, n, &candle_core::Device::Cpu)?,
         GgmlDType::F32,
     )?)
 }
@@ -263,14 +275,97 @@ fn device(args: &[String]) -> Result<Device> {
     }
 }
 
+fn weights(args: &[String]) -> Result<WeightFormat> {
+    match arg(args, "--weights").as_deref() {
+        None | Some("q8_0") => Ok(WeightFormat::Q8_0),
+        Some("native") => Ok(WeightFormat::Native),
+        Some("f32") => Ok(WeightFormat::F32),
+        Some(other) => bail!("--weights {other}: expected q8_0, native or f32"),
+    }
+}
+
+fn weights_name(format: WeightFormat) -> &'static str {
+    match format {
+        WeightFormat::Native => "native",
+        WeightFormat::Q8_0 => "q8_0",
+        WeightFormat::F32 => "f32",
+    }
+}
+
 fn load(args: &[String]) -> Result<(PathBuf, Arc<Model>, f64)> {
     let path = PathBuf::from(arg(args, "--model").context("--model is required")?);
     let start = Instant::now();
     let model = load_gguf(
         &path,
-        &LoadOptions { device: device(args)?, weights: WeightFormat::Q8_0, ..Default::default() },
+        &LoadOptions { device: device(args)?, weights: weights(args)?, ..Default::default() },
     )?;
     Ok((path, model, start.elapsed().as_secs_f64()))
+}
+
+/// Bytes of weights one decode step reads: every matrix of the GGUF file (the trunk's and the
+/// output head; the embedding table only where it is the tied head, since a step looks up one
+/// row of it per sequence) once, as `format` holds it (the file's own block type for
+/// `native`, 34 bytes per 32 weights for Q8_0, 4 bytes a weight for f32), vectors (norms,
+/// biases) as f32. Computed from the file's tensor table; row padding is not counted.
+fn weight_bytes_per_step(path: &Path, format: WeightFormat) -> Result<u64> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let content = gguf_file::Content::read(&mut file).with_context(|| format!("reading {}", path.display()))?;
+    let tied = !content.tensor_infos.contains_key("output.weight");
+    let mut total = 0u64;
+    for (name, info) in &content.tensor_infos {
+        if name == "token_embd.weight" && !tied {
+            continue;
+        }
+        let elems = info.shape.elem_count() as u64;
+        let float = matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        total += match format {
+            _ if info.shape.rank() < 2 => 4 * elems,
+            WeightFormat::Native if !float => {
+                elems / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64
+            }
+            WeightFormat::Native | WeightFormat::F32 => 4 * elems,
+            WeightFormat::Q8_0 => elems / GgmlDType::Q8_0.block_size() as u64 * GgmlDType::Q8_0.type_size() as u64,
+        };
+    }
+    Ok(total)
+}
+
+/// Device-to-device copy bandwidth: a `mib` MiB buffer copied on `device` (a warm-up, then
+/// the best of five), counting the bytes read and the bytes written.
+fn copy_bandwidth(device: &candle_core::Device, mib: usize) -> Result<f64> {
+    let elems = mib << 18; // f32 elements of `mib` MiB
+    let source = Tensor::zeros(elems, DType::F32, device)?;
+    drop(source.copy()?);
+    device.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let copy = source.copy()?;
+        device.synchronize()?;
+        best = best.min(start.elapsed().as_secs_f64());
+        drop(copy);
+    }
+    Ok(2.0 * (elems * 4) as f64 / best)
+}
+
+fn bandwidth(args: &[String]) -> Result<()> {
+    let device = match device(args)? {
+        Device::Cpu => candle_core::Device::Cpu,
+        Device::Cuda(ordinal) => candle_core::Device::new_cuda(ordinal)?,
+    };
+    let mib: usize = arg_or(args, "--copy-mib", 2048)?;
+    if mib == 0 {
+        bail!("--copy-mib must be at least 1");
+    }
+    let bytes_per_s = copy_bandwidth(&device, mib)?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "bandwidth", "device": format!("{device:?}"), "copy_mib": mib,
+            "copy_bytes_per_s": bytes_per_s, "counts": "bytes read + bytes written",
+        })
+    );
+    Ok(())
 }
 
 /// A random prompt of `len` ids (never 0..=2, the conventional special ids).
@@ -283,6 +378,9 @@ fn prompt(len: usize, vocab: usize) -> Vec<u32> {
 
 fn decode(args: &[String]) -> Result<()> {
     let (path, model, load_s) = load(args)?;
+    let copy_mib: usize = arg_or(args, "--copy-mib", 2048)?;
+    let copy_bytes_per_s = if copy_mib > 0 { Some(copy_bandwidth(model.device(), copy_mib)?) } else { None };
+    let weight_bytes = weight_bytes_per_step(&path, model.weight_format())?;
     let steps: usize = arg_or(args, "--steps", 32)?;
     let prompt_len: usize = arg_or(args, "--prompt", 64)?;
     let temperature: f32 = arg_or(args, "--temperature", 0.0)?;
@@ -317,14 +415,28 @@ fn decode(args: &[String]) -> Result<()> {
             block_on_ready(decoder.step(&mut batch))?;
         }
         let secs = start.elapsed().as_secs_f64();
+        // The warm-up ran 2 tokens through the model (the first step only samples): the
+        // timed steps attend over prompt + 3 .. prompt + 2 + steps positions.
+        let cached = prompt_len as f64 + 3.0 + (steps as f64 - 1.0) / 2.0;
+        let kv_bytes = n as f64 * cached * model.kv_bytes_per_token() as f64;
+        let logits_bytes = 2.0 * n as f64 * model.config().vocab_size as f64 * 4.0;
+        let step_bytes = weight_bytes as f64 + kv_bytes + logits_bytes;
+        let tokens_per_s = (n as usize * steps) as f64 / secs;
+        let bound = copy_bytes_per_s.map(|bw| n as f64 * bw / step_bytes);
         println!(
             "{}",
             serde_json::json!({
                 "bench": "decode", "model": path.display().to_string(), "load_s": load_s,
+                "weights": weights_name(model.weight_format()), "device": format!("{:?}", model.device()),
                 "rows": n, "steps": steps, "prompt": prompt_len, "temperature": temperature,
+                "mean_cached_tokens": cached,
                 "prefill_s": prefill_s, "step_ms": secs * 1e3 / steps as f64,
-                "tokens_per_s": (n as usize * steps) as f64 / secs,
+                "tokens_per_s": tokens_per_s,
                 "kv_budget_bytes": budget,
+                "step_bytes": {"weights": weight_bytes, "kv_read": kv_bytes, "logits": logits_bytes, "total": step_bytes},
+                "copy_bytes_per_s": copy_bytes_per_s,
+                "bound_tokens_per_s": bound,
+                "fraction_of_bound": bound.map(|b| tokens_per_s / b),
             })
         );
     }
@@ -408,8 +520,9 @@ fn main() -> Result<()> {
         }
         Some("decode") => decode(&args),
         Some("methods") => methods(&args),
+        Some("bandwidth") => bandwidth(&args),
         _ => bail!(
-            "usage: gpu_bench <write-model | decode | methods> [flags] (see the source's header)"
+            "usage: gpu_bench <write-model | decode | methods | bandwidth> [flags] (see the source's header)"
         ),
     }
 }

@@ -16,6 +16,12 @@
 //!    generated tokens, the reward model's tokens as its incremental scorer would run them,
 //!    and wall time priced by a calibration of this machine ([`cost`]).
 //!
+//! `--backend cuda` runs the recording, the judge and the calibration on the GPU (judge
+//! rewards only); the replays then model the GPU's dense K/V under the same byte budget. The
+//! batch invariance that makes a CPU replay exact is not established on a GPU (`--check-live`
+//! reports whether the first prompt's live run equals its replay): there a replay is the
+//! policy run over the recorded tokens, which a live run could differ from by rounding.
+//!
 //! Results go to `--out`/results.json after each prompt (a rerun with the same settings
 //! resumes, skipping the prompts there), then report.md (tables with bootstrap confidence
 //! intervals) and SVGs. Recordings are kept in `--out`/recordings/ (large; not needed to
@@ -30,6 +36,7 @@ mod report;
 #[cfg(test)]
 mod tests;
 
+use crate::backend::BackendArg;
 use crate::budget::KvBudget;
 use crate::generate::WeightsArg;
 use crate::model::{self, Text};
@@ -127,6 +134,12 @@ pub struct PaperArgs {
     /// How weights are held in memory.
     #[arg(long, value_enum, default_value = "q8-0")]
     weights: WeightsArg,
+    /// Where the recording, the judge and the calibration run: candle on the CPU, or on CUDA
+    /// (a build with `--features cuda`). On CUDA the K/V layout the replays model is the
+    /// GPU's (dense, f32, the prompt held once per row), and only the judge rewards are
+    /// available (the GPU's decode step computes no per-token NLLs, the likelihood's source).
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
     /// Rows per batch of the recording run (memory: about 23 KB per row and token).
     #[arg(long, default_value_t = 256)]
     record_rows: usize,
@@ -150,6 +163,9 @@ pub struct PaperArgs {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
     pub model: String,
+    /// Where it ran: `cpu` or `cuda` (results files from before this field are the CPU's).
+    #[serde(default = "cpu")]
+    pub backend: String,
     pub weights: String,
     pub kv_format: String,
     pub bon: Vec<usize>,
@@ -165,6 +181,10 @@ pub struct Settings {
     pub adaptive_snr: f32,
     pub seed: u64,
     pub sampling: String,
+}
+
+fn cpu() -> String {
+    "cpu".into()
 }
 
 /// results.json.
@@ -298,6 +318,18 @@ pub fn run(args: PaperArgs) -> Result<()> {
     if args.probe_lag == 0 && args.policies.iter().any(|p| matches!(p, PolicyName::Gate | PolicyName::Adaptive)) {
         bail!("--probe-lag must be at least 1 for the gate and adaptive α");
     }
+    if args.backend == BackendArg::Wgpu {
+        bail!("--backend wgpu: bench paper runs on candle (cpu or cuda)");
+    }
+    if args.backend == BackendArg::Cuda
+        && let Some(r) = args.rewards.iter().find(|r| !matches!(r, RewardName::Judge | RewardName::PartialJudge))
+    {
+        bail!(
+            "--backend cuda --rewards {}: on CUDA only the judge rewards can be evaluated (judge, partial-judge): the GPU's \
+             decode step records no per-token NLLs (the likelihood's source) and the self-judge reads the CPU's K/V",
+            r.label()
+        );
+    }
     let largest = *ladder.last().unwrap_or(&1);
     if args.sr_n.is_some_and(|n| n > largest) {
         bail!("--sr-n {} exceeds the rows the recording holds (the largest --bon, {largest})", args.sr_n.unwrap_or(0));
@@ -311,8 +343,8 @@ pub fn run(args: PaperArgs) -> Result<()> {
     };
     let count = args.limit.unwrap_or(prompts.len()).min(prompts.len());
     let path = model::locate(args.model.as_deref())?;
-    let weights = specrej_candle::load(&path, &LoadOptions { weights: args.weights.into(), ..Default::default() })
-        .with_context(|| format!("loading {}", path.display()))?;
+    let options = LoadOptions { device: args.backend.candle_device(), weights: args.weights.into(), ..Default::default() };
+    let weights = specrej_candle::load(&path, &options).with_context(|| format!("loading {}", path.display()))?;
     let kv_budget_bytes = match args.kv_budget {
         KvBudget::Auto => bail!("--kv-budget auto: bench paper needs a fixed budget both methods share (e.g. 256MB)"),
         KvBudget::Bytes(b) => b,
@@ -321,8 +353,10 @@ pub fn run(args: PaperArgs) -> Result<()> {
     let sampling = Sampling::default();
     let settings = Settings {
         model: path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+        backend: format!("{:?}", args.backend).to_lowercase(),
         weights: format!("{:?}", args.weights).to_lowercase(),
-        kv_format: format!("{:?}", weights.kv_format()).to_lowercase(),
+        // A GPU's caches are f32 whatever the CPU's format (`Model::kv_bytes_per_token`).
+        kv_format: if weights.device().is_cpu() { format!("{:?}", weights.kv_format()).to_lowercase() } else { "f32".into() },
         bon: ladder.clone(),
         alphas: args.alphas.clone(),
         policies: args.policies.clone(),
@@ -361,7 +395,10 @@ pub fn run(args: PaperArgs) -> Result<()> {
                 c
             }
             (None, None) => {
-                let c = calibrate(&weights, &text, &settings)?;
+                let mut c = calibrate(&weights, &text, &settings)?;
+                if !weights.device().is_cpu() {
+                    c.machine = format!("CUDA device 0; host {}", c.machine);
+                }
                 if let Some(path) = &args.calibration {
                     std::fs::write(path, serde_json::to_string_pretty(&c)?).with_context(|| format!("writing {}", path.display()))?;
                 }
@@ -502,6 +539,7 @@ fn run_prompt(
 ) -> Result<PromptResult> {
     let prompt = text.prompt(user, None, false)?;
     let seed = settings.seed + index as u64;
+    let needs_nll = settings.rewards.contains(&RewardName::Likelihood);
     let largest = *settings.bon.last().unwrap_or(&1);
     let base = Options {
         method: Method::BestOfN,
@@ -515,10 +553,20 @@ fn run_prompt(
     // 1. The recording (reused from recordings/ when it is there and matches).
     let rec_path = out.join("recordings").join(format!("prompt-{index}.json"));
     let recording = match std::fs::read_to_string(&rec_path).ok().and_then(|t| serde_json::from_str::<(u64, usize, record::Recording)>(&t).ok()) {
-        Some((s, n, rec)) if s == seed && n == largest && rec.rows.iter().all(|r| r.len() <= settings.max_new_tokens) => rec,
+        Some((s, n, rec))
+            if s == seed
+                && n == largest
+                && rec.rows.iter().all(|r| r.len() <= settings.max_new_tokens)
+                && !(needs_nll && rec.missing_nll().is_some()) =>
+        {
+            rec
+        }
         _ => {
             eprintln!("{label}: recording Best-of-{largest} ({} new tokens at most)", settings.max_new_tokens);
             let rec = record::record(weights, &prompt, &base, record_rows)?;
+            if needs_nll && let Some(row) = rec.missing_nll() {
+                bail!("recording: row {row} is missing token NLLs");
+            }
             std::fs::write(&rec_path, serde_json::to_string(&(seed, largest, &rec))?)
                 .with_context(|| format!("writing {}", rec_path.display()))?;
             rec

@@ -1,10 +1,10 @@
 //! One prompt's Best-of-N run, recorded to every row's end: the tokens (what replay plays
 //! back), each token's NLL under the policy (the likelihood reward of every prefix, for
-//! free), and what the live run cost.
+//! free; on the CPU only: see [`Recording::missing_nll`]), and what the live run cost.
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use specrej_candle::{CandleDecoder, Model};
 use specrej_core::{block_on_ready, Finish, Method, Options, Response, Scored, Scorer, Stats};
@@ -55,8 +55,14 @@ pub fn record(model: &Arc<Model>, prompt: &[u32], options: &Options, batch_rows:
             *slot = value;
         }
     }
-    if let Some((row, _)) = nll.iter().enumerate().find(|(_, r)| r.iter().any(|x| x.is_nan())) {
-        bail!("recording: row {row} is missing token NLLs");
-    }
     Ok(Recording { rows, finish, nll, stats: outcome.stats, batch_rows: batch_rows.min(n) })
+}
+
+impl Recording {
+    /// The first row missing a token's NLL, if any: on a GPU the decoder sends only the first
+    /// step's NLLs (its dense step does not compute them), so a GPU recording has no
+    /// likelihood rewards.
+    pub fn missing_nll(&self) -> Option<usize> {
+        self.nll.iter().position(|r| r.iter().any(|x| x.is_nan()))
+    }
 }

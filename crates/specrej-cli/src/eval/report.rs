@@ -291,10 +291,11 @@ pub fn markdown(settings: &Settings, calibration: Option<&Calibration>, results:
     let _ = writeln!(md, "# specrej bench paper\n");
     let _ = writeln!(
         md,
-        "Policy `{}` (weights {}, K/V {}); {}; at most {} new tokens; every method gets the same KV budget of {:.0} MB; \
+        "Policy `{}` (on {}, weights {}, K/V {}); {}; at most {} new tokens; every method gets the same KV budget of {:.0} MB; \
          Speculative Rejection starts with as many rows as fit it with room for {} new tokens each (at most {}), and \
          Best-of-N runs in as many sequential batches as the budget needs; seed {} + prompt index. {} prompts.\n",
         settings.model,
+        settings.backend,
         settings.weights,
         settings.kv_format,
         settings.sampling,
@@ -307,13 +308,18 @@ pub fn markdown(settings: &Settings, calibration: Option<&Calibration>, results:
     );
     let _ = writeln!(
         md,
-        "Every run is replayed over one recorded {largest} per prompt, through the real scheduler (exact: \
-         row-keyed noise and batch-invariant rewards; `--check-live` runs one live to confirm). Tokens = generated + \
+        "Every run is replayed over one recorded {largest} per prompt, through the real scheduler ({}). Tokens = generated + \
          reward-model tokens as the live incremental scorer runs them. Wall = modelled from this machine's measured \
          step, prefill and reward costs{}. Improvement score per prompt = 100·(winner's reward − min of {ref}) / (max − \
          min of {ref}), averaged over the prompts; relative compute = Σ over prompts / {ref}'s Σ; speedup = the \
          Best-of-N compute that reaches the same mean score (log-linear between ladder points) / the method's; \
          intervals: 95% bootstrap over prompts. Oracle share = (score − random's) / (oracle's − random's) at the same α.\n",
+        if settings.backend == "cpu" {
+            "exact: row-keyed noise and batch-invariant rewards; `--check-live` runs one live to confirm"
+        } else {
+            "batch invariance, which makes a CPU replay exact, is not established on this backend: a replay is the policy \
+             over the recorded tokens, which a live run could differ from by rounding; `--check-live` measures it"
+        },
         calibration.map_or_else(String::new, |c| format!(" ({})", c.machine)),
         ref = bon_label(settings.bon[0]),
     );

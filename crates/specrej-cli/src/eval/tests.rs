@@ -36,6 +36,7 @@ fn replay_equals_live_runs_on_the_default_model() {
         rules: Rules::default(),
     };
     let rec = record(&model, &prompt, &base, 16).unwrap();
+    assert_eq!(rec.missing_nll(), None, "a CPU recording has every token's NLL");
     assert_eq!(rec.batch_rows, 16, "two batches: rows do not depend on their batch");
     // Room for 24 rows × 8 new tokens (a block each): decisions every block or two.
     let bytes = CandleDecoder::budget_for(&model, prompt.len(), 24, 8);
