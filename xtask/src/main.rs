@@ -160,13 +160,13 @@ fn test(extra: &[&str]) -> Result<()> {
     // Real-model tests are #[ignore]d in a plain `cargo test` (they need the file);
     // here they run too, with the model's path in SPECREJ_MODEL.
     // The decoder components (both worlds), built once (wasm32) for the host's tests.
-    let component = component::build_component(&root())?;
-    let with_reward = component::build_component_with_reward(&root())?;
+    let component = timed("component", || component::build_component(&root()))?;
+    let with_reward = timed("component-with-reward", || component::build_component_with_reward(&root()))?;
     let mut command = cargo();
     command.env("SPECREJ_MODEL", &model).env("SPECREJ_COMPONENT", &component);
     command.env("SPECREJ_COMPONENT_WITH_REWARD", &with_reward);
     command.args(["test", "--workspace"]).args(extra);
-    run(command.args(["--", "--include-ignored"]))?;
+    timed("cargo test", || run(command.args(["--", "--include-ignored"])))?;
     // The browser demo end to end, in headless Chromium: skipped (saying so) where there is
     // no Chromium or Node.js, unless SPECREJ_REQUIRE_BROWSER=1 (CI sets it).
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
@@ -178,7 +178,15 @@ fn test(extra: &[&str]) -> Result<()> {
         eprintln!("skipped the browser end-to-end test: {chromium} or node is missing (apt-get install chromium)");
         return Ok(());
     }
-    web::e2e(&root())
+    timed("web e2e", || web::e2e(&root()))
+}
+
+/// Runs `f`, then prints how long it took (CI's step table splits `test` by these lines).
+fn timed<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let started = std::time::Instant::now();
+    let result = f();
+    eprintln!("::: phase {name} took {:.0} s", started.elapsed().as_secs_f64());
+    result
 }
 
 /// `specrej-server` with the default model, the decoder component and the browser demo
