@@ -88,13 +88,8 @@ pub struct CandleBatch {
 impl Drop for CandleBatch {
     fn drop(&mut self) {
         if let (Some(share), Kv::Host(rows)) = (&self.share, &self.kv) {
-            let mut rows = lock(rows);
-            let prompt = Arc::clone(&rows.prompt);
-            let seqs = std::mem::take(&mut rows.seqs);
-            let run = std::mem::take(&mut rows.run);
-            for ((seq, run), &row) in seqs.into_iter().zip(run).zip(&self.row_ids) {
-                share.park(row, &prompt, run, seq);
-            }
+            let gone = lock(rows).retain(&[], &self.row_ids);
+            share.park(gone);
         }
     }
 }
@@ -538,20 +533,10 @@ impl Decoder for CandleDecoder {
         }
         match &mut batch.kv {
             Kv::Host(host) => {
-                // Dropped rows' blocks go back to the pool (or are parked, when lent); nothing
-                // is copied or allocated.
-                let mut host = lock(host);
-                let prompt = Arc::clone(&host.prompt);
-                let seqs = std::mem::take(&mut host.seqs);
-                let run = std::mem::take(&mut host.run);
-                let mut next = keep.iter().peekable();
-                for (i, (seq, run)) in seqs.into_iter().zip(run).enumerate() {
-                    if next.next_if(|&&k| k == i).is_some() {
-                        host.seqs.push(seq);
-                        host.run.push(run);
-                    } else if let Some(share) = &batch.share {
-                        share.park(batch.row_ids[i], &prompt, run, seq);
-                    }
+                // Dropped rows' blocks go back to the pool (or are parked, when lent).
+                let gone = lock(host).retain(keep, &batch.row_ids);
+                if let Some(share) = &batch.share {
+                    share.park(gone);
                 }
             }
             Kv::Dense(cache) => {

@@ -69,18 +69,18 @@ impl SelfJudgeScorer {
         self
     }
 
-    /// The response as the self-judge reads it: without a final end-of-turn token, which
-    /// `after` supplies.
-    fn answer<'t>(&self, tokens: &'t [u32]) -> &'t [u32] {
-        match tokens.split_last() {
-            Some((last, rest)) if *last == self.after[0] => rest,
+    /// The response as a self-judge asking `after` reads it: without a final end-of-turn
+    /// token (`after[0]`), which `after` supplies.
+    pub fn answer<'t>(tokens: &'t [u32], after: &[u32]) -> &'t [u32] {
+        match (tokens.split_last(), after.first()) {
+            (Some((last, rest)), Some(end)) if last == end => rest,
             _ => tokens,
         }
     }
 
     /// The ids whose last position's logits give the reward.
     pub fn input(&self, prompt: &[u32], tokens: &[u32]) -> Vec<u32> {
-        [prompt, self.answer(tokens), &self.after].concat()
+        [prompt, Self::answer(tokens, &self.after), &self.after].concat()
     }
 
     fn score_any(&mut self, prompt: &[u32], responses: &[Response<'_>], judged: bool) -> Result<Scored, BackendError> {
@@ -116,7 +116,7 @@ impl SelfJudgeScorer {
                 .with_kv_budget(self.runner.kv_budget_bytes);
             self.dense = Some((prompt.to_vec(), judge));
         }
-        let answers: Vec<Response<'_>> = responses.iter().map(|r| Response { row: r.row, tokens: self.answer(r.tokens) }).collect();
+        let answers: Vec<Response<'_>> = responses.iter().map(|r| Response { row: r.row, tokens: Self::answer(r.tokens, &self.after) }).collect();
         let Some((_, judge)) = self.dense.as_mut() else { unreachable!("set above") };
         specrej_core::block_on_ready(judge.score(prompt, &answers))
     }

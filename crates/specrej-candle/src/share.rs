@@ -42,6 +42,25 @@ impl HostRows {
         let run = vec![Vec::new(); seqs.len()];
         Self { prompt: Arc::from(prompt), seqs, run }
     }
+
+    /// Keeps rows `keep` (strictly ascending) and hands back the others, as rows to
+    /// [`KvShare::park`] (`row_ids[i]` naming row `i`); dropping them returns their blocks to
+    /// the pool. No K/V is copied or allocated.
+    pub(crate) fn retain(&mut self, keep: &[usize], row_ids: &[u32]) -> Vec<Parked> {
+        let seqs = std::mem::take(&mut self.seqs);
+        let run = std::mem::take(&mut self.run);
+        let mut next = keep.iter().peekable();
+        let mut gone = Vec::with_capacity(seqs.len() - keep.len().min(seqs.len()));
+        for (i, (seq, run)) in seqs.into_iter().zip(run).enumerate() {
+            if next.next_if(|&&k| k == i).is_some() {
+                self.seqs.push(seq);
+                self.run.push(run);
+            } else {
+                gone.push(Parked { row: row_ids[i], prompt: Arc::clone(&self.prompt), run, seq });
+            }
+        }
+        gone
+    }
 }
 
 /// Locks `rows`, ignoring poisoning: a panic elsewhere leaves the rows as they were (every
@@ -52,7 +71,7 @@ pub(crate) fn lock(rows: &Mutex<HostRows>) -> MutexGuard<'_, HostRows> {
 
 /// A row a batch let go of, kept until a scorer has judged it or the memory is needed.
 #[derive(Debug)]
-struct Parked {
+pub(crate) struct Parked {
     row: u32,
     prompt: Arc<[u32]>,
     run: Vec<u32>,
@@ -109,9 +128,10 @@ impl KvShare {
         lent.batches.push(Arc::downgrade(rows));
     }
 
-    /// Keeps a row its batch let go of.
-    pub(crate) fn park(&self, row: u32, prompt: &Arc<[u32]>, run: Vec<u32>, seq: Seq) {
-        self.lent().parked.push_back(Parked { row, prompt: Arc::clone(prompt), run, seq });
+    /// Keeps rows their batch let go of ([`HostRows::retain`]). Call it with the batch's
+    /// rows unlocked: [`KvShare::borrow`] locks the loan, then the batches.
+    pub(crate) fn park(&self, rows: Vec<Parked>) {
+        self.lent().parked.extend(rows);
     }
 
     /// Drops every parked row (their blocks go back to the decoder's pool); whether there

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use specrej_candle::{reused_positions, JudgeScorer, Model};
+use specrej_candle::{reused_positions, JudgeScorer, Model, SelfJudgeScorer};
 use specrej_core::likelihood;
 use specrej_core::replay::{Call, ReplayDecoder};
 use specrej_core::{block_on_ready, BackendError, KvLayout, Method, Options, Outcome, Response, Rules, Scored, Scorer};
@@ -132,11 +132,11 @@ impl<'r> Rewards<'r> {
             };
             // The self-judge reads an answer that ends the assistant's turn (its EOS) without
             // that token: its question starts with it.
-            let end = (self.name == RewardName::SelfJudge).then(|| text.after[0]);
+            let self_judge = self.name == RewardName::SelfJudge;
             let rows = &self.rec.rows;
-            let asked = |row: u32, len: usize| match end {
-                Some(e) if len > 0 && rows[row as usize][len - 1] == e => len - 1,
-                _ => len,
+            let asked = |row: u32, len: usize| {
+                let prefix = &rows[row as usize][..len];
+                if self_judge { SelfJudgeScorer::answer(prefix, &text.after).len() } else { len }
             };
             // Each row's whole text is run once and kept; a prefix then runs only the question.
             let asks: Vec<(Response<'_>, usize)> =
@@ -232,11 +232,9 @@ impl Shadow {
 fn self_judge_cost(prompt: &[u32], after: &[u32], responses: &[Response<'_>]) -> Cost {
     let mut cost = Cost::default();
     for r in responses {
-        let (answer, ran) = match r.tokens.split_last() {
-            Some((&last, rest)) if last == after[0] => (rest.len(), rest.len()),
-            Some(_) => (r.tokens.len(), r.tokens.len() - 1),
-            None => (0, 0),
-        };
+        let answer = SelfJudgeScorer::answer(r.tokens, after).len();
+        // The decoder ran every sampled token but the last.
+        let ran = answer.min(r.tokens.len().saturating_sub(1));
         let (keep, total) = ((prompt.len() + ran) as u64, (prompt.len() + answer + after.len()) as u64);
         cost.tokens += total - keep;
         cost.pairs += (keep + 1..=total).sum::<u64>();
