@@ -30,9 +30,9 @@ use std::sync::Arc;
 use specrej_candle::{CandleDecoder, JudgeScorer, KvFormat, LoadOptions, WeightFormat};
 
 use crate::dense::DenseView;
-use specrej_core::{block_on_ready, generate, Decoder, Method, Options, Outcome, Sampling, Scorer};
+use specrej_core::{Decoder, Method, Options, Outcome, Sampling, Scorer, block_on_ready, generate};
 use specrej_tests::default_model;
-use specrej_text::{judge_segments, ChatTemplate, GgufMetadata, Message, Tokenizer};
+use specrej_text::{ChatTemplate, GgufMetadata, Message, Tokenizer, judge_segments};
 use specrej_wgpu::{WgpuDecoder, WgpuJudgeScorer, WgpuModel};
 
 const QUESTION: &str = "Describe, step by step, how to bake a loaf of bread at home.";
@@ -82,7 +82,10 @@ fn wgpu_model(f16_kv: bool) -> Option<Arc<WgpuModel>> {
     let options = specrej_wgpu::Options { f16_kv, ..Default::default() };
     let model = WgpuModel::load_path_blocking(default_model(), &options).expect("wgpu model");
     if model.uses_f16_kv() != f16_kv {
-        eprintln!("skipped: {} does not offer shader-f16 (the f32 K/V run covers it)", model.adapter().name);
+        eprintln!(
+            "skipped: {} does not offer shader-f16 (the f32 K/V run covers it)",
+            model.adapter().name
+        );
         return None;
     }
     Some(model)
@@ -92,7 +95,13 @@ fn wgpu_model(f16_kv: bool) -> Option<Arc<WgpuModel>> {
 // The suite, generic over any Decoder.
 
 /// Tokens of `steps` lock-step steps for rows `rows` (outer: step, inner: row).
-fn decode<D: Decoder>(d: &mut D, prompt: &[u32], rows: std::ops::Range<u32>, sampling: &Sampling, steps: usize) -> Vec<Vec<u32>> {
+fn decode<D: Decoder>(
+    d: &mut D,
+    prompt: &[u32],
+    rows: std::ops::Range<u32>,
+    sampling: &Sampling,
+    steps: usize,
+) -> Vec<Vec<u32>> {
     let mut batch = d.prefill(prompt, rows, sampling).expect("prefill");
     (0..steps).map(|_| block_on_ready(d.step(&mut batch)).expect("step")).collect()
 }
@@ -176,18 +185,39 @@ fn wgpu_is_batch_invariant_within_rounding() {
     let Some(model) = wgpu_model(false) else { return };
     let text = text();
     let seg = judge_segments(&text.tokenizer, &text.template, QUESTION).expect("judge prompt");
-    let candidate = text.tokenizer.encode("Mix flour, water, yeast and salt; knead, let it rise, then bake.", false).expect("encode");
+    let candidate = text
+        .tokenizer
+        .encode("Mix flour, water, yeast and salt; knead, let it rise, then bake.", false)
+        .expect("encode");
     let others: Vec<Vec<u32>> = (0..16)
-        .map(|i| text.tokenizer.encode(["Preheat the oven.", "Use bread flour.", "Let it cool first.", "Salt matters."][i % 4], false).expect("encode"))
+        .map(|i| {
+            text.tokenizer
+                .encode(
+                    [
+                        "Preheat the oven.",
+                        "Use bread flour.",
+                        "Let it cool first.",
+                        "Salt matters.",
+                    ][i % 4],
+                    false,
+                )
+                .expect("encode")
+        })
         .collect();
     let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * a.abs().max(b.abs()).max(1e-3);
     let mut judge = WgpuJudgeScorer::new(model.clone(), seg.before, seg.after, seg.yes, seg.no);
     let mut likelihood = specrej_wgpu::WgpuLikelihoodScorer::new(model.clone());
     let alone = [specrej_core::Response { row: 7, tokens: &candidate }];
-    let mut batch: Vec<specrej_core::Response<'_>> =
-        others.iter().enumerate().map(|(i, t)| specrej_core::Response { row: 100 + i as u32, tokens: t }).collect();
+    let mut batch: Vec<specrej_core::Response<'_>> = others
+        .iter()
+        .enumerate()
+        .map(|(i, t)| specrej_core::Response { row: 100 + i as u32, tokens: t })
+        .collect();
     batch.insert(9, alone[0]);
-    for (name, scorer) in [("judge", &mut judge as &mut dyn DynScore), ("likelihood", &mut likelihood as &mut dyn DynScore)] {
+    for (name, scorer) in [
+        ("judge", &mut judge as &mut dyn DynScore),
+        ("likelihood", &mut likelihood as &mut dyn DynScore),
+    ] {
         let one = scorer.rewards(&text.prompt, &alone)[0];
         let many = scorer.rewards(&text.prompt, &batch)[9];
         eprintln!("wgpu {name}: alone {one}, in a batch of 17 {many}");
@@ -249,15 +279,24 @@ fn wgpu_suite(f16_kv: bool) {
     // The K/V cache's real element size sets the bytes per token, hence the capacity.
     let f32_bytes = model.config().kv_bytes_per_token();
     assert_eq!(model.kv_bytes_per_token(), if f16_kv { f32_bytes / 2 } else { f32_bytes });
-    let default_capacity = WgpuDecoder::new(model.clone(), specrej_wgpu::DEFAULT_KV_BUDGET_BYTES).token_capacity();
-    eprintln!("K/V {}: {} bytes per token, {default_capacity} tokens in the default budget", if f16_kv { "f16" } else { "f32" }, model.kv_bytes_per_token());
+    let default_capacity =
+        WgpuDecoder::new(model.clone(), specrej_wgpu::DEFAULT_KV_BUDGET_BYTES).token_capacity();
+    eprintln!(
+        "K/V {}: {} bytes per token, {default_capacity} tokens in the default budget",
+        if f16_kv { "f16" } else { "f32" },
+        model.kv_bytes_per_token()
+    );
     let mut wd = WgpuDecoder::new(model.clone(), BUDGET);
     let mut cd = CandleDecoder::new(cmodel.clone(), BUDGET);
 
     // Logits of the first steps: wgpu's decode-step distributions against candle's full
     // forward (final-normed hidden states) times the dequantized output matrix.
     let bytes = std::fs::read(default_model()).expect("model file");
-    let head_name = if specrej_wgpu::dequantize_tensor(&bytes, "output.weight").is_ok() { "output.weight" } else { "token_embd.weight" };
+    let head_name = if specrej_wgpu::dequantize_tensor(&bytes, "output.weight").is_ok() {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
     let (shape, head) = specrej_wgpu::dequantize_tensor(&bytes, head_name).expect("head");
     let (vocab, hidden) = (shape[0], shape[1]);
     let greedy_sampling = Sampling { temperature: 0.0, ..Sampling::default() };
@@ -290,7 +329,10 @@ fn wgpu_suite(f16_kv: bool) {
     let c = greedy(&mut cd, &text.prompt, GREEDY_STEPS);
     eprintln!("[{:.1?}] cpu greedy done", start.elapsed());
     let same = w.iter().zip(&c).take_while(|(a, b)| a == b).count();
-    eprintln!("greedy: {same}/{GREEDY_STEPS} tokens equal; wgpu: {:?}", text.tokenizer.decode(&w, true));
+    eprintln!(
+        "greedy: {same}/{GREEDY_STEPS} tokens equal; wgpu: {:?}",
+        text.tokenizer.decode(&w, true)
+    );
     assert_eq!(w, c, "greedy tokens differ after {same} steps");
 
     // retain keeps exactly the chosen rows.
@@ -321,19 +363,29 @@ fn speculative_rejection_suite(f16_kv: bool) {
     assert!(candle.token_capacity() + 16 >= capacity);
     let mut cd = DenseView { inner: candle, capacity: wd.token_capacity() };
     let seg_lens = (seg.before.len(), seg.after.len());
-    let mut wj = WgpuJudgeScorer::new(model.clone(), seg.before.clone(), seg.after.clone(), seg.yes, seg.no);
+    let mut wj =
+        WgpuJudgeScorer::new(model.clone(), seg.before.clone(), seg.after.clone(), seg.yes, seg.no);
     let mut cj = JudgeScorer::new(cmodel, seg.before, seg.after, seg.yes, seg.no);
 
     // The judges agree on the same responses within rounding.
-    let responses: Vec<Vec<u32>> = vec![text.tokenizer.encode("Mix flour, water, yeast and salt.", false).expect("encode"), vec![]];
-    let rs: Vec<specrej_core::Response<'_>> =
-        responses.iter().enumerate().map(|(i, t)| specrej_core::Response { row: i as u32, tokens: t }).collect();
+    let responses: Vec<Vec<u32>> = vec![
+        text.tokenizer.encode("Mix flour, water, yeast and salt.", false).expect("encode"),
+        vec![],
+    ];
+    let rs: Vec<specrej_core::Response<'_>> = responses
+        .iter()
+        .enumerate()
+        .map(|(i, t)| specrej_core::Response { row: i as u32, tokens: t })
+        .collect();
     let a = block_on_ready(wj.score(&text.prompt, &rs)).expect("wgpu judge");
     let b = block_on_ready(cj.score(&text.prompt, &rs)).expect("candle judge");
     // wgpu runs the responses padded to the longest; candle-cpu runs each at its length.
     let (before, after) = (seg_lens.0 as u64, seg_lens.1 as u64);
     let lens: Vec<u64> = responses.iter().map(|r| r.len() as u64 + after).collect();
-    assert_eq!(a.tokens_processed, before + lens.len() as u64 * lens.iter().copied().max().unwrap_or(0));
+    assert_eq!(
+        a.tokens_processed,
+        before + lens.len() as u64 * lens.iter().copied().max().unwrap_or(0)
+    );
     assert_eq!(b.tokens_processed, before + lens.iter().sum::<u64>());
     for (x, y) in a.rewards.iter().zip(&b.rewards) {
         assert!((x - y).abs() < 1e-2, "judge rewards {:?} vs {:?}", a.rewards, b.rewards);

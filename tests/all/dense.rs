@@ -33,11 +33,19 @@ impl<D: Decoder> Decoder for DenseView<D> {
         self.inner.max_sequence_len()
     }
 
-    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<D::Batch, BackendError> {
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<D::Batch, BackendError> {
         self.inner.prefill(prompt, rows, sampling)
     }
 
-    fn step(&mut self, batch: &mut D::Batch) -> impl Future<Output = Result<Vec<u32>, BackendError>> {
+    fn step(
+        &mut self,
+        batch: &mut D::Batch,
+    ) -> impl Future<Output = Result<Vec<u32>, BackendError>> {
         self.inner.step(batch)
     }
 

@@ -31,7 +31,13 @@ fn graph() -> HashMap<String, Vec<String>> {
                 .as_array()
                 .expect("deps")
                 .iter()
-                .filter(|d| d["dep_kinds"].as_array().expect("dep_kinds").iter().any(|k| k["kind"].as_str() != Some("dev")))
+                .filter(|d| {
+                    d["dep_kinds"]
+                        .as_array()
+                        .expect("dep_kinds")
+                        .iter()
+                        .any(|k| k["kind"].as_str() != Some("dev"))
+                })
                 .map(|d| names[d["pkg"].as_str().expect("pkg")].to_string())
                 .collect();
             (name, deps)
@@ -56,24 +62,52 @@ fn closure(graph: &HashMap<String, Vec<String>>, root: &str) -> BTreeSet<String>
 #[test]
 fn crates_depend_only_on_what_the_architecture_allows() {
     let graph = graph();
-    assert!(graph.contains_key("specrej-core") && graph.contains_key("specrej-wgpu"), "the workspace's crates are in the graph");
+    assert!(
+        graph.contains_key("specrej-core") && graph.contains_key("specrej-wgpu"),
+        "the workspace's crates are in the graph"
+    );
     let core = closure(&graph, "specrej-core");
-    for backend in ["candle-core", "wgpu", "wasmtime", "wit-bindgen", "wasm-bindgen", "tokenizers"] {
+    for backend in ["candle-core", "wgpu", "wasmtime", "wit-bindgen", "wasm-bindgen", "tokenizers"]
+    {
         assert!(!core.contains(backend), "specrej-core depends on {backend}");
     }
-    assert!(!core.iter().any(|d| d.starts_with("specrej-")), "specrej-core depends on a workspace crate: {core:?}");
+    assert!(
+        !core.iter().any(|d| d.starts_with("specrej-")),
+        "specrej-core depends on a workspace crate: {core:?}"
+    );
     let wgpu = closure(&graph, "specrej-wgpu");
-    assert!(!wgpu.contains("candle-core") && !wgpu.contains("specrej-candle"), "specrej-wgpu depends on candle");
-    assert!(!wgpu.contains("specrej-text") && !wgpu.contains("tokenizers"), "specrej-wgpu depends on the text layer");
+    assert!(
+        !wgpu.contains("candle-core") && !wgpu.contains("specrej-candle"),
+        "specrej-wgpu depends on candle"
+    );
+    assert!(
+        !wgpu.contains("specrej-text") && !wgpu.contains("tokenizers"),
+        "specrej-wgpu depends on the text layer"
+    );
     let gguf = closure(&graph, "specrej-gguf");
-    assert!(!gguf.iter().any(|d| d.starts_with("specrej-")), "specrej-gguf depends on a workspace crate: {gguf:?}");
+    assert!(
+        !gguf.iter().any(|d| d.starts_with("specrej-")),
+        "specrej-gguf depends on a workspace crate: {gguf:?}"
+    );
     for user in ["specrej-text", "specrej-wgpu", "specrej-candle"] {
-        assert!(graph[user].contains(&"specrej-gguf".to_string()), "{user} reads GGUF through specrej-gguf");
+        assert!(
+            graph[user].contains(&"specrej-gguf".to_string()),
+            "{user} reads GGUF through specrej-gguf"
+        );
     }
     // Only one workspace crate uses each host technology directly.
-    for (dependency, only) in [("wasmtime", "specrej-host"), ("wit-bindgen", "specrej-component"), ("wasm-bindgen", "specrej-web")] {
-        let users: Vec<&String> =
-            graph.iter().filter(|(name, deps)| name.starts_with("specrej-") && deps.contains(&dependency.to_string())).map(|(n, _)| n).collect();
+    for (dependency, only) in [
+        ("wasmtime", "specrej-host"),
+        ("wit-bindgen", "specrej-component"),
+        ("wasm-bindgen", "specrej-web"),
+    ] {
+        let users: Vec<&String> = graph
+            .iter()
+            .filter(|(name, deps)| {
+                name.starts_with("specrej-") && deps.contains(&dependency.to_string())
+            })
+            .map(|(n, _)| n)
+            .collect();
         assert_eq!(users, [only], "the workspace crates depending on {dependency} directly");
     }
 }

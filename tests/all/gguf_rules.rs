@@ -3,7 +3,7 @@
 //! (candle's names the file first). A limit of one backend's kernels is that backend's own,
 //! reported as unsupported. No model file or GPU needed.
 
-use specrej_text::gguf::{write_gguf, GgmlType, GgufValue};
+use specrej_text::gguf::{GgmlType, GgufValue, write_gguf};
 
 const HIDDEN: usize = 64;
 const VOCAB: usize = 8;
@@ -51,12 +51,18 @@ fn candle_and_wgpu_refuse_bad_configs_with_one_message() {
             model(&[("llama.context_length", u((1 << 24) + 1))]),
             "bad or missing config entry \"llama.context_length\": 16777217 is implausibly large (at most 16777216)",
         ),
-        (model(&[("llama.context_length", u(0))]), "bad or missing config entry \"llama.context_length\": must be positive"),
+        (
+            model(&[("llama.context_length", u(0))]),
+            "bad or missing config entry \"llama.context_length\": must be positive",
+        ),
         (
             model(&[("llama.attention.head_count", u(5)), ("llama.attention.head_count_kv", u(5))]),
             "bad or missing config entry \"llama.attention.key_length\": missing, and 5 heads do not divide the embedding length 64",
         ),
-        (model(&[("llama.feed_forward_length", None)]), "bad or missing config entry \"llama.feed_forward_length\": missing"),
+        (
+            model(&[("llama.feed_forward_length", None)]),
+            "bad or missing config entry \"llama.feed_forward_length\": missing",
+        ),
         (
             model(&[("llama.embedding_length", u(32))]),
             "tensor \"token_embd.weight\" has shape [8, 64], expected [8, 32]",
@@ -83,7 +89,8 @@ fn candle_and_wgpu_refuse_corrupt_tables_with_one_message() {
         assert!(wgpu.starts_with("corrupt GGUF: ") && wgpu.contains(part), "{wgpu}");
         assert_eq!(candle, format!("<memory>: truncated or corrupt file: {wgpu}"));
     }
-    let (wgpu, candle) = refusals(&model(&[("general.architecture", Some(GgufValue::String("gpt2".into())))]));
+    let (wgpu, candle) =
+        refusals(&model(&[("general.architecture", Some(GgufValue::String("gpt2".into())))]));
     for message in [wgpu, candle] {
         assert!(message.contains("unsupported architecture \"gpt2\""), "{message}");
     }
@@ -94,9 +101,14 @@ fn the_wgpu_kernels_limits_are_wgpu_s_own() {
     // Heads of 512: a valid model (the shared rules allow up to 4096), wider than wgpu's
     // attention kernel. candle gets past the config and stops at the tensors this file lacks.
     let bytes = model(&[("llama.attention.key_length", Some(GgufValue::U32(512)))]);
-    let wgpu = specrej_wgpu::check_gguf(&bytes).map(|_| ()).expect_err("wgpu accepted heads of 512");
+    let wgpu =
+        specrej_wgpu::check_gguf(&bytes).map(|_| ()).expect_err("wgpu accepted heads of 512");
     assert!(matches!(wgpu, specrej_wgpu::Error::Unsupported { .. }), "{wgpu}");
-    assert!(wgpu.to_string().starts_with("unsupported by the wgpu backend: \"llama.attention.key_length\""), "{wgpu}");
+    assert!(
+        wgpu.to_string()
+            .starts_with("unsupported by the wgpu backend: \"llama.attention.key_length\""),
+        "{wgpu}"
+    );
     let candle = specrej_candle::load_gguf_bytes(&bytes, &specrej_candle::LoadOptions::default())
         .map(|_| ())
         .expect_err("candle loaded a model without blocks");

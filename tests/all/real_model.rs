@@ -2,9 +2,11 @@
 //! and batch invariance: a row's logits and a response's reward depend only on its tokens.
 
 use specrej_candle::{CandleDecoder, JudgeScorer, LikelihoodScorer, LoadOptions, Model};
-use specrej_core::{block_on_ready, generate, Decoder, Method, Options, Outcome, Response, Sampling, Scorer};
+use specrej_core::{
+    Decoder, Method, Options, Outcome, Response, Sampling, Scorer, block_on_ready, generate,
+};
 use specrej_tests::default_model;
-use specrej_text::{judge_segments, ChatTemplate, GgufMetadata, Message, Tokenizer};
+use specrej_text::{ChatTemplate, GgufMetadata, Message, Tokenizer, judge_segments};
 use std::sync::Arc;
 
 const QUESTION: &str = "Describe, step by step, how to bake a loaf of bread at home.";
@@ -42,7 +44,8 @@ fn options(fx: &Fixture, method: Method, n: usize) -> Options {
 
 fn run<S: Scorer>(fx: &Fixture, scorer: &mut S, options: &Options, bytes: usize) -> Outcome {
     let mut decoder = CandleDecoder::new(fx.model.clone(), bytes);
-    block_on_ready(generate(&mut decoder, scorer, &fx.prompt, options, &mut |_| {})).expect("generation")
+    block_on_ready(generate(&mut decoder, scorer, &fx.prompt, options, &mut |_| {}))
+        .expect("generation")
 }
 
 fn judge(fx: &Fixture) -> JudgeScorer {
@@ -54,7 +57,9 @@ fn judge(fx: &Fixture) -> JudgeScorer {
 /// the best of them.
 fn check_scores<S: Scorer>(fresh: impl Fn() -> S, prompt: &[u32], outcome: &Outcome) {
     for c in &outcome.candidates {
-        let alone = block_on_ready(fresh().score(prompt, &[Response { row: c.row, tokens: &c.tokens }])).expect("score");
+        let alone =
+            block_on_ready(fresh().score(prompt, &[Response { row: c.row, tokens: &c.tokens }]))
+                .expect("score");
         assert_eq!(alone.rewards[0], c.score, "row {}: the run's score is the text's score", c.row);
     }
     assert!(outcome.candidates.windows(2).all(|w| w[0].score >= w[1].score), "best first");
@@ -74,7 +79,8 @@ fn speculative_rejection_and_best_of_n_with_the_judge() {
 
     // Room for 8 rows × 12 new tokens: decisions must happen.
     let bytes = CandleDecoder::budget_for(&fx.model, fx.prompt.len(), 8, 12);
-    let sr = run(&fx, &mut scorer, &options(&fx, Method::SpeculativeRejection { alpha: 0.5 }, 8), bytes);
+    let sr =
+        run(&fx, &mut scorer, &options(&fx, Method::SpeculativeRejection { alpha: 0.5 }, 8), bytes);
     assert!(!sr.trace.is_empty(), "the budget forces decisions");
     check_scores(|| judge(&fx), &fx.prompt, &sr);
     assert!(sr.stats.tokens_generated < 8 * 48, "rejection saves tokens");
@@ -99,17 +105,33 @@ fn speculative_rejection_and_best_of_n_with_the_judge() {
 fn likelihood_reward_prefers_fluent_text() {
     let fx = fixture();
     let mut likelihood = LikelihoodScorer::new(fx.model.clone());
-    let fluent = fx.tokenizer.encode("Mix flour, water, yeast and salt, knead the dough, let it rise, then bake it.", false).expect("encode");
+    let fluent = fx
+        .tokenizer
+        .encode(
+            "Mix flour, water, yeast and salt, knead the dough, let it rise, then bake it.",
+            false,
+        )
+        .expect("encode");
     // The same tokens in another order: every word is still there, the sentence is not.
     let mut shuffled = fluent.clone();
     shuffled.reverse();
     let rs = [Response { row: 0, tokens: &fluent }, Response { row: 1, tokens: &shuffled }];
     let s = block_on_ready(likelihood.score(&fx.prompt, &rs)).expect("score");
-    assert!(s.rewards[0] > s.rewards[1] * 0.5, "fluent {} vs reversed {}: perplexity at least halves", s.rewards[0], s.rewards[1]);
+    assert!(
+        s.rewards[0] > s.rewards[1] * 0.5,
+        "fluent {} vs reversed {}: perplexity at least halves",
+        s.rewards[0],
+        s.rewards[1]
+    );
 
     // And in a run: the winner is a candidate with the best likelihood, and its score is its text's.
     let bytes = CandleDecoder::budget_for(&fx.model, fx.prompt.len(), 6, 12);
-    let outcome = run(&fx, &mut LikelihoodScorer::new(fx.model.clone()).incremental(), &options(&fx, Method::SpeculativeRejection { alpha: 0.5 }, 6), bytes);
+    let outcome = run(
+        &fx,
+        &mut LikelihoodScorer::new(fx.model.clone()).incremental(),
+        &options(&fx, Method::SpeculativeRejection { alpha: 0.5 }, 6),
+        bytes,
+    );
     check_scores(|| LikelihoodScorer::new(fx.model.clone()), &fx.prompt, &outcome);
 }
 
@@ -142,22 +164,36 @@ fn rewards_are_batch_invariant() {
         .expect("encode");
     let others = unrelated(&fx);
     let prompt = &fx.prompt;
-    let check = |name: &str, full: &mut dyn FnMut(&[Response<'_>]) -> Vec<f32>, inc: &mut dyn FnMut(&[Response<'_>]) -> Vec<f32>| {
+    let check = |name: &str,
+                 full: &mut dyn FnMut(&[Response<'_>]) -> Vec<f32>,
+                 inc: &mut dyn FnMut(&[Response<'_>]) -> Vec<f32>| {
         let alone = full(&[Response { row: 7, tokens: &candidate }])[0];
-        let mut batch: Vec<Response<'_>> = others.iter().enumerate().map(|(i, t)| Response { row: 100 + i as u32, tokens: t }).collect();
+        let mut batch: Vec<Response<'_>> = others
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Response { row: 100 + i as u32, tokens: t })
+            .collect();
         batch.insert(29, Response { row: 7, tokens: &candidate });
         let in_batch = full(&batch)[29];
         // Incrementally: the candidate's prefixes at three decisions (with the unrelated rows
         // alongside), then the whole text.
         let mut incremental = f32::NAN;
         for cut in [candidate.len() / 4, candidate.len() / 2, candidate.len()] {
-            let mut rows: Vec<Response<'_>> = others[..16].iter().enumerate().map(|(i, t)| Response { row: 100 + i as u32, tokens: t }).collect();
+            let mut rows: Vec<Response<'_>> = others[..16]
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Response { row: 100 + i as u32, tokens: t })
+                .collect();
             rows.push(Response { row: 7, tokens: &candidate[..cut] });
             incremental = *inc(&rows).last().expect("a reward");
         }
         eprintln!("{name}: alone {alone}, in a batch of 65 {in_batch}, incremental {incremental}");
         assert_eq!(alone.to_bits(), in_batch.to_bits(), "{name}: alone vs in a batch of 65");
-        assert_eq!(alone.to_bits(), incremental.to_bits(), "{name}: alone vs incremental over 3 decisions");
+        assert_eq!(
+            alone.to_bits(),
+            incremental.to_bits(),
+            "{name}: alone vs incremental over 3 decisions"
+        );
     };
     let mut judge_full = judge(&fx);
     let mut judge_inc = judge(&fx).incremental();
@@ -196,7 +232,10 @@ fn policy_logits_are_batch_invariant() {
         }
         let alone = narrow.peek_logits(&one).expect("logits");
         let r = row as usize;
-        let same = all[r * vocab..(r + 1) * vocab].iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits());
+        let same = all[r * vocab..(r + 1) * vocab]
+            .iter()
+            .zip(&alone)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "row {row}: logits with 64 rows differ from its logits alone");
     }
 }

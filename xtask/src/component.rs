@@ -4,7 +4,7 @@
 //!
 //! Also included by path from `crates/specrej-host/tests/` (one build recipe for both).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -49,18 +49,26 @@ fn build(root: &Path, features: &[&str], out: &str) -> Result<PathBuf> {
     let output = cargo.output().with_context(|| format!("starting {cargo:?}"))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let hint = if stderr.contains("target may not be installed") || stderr.contains("can't find crate for `core`") {
+        let hint = if stderr.contains("target may not be installed")
+            || stderr.contains("can't find crate for `core`")
+        {
             format!("\nthe {WASM_TARGET} target is missing: run `rustup target add {WASM_TARGET}`")
         } else {
             String::new()
         };
-        bail!("building specrej-component for {WASM_TARGET} failed ({}):\n{stderr}{hint}", output.status);
+        bail!(
+            "building specrej-component for {WASM_TARGET} failed ({}):\n{stderr}{hint}",
+            output.status
+        );
     }
     let module_path = target_dir.join(WASM_TARGET).join("release").join("specrej_component.wasm");
-    let module = std::fs::read(&module_path).with_context(|| format!("reading {}", module_path.display()))?;
+    let module = std::fs::read(&module_path)
+        .with_context(|| format!("reading {}", module_path.display()))?;
     let component = wit_component::ComponentEncoder::default()
         .module(&module)
-        .with_context(|| format!("reading the component-type section of {}", module_path.display()))?
+        .with_context(|| {
+            format!("reading the component-type section of {}", module_path.display())
+        })?
         .validate(true)
         .encode()
         .with_context(|| format!("encoding {} as a component", module_path.display()))?;
@@ -68,7 +76,8 @@ fn build(root: &Path, features: &[&str], out: &str) -> Result<PathBuf> {
     let out = root.join(out);
     // Write then rename, so a reader never sees half a file.
     let partial = out.with_extension("wasm.partial");
-    std::fs::write(&partial, &component).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::write(&partial, &component)
+        .with_context(|| format!("writing {}", partial.display()))?;
     std::fs::rename(&partial, &out).with_context(|| format!("writing {}", out.display()))?;
     eprintln!("component ready: {} ({} KiB)", out.display(), component.len() / 1024);
     Ok(out)
@@ -79,13 +88,16 @@ fn check_imports(component: &[u8]) -> Result<()> {
     let mut depth = 0usize;
     for payload in wasmparser::Parser::new(0).parse_all(component) {
         match payload.context("parsing the encoded component")? {
-            wasmparser::Payload::ModuleSection { .. } | wasmparser::Payload::ComponentSection { .. } => depth += 1,
+            wasmparser::Payload::ModuleSection { .. }
+            | wasmparser::Payload::ComponentSection { .. } => depth += 1,
             wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
             wasmparser::Payload::ComponentImportSection(imports) if depth == 0 => {
                 for import in imports {
                     let name = import.context("reading a component import")?.name.name;
                     if !ALLOWED_IMPORTS.iter().any(|prefix| name.starts_with(prefix)) {
-                        bail!("the component imports {name:?}; only specrej:decoder/* is allowed (no WASI)");
+                        bail!(
+                            "the component imports {name:?}; only specrej:decoder/* is allowed (no WASI)"
+                        );
                     }
                 }
             }

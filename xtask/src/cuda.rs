@@ -57,7 +57,6 @@ fn cuda_home(root: &Path) -> PathBuf {
     toolkit_dir(root).join("wheels").join("nvidia").join("cu13")
 }
 
-
 /// Installs the pinned wheels into `target/cuda-toolkit/wheels` unless the marker says
 /// they are there.
 fn install_wheels(root: &Path) -> Result<()> {
@@ -100,13 +99,9 @@ fn install_wheels(root: &Path) -> Result<()> {
 fn locked_version(root: &Path, name: &str) -> Result<String> {
     let lock = std::fs::read_to_string(root.join("Cargo.lock")).context("reading Cargo.lock")?;
     let needle = format!("name = \"{name}\"\nversion = \"");
-    let start = lock
-        .find(&needle)
-        .with_context(|| format!("{name} is not in Cargo.lock"))?
-        + needle.len();
-    let end = lock[start..]
-        .find('"')
-        .context("Cargo.lock: unterminated version")?;
+    let start =
+        lock.find(&needle).with_context(|| format!("{name} is not in Cargo.lock"))? + needle.len();
+    let end = lock[start..].find('"').context("Cargo.lock: unterminated version")?;
     Ok(lock[start..start + end].to_string())
 }
 
@@ -134,10 +129,7 @@ fn declared_functions(cudarc: &Path, module: &str) -> Result<BTreeSet<String>> {
         .map(str::to_string)
         .collect();
     if names.is_empty() {
-        bail!(
-            "{} declares no functions (has cudarc's layout changed?)",
-            path.display()
-        );
+        bail!("{} declares no functions (has cudarc's layout changed?)", path.display());
     }
     Ok(names)
 }
@@ -160,11 +152,9 @@ fn make_stubs(root: &Path) -> Result<()> {
     let cudarc = match registry_source("cudarc", &version) {
         Some(p) => p,
         None => {
-            run(
-                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                    .current_dir(root)
-                    .args(["fetch", "--quiet"]),
-            )?;
+            run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(root)
+                .args(["fetch", "--quiet"]))?;
             registry_source("cudarc", &version).with_context(|| {
                 format!("cudarc {version} is not in cargo's registry cache after `cargo fetch`")
             })?
@@ -179,13 +169,11 @@ fn make_stubs(root: &Path) -> Result<()> {
             c.push_str(&format!("void {name}(void) {{}}\n"));
         }
         std::fs::write(&source, c)?;
-        run(
-            Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-                .args(["-shared", "-fPIC", "-O0", "-w", "-o"])
-                .arg(stubs.join(file))
-                .arg(format!("-Wl,-soname,{soname}"))
-                .arg(&source),
-        )?;
+        run(Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+            .args(["-shared", "-fPIC", "-O0", "-w", "-o"])
+            .arg(stubs.join(file))
+            .arg(format!("-Wl,-soname,{soname}"))
+            .arg(&source))?;
     }
     std::fs::write(&marker, "")?;
     Ok(())
@@ -208,20 +196,14 @@ pub fn cuda_env(root: &Path) -> Result<Vec<(String, String)>> {
     };
     let text = |p: &Path| p.to_string_lossy().into_owned();
     let keep = |name: &str, default: String| {
-        std::env::var(name)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .unwrap_or(default)
+        std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or(default)
     };
     Ok(vec![
         ("PATH".into(), path.to_string_lossy().into_owned()),
         ("CUDA_HOME".into(), text(&home)),
         ("CUDA_ROOT".into(), text(&home)),
         ("CUDARC_CUDA_VERSION".into(), CUDARC_CUDA_VERSION.into()),
-        (
-            "CUDA_COMPUTE_CAP".into(),
-            keep("CUDA_COMPUTE_CAP", DEFAULT_COMPUTE_CAP.into()),
-        ),
+        ("CUDA_COMPUTE_CAP".into(), keep("CUDA_COMPUTE_CAP", DEFAULT_COMPUTE_CAP.into())),
         (
             "CARGO_TARGET_DIR".into(),
             keep("CARGO_TARGET_DIR", text(&root.join("target").join("cuda"))),
@@ -262,6 +244,14 @@ pub fn check_cuda(root: &Path) -> Result<()> {
         command.current_dir(root).envs(env.clone()).args([verb, "--profile", "cuda-ci"]);
         command
     };
-    run(cargo("build").args(["-p", "specrej-candle", "--lib", "--tests", "--examples", "--features", "cuda"]))?;
+    run(cargo("build").args([
+        "-p",
+        "specrej-candle",
+        "--lib",
+        "--tests",
+        "--examples",
+        "--features",
+        "cuda",
+    ]))?;
     run(cargo("check").args(["-p", "specrej-cli", "--bins", "--features", "specrej-cli/cuda"]))
 }

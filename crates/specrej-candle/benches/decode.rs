@@ -49,7 +49,8 @@ fn prefill_rate(model: &Arc<Model>, prompt: &[u32], repeats: usize) -> f64 {
 
 fn main() {
     let path = std::env::var_os("SPECREJ_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
     });
     if !path.exists() {
         println!("skipping: model not found at {} (set SPECREJ_MODEL)", path.display());
@@ -57,7 +58,8 @@ fn main() {
     }
     let steps: usize = arg("--steps").and_then(|s| s.parse().ok()).unwrap_or(32);
     let prompt_len: usize = arg("--prompt").and_then(|s| s.parse().ok()).unwrap_or(32);
-    let rows: Vec<u32> = list("--rows", "1,8,32,64").iter().filter_map(|s| s.parse().ok()).collect();
+    let rows: Vec<u32> =
+        list("--rows", "1,8,32,64").iter().filter_map(|s| s.parse().ok()).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "model: {}  ({threads} threads; decode: {prompt_len}-token prompt, {steps} timed steps)",
@@ -77,13 +79,16 @@ fn main() {
         let model = load_gguf(&path, &LoadOptions { weights, ..Default::default() }).expect("load");
         let load_s = t.elapsed().as_secs_f64();
         // A prompt of ordinary ids (the chat template's start, then text-range ids).
-        let prompt: Vec<u32> = std::iter::once(1).chain((1..prompt_len).map(|i| 300 + (37 * i as u32) % 20_000)).collect();
+        let prompt: Vec<u32> = std::iter::once(1)
+            .chain((1..prompt_len).map(|i| 300 + (37 * i as u32) % 20_000))
+            .collect();
         let long: Vec<u32> = (0..256).map(|i| 300 + (37 * i) % 20_000).collect();
         let mut line = format!("{name:>6}: load {load_s:.2}s | decode tok/s");
         for &r in &rows {
             line += &format!("  {r}:{:.0}", decode_rate(&model, &prompt, r, steps));
         }
-        line += &format!(" | prefill tok/s (256-token prompt) {:.0}", prefill_rate(&model, &long, 3));
+        line +=
+            &format!(" | prefill tok/s (256-token prompt) {:.0}", prefill_rate(&model, &long, 3));
         println!("{line}");
     }
 }

@@ -123,66 +123,32 @@ fn random_q8_0(rng: &mut Rng, rows: usize, cols: usize, std: f32) -> Result<QTen
 
 /// A `[n]` f32 tensor near 1 (a norm's weight).
 fn norm(rng: &mut Rng, n: usize) -> Result<QTensor> {
-    let data: Vec<f32> = (0..n)
-        .map(|_| 0.9 + 0.2 * (rng.next() >> 40) as f32 / (1u64 << 24) as f32)
-        .collect();
-    Ok(QTensor::quantize(
-        &Tensor::from_vec(data, n, &candle_core::Device::Cpu)?,
-        GgmlDType::F32,
-    )?)
+    let data: Vec<f32> =
+        (0..n).map(|_| 0.9 + 0.2 * (rng.next() >> 40) as f32 / (1u64 << 24) as f32).collect();
+    Ok(QTensor::quantize(&Tensor::from_vec(data, n, &candle_core::Device::Cpu)?, GgmlDType::F32)?)
 }
 
 fn write_model(shape: Shape, out: &Path, tokenizer: Option<&Path>, seed: u64) -> Result<()> {
     let arch = "llama";
     let mut metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
-        (
-            "general.name".into(),
-            Value::String("random weights (specrej gpu_bench)".into()),
-        ),
-        (
-            format!("{arch}.block_count"),
-            Value::U32(shape.layers as u32),
-        ),
-        (
-            format!("{arch}.embedding_length"),
-            Value::U32(shape.hidden as u32),
-        ),
-        (
-            format!("{arch}.attention.head_count"),
-            Value::U32(shape.heads as u32),
-        ),
-        (
-            format!("{arch}.attention.head_count_kv"),
-            Value::U32(shape.kv_heads as u32),
-        ),
-        (
-            format!("{arch}.rope.freq_base"),
-            Value::F32(shape.rope_theta),
-        ),
-        (
-            format!("{arch}.attention.layer_norm_rms_epsilon"),
-            Value::F32(1e-5),
-        ),
-        (
-            format!("{arch}.context_length"),
-            Value::U32(shape.context as u32),
-        ),
-        (
-            format!("{arch}.feed_forward_length"),
-            Value::U32(shape.ffn as u32),
-        ),
+        ("general.name".into(), Value::String("random weights (specrej gpu_bench)".into())),
+        (format!("{arch}.block_count"), Value::U32(shape.layers as u32)),
+        (format!("{arch}.embedding_length"), Value::U32(shape.hidden as u32)),
+        (format!("{arch}.attention.head_count"), Value::U32(shape.heads as u32)),
+        (format!("{arch}.attention.head_count_kv"), Value::U32(shape.kv_heads as u32)),
+        (format!("{arch}.rope.freq_base"), Value::F32(shape.rope_theta)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (format!("{arch}.context_length"), Value::U32(shape.context as u32)),
+        (format!("{arch}.feed_forward_length"), Value::U32(shape.ffn as u32)),
     ];
     if let Some(path) = tokenizer {
         let mut file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let content = gguf_file::Content::read(&mut file)
             .with_context(|| format!("reading {}", path.display()))?;
-        let mut entries: Vec<(String, Value)> = content
-            .metadata
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("tokenizer."))
-            .collect();
+        let mut entries: Vec<(String, Value)> =
+            content.metadata.into_iter().filter(|(k, _)| k.starts_with("tokenizer.")).collect();
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         if let Some((_, Value::Array(tokens))) =
             entries.iter().find(|(k, _)| k == "tokenizer.ggml.tokens")
@@ -207,10 +173,7 @@ fn write_model(shape: Shape, out: &Path, tokenizer: Option<&Path>, seed: u64) ->
         random_q8_0(rng, out, inp, 1.0 / (inp as f32).sqrt())
     };
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    tensors.push((
-        "token_embd.weight".into(),
-        random_q8_0(&mut rng, shape.vocab, h, 1.0)?,
-    ));
+    tensors.push(("token_embd.weight".into(), random_q8_0(&mut rng, shape.vocab, h, 1.0)?));
     tensors.push(("output_norm.weight".into(), norm(&mut rng, h)?));
     if !shape.tied {
         tensors.push(("output.weight".into(), lin(&mut rng, shape.vocab, h)?));
@@ -218,22 +181,10 @@ fn write_model(shape: Shape, out: &Path, tokenizer: Option<&Path>, seed: u64) ->
     for i in 0..shape.layers {
         let p = format!("blk.{i}.");
         tensors.push((format!("{p}attn_norm.weight"), norm(&mut rng, h)?));
-        tensors.push((
-            format!("{p}attn_q.weight"),
-            lin(&mut rng, shape.heads * hd, h)?,
-        ));
-        tensors.push((
-            format!("{p}attn_k.weight"),
-            lin(&mut rng, shape.kv_heads * hd, h)?,
-        ));
-        tensors.push((
-            format!("{p}attn_v.weight"),
-            lin(&mut rng, shape.kv_heads * hd, h)?,
-        ));
-        tensors.push((
-            format!("{p}attn_output.weight"),
-            lin(&mut rng, h, shape.heads * hd)?,
-        ));
+        tensors.push((format!("{p}attn_q.weight"), lin(&mut rng, shape.heads * hd, h)?));
+        tensors.push((format!("{p}attn_k.weight"), lin(&mut rng, shape.kv_heads * hd, h)?));
+        tensors.push((format!("{p}attn_v.weight"), lin(&mut rng, shape.kv_heads * hd, h)?));
+        tensors.push((format!("{p}attn_output.weight"), lin(&mut rng, h, shape.heads * hd)?));
         tensors.push((format!("{p}ffn_norm.weight"), norm(&mut rng, h)?));
         tensors.push((format!("{p}ffn_gate.weight"), lin(&mut rng, shape.ffn, h)?));
         tensors.push((format!("{p}ffn_up.weight"), lin(&mut rng, shape.ffn, h)?));
@@ -253,16 +204,12 @@ fn write_model(shape: Shape, out: &Path, tokenizer: Option<&Path>, seed: u64) ->
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }
 
 fn arg_or<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T> {
     match arg(args, name) {
-        Some(v) => v
-            .parse()
-            .map_err(|_| anyhow::anyhow!("{name}: cannot parse {v:?}")),
+        Some(v) => v.parse().map_err(|_| anyhow::anyhow!("{name}: cannot parse {v:?}")),
         None => Ok(default),
     }
 }
@@ -308,8 +255,10 @@ fn load(args: &[String]) -> Result<(PathBuf, Arc<Model>, f64)> {
 /// `native`, 34 bytes per 32 weights for Q8_0, 4 bytes a weight for f32), vectors (norms,
 /// biases) as f32. Computed from the file's tensor table; row padding is not counted.
 fn weight_bytes_per_step(path: &Path, format: WeightFormat) -> Result<u64> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let content = gguf_file::Content::read(&mut file).with_context(|| format!("reading {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let content = gguf_file::Content::read(&mut file)
+        .with_context(|| format!("reading {}", path.display()))?;
     let tied = !content.tensor_infos.contains_key("output.weight");
     let mut total = 0u64;
     for (name, info) in &content.tensor_infos {
@@ -324,7 +273,9 @@ fn weight_bytes_per_step(path: &Path, format: WeightFormat) -> Result<u64> {
                 elems / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64
             }
             WeightFormat::Native | WeightFormat::F32 => 4 * elems,
-            WeightFormat::Q8_0 => elems / GgmlDType::Q8_0.block_size() as u64 * GgmlDType::Q8_0.type_size() as u64,
+            WeightFormat::Q8_0 => {
+                elems / GgmlDType::Q8_0.block_size() as u64 * GgmlDType::Q8_0.type_size() as u64
+            }
         };
     }
     Ok(total)
@@ -371,15 +322,14 @@ fn bandwidth(args: &[String]) -> Result<()> {
 /// A random prompt of `len` ids (never 0..=2, the conventional special ids).
 fn prompt(len: usize, vocab: usize) -> Vec<u32> {
     let mut rng = Rng(0x5EED);
-    (0..len)
-        .map(|_| 3 + (rng.next() % (vocab as u64 - 3)) as u32)
-        .collect()
+    (0..len).map(|_| 3 + (rng.next() % (vocab as u64 - 3)) as u32).collect()
 }
 
 fn decode(args: &[String]) -> Result<()> {
     let (path, model, load_s) = load(args)?;
     let copy_mib: usize = arg_or(args, "--copy-mib", 2048)?;
-    let copy_bytes_per_s = if copy_mib > 0 { Some(copy_bandwidth(model.device(), copy_mib)?) } else { None };
+    let copy_bytes_per_s =
+        if copy_mib > 0 { Some(copy_bandwidth(model.device(), copy_mib)?) } else { None };
     let weight_bytes = weight_bytes_per_step(&path, model.weight_format())?;
     let steps: usize = arg_or(args, "--steps", 32)?;
     let prompt_len: usize = arg_or(args, "--prompt", 64)?;
@@ -387,11 +337,7 @@ fn decode(args: &[String]) -> Result<()> {
     let rows: Vec<u32> = arg(args, "--rows")
         .unwrap_or_else(|| "1,64,256".into())
         .split(',')
-        .map(|r| {
-            r.trim()
-                .parse()
-                .context("--rows: a comma-separated list of counts")
-        })
+        .map(|r| r.trim().parse().context("--rows: a comma-separated list of counts"))
         .collect::<Result<_>>()?;
     let prompt = prompt(prompt_len, model.config().vocab_size);
     let budget = CandleDecoder::auto_budget_bytes(&model)?;
@@ -467,10 +413,7 @@ fn methods(args: &[String]) -> Result<()> {
             max_new_tokens: max_new,
             min_new_tokens: min_new,
             eos: Vec::new(), // random weights: run every row to the end
-            sampling: Sampling {
-                seed: 7,
-                ..Sampling::default()
-            },
+            sampling: Sampling { seed: 7, ..Sampling::default() },
             rules: Default::default(),
         };
         let outcome = block_on_ready(specrej_core::generate(
@@ -505,17 +448,8 @@ fn main() -> Result<()> {
             let out = PathBuf::from(arg(&args, "--out").context("--out is required")?);
             let tokenizer = arg(&args, "--tokenizer").map(PathBuf::from);
             let start = Instant::now();
-            write_model(
-                shape,
-                &out,
-                tokenizer.as_deref(),
-                arg_or(&args, "--seed", 1)?,
-            )?;
-            eprintln!(
-                "wrote {} in {:.1} s",
-                out.display(),
-                start.elapsed().as_secs_f64()
-            );
+            write_model(shape, &out, tokenizer.as_deref(), arg_or(&args, "--seed", 1)?)?;
+            eprintln!("wrote {} in {:.1} s", out.display(), start.elapsed().as_secs_f64());
             Ok(())
         }
         Some("decode") => decode(&args),

@@ -85,8 +85,8 @@ fn values_portable(p: &[&[f32]], n: usize, v: &[f32], acc: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use core::arch::x86_64::{
-        __m512, _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
-        _mm512_storeu_ps,
+        __m512, _mm256_loadu_si256, _mm512_cvtph_ps, _mm512_fmadd_ps, _mm512_loadu_ps,
+        _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
     };
 
     use half::f16;
@@ -105,7 +105,10 @@ mod avx512 {
             let s = &s[at..at + 16];
             // In bounds: `s` is 16 halves (32 bytes), read unaligned. The caller's
             // `#[target_feature]` function has AVX-512F (every kernel below is one).
-            #[allow(unsafe_code, reason = "a target_feature intrinsic and an unaligned load of a checked slice")]
+            #[allow(
+                unsafe_code,
+                reason = "a target_feature intrinsic and an unaligned load of a checked slice"
+            )]
             unsafe {
                 _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().cast()))
             }
@@ -116,7 +119,10 @@ mod avx512 {
         #[inline(always)]
         fn load16(s: &[f32], at: usize) -> __m512 {
             let s = &s[at..at + 16];
-            #[allow(unsafe_code, reason = "a target_feature intrinsic and an unaligned load of a checked slice")]
+            #[allow(
+                unsafe_code,
+                reason = "a target_feature intrinsic and an unaligned load of a checked slice"
+            )]
             unsafe {
                 _mm512_loadu_ps(s.as_ptr())
             }
@@ -125,7 +131,10 @@ mod avx512 {
 
     #[inline(always)]
     fn store16(dst: &mut [f32; 16], x: __m512) {
-        #[allow(unsafe_code, reason = "a target_feature intrinsic and an unaligned store into a 16-element array")]
+        #[allow(
+            unsafe_code,
+            reason = "a target_feature intrinsic and an unaligned store into a 16-element array"
+        )]
         unsafe {
             _mm512_storeu_ps(dst.as_mut_ptr(), x);
         }
@@ -164,7 +173,12 @@ mod avx512 {
     /// accumulators in registers.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::needless_range_loop, reason = "indices into several register arrays at once")]
-    pub(super) fn values<T: Elem, const N: usize, const W: usize>(p: &[&[f32]; N], n: usize, v: &[T], acc: &mut [f32]) {
+    pub(super) fn values<T: Elem, const N: usize, const W: usize>(
+        p: &[&[f32]; N],
+        n: usize,
+        v: &[T],
+        acc: &mut [f32],
+    ) {
         let hd = 16 * W;
         let v = &v[..n * hd];
         let p: [&[f32]; N] = std::array::from_fn(|i| &p[i][..n]);
@@ -228,7 +242,8 @@ pub(crate) fn softmax(x: &mut [f32], len: usize) {
             *m = m.max(v);
         }
     }
-    let max = tail.iter().copied().fold(lanes.into_iter().fold(f32::NEG_INFINITY, f32::max), f32::max);
+    let max =
+        tail.iter().copied().fold(lanes.into_iter().fold(f32::NEG_INFINITY, f32::max), f32::max);
     let mut sum = [0.0f32; LANES];
     for (c, chunk) in x.chunks_exact_mut(LANES).enumerate() {
         let chunk: &mut [f32; LANES] = chunk.try_into().expect("LANES elements");
@@ -295,7 +310,8 @@ fn tiles(seqs: &[SeqTokens<'_>]) -> Vec<Tile> {
         let mut first = 0;
         while first < s.tokens {
             let fits = open.as_ref().is_some_and(|(t, n)| {
-                *n < TILE && t.parts.last().is_some_and(|&(j, _, _)| same_prefix(seqs[j].seq, s.seq))
+                *n < TILE
+                    && t.parts.last().is_some_and(|&(j, _, _)| same_prefix(seqs[j].seq, s.seq))
             });
             if !fits {
                 out.extend(open.take().map(|(t, _)| t));
@@ -366,7 +382,8 @@ fn attend_with(
             }
         });
     };
-    let cost: usize = seqs.iter().map(|s| s.tokens * (s.start + s.tokens)).sum::<usize>() * heads * hd;
+    let cost: usize =
+        seqs.iter().map(|s| s.tokens * (s.start + s.tokens)).sum::<usize>() * heads * hd;
     if cost < 1 << 15 {
         work(0..items); // too small to be worth waking the pool
     } else {
@@ -421,7 +438,9 @@ fn prefetch_l2(data: &Data, at: usize, n: usize) {
             // it is a `#[target_feature]` intrinsic (SSE, which every x86_64 CPU has).
             #[allow(unsafe_code, reason = "a prefetch hint; see above")]
             unsafe {
-                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(ptr.wrapping_add(line));
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(
+                    ptr.wrapping_add(line),
+                );
             }
         }
     }
@@ -457,10 +476,19 @@ impl Ctx<'_> {
     /// Scores of `users` (every head of kv head `g`'s group) against the K runs `blocks`
     /// (one, or two consecutive ones, starting at position `p0`), scaled, written to
     /// `scores[off + h · stride + p0 ..][..BLOCK]` (and the next `BLOCK` for a second block).
-    fn score_blocks(&self, g: usize, users: &[Member], blocks: &[(&Data, usize)], p0: usize, scores: &mut [f32], buf: &mut [f32]) {
+    fn score_blocks(
+        &self,
+        g: usize,
+        users: &[Member],
+        blocks: &[(&Data, usize)],
+        p0: usize,
+        scores: &mut [f32],
+        buf: &mut [f32],
+    ) {
         let mut qs: [&[f32]; MAX_QUERIES] = [&[]; MAX_QUERIES];
         let mut dst = [(0usize, 0usize); MAX_QUERIES]; // (first score, end of the head's scores)
-        let mut pending = users.iter().flat_map(|m| (0..self.group).map(move |h| (m, h))).peekable();
+        let mut pending =
+            users.iter().flat_map(|m| (0..self.group).map(move |h| (m, h))).peekable();
         while pending.peek().is_some() {
             let mut n = 0;
             for (m, h) in pending.by_ref().take(MAX_QUERIES) {
@@ -485,7 +513,13 @@ impl Ctx<'_> {
     }
 
     /// Unscaled scores of up to [`MAX_QUERIES`] query vectors against one or two K runs.
-    fn score_chunk(&self, qs: &[&[f32]], blocks: &[(&Data, usize)], out: &mut [[[f32; BLOCK]; 2]; MAX_QUERIES], buf: &mut [f32]) {
+    fn score_chunk(
+        &self,
+        qs: &[&[f32]],
+        blocks: &[(&Data, usize)],
+        out: &mut [[[f32; BLOCK]; 2]; MAX_QUERIES],
+        buf: &mut [f32],
+    ) {
         let hd = self.hd;
         #[cfg(target_arch = "x86_64")]
         if self.avx512 {
@@ -526,8 +560,12 @@ impl Ctx<'_> {
             match blocks {
                 [(Data::F16(a), x)] => dispatch!(half::f16, [&a[*x..*x + len]], 1),
                 [(Data::F32(a), x)] => dispatch!(f32, [&a[*x..*x + len]], 1),
-                [(Data::F16(a), x), (Data::F16(b), y)] => dispatch!(half::f16, [&a[*x..*x + len], &b[*y..*y + len]], 2),
-                [(Data::F32(a), x), (Data::F32(b), y)] => dispatch!(f32, [&a[*x..*x + len], &b[*y..*y + len]], 2),
+                [(Data::F16(a), x), (Data::F16(b), y)] => {
+                    dispatch!(half::f16, [&a[*x..*x + len], &b[*y..*y + len]], 2)
+                }
+                [(Data::F32(a), x), (Data::F32(b), y)] => {
+                    dispatch!(f32, [&a[*x..*x + len], &b[*y..*y + len]], 2)
+                }
                 _ => {
                     for (b, &(data, at)) in blocks.iter().enumerate() {
                         let mut one = [[[0.0f32; BLOCK]; 2]; MAX_QUERIES];
@@ -545,9 +583,21 @@ impl Ctx<'_> {
             for (chunk, out) in qs.chunks(4).zip(out.chunks_mut(4)) {
                 let mut o = [[0.0f32; BLOCK]; 4];
                 match chunk.len() {
-                    1 => scores_portable::<1>(chunk.try_into().expect("1"), kt, (&mut o[..1]).try_into().expect("1")),
-                    2 => scores_portable::<2>(chunk.try_into().expect("2"), kt, (&mut o[..2]).try_into().expect("2")),
-                    3 => scores_portable::<3>(chunk.try_into().expect("3"), kt, (&mut o[..3]).try_into().expect("3")),
+                    1 => scores_portable::<1>(
+                        chunk.try_into().expect("1"),
+                        kt,
+                        (&mut o[..1]).try_into().expect("1"),
+                    ),
+                    2 => scores_portable::<2>(
+                        chunk.try_into().expect("2"),
+                        kt,
+                        (&mut o[..2]).try_into().expect("2"),
+                    ),
+                    3 => scores_portable::<3>(
+                        chunk.try_into().expect("3"),
+                        kt,
+                        (&mut o[..3]).try_into().expect("3"),
+                    ),
                     _ => scores_portable::<4>(chunk.try_into().expect("4"), kt, &mut o),
                 }
                 for (dst, src) in out.iter_mut().zip(&o) {
@@ -594,7 +644,14 @@ impl Ctx<'_> {
     /// [`values_portable`] for every head of one member on AVX-512 (`head_dim` = 16·W,
     /// W ≤ 8): heads in chunks whose accumulators fit in registers.
     #[cfg(target_arch = "x86_64")]
-    fn values_avx512<'s>(&self, data: &Data, at: usize, n: usize, p: &impl Fn(usize) -> &'s [f32], acc: &mut [f32]) {
+    fn values_avx512<'s>(
+        &self,
+        data: &Data,
+        at: usize,
+        n: usize,
+        p: &impl Fn(usize) -> &'s [f32],
+        acc: &mut [f32],
+    ) {
         let hd = self.hd;
         let w = hd / 16;
         let per = (MAX_VALUE_ACC / w).clamp(1, 3);
@@ -606,7 +663,10 @@ impl Ctx<'_> {
                 ($t:ty, $v:expr, $n:literal, $w:literal) => {{
                     let ps: [&[f32]; $n] = std::array::from_fn(|i| p(h + i));
                     // AVX-512F was detected at run time (`use_avx512`).
-                    #[allow(unsafe_code, reason = "calling a target_feature function after run-time detection")]
+                    #[allow(
+                        unsafe_code,
+                        reason = "calling a target_feature function after run-time detection"
+                    )]
                     unsafe {
                         avx512::values::<$t, $n, $w>(&ps, n, $v, a)
                     }
@@ -713,7 +773,14 @@ fn tile_head(
             }
             // One token alone over two blocks: pair them, for twice the independent chains.
             if ctx.avx512 && who.len() == 1 && p0 + BLOCK <= who[0].pos {
-                ctx.score_blocks(g, who, &[run_of(seq, k_run, p0), run_of(seq, k_run, p0 + BLOCK)], p0, scores, buf);
+                ctx.score_blocks(
+                    g,
+                    who,
+                    &[run_of(seq, k_run, p0), run_of(seq, k_run, p0 + BLOCK)],
+                    p0,
+                    scores,
+                    buf,
+                );
                 p0 += 2 * BLOCK;
             } else {
                 ctx.score_blocks(g, who, &[run_of(seq, k_run, p0)], p0, scores, buf);
@@ -748,13 +815,24 @@ fn tile_head(
             // their own `n`; the rest the whole block.
             for k in users..end {
                 let n = BLOCK.min(members[k].pos + 1 - p0);
-                ctx.value_block(&members[k..k + 1], k, run_of(seq, v_run, p0), p0, n, scores, acc, buf);
+                ctx.value_block(
+                    &members[k..k + 1],
+                    k,
+                    run_of(seq, v_run, p0),
+                    p0,
+                    n,
+                    scores,
+                    acc,
+                    buf,
+                );
             }
         }
     }
     for (m, member) in members.iter().enumerate() {
         let dst = member.row * ctx.width + g * group * hd;
-        for (o, &a) in out[dst..dst + group * hd].iter().zip(&acc[m * group * hd..(m + 1) * group * hd]) {
+        for (o, &a) in
+            out[dst..dst + group * hd].iter().zip(&acc[m * group * hd..(m + 1) * group * hd])
+        {
             o.store(a.to_bits(), Ordering::Relaxed);
         }
     }
@@ -787,7 +865,13 @@ mod tests {
 
     /// The textbook formula in f64 for one (token, head).
     fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f64> {
-        let s: Vec<f64> = keys.iter().map(|k| q.iter().zip(k).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>() * f64::from(scale)).collect();
+        let s: Vec<f64> = keys
+            .iter()
+            .map(|k| {
+                q.iter().zip(k).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>()
+                    * f64::from(scale)
+            })
+            .collect();
         let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
         let z: f64 = e.iter().sum();
@@ -811,7 +895,8 @@ mod tests {
                 let portable = exact_and_independent_of_grouping(format, false, head_dim);
                 if use_avx512() {
                     let simd = exact_and_independent_of_grouping(format, true, head_dim);
-                    let same = portable.len() == simd.len() && portable.iter().zip(&simd).all(|(a, b)| a.to_bits() == b.to_bits());
+                    let same = portable.len() == simd.len()
+                        && portable.iter().zip(&simd).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{format:?}, head_dim {head_dim}: AVX-512 and portable differ");
                 }
             }
@@ -821,8 +906,14 @@ mod tests {
     /// The test for one format, kernel choice and `head_dim`, returning the all-in-one pass's
     /// output. Keys and values are zero past their first 16 elements, so the formula needs
     /// only those.
-    fn exact_and_independent_of_grouping(format: crate::kv::KvFormat, avx512: bool, head_dim: usize) -> Vec<f32> {
-        let attend = |shape: &Shape, layer, heads, seqs: &[SeqTokens<'_>], q: &[f32], scale| attend_with(shape, layer, heads, seqs, q, scale, avx512);
+    fn exact_and_independent_of_grouping(
+        format: crate::kv::KvFormat,
+        avx512: bool,
+        head_dim: usize,
+    ) -> Vec<f32> {
+        let attend = |shape: &Shape, layer, heads, seqs: &[SeqTokens<'_>], q: &[f32], scale| {
+            attend_with(shape, layer, heads, seqs, q, scale, avx512)
+        };
         let shape = Shape { layers: 1, kv_heads: 2, head_dim };
         let heads = 4;
         let pool = KvPool::new(shape, format, 1000);
@@ -831,11 +922,20 @@ mod tests {
         let stored = |x: Vec<f32>| -> Vec<f32> {
             let x: Vec<f32> = match format {
                 crate::kv::KvFormat::F32 => x,
-                crate::kv::KvFormat::F16 => x.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect(),
+                crate::kv::KvFormat::F16 => {
+                    x.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect()
+                }
             };
-            x.chunks(16).flat_map(|c| c.iter().copied().chain(std::iter::repeat_n(0.0, head_dim - 16))).collect()
+            x.chunks(16)
+                .flat_map(|c| c.iter().copied().chain(std::iter::repeat_n(0.0, head_dim - 16)))
+                .collect()
         };
-        let kv_at = |seq: u32, pos: usize| (stored(numbers(32, seq * 1000 + pos as u32)), stored(numbers(32, seq * 1000 + 500 + pos as u32)));
+        let kv_at = |seq: u32, pos: usize| {
+            (
+                stored(numbers(32, seq * 1000 + pos as u32)),
+                stored(numbers(32, seq * 1000 + 500 + pos as u32)),
+            )
+        };
         // The prefix: 21 positions (not a multiple of BLOCK).
         let mut prefix = Seq::new();
         prefix.reserve(21, &pool).expect("reserve");
@@ -858,7 +958,12 @@ mod tests {
         let qs: Vec<Vec<f32>> = lens
             .iter()
             .enumerate()
-            .map(|(i, &n)| numbers(n * heads * 16, 9000 + i as u32).chunks(16).flat_map(|c| c.iter().copied().chain(std::iter::repeat_n(0.5, head_dim - 16))).collect())
+            .map(|(i, &n)| {
+                numbers(n * heads * 16, 9000 + i as u32)
+                    .chunks(16)
+                    .flat_map(|c| c.iter().copied().chain(std::iter::repeat_n(0.5, head_dim - 16)))
+                    .collect()
+            })
             .collect();
         let scale = 0.25;
         // All three sequences in one pass.
@@ -879,7 +984,14 @@ mod tests {
         let mut row = 0;
         for (i, &n) in lens.iter().enumerate() {
             // The sequence alone, and its tokens one pass per token.
-            let alone = attend(&shape, 0, heads, &[SeqTokens { seq: &seqs[i], start: 21, tokens: n, row: 0 }], &qs[i], scale);
+            let alone = attend(
+                &shape,
+                0,
+                heads,
+                &[SeqTokens { seq: &seqs[i], start: 21, tokens: n, row: 0 }],
+                &qs[i],
+                scale,
+            );
             assert_eq!(alone, all[row * width..(row + n) * width], "sequence {i} alone");
             for m in 0..n {
                 let one = attend(
@@ -907,10 +1019,18 @@ mod tests {
                             v[g * head_dim..g * head_dim + 16].to_vec()
                         })
                         .collect();
-                    let want = reference(&qs[i][m * width + h * head_dim..m * width + h * head_dim + 16], &keys, &values, scale);
+                    let want = reference(
+                        &qs[i][m * width + h * head_dim..m * width + h * head_dim + 16],
+                        &keys,
+                        &values,
+                        scale,
+                    );
                     for (d, w) in want.iter().enumerate() {
                         let got = f64::from(one[h * head_dim + d]);
-                        assert!((got - w).abs() < 1e-5, "seq {i} token {m} head {h} dim {d}: {got} vs {w}");
+                        assert!(
+                            (got - w).abs() < 1e-5,
+                            "seq {i} token {m} head {h} dim {d}: {got} vs {w}"
+                        );
                     }
                 }
             }

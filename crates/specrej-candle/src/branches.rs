@@ -19,9 +19,9 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use specrej_core::BackendError;
 
-use crate::host::{host_vec, PassError};
+use crate::host::{PassError, host_vec};
 use crate::kv::{KvPool, Seq};
-use crate::model::{device_err, Model};
+use crate::model::{Model, device_err};
 
 /// New tokens one forward pass runs at most (more go in several passes): bounds the
 /// activations (`[tokens, ffn]` f32 is 6 MB per 1,000 tokens for SmolLM2-135M).
@@ -101,7 +101,9 @@ impl Branches {
         self.start = None;
         let mut seq = Seq::new();
         if !ids.is_empty() {
-            self.model.forward_seqs(&mut [(&mut seq, ids)], &self.pool).map_err(PassError::backend)?;
+            self.model
+                .forward_seqs(&mut [(&mut seq, ids)], &self.pool)
+                .map_err(PassError::backend)?;
         }
         self.start = Some((ids.to_vec(), seq));
         Ok(ids.len() as u64)
@@ -119,7 +121,9 @@ impl Branches {
         let mut todo: Vec<(u32, &[u32])> = Vec::new();
         for (i, &(row, ids)) in rows.iter().enumerate() {
             if rows[..i].iter().any(|&(r, _)| r == row) {
-                return Err(BackendError::device(format!("branches: row {row} appears twice in one call")));
+                return Err(BackendError::device(format!(
+                    "branches: row {row} appears twice in one call"
+                )));
             }
             if start_ids.len() + ids.len() > ctx {
                 return Err(BackendError::device(format!(
@@ -138,8 +142,12 @@ impl Branches {
         let incoming: usize = todo.iter().map(|(_, ids)| start_len + ids.len()).sum();
         let mut held = self.held_tokens();
         if held + incoming > self.max_tokens {
-            let mut idle: Vec<(u64, u32)> =
-                self.bases.iter().filter(|(_, b)| b.used != self.clock).map(|(&r, b)| (b.used, r)).collect();
+            let mut idle: Vec<(u64, u32)> = self
+                .bases
+                .iter()
+                .filter(|(_, b)| b.used != self.clock)
+                .map(|(&r, b)| (b.used, r))
+                .collect();
             idle.sort_unstable();
             for (_, row) in idle {
                 if held + incoming <= self.max_tokens {
@@ -155,14 +163,19 @@ impl Branches {
             let group = &todo[pass];
             let mut seqs: Vec<Seq> = group.iter().map(|_| start.fork()).collect();
             {
-                let mut pass: Vec<(&mut Seq, &[u32])> =
-                    seqs.iter_mut().zip(group).filter(|(_, (_, ids))| !ids.is_empty()).map(|(s, &(_, ids))| (s, ids)).collect();
+                let mut pass: Vec<(&mut Seq, &[u32])> = seqs
+                    .iter_mut()
+                    .zip(group)
+                    .filter(|(_, (_, ids))| !ids.is_empty())
+                    .map(|(s, &(_, ids))| (s, ids))
+                    .collect();
                 if !pass.is_empty() {
                     self.model.forward_seqs(&mut pass, &self.pool).map_err(PassError::backend)?;
                 }
             }
             for (seq, &(row, ids)) in seqs.into_iter().zip(group) {
-                self.bases.insert(row, Base { ids: ids.to_vec(), seq: Arc::new(seq), used: self.clock });
+                self.bases
+                    .insert(row, Base { ids: ids.to_vec(), seq: Arc::new(seq), used: self.clock });
             }
         }
         let run = lens.iter().sum::<usize>() as u64;
@@ -174,7 +187,11 @@ impl Branches {
     /// `keep` ids). Calls `f(i, normed)` with the final-normed hidden state of item `i`'s
     /// last position (`[hidden]` f32), in passes of at most [`PASS_TOKENS`] new tokens.
     /// Returns the tokens run.
-    pub(crate) fn branch_last(&mut self, items: &[(u32, usize, &[u32])], mut f: impl FnMut(usize, &[f32])) -> Result<u64, BackendError> {
+    pub(crate) fn branch_last(
+        &mut self,
+        items: &[(u32, usize, &[u32])],
+        mut f: impl FnMut(usize, &[f32]),
+    ) -> Result<u64, BackendError> {
         let start_len = self.start.as_ref().map_or(0, |(s, _)| s.len());
         let ctx = self.model.config.context_length;
         let mut views: Vec<(Seq, &[u32])> = Vec::with_capacity(items.len());
@@ -205,7 +222,8 @@ impl Branches {
         let lens: Vec<usize> = views.iter().map(|(_, ids)| ids.len()).collect();
         for pass in passes(&lens) {
             let hidden = {
-                let mut run: Vec<(&mut Seq, &[u32])> = views[pass.clone()].iter_mut().map(|(s, ids)| (s, *ids)).collect();
+                let mut run: Vec<(&mut Seq, &[u32])> =
+                    views[pass.clone()].iter_mut().map(|(s, ids)| (s, *ids)).collect();
                 model.forward_seqs(&mut run, &self.pool).map_err(PassError::backend)?
             }; // [Σ suffix, hidden]
             let mut picked = Vec::with_capacity(pass.len());

@@ -6,17 +6,19 @@
 //! cache `[rows, kv_heads, cap, head_dim]` per layer and `retain` is a row gather.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use specrej_core::backend::{cap_limit, check_fits, check_fork, check_retain};
 use specrej_core::sampling::sample;
 use specrej_core::{BackendError, Decoder, KvLayout, Sampling};
 
-use crate::host::{with_host, PassError};
-use crate::kv::{KvPool, Seq, BLOCK};
-use crate::model::{alloc_err, device_err, device_memory, greedy_rows, to_host_rows, KvCache, Model};
-use crate::share::{lock, HostRows, KvShare};
+use crate::host::{PassError, with_host};
+use crate::kv::{BLOCK, KvPool, Seq};
+use crate::model::{
+    KvCache, Model, alloc_err, device_err, device_memory, greedy_rows, to_host_rows,
+};
+use crate::share::{HostRows, KvShare, lock};
 
 /// Default K/V budget: 2 GiB.
 pub const DEFAULT_KV_BUDGET_BYTES: usize = 2 << 30;
@@ -112,7 +114,6 @@ impl CandleBatch {
             Kv::Dense(cache) => cache.len,
         }
     }
-
 }
 
 impl CandleDecoder {
@@ -139,9 +140,14 @@ impl CandleDecoder {
 
     /// Runs `pass`; when it runs out of blocks while rows are parked, drops them and
     /// tries once more.
-    fn with_room<T>(&self, mut pass: impl FnMut() -> Result<T, PassError>) -> Result<T, BackendError> {
+    fn with_room<T>(
+        &self,
+        mut pass: impl FnMut() -> Result<T, PassError>,
+    ) -> Result<T, BackendError> {
         match pass() {
-            Err(PassError::OutOfMemory) if self.share.as_ref().is_some_and(KvShare::evict) => pass().map_err(PassError::backend),
+            Err(PassError::OutOfMemory) if self.share.as_ref().is_some_and(KvShare::evict) => {
+                pass().map_err(PassError::backend)
+            }
             result => result.map_err(PassError::backend),
         }
     }
@@ -160,21 +166,28 @@ impl CandleDecoder {
     pub fn auto_budget_bytes(model: &Model) -> Result<usize, BackendError> {
         match device_memory(&model.device).map_err(device_err)? {
             Some((free, _total)) => Ok((free as f64 * AUTO_BUDGET_FREE_FRACTION) as usize),
-            None => Ok(host_available_memory()
-                .map_or(DEFAULT_KV_BUDGET_BYTES, |available| (available as f64 * AUTO_BUDGET_RAM_FRACTION) as usize)),
+            None => Ok(host_available_memory().map_or(DEFAULT_KV_BUDGET_BYTES, |available| {
+                (available as f64 * AUTO_BUDGET_RAM_FRACTION) as usize
+            })),
         }
     }
 
     /// The K/V layout a decoder on `model` uses (the prompt held once, blocks of 16 on the
     /// CPU; dense on a GPU).
     pub fn layout_for(model: &Model) -> KvLayout {
-        if model.device.is_cpu() { KvLayout { shared_prompt: true, block: BLOCK } } else { KvLayout::DENSE }
+        if model.device.is_cpu() {
+            KvLayout { shared_prompt: true, block: BLOCK }
+        } else {
+            KvLayout::DENSE
+        }
     }
 
     /// The budget, in bytes, that holds exactly `rows` rows of `generated` tokens each after
     /// a `prompt`-token prompt on `model` (for tests and callers that size by rows).
     pub fn budget_for(model: &Model, prompt: usize, rows: usize, generated: usize) -> usize {
-        Self::layout_for(model).tokens(prompt, rows, generated).saturating_mul(model.kv_bytes_per_token())
+        Self::layout_for(model)
+            .tokens(prompt, rows, generated)
+            .saturating_mul(model.kv_bytes_per_token())
     }
 
     /// The shared model.
@@ -220,7 +233,8 @@ impl CandleDecoder {
             Kv::Host(rows) => {
                 let mut forks: Vec<Seq> = lock(rows).seqs.iter().map(Seq::fork).collect();
                 let hidden = self.with_room(|| {
-                    let mut pass: Vec<(&mut Seq, &[u32])> = forks.iter_mut().zip(pending.chunks_exact(1)).collect();
+                    let mut pass: Vec<(&mut Seq, &[u32])> =
+                        forks.iter_mut().zip(pending.chunks_exact(1)).collect();
                     model.forward_seqs(&mut pass, &self.pool)
                 })?;
                 model.logits(&hidden).and_then(|l| to_host_rows(&l)).map_err(device_err)
@@ -247,7 +261,8 @@ impl CandleDecoder {
             // The first step draws from the prompt's logits.
             let vocab = self.model.config.vocab_size;
             let first = Arc::clone(&batch.first);
-            let tokens = sample_rows(&first, 0, vocab, &batch.sampling, &batch.row_ids, &batch.generated);
+            let tokens =
+                sample_rows(&first, 0, vocab, &batch.sampling, &batch.row_ids, &batch.generated);
             self.send_nll(&first, 0, vocab, &tokens, &batch.row_ids, &batch.generated);
             return Ok(record(batch, tokens));
         };
@@ -255,9 +270,14 @@ impl CandleDecoder {
             Kv::Host(_) => {
                 // The CPU pass is step_batches' (one batch of one).
                 batch.pending = Some(pending);
-                return self.step_batches(&mut [batch]).pop().unwrap_or_else(|| Err(BackendError::device("no step")));
+                return self
+                    .step_batches(&mut [batch])
+                    .pop()
+                    .unwrap_or_else(|| Err(BackendError::device("no step")));
             }
-            Kv::Dense(cache) => self.step_dense(cache, &pending, &batch.sampling, &batch.row_ids, &batch.generated),
+            Kv::Dense(cache) => {
+                self.step_dense(cache, &pending, &batch.sampling, &batch.row_ids, &batch.generated)
+            }
         };
         match result {
             Ok(tokens) => Ok(record(batch, tokens)),
@@ -273,8 +293,12 @@ impl CandleDecoder {
     /// other rows (the batch-invariance rule), so each batch gets the tokens its own step
     /// would give it, bit for bit. On a GPU (a dense cache per batch) each batch steps alone.
     /// A failed pass fails every batch in it, each left as it was (the step can be retried).
-    pub fn step_batches(&mut self, batches: &mut [&mut CandleBatch]) -> Vec<Result<Vec<u32>, BackendError>> {
-        let mut results: Vec<Option<Result<Vec<u32>, BackendError>>> = batches.iter().map(|_| None).collect();
+    pub fn step_batches(
+        &mut self,
+        batches: &mut [&mut CandleBatch],
+    ) -> Vec<Result<Vec<u32>, BackendError>> {
+        let mut results: Vec<Option<Result<Vec<u32>, BackendError>>> =
+            batches.iter().map(|_| None).collect();
         // `[merged batches]`: each batch's pending tokens, `[rows]`, taken out for the pass.
         let mut merged: Vec<(usize, Vec<u32>)> = Vec::new();
         for (i, batch) in batches.iter_mut().enumerate() {
@@ -302,13 +326,24 @@ impl CandleDecoder {
                 }
             }
         }
-        results.into_iter().map(|r| r.unwrap_or_else(|| Err(BackendError::device("step_batches: a batch was not stepped")))).collect()
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(BackendError::device("step_batches: a batch was not stepped"))
+                })
+            })
+            .collect()
     }
 
     /// The CPU pass of a step (of [`CandleDecoder::step_batches`], and so of every CPU
     /// [`Decoder::step`]): the `pending` tokens of batches `merged[j].0` run together; each
     /// batch's rows are sampled with its own sampling, straight from the logits' storage.
-    fn step_merged(&self, batches: &mut [&mut CandleBatch], merged: &[(usize, Vec<u32>)]) -> Result<Vec<Vec<u32>>, BackendError> {
+    fn step_merged(
+        &self,
+        batches: &mut [&mut CandleBatch],
+        merged: &[(usize, Vec<u32>)],
+    ) -> Result<Vec<Vec<u32>>, BackendError> {
         let model = &*self.model;
         let vocab = model.config.vocab_size;
         let hidden = {
@@ -344,7 +379,14 @@ impl CandleDecoder {
                     let batch = &*batches[*i];
                     let rows = &l[offset * vocab..(offset + batch.rows()) * vocab];
                     offset += batch.rows();
-                    let tokens = sample_rows(rows, vocab, vocab, &batch.sampling, &batch.row_ids, &batch.generated);
+                    let tokens = sample_rows(
+                        rows,
+                        vocab,
+                        vocab,
+                        &batch.sampling,
+                        &batch.row_ids,
+                        &batch.generated,
+                    );
                     self.send_nll(rows, vocab, vocab, &tokens, &batch.row_ids, &batch.generated);
                     tokens
                 })
@@ -354,7 +396,15 @@ impl CandleDecoder {
     }
 
     /// The NLLs of `tokens` under `logits` (row `r` at `r * stride`) to the sink, if any.
-    fn send_nll(&self, logits: &[f32], stride: usize, vocab: usize, tokens: &[u32], row_ids: &[u32], generated: &[u32]) {
+    fn send_nll(
+        &self,
+        logits: &[f32],
+        stride: usize,
+        vocab: usize,
+        tokens: &[u32],
+        row_ids: &[u32],
+        generated: &[u32],
+    ) {
         let Some(sink) = &self.nll else { return };
         let out: Vec<AtomicU32> = tokens.iter().map(|_| AtomicU32::new(0)).collect();
         let one = |r: usize| {
@@ -400,7 +450,8 @@ impl CandleDecoder {
             } else {
                 // The host samples (the row-keyed noise needs 32-bit integer hashing, which
                 // candle's tensor ops cannot express): the logits come back.
-                to_host_rows(&logits).map(|l| sample_rows(&l, vocab, vocab, sampling, row_ids, generated))
+                to_host_rows(&logits)
+                    .map(|l| sample_rows(&l, vocab, vocab, sampling, row_ids, generated))
             }
         });
         sampled.map_err(|e| {
@@ -424,9 +475,18 @@ fn record(batch: &mut CandleBatch, tokens: Vec<u32>) -> Vec<u32> {
 /// One token per row: row `r` draws from `logits[r * stride..r * stride + vocab]` (a
 /// `stride` of 0 gives every row the same logits). Rows run in parallel on candle's
 /// persistent thread pool; each row's draw depends only on its logits and its noise key.
-fn sample_rows(logits: &[f32], stride: usize, vocab: usize, sampling: &Sampling, row_ids: &[u32], generated: &[u32]) -> Vec<u32> {
+fn sample_rows(
+    logits: &[f32],
+    stride: usize,
+    vocab: usize,
+    sampling: &Sampling,
+    row_ids: &[u32],
+    generated: &[u32],
+) -> Vec<u32> {
     let rows = row_ids.len();
-    let one = |r: usize| sample(&logits[r * stride..r * stride + vocab], sampling, row_ids[r], generated[r]);
+    let one = |r: usize| {
+        sample(&logits[r * stride..r * stride + vocab], sampling, row_ids[r], generated[r])
+    };
     if rows < 4 {
         return (0..rows).map(one).collect();
     }
@@ -462,9 +522,16 @@ impl Decoder for CandleDecoder {
         self.model.config.context_length
     }
 
-    fn prefill(&mut self, prompt: &[u32], ids: Range<u32>, sampling: &Sampling) -> Result<CandleBatch, BackendError> {
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        ids: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<CandleBatch, BackendError> {
         if ids.is_empty() {
-            return Err(BackendError::device(format!("prefill: the row id range must not be empty, got {ids:?}")));
+            return Err(BackendError::device(format!(
+                "prefill: the row id range must not be empty, got {ids:?}"
+            )));
         }
         if prompt.is_empty() {
             return Err(BackendError::device("prefill: the prompt must not be empty"));
@@ -481,7 +548,8 @@ impl Decoder for CandleDecoder {
         }
         let (kv, first) = if self.on_host() {
             let mut prefix = Seq::new();
-            let hidden = self.with_room(|| model.forward_seqs(&mut [(&mut prefix, prompt)], &self.pool))?; // [len, hidden]
+            let hidden =
+                self.with_room(|| model.forward_seqs(&mut [(&mut prefix, prompt)], &self.pool))?; // [len, hidden]
             let first = hidden
                 .narrow(0, len - 1, 1)
                 .and_then(|last| model.logits(&last))
@@ -521,7 +589,10 @@ impl Decoder for CandleDecoder {
         })
     }
 
-    fn step(&mut self, batch: &mut CandleBatch) -> impl Future<Output = Result<Vec<u32>, BackendError>> {
+    fn step(
+        &mut self,
+        batch: &mut CandleBatch,
+    ) -> impl Future<Output = Result<Vec<u32>, BackendError>> {
         std::future::ready(self.step_sync(batch))
     }
 
@@ -553,7 +624,11 @@ impl Decoder for CandleDecoder {
         Ok(())
     }
 
-    fn fork(&mut self, batch: &mut CandleBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+    fn fork(
+        &mut self,
+        batch: &mut CandleBatch,
+        children: &[(usize, u32)],
+    ) -> Result<(), BackendError> {
         check_fork(children, batch.rows())?;
         let Kv::Host(host) = &batch.kv else {
             return Err(BackendError::device("fork: rows can be forked on the CPU only"));

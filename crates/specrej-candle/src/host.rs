@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use candle_core::{Storage, Tensor};
 
-use crate::attention::{attend, exp_neg, SeqTokens};
+use crate::attention::{SeqTokens, attend, exp_neg};
 use crate::kv::{KvPool, OutOfBlocks, Seq, Shape};
-use crate::model::{forward_group, Model};
+use crate::model::{Model, forward_group};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -85,7 +85,11 @@ fn swiglu(g: &[f32], u: &[f32]) -> Vec<f32> {
 impl Model {
     /// The shape of this model's K/V blocks.
     pub(crate) fn kv_shape(&self) -> Shape {
-        Shape { layers: self.config.layers, kv_heads: self.config.kv_heads, head_dim: self.config.head_dim }
+        Shape {
+            layers: self.config.layers,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.config.head_dim,
+        }
     }
 
     /// `cos`, `sin` of position `pos`: `[head_dim / 2]` each.
@@ -117,13 +121,21 @@ impl Model {
     ///
     /// Every sequence gets its blocks before anything runs: on [`PassError::OutOfMemory`]
     /// no sequence has changed length (some may hold spare blocks).
-    pub(crate) fn forward_seqs(&self, pass: &mut [(&mut Seq, &[u32])], pool: &Arc<KvPool>) -> Result<Tensor, PassError> {
+    pub(crate) fn forward_seqs(
+        &self,
+        pass: &mut [(&mut Seq, &[u32])],
+        pool: &Arc<KvPool>,
+    ) -> Result<Tensor, PassError> {
         let c = &self.config;
         if !self.device.is_cpu() {
-            return Err(PassError::Candle(candle_core::Error::Msg("forward_seqs runs on the CPU".into())));
+            return Err(PassError::Candle(candle_core::Error::Msg(
+                "forward_seqs runs on the CPU".into(),
+            )));
         }
         if pass.is_empty() || pass.iter().any(|(_, ids)| ids.is_empty()) {
-            return Err(PassError::Candle(candle_core::Error::Msg("forward: no sequences, or a sequence without new ids".into())));
+            return Err(PassError::Candle(candle_core::Error::Msg(
+                "forward: no sequences, or a sequence without new ids".into(),
+            )));
         }
         for (seq, ids) in pass.iter_mut() {
             let total = seq.len() + ids.len();
@@ -147,7 +159,11 @@ impl Model {
         let mut cos = vec![0.0f32; n * half]; // [n, hd/2]
         let mut sin = vec![0.0f32; n * half]; // [n, hd/2]
         for (t, &(_, pos)) in at.iter().enumerate() {
-            self.rope_angles(pos, &mut cos[t * half..(t + 1) * half], &mut sin[t * half..(t + 1) * half]);
+            self.rope_angles(
+                pos,
+                &mut cos[t * half..(t + 1) * half],
+                &mut sin[t * half..(t + 1) * half],
+            );
         }
         let ids: Vec<u32> = pass.iter().flat_map(|(_, ids)| ids.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, n, &self.device)?; // [n] u32
@@ -167,7 +183,11 @@ impl Model {
                     for (t, &(i, pos)) in at.iter().enumerate() {
                         let w = kv_heads * hd;
                         k_tok.copy_from_slice(&k[t * w..(t + 1) * w]);
-                        self.rope_token(&mut k_tok, &cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                        self.rope_token(
+                            &mut k_tok,
+                            &cos[t * half..(t + 1) * half],
+                            &sin[t * half..(t + 1) * half],
+                        );
                         pass[i].0.write(&shape, l, pos, &k_tok, &v[t * w..(t + 1) * w]);
                     }
                 })

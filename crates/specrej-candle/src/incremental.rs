@@ -21,9 +21,9 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use specrej_core::BackendError;
 
-use crate::host::{host_vec, PassError};
+use crate::host::{PassError, host_vec};
 use crate::kv::{KvPool, Seq};
-use crate::model::{alloc_err, device_err, nll_rows, to_host_rows, KvCache, Model};
+use crate::model::{KvCache, Model, alloc_err, device_err, nll_rows, to_host_rows};
 
 /// One row's cache.
 #[derive(Debug)]
@@ -48,7 +48,12 @@ fn lcp(a: &[u32], b: &[u32]) -> usize {
 /// `back`, and at most `ids.len() − 1` (the last position is always run). The rule
 /// [`IncrementalRows`] follows; what a call runs is `ids.len()` minus this, so callers can
 /// count a call's cost without running it.
-pub fn reused_positions(cached: Option<&[u32]>, prefix: Option<&[u32]>, ids: &[u32], back: usize) -> usize {
+pub fn reused_positions(
+    cached: Option<&[u32]>,
+    prefix: Option<&[u32]>,
+    ids: &[u32],
+    back: usize,
+) -> usize {
     let cap = |lcp: usize| lcp.saturating_sub(back).min(ids.len().saturating_sub(1));
     match (cached, prefix) {
         (Some(old), _) => cap(lcp(old, ids)),
@@ -150,7 +155,10 @@ impl IncrementalRows {
         self.model.check_tokens(ids).map_err(BackendError::Device)?;
         let ctx = self.model.config.context_length;
         if ids.len() > ctx {
-            return Err(BackendError::device(format!("scoring input of {} tokens exceeds the context length {ctx}", ids.len())));
+            return Err(BackendError::device(format!(
+                "scoring input of {} tokens exceeds the context length {ctx}",
+                ids.len()
+            )));
         }
         Ok(())
     }
@@ -198,10 +206,14 @@ impl IncrementalRows {
     /// [`IncrementalRows::last_hidden`] for many rows at once (on the CPU, one pass):
     /// the final-normed last hidden state of each, and the tokens run over all of them.
     /// A row may appear only once.
-    pub fn last_hidden_many(&mut self, items: &[(u32, &[u32])]) -> Result<(Vec<Vec<f32>>, u64), BackendError> {
+    pub fn last_hidden_many(
+        &mut self,
+        items: &[(u32, &[u32])],
+    ) -> Result<(Vec<Vec<f32>>, u64), BackendError> {
         let h = self.model.config.hidden_size;
         let ran = self.run_many(items, 0, true)?;
-        let run: u64 = items.iter().zip(&ran).map(|((_, ids), r)| (ids.len() - r.first) as u64).sum();
+        let run: u64 =
+            items.iter().zip(&ran).map(|((_, ids), r)| (ids.len() - r.first) as u64).sum();
         let last = ran.into_iter().map(|r| r.hidden[r.hidden.len() - h..].to_vec()).collect();
         Ok((last, run))
     }
@@ -211,14 +223,23 @@ impl IncrementalRows {
     /// the first position run. At least `back + 1` positions before the end of the longest
     /// common prefix are re-run too (so that position `first` sees its old successor
     /// replaced when needed). The number of tokens run is `ids.len() − first`.
-    pub fn hidden_from(&mut self, row: u32, ids: &[u32], back: usize) -> Result<(Vec<f32>, usize), BackendError> {
+    pub fn hidden_from(
+        &mut self,
+        row: u32,
+        ids: &[u32],
+        back: usize,
+    ) -> Result<(Vec<f32>, usize), BackendError> {
         let mut ran = self.hidden_from_many(&[(row, ids)], back)?;
         let r = ran.swap_remove(0);
         Ok((r.hidden, r.first))
     }
 
     /// [`IncrementalRows::hidden_from`] for many rows at once (on the CPU, one pass).
-    pub fn hidden_from_many(&mut self, items: &[(u32, &[u32])], back: usize) -> Result<Vec<Ran>, BackendError> {
+    pub fn hidden_from_many(
+        &mut self,
+        items: &[(u32, &[u32])],
+        back: usize,
+    ) -> Result<Vec<Ran>, BackendError> {
         self.run_many(items, back, false)
     }
 
@@ -226,7 +247,12 @@ impl IncrementalRows {
     /// `ids.len() − 1`) cached positions, and returns the final-normed hidden states of the
     /// positions run (all of them, or only the last when `last_only`, as `[1, hidden]`)
     /// with the first position run.
-    fn run_many(&mut self, items: &[(u32, &[u32])], back: usize, last_only: bool) -> Result<Vec<Ran>, BackendError> {
+    fn run_many(
+        &mut self,
+        items: &[(u32, &[u32])],
+        back: usize,
+        last_only: bool,
+    ) -> Result<Vec<Ran>, BackendError> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
@@ -238,7 +264,9 @@ impl IncrementalRows {
         }
         for (i, (row, _)) in items.iter().enumerate() {
             if items[..i].iter().any(|(r, _)| r == row) {
-                return Err(BackendError::device(format!("incremental scoring: row {row} appears twice in one call")));
+                return Err(BackendError::device(format!(
+                    "incremental scoring: row {row} appears twice in one call"
+                )));
             }
         }
         if !self.on_host() {
@@ -271,8 +299,11 @@ impl IncrementalRows {
         let model = Arc::clone(&self.model);
         let h = model.config.hidden_size;
         let hidden = {
-            let mut pass: Vec<(&mut Seq, &[u32])> =
-                seqs.iter_mut().zip(items).map(|((seq, keep), (_, ids))| (seq, &ids[*keep..])).collect();
+            let mut pass: Vec<(&mut Seq, &[u32])> = seqs
+                .iter_mut()
+                .zip(items)
+                .map(|((seq, keep), (_, ids))| (seq, &ids[*keep..]))
+                .collect();
             model.forward_seqs(&mut pass, &self.pool).map_err(PassError::backend)?
         }; // [Σ t, hidden]
         // Final norm of the positions asked for.
@@ -306,7 +337,13 @@ impl IncrementalRows {
     }
 
     /// One row on a GPU: batch 1 over a dense cache.
-    fn advance_dense(&mut self, row: u32, ids: &[u32], back: usize, last_only: bool) -> Result<Ran, BackendError> {
+    fn advance_dense(
+        &mut self,
+        row: u32,
+        ids: &[u32],
+        back: usize,
+        last_only: bool,
+    ) -> Result<Ran, BackendError> {
         let model = Arc::clone(&self.model);
         let model = &*model;
         let ctx = model.config.context_length;
@@ -318,7 +355,9 @@ impl IncrementalRows {
                 (c, keep)
             }
             _ => match &self.prefix {
-                Some((p_ids, Prefix::Dense(p))) if self.reuse && reused_positions(None, Some(p_ids), ids, back) > 0 => {
+                Some((p_ids, Prefix::Dense(p)))
+                    if self.reuse && reused_positions(None, Some(p_ids), ids, back) > 0 =>
+                {
                     let keep = reused_positions(None, Some(p_ids), ids, back);
                     let mut cache = p.gather_rows(model, &[0], ids.len()).map_err(alloc_err)?;
                     cache.len = keep;

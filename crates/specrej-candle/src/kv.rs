@@ -14,8 +14,8 @@
 //!   it (copy on write). Dropping a sequence returns its blocks: rejection frees memory in
 //!   place, without allocating or copying anything.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::f16;
 
@@ -80,7 +80,9 @@ impl Data {
             // every x86_64 CPU has).
             #[allow(unsafe_code, reason = "a prefetch hint; see above")]
             unsafe {
-                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(ptr.wrapping_add(line));
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    ptr.wrapping_add(line),
+                );
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -156,7 +158,13 @@ pub(crate) struct OutOfBlocks;
 impl KvPool {
     /// A pool of at most `capacity` blocks of `shape`, stored as `format`.
     pub(crate) fn new(shape: Shape, format: KvFormat, capacity: usize) -> Arc<Self> {
-        Arc::new(Self { shape, format, capacity, in_use: AtomicUsize::new(0), peak: AtomicUsize::new(0) })
+        Arc::new(Self {
+            shape,
+            format,
+            capacity,
+            in_use: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        })
     }
 
     #[cfg(test)]
@@ -191,7 +199,12 @@ impl KvPool {
             if current >= self.capacity {
                 return Err(OutOfBlocks);
             }
-            match self.in_use.compare_exchange_weak(current, current + 1, Ordering::Relaxed, Ordering::Relaxed) {
+            match self.in_use.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => {
                     self.peak.fetch_max(current + 1, Ordering::Relaxed);
                     return Ok(());
@@ -336,7 +349,10 @@ impl Seq {
         let needed = own_after.div_ceil(BLOCK);
         // The block holding position `len` (if it exists) will be written: it must be ours alone.
         let first_written = (self.len - self.shared_len()) / BLOCK;
-        if extra > 0 && first_written < self.blocks.len() && Arc::get_mut(&mut self.blocks[first_written]).is_none() {
+        if extra > 0
+            && first_written < self.blocks.len()
+            && Arc::get_mut(&mut self.blocks[first_written]).is_none()
+        {
             let copy = self.blocks[first_written].duplicate(pool)?;
             self.blocks[first_written] = Arc::new(copy);
         }
@@ -351,7 +367,8 @@ impl Seq {
     pub(crate) fn write(&mut self, shape: &Shape, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let i = pos - self.shared_len();
         let (b, slot) = (i / BLOCK, i % BLOCK);
-        let block = Arc::get_mut(&mut self.blocks[b]).expect("write into a shared block: reserve first");
+        let block =
+            Arc::get_mut(&mut self.blocks[b]).expect("write into a shared block: reserve first");
         let hd = shape.head_dim;
         for head in 0..shape.kv_heads {
             let h = head * hd..(head + 1) * hd;

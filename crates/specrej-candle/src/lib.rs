@@ -73,12 +73,12 @@ mod tests;
 
 pub use config::{Architecture, ModelConfig};
 pub use decoder::{
-    host_available_memory, NllSink, AUTO_BUDGET_FREE_FRACTION, AUTO_BUDGET_RAM_FRACTION, CandleBatch, CandleDecoder,
-    DEFAULT_KV_BUDGET_BYTES,
+    AUTO_BUDGET_FREE_FRACTION, AUTO_BUDGET_RAM_FRACTION, CandleBatch, CandleDecoder,
+    DEFAULT_KV_BUDGET_BYTES, NllSink, host_available_memory,
 };
-pub use error::{message as candle_message, LoadError};
+pub use error::{LoadError, message as candle_message};
+pub use incremental::{IncrementalRows, Ran, reused_positions};
 pub use kv::KvFormat;
-pub use incremental::{reused_positions, IncrementalRows, Ran};
 pub use load::{load, load_gguf, load_gguf_bytes, load_safetensors, load_safetensors_trunk};
 pub use model::Model;
 pub use options::{Device, LoadOptions, WeightFormat};

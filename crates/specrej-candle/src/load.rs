@@ -12,7 +12,7 @@ use candle_core::{DType, Device as CDevice, Tensor};
 
 use specrej_gguf::{GgufError, GgufFile};
 
-use crate::config::{hf_key, Architecture, ModelConfig};
+use crate::config::{Architecture, ModelConfig, hf_key};
 use crate::error::LoadError;
 use crate::model::{Embedding, Layer, Linear, Model};
 use crate::options::{LoadOptions, WeightFormat};
@@ -89,7 +89,12 @@ impl<S: TensorSource> Builder<'_, S> {
         // Defence in depth: the data must agree with the header.
         let dims = raw.dims();
         if dims.iter().product::<usize>() != expected.iter().product::<usize>() {
-            return Err(LoadError::ShapeMismatch { path, name: name.into(), expected: expected.to_vec(), found: dims });
+            return Err(LoadError::ShapeMismatch {
+                path,
+                name: name.into(),
+                expected: expected.to_vec(),
+                found: dims,
+            });
         }
         Ok(raw)
     }
@@ -128,7 +133,9 @@ impl<S: TensorSource> Builder<'_, S> {
         let q8_ok = inp.is_multiple_of(GgmlDType::Q8_0.block_size());
         let dense = |weight: QMatMul| Linear { weight, bias: None, padded_in: inp };
         match (self.format, raw) {
-            (WeightFormat::Native, Raw::Quantized(q)) => Ok(dense(QMatMul::from_qtensor(q_to_device(q, self.device)?)?)),
+            (WeightFormat::Native, Raw::Quantized(q)) => {
+                Ok(dense(QMatMul::from_qtensor(q_to_device(q, self.device)?)?))
+            }
             (WeightFormat::Q8_0, raw) if q8_ok => {
                 let padded_in = self.q8_0_width(inp);
                 match raw {
@@ -146,7 +153,14 @@ impl<S: TensorSource> Builder<'_, S> {
         }
     }
 
-    fn linear(&mut self, prefix: &str, weight: &str, bias: Option<&str>, out: usize, inp: usize) -> Result<Linear, LoadError> {
+    fn linear(
+        &mut self,
+        prefix: &str,
+        weight: &str,
+        bias: Option<&str>,
+        out: usize,
+        inp: usize,
+    ) -> Result<Linear, LoadError> {
         let mut linear = self.matrix(&format!("{prefix}{weight}"), out, inp)?;
         linear.bias = match bias {
             Some(b) => self.optional_vector(&format!("{prefix}{b}"), out)?,
@@ -247,7 +261,9 @@ fn build<S: TensorSource>(
     // requested; rows are dequantized on lookup.
     let table_dtype = match (&embedding_raw, options.weights) {
         (Raw::Quantized(q), WeightFormat::Native) if !is_float(q.dtype()) => Some(q.dtype()),
-        (_, WeightFormat::Q8_0) if h.is_multiple_of(GgmlDType::Q8_0.block_size()) => Some(GgmlDType::Q8_0),
+        (_, WeightFormat::Q8_0) if h.is_multiple_of(GgmlDType::Q8_0.block_size()) => {
+            Some(GgmlDType::Q8_0)
+        }
         _ => None,
     }
     .filter(|&dtype| has_quantized_lookup(dtype, &device));
@@ -255,12 +271,19 @@ fn build<S: TensorSource>(
     let embedding = match table_dtype {
         Some(dtype) => {
             let q = match embedding_raw {
-                Raw::Quantized(q) if q.dtype() == dtype => q_to_device(q, &device).map_err(|e| cerr(&b, e))?,
-                raw => raw.to_f32().and_then(|t| QTensor::quantize_onto(&t, dtype, &device)).map_err(|e| cerr(&b, e))?,
+                Raw::Quantized(q) if q.dtype() == dtype => {
+                    q_to_device(q, &device).map_err(|e| cerr(&b, e))?
+                }
+                raw => raw
+                    .to_f32()
+                    .and_then(|t| QTensor::quantize_onto(&t, dtype, &device))
+                    .map_err(|e| cerr(&b, e))?,
             };
             Embedding::Quantized(Arc::new(q))
         }
-        None => Embedding::F32(embedding_raw.to_f32().and_then(|t| t.to_device(&device)).map_err(|e| cerr(&b, e))?),
+        None => Embedding::F32(
+            embedding_raw.to_f32().and_then(|t| t.to_device(&device)).map_err(|e| cerr(&b, e))?,
+        ),
     };
     let head = if !with_head {
         None
@@ -276,7 +299,11 @@ fn build<S: TensorSource>(
             Embedding::F32(_) => None,
         };
         Some(match shared {
-            Some(q) => Linear { weight: QMatMul::from_arc(q).map_err(|e| cerr(&b, e))?, bias: None, padded_in: h },
+            Some(q) => Linear {
+                weight: QMatMul::from_arc(q).map_err(|e| cerr(&b, e))?,
+                bias: None,
+                padded_in: h,
+            },
             None => {
                 let dense = match &embedding {
                     Embedding::Quantized(q) => q.dequantize(&CDevice::Cpu),
@@ -295,7 +322,10 @@ fn build<S: TensorSource>(
         let require_bias = |b: &Builder<'_, S>, name: &str| -> Result<(), LoadError> {
             let full = format!("{p}{name}");
             if qkv_bias_required && !b.source.has(&full) {
-                return Err(LoadError::MissingTensor { path: b.source.path().to_path_buf(), name: full });
+                return Err(LoadError::MissingTensor {
+                    path: b.source.path().to_path_buf(),
+                    name: full,
+                });
             }
             Ok(())
         };
@@ -336,7 +366,12 @@ fn q_to_device(q: QTensor, device: &CDevice) -> candle_core::Result<QTensor> {
         return Ok(q);
     }
     let data = q.data()?; // the blocks as stored, on the host
-    candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &data, q.shape().dims().to_vec(), device)
+    candle_core::quantized::ggml_file::qtensor_from_ggml(
+        q.dtype(),
+        &data,
+        q.shape().dims().to_vec(),
+        device,
+    )
 }
 
 /// Whether candle can look rows of a `dtype` table up on `device` (its CUDA row gather
@@ -366,8 +401,10 @@ fn is_float(dtype: GgmlDType) -> bool {
 fn cpu_has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        (std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vnni"))
-            || (std::arch::is_x86_feature_detected!("avxvnni") && std::arch::is_x86_feature_detected!("avx2"))
+        (std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vnni"))
+            || (std::arch::is_x86_feature_detected!("avxvnni")
+                && std::arch::is_x86_feature_detected!("avx2"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -410,8 +447,14 @@ impl<R: Read + Seek> TensorSource for GgufSource<R> {
         }));
         match result {
             Ok(Ok(q)) => Ok(Raw::Quantized(q)),
-            Ok(Err(e)) => Err(LoadError::Corrupt { path: path.clone(), reason: format!("tensor {name:?}: {}", crate::error::message(&e)) }),
-            Err(_) => Err(LoadError::Corrupt { path: path.clone(), reason: format!("tensor {name:?} could not be decoded") }),
+            Ok(Err(e)) => Err(LoadError::Corrupt {
+                path: path.clone(),
+                reason: format!("tensor {name:?}: {}", crate::error::message(&e)),
+            }),
+            Err(_) => Err(LoadError::Corrupt {
+                path: path.clone(),
+                reason: format!("tensor {name:?} could not be decoded"),
+            }),
         }
     }
 }
@@ -430,10 +473,14 @@ fn gguf_error(path: &Path, e: GgufError) -> LoadError {
     match e {
         GgufError::NotGguf { found } => LoadError::NotGguf { path, found: found.to_vec() },
         GgufError::Io(source) => LoadError::Io { path, source },
-        GgufError::UnsupportedArchitecture(architecture) => LoadError::UnsupportedArchitecture { path, architecture },
+        GgufError::UnsupportedArchitecture(architecture) => {
+            LoadError::UnsupportedArchitecture { path, architecture }
+        }
         GgufError::Config { key, reason } => LoadError::Config { path, key, reason },
         GgufError::MissingTensor(name) => LoadError::MissingTensor { path, name },
-        GgufError::ShapeMismatch { name, expected, found } => LoadError::ShapeMismatch { path, name, expected, found },
+        GgufError::ShapeMismatch { name, expected, found } => {
+            LoadError::ShapeMismatch { path, name, expected, found }
+        }
         other => LoadError::Corrupt { path, reason: other.to_string() },
     }
 }
@@ -453,7 +500,11 @@ pub fn load_gguf_bytes(bytes: &[u8], options: &LoadOptions) -> Result<Arc<Model>
 }
 
 /// [`load_gguf`] from any reader of a GGUF file; `path` only names it in errors.
-fn load_gguf_reader<R: Read + Seek>(path: PathBuf, mut reader: R, options: &LoadOptions) -> Result<Arc<Model>, LoadError> {
+fn load_gguf_reader<R: Read + Seek>(
+    path: PathBuf,
+    mut reader: R,
+    options: &LoadOptions,
+) -> Result<Arc<Model>, LoadError> {
     let device = options.device.to_candle()?;
     let mut magic = Vec::with_capacity(4);
     (&mut reader)
@@ -473,18 +524,33 @@ fn load_gguf_reader<R: Read + Seek>(path: PathBuf, mut reader: R, options: &Load
     let file = GgufFile::read_limited(&mut reader, Some(len)).map_err(|e| gguf_error(&path, e))?;
     let config = file.model_config().map_err(|e| gguf_error(&path, e))?;
     reader.seek(SeekFrom::Start(0)).map_err(io)?;
-    let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut reader)));
+    let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gguf_file::Content::read(&mut reader)
+    }));
     let content = match content {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(LoadError::Corrupt { path, reason: crate::error::message(&e) }),
-        Err(_) => return Err(LoadError::Corrupt { path, reason: "the header could not be decoded".into() }),
+        Err(_) => {
+            return Err(LoadError::Corrupt {
+                path,
+                reason: "the header could not be decoded".into(),
+            });
+        }
     };
     // Defence in depth: candle must find the tensors where specrej-gguf did.
     let agrees = content.tensor_data_offset == file.tensors.data_start()
         && content.tensor_infos.len() == file.tensors.len()
-        && file.tensors.iter().all(|t| content.tensor_infos.get(&t.name).is_some_and(|c| c.offset == t.offset && c.shape.dims() == t.shape));
+        && file.tensors.iter().all(|t| {
+            content
+                .tensor_infos
+                .get(&t.name)
+                .is_some_and(|c| c.offset == t.offset && c.shape.dims() == t.shape)
+        });
     if !agrees {
-        return Err(LoadError::Corrupt { path, reason: "candle's GGUF reader and specrej-gguf disagree about the tensor table".into() });
+        return Err(LoadError::Corrupt {
+            path,
+            reason: "candle's GGUF reader and specrej-gguf disagree about the tensor table".into(),
+        });
     }
     let vocab = file.metadata.get_array("tokenizer.ggml.tokens").and_then(|items| {
         items.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
@@ -494,7 +560,9 @@ fn load_gguf_reader<R: Read + Seek>(path: PathBuf, mut reader: R, options: &Load
     // Llama 3.1+ long-context scaling: llama.cpp stores the per-frequency divisors.
     if source.has("rope_freqs.weight") {
         let factors = match source.read("rope_freqs.weight")? {
-            Raw::Quantized(q) => q.dequantize(&CDevice::Cpu).and_then(|t| t.flatten_all()?.to_vec1::<f32>()),
+            Raw::Quantized(q) => {
+                q.dequantize(&CDevice::Cpu).and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            }
             Raw::Dense(t) => t.flatten_all().and_then(|t| t.to_vec1::<f32>()),
         }
         .map_err(|e| LoadError::candle(&path, &e))?;
@@ -510,7 +578,13 @@ fn load_gguf_reader<R: Read + Seek>(path: PathBuf, mut reader: R, options: &Load
             *f /= d;
         }
     }
-    build(source, &GGUF_NAMES, Header { config, inv_freq: freqs, vocab, with_head: true }, options, device)
+    build(
+        source,
+        &GGUF_NAMES,
+        Header { config, inv_freq: freqs, vocab, with_head: true },
+        options,
+        device,
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -532,16 +606,20 @@ impl TensorSource for SafetensorsSource {
         self.tensors.get(name).map(|t| t.dims().to_vec())
     }
     fn read(&mut self, name: &str) -> Result<Raw, LoadError> {
-        let t = self
-            .tensors
-            .remove(name)
-            .ok_or_else(|| LoadError::MissingTensor { path: self.dir.clone(), name: name.into() })?;
+        let t = self.tensors.remove(name).ok_or_else(|| LoadError::MissingTensor {
+            path: self.dir.clone(),
+            name: name.into(),
+        })?;
         match t.dtype() {
             DType::F32 | DType::F16 | DType::BF16 | DType::F64 => t
                 .to_dtype(DType::F32)
                 .map(Raw::Dense)
                 .map_err(|source| LoadError::candle(&self.dir, &source)),
-            other => Err(LoadError::UnsupportedDtype { path: self.dir.clone(), name: name.into(), dtype: format!("{other:?}") }),
+            other => Err(LoadError::UnsupportedDtype {
+                path: self.dir.clone(),
+                name: name.into(),
+                dtype: format!("{other:?}"),
+            }),
         }
     }
 }
@@ -565,11 +643,12 @@ struct HfConfig {
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
-        Some(serde_json::Value::Array(items)) => items
-            .iter()
-            .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
-            .collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().and_then(|x| u32::try_from(x).ok()).into_iter().collect()
+        }
+        Some(serde_json::Value::Array(items)) => {
+            items.iter().filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok())).collect()
+        }
         _ => Vec::new(),
     }
 }
@@ -577,7 +656,10 @@ fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
 /// Loads a Hugging Face checkpoint directory: `config.json` plus `model.safetensors` or
 /// shards listed in `model.safetensors.index.json`. Architectures `LlamaForCausalLM`,
 /// `MistralForCausalLM`, `Qwen2ForCausalLM`; tensors f32/f16/bf16.
-pub fn load_safetensors(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Arc<Model>, LoadError> {
+pub fn load_safetensors(
+    dir: impl AsRef<Path>,
+    options: &LoadOptions,
+) -> Result<Arc<Model>, LoadError> {
     load_hf(dir.as_ref(), options, false, &[]).map(|(model, _)| model)
 }
 
@@ -614,10 +696,15 @@ fn load_hf(
     open(&config_path)?
         .read_to_string(&mut text)
         .map_err(|source| LoadError::Io { path: config_path.clone(), source })?;
-    let hf: HfConfig = serde_json::from_str(&text)
-        .map_err(|e| LoadError::Corrupt { path: config_path.clone(), reason: format!("invalid config.json: {e}") })?;
-    let config_err =
-        |key: &str, reason: &str| LoadError::Config { path: config_path.clone(), key: key.into(), reason: reason.into() };
+    let hf: HfConfig = serde_json::from_str(&text).map_err(|e| LoadError::Corrupt {
+        path: config_path.clone(),
+        reason: format!("invalid config.json: {e}"),
+    })?;
+    let config_err = |key: &str, reason: &str| LoadError::Config {
+        path: config_path.clone(),
+        key: key.into(),
+        reason: reason.into(),
+    };
     let arch_name = hf
         .architectures
         .as_ref()
@@ -630,7 +717,12 @@ fn load_hf(
         "LlamaForSequenceClassification" if trunk => Architecture::Llama,
         "MistralForSequenceClassification" if trunk => Architecture::Mistral,
         "Qwen2ForSequenceClassification" if trunk => Architecture::Qwen2,
-        _ => return Err(LoadError::UnsupportedArchitecture { path: config_path, architecture: arch_name }),
+        _ => {
+            return Err(LoadError::UnsupportedArchitecture {
+                path: config_path,
+                architecture: arch_name,
+            });
+        }
     };
     let need = |v: Option<usize>, key: &str| v.ok_or_else(|| config_err(key, "missing"));
     let hidden_size = need(hf.hidden_size, "hidden_size")?;
@@ -639,7 +731,10 @@ fn load_hf(
         Some(d) => d,
         None if heads == 0 => 0, // validate() names the head count
         None => ModelConfig::derived_head_dim(hidden_size, heads).ok_or_else(|| {
-            config_err("head_dim", &format!("missing, and {heads} heads do not divide hidden_size {hidden_size}"))
+            config_err(
+                "head_dim",
+                &format!("missing, and {heads} heads do not divide hidden_size {hidden_size}"),
+            )
         })?,
     };
     let rope_theta = hf.rope_theta.unwrap_or(10_000.0) as f32;
@@ -665,7 +760,8 @@ fn load_hf(
     config.validate().map_err(invalid)?;
     let mut freqs = inv_freq(head_dim, rope_theta);
     if let Some(scaling) = hf.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-        apply_rope_scaling(&mut freqs, scaling).map_err(|reason| config_err("rope_scaling", &reason))?;
+        apply_rope_scaling(&mut freqs, scaling)
+            .map_err(|reason| config_err("rope_scaling", &reason))?;
     }
 
     // Shards: the index's weight map, or the single file.
@@ -677,18 +773,24 @@ fn load_hf(
             .map_err(|source| LoadError::Io { path: index_path.clone(), source })?;
         let index: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| LoadError::Corrupt { path: index_path.clone(), reason: e.to_string() })?;
-        let map = index
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| LoadError::Corrupt { path: index_path.clone(), reason: "no \"weight_map\" object".into() })?;
+        let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+            LoadError::Corrupt {
+                path: index_path.clone(),
+                reason: "no \"weight_map\" object".into(),
+            }
+        })?;
         let mut files: Vec<PathBuf> = Vec::new();
         for v in map.values() {
-            let name = v
-                .as_str()
-                .ok_or_else(|| LoadError::Corrupt { path: index_path.clone(), reason: "a weight_map entry is not a string".into() })?;
+            let name = v.as_str().ok_or_else(|| LoadError::Corrupt {
+                path: index_path.clone(),
+                reason: "a weight_map entry is not a string".into(),
+            })?;
             // Shard names are plain file names inside the checkpoint directory.
             if name.contains('/') || name.contains('\\') || name == ".." {
-                return Err(LoadError::Corrupt { path: index_path.clone(), reason: format!("shard name {name:?} is not a plain file name") });
+                return Err(LoadError::Corrupt {
+                    path: index_path.clone(),
+                    reason: format!("shard name {name:?} is not a plain file name"),
+                });
             }
             let p = dir.join(name);
             if !files.contains(&p) {
@@ -719,9 +821,10 @@ fn load_hf(
     let source = SafetensorsSource { dir, tensors };
     // The vocabulary size comes from the embedding matrix itself.
     let embedding = HF_NAMES.embedding;
-    let embd_shape = source
-        .shape(embedding)
-        .ok_or_else(|| LoadError::MissingTensor { path: source.dir.clone(), name: embedding.into() })?;
+    let embd_shape = source.shape(embedding).ok_or_else(|| LoadError::MissingTensor {
+        path: source.dir.clone(),
+        name: embedding.into(),
+    })?;
     if embd_shape.len() != 2 || embd_shape[1] != config.hidden_size {
         return Err(LoadError::ShapeMismatch {
             path: source.dir.clone(),
@@ -730,7 +833,11 @@ fn load_hf(
             found: embd_shape,
         });
     }
-    let config = ModelConfig { vocab_size: embd_shape[0], tied_embeddings: !source.has(HF_NAMES.output), ..config };
+    let config = ModelConfig {
+        vocab_size: embd_shape[0],
+        tied_embeddings: !source.has(HF_NAMES.output),
+        ..config
+    };
     config.validate().map_err(invalid)?;
     let header = Header { config, inv_freq: freqs, vocab: None, with_head: !trunk };
     let model = build(source, &HF_NAMES, header, options, device)?;
@@ -747,7 +854,12 @@ fn apply_rope_scaling(freqs: &mut [f32], scaling: &serde_json::Value) -> Result<
     match kind {
         "default" => Ok(()),
         "llama3" => {
-            let num = |k: &str| scaling.get(k).and_then(|v| v.as_f64()).ok_or_else(|| format!("llama3 scaling needs {k:?}"));
+            let num = |k: &str| {
+                scaling
+                    .get(k)
+                    .and_then(|v| v.as_f64())
+                    .ok_or_else(|| format!("llama3 scaling needs {k:?}"))
+            };
             let factor = num("factor")?;
             let low = num("low_freq_factor")?;
             let high = num("high_freq_factor")?;

@@ -30,7 +30,11 @@ impl Linear {
     /// `x`: `[n, in]` → `[n, padded_in]` (zero columns appended when the weight is padded).
     fn pad(&self, x: &Tensor) -> CResult<Tensor> {
         let width = x.dim(1)?;
-        if width < self.padded_in { x.pad_with_zeros(1, 0, self.padded_in - width) } else { Ok(x.clone()) }
+        if width < self.padded_in {
+            x.pad_with_zeros(1, 0, self.padded_in - width)
+        } else {
+            Ok(x.clone())
+        }
     }
 
     /// `x`: `[n, in]` or `[n, padded_in]` f32 contiguous → `[n, out]` f32.
@@ -65,7 +69,11 @@ fn dense_rows(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
     for start in (0..n).step_by(DENSE_TILE) {
         let rows = DENSE_TILE.min(n - start);
         let tile = x.narrow(0, start, rows)?;
-        let tile = if rows < DENSE_TILE { tile.pad_with_zeros(0, 0, DENSE_TILE - rows)? } else { tile.contiguous()? };
+        let tile = if rows < DENSE_TILE {
+            tile.pad_with_zeros(0, 0, DENSE_TILE - rows)?
+        } else {
+            tile.contiguous()?
+        };
         parts.push(tile.matmul(&wt)?.narrow(0, 0, rows)?); // [rows, out]
     }
     Tensor::cat(&parts, 0)
@@ -74,7 +82,10 @@ fn dense_rows(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
 /// Several projections of the same input (q/k/v, gate/up). Uses candle's fused kernel
 /// (one activation quantization, one parallel region) where it applies; that choice
 /// depends only on the weights, never on the row count, so rows stay independent.
-pub(crate) fn forward_group<const N: usize>(linears: [&Linear; N], x: &Tensor) -> CResult<[Tensor; N]> {
+pub(crate) fn forward_group<const N: usize>(
+    linears: [&Linear; N],
+    x: &Tensor,
+) -> CResult<[Tensor; N]> {
     let x = linears[0].pad(x)?; // [n, padded_in]
     let same_width = linears.iter().all(|l| l.padded_in == linears[0].padded_in);
     let quantized: Option<Vec<&QTensor>> = linears
@@ -93,10 +104,14 @@ pub(crate) fn forward_group<const N: usize>(linears: [&Linear; N], x: &Tensor) -
         let mut outs = outs.into_iter();
         let mut result = Vec::with_capacity(N);
         for l in linears {
-            let y = outs.next().ok_or_else(|| candle_core::Error::Msg("fused matmul: missing output".into()))?;
+            let y = outs
+                .next()
+                .ok_or_else(|| candle_core::Error::Msg("fused matmul: missing output".into()))?;
             result.push(l.add_bias(y)?);
         }
-        return result.try_into().map_err(|_| candle_core::Error::Msg("fused matmul: arity".into()));
+        return result
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("fused matmul: arity".into()));
     }
     let mut result = Vec::with_capacity(N);
     for l in linears {
@@ -342,7 +357,9 @@ impl Model {
         if self.device.is_cpu() {
             let pool = crate::kv::KvPool::new(self.kv_shape(), self.kv_format, usize::MAX);
             let mut seq = crate::kv::Seq::new();
-            let hidden = self.forward_seqs(&mut [(&mut seq, ids)], &pool).map_err(crate::host::PassError::backend)?;
+            let hidden = self
+                .forward_seqs(&mut [(&mut seq, ids)], &pool)
+                .map_err(crate::host::PassError::backend)?;
             return self.final_norm(&hidden).and_then(|h| to_host_rows(&h)).map_err(device_err);
         }
         let mut cache = KvCache::new(self, 1, ids.len()).map_err(alloc_err)?;
@@ -398,7 +415,13 @@ pub(crate) fn is_oom(e: &candle_core::Error) -> bool {
 
 /// A zero-filled `[rows, kv_heads, cap, head_dim]` f32 buffer. On the CPU the allocation
 /// is fallible (`try_reserve`), so running out of memory is reported instead of aborting.
-fn alloc_kv(rows: usize, kv_heads: usize, cap: usize, hd: usize, device: &CDevice) -> Result<Tensor, AllocError> {
+fn alloc_kv(
+    rows: usize,
+    kv_heads: usize,
+    cap: usize,
+    hd: usize,
+    device: &CDevice,
+) -> Result<Tensor, AllocError> {
     let n = rows
         .checked_mul(kv_heads)
         .and_then(|n| n.checked_mul(cap))
@@ -440,7 +463,12 @@ impl KvCache {
     }
 
     /// Makes room for `needed` positions: grows to `max(needed, min(2·cap, limit))`.
-    pub(crate) fn reserve(&mut self, model: &Model, needed: usize, limit: usize) -> Result<(), AllocError> {
+    pub(crate) fn reserve(
+        &mut self,
+        model: &Model,
+        needed: usize,
+        limit: usize,
+    ) -> Result<(), AllocError> {
         if needed <= self.cap {
             return Ok(());
         }
@@ -458,7 +486,12 @@ impl KvCache {
 
     /// A new cache whose rows are copies of this cache's rows `source[i]`, with room for `cap`
     /// positions. Used both to fan a prefilled row out and to keep a subset of rows.
-    pub(crate) fn gather_rows(&self, model: &Model, source: &[usize], cap: usize) -> Result<Self, AllocError> {
+    pub(crate) fn gather_rows(
+        &self,
+        model: &Model,
+        source: &[usize],
+        cap: usize,
+    ) -> Result<Self, AllocError> {
         let c = &model.config;
         let cap = cap.max(self.len);
         let mut out = Self {
@@ -470,7 +503,11 @@ impl KvCache {
         };
         if !model.device.is_cpu() {
             // One gather kernel per buffer instead of one copy per row and buffer.
-            let index = Tensor::from_vec(source.iter().map(|&r| r as u32).collect::<Vec<u32>>(), source.len(), &model.device)?; // [n] u32
+            let index = Tensor::from_vec(
+                source.iter().map(|&r| r as u32).collect::<Vec<u32>>(),
+                source.len(),
+                &model.device,
+            )?; // [n] u32
             for (bufs, out_bufs) in [(&self.k, &mut out.k), (&self.v, &mut out.v)] {
                 for buf in bufs {
                     out_bufs.push(gather_indexed(buf, &index, self.len, cap, model)?);
@@ -500,7 +537,13 @@ impl KvCache {
 /// * `index`: `[n]` u32 row indices.
 ///
 /// Returns `[n, kv_heads, cap, hd]` f32 whose positions `0..len` equal those of the rows.
-pub(crate) fn gather_indexed(buf: &Tensor, index: &Tensor, len: usize, cap: usize, model: &Model) -> Result<Tensor, AllocError> {
+pub(crate) fn gather_indexed(
+    buf: &Tensor,
+    index: &Tensor,
+    len: usize,
+    cap: usize,
+    model: &Model,
+) -> Result<Tensor, AllocError> {
     let (_, kv_heads, old_cap, hd) = buf.dims4()?;
     let n = index.dim(0)?;
     let picked = buf.index_select(index, 0)?; // [n, kv_heads, old_cap, hd]
@@ -526,7 +569,11 @@ pub(crate) fn greedy_rows(logits: &Tensor) -> CResult<Vec<u32>> {
     let device = logits.device();
     let max = logits.max_keepdim(1)?; // [rows, 1] f32
     let is_max = logits.broadcast_eq(&max)?; // [rows, vocab] u8
-    let rank = Tensor::from_vec((0..vocab32).map(|i| vocab32 - i).collect::<Vec<u32>>(), (1, vocab), device)?; // [1, vocab] u32
+    let rank = Tensor::from_vec(
+        (0..vocab32).map(|i| vocab32 - i).collect::<Vec<u32>>(),
+        (1, vocab),
+        device,
+    )?; // [1, vocab] u32
     let ranked = is_max.to_dtype(DType::U32)?.broadcast_mul(&rank)?; // [rows, vocab] u32: vocab − i where maximal, else 0
     let best = ranked.max(1)?.to_vec1::<u32>()?; // [rows]: vocab − first argmax
     Ok(best.into_iter().map(|b| vocab32 - b.min(vocab32)).collect())
@@ -554,13 +601,15 @@ pub(crate) fn device_memory(device: &CDevice) -> CResult<Option<(usize, usize)>>
     #[cfg(feature = "cuda")]
     if let CDevice::Cuda(cuda) = device {
         let stream = cuda.cuda_stream();
-        let info = stream.context().mem_get_info().map_err(|e| candle_core::Error::Msg(format!("cuda mem_get_info: {e}")))?;
+        let info = stream
+            .context()
+            .mem_get_info()
+            .map_err(|e| candle_core::Error::Msg(format!("cuda mem_get_info: {e}")))?;
         return Ok(Some(info));
     }
     let _ = device; // only a CUDA device has memory of its own to ask about
     Ok(None)
 }
-
 
 /// `[n, vocab]` logits tensor → host rows.
 pub(crate) fn to_host_rows(logits: &Tensor) -> CResult<Vec<f32>> {
@@ -569,7 +618,11 @@ pub(crate) fn to_host_rows(logits: &Tensor) -> CResult<Vec<f32>> {
 
 /// A candle error as the scheduler sees it: out-of-memory, or a device error.
 pub(crate) fn device_err(e: candle_core::Error) -> specrej_core::BackendError {
-    if is_oom(&e) { specrej_core::BackendError::OutOfMemory } else { specrej_core::BackendError::Device(crate::error::message(&e)) }
+    if is_oom(&e) {
+        specrej_core::BackendError::OutOfMemory
+    } else {
+        specrej_core::BackendError::Device(crate::error::message(&e))
+    }
 }
 
 /// An allocation error as the scheduler sees it.

@@ -15,12 +15,12 @@ use candle_core::Tensor;
 use specrej_core::likelihood::{self, EMPTY_RESPONSE_REWARD, Targets, log_sum_exp};
 use specrej_core::{BackendError, Response, Scored, Scorer};
 
-use crate::decoder::DEFAULT_KV_BUDGET_BYTES;
-use crate::host::{host_vec, PassError};
 use crate::branches::Branches;
+use crate::decoder::DEFAULT_KV_BUDGET_BYTES;
+use crate::host::{PassError, host_vec};
 use crate::incremental::IncrementalRows;
-use crate::kv::{KvPool, Seq, BLOCK};
-use crate::model::{alloc_err, device_err, KvCache, Model, nll_rows, to_host_rows};
+use crate::kv::{BLOCK, KvPool, Seq};
+use crate::model::{KvCache, Model, alloc_err, device_err, nll_rows, to_host_rows};
 
 /// Positions whose logits are materialised at once (`[LOGIT_CHUNK, vocab]` f32).
 const LOGIT_CHUNK: usize = 128;
@@ -28,7 +28,6 @@ const LOGIT_CHUNK: usize = 128;
 /// The same on a GPU, where only NLLs come back: `[512, vocab]` f32 is 256 MB for a
 /// 128k vocabulary.
 const DEVICE_LOGIT_CHUNK: usize = 512;
-
 
 /// A prefix run once with batch 1.
 struct Prefix {
@@ -65,7 +64,8 @@ impl Runner {
         let model = &*self.model;
         self.check(tokens)?;
         let mut seq = Seq::new();
-        let hidden = model.forward_seqs(&mut [(&mut seq, tokens)], pool).map_err(PassError::backend)?; // [len, hidden]
+        let hidden =
+            model.forward_seqs(&mut [(&mut seq, tokens)], pool).map_err(PassError::backend)?; // [len, hidden]
         let logits = hidden
             .narrow(0, tokens.len() - 1, 1)
             .and_then(|last| model.logits(&last))
@@ -103,9 +103,11 @@ impl Runner {
                 end += 1;
             }
             let chunk = &todo[start..end];
-            let mut seqs: Vec<Seq> = chunk.iter().map(|_| Seq::on_prefix(&prefix.seq, prefix.seq.len())).collect();
+            let mut seqs: Vec<Seq> =
+                chunk.iter().map(|_| Seq::on_prefix(&prefix.seq, prefix.seq.len())).collect();
             let hidden = {
-                let mut pass: Vec<(&mut Seq, &[u32])> = seqs.iter_mut().zip(chunk).map(|(s, &i)| (s, inputs[i])).collect();
+                let mut pass: Vec<(&mut Seq, &[u32])> =
+                    seqs.iter_mut().zip(chunk).map(|(s, &i)| (s, inputs[i])).collect();
                 model.forward_seqs(&mut pass, pool).map_err(PassError::backend)?
             }; // [Σ len, hidden]
             let mut picked = Vec::new();
@@ -137,7 +139,11 @@ impl Runner {
 
     /// Logits `[n, vocab]` of final-normed hidden states `[n, hidden]`, in chunks of
     /// [`LOGIT_CHUNK`] rows: calls `f(row index, logits row)`.
-    pub(crate) fn head_chunks(&self, normed: &[f32], mut f: impl FnMut(usize, &[f32])) -> Result<(), BackendError> {
+    pub(crate) fn head_chunks(
+        &self,
+        normed: &[f32],
+        mut f: impl FnMut(usize, &[f32]),
+    ) -> Result<(), BackendError> {
         let model = &*self.model;
         let (h, vocab) = (model.config.hidden_size, model.config.vocab_size);
         for (c, chunk) in normed.chunks(LOGIT_CHUNK * h).enumerate() {
@@ -186,7 +192,12 @@ impl Runner {
 
     /// Runs `suffixes` (each at most `width` tokens, right-padded) after the prefix.
     /// Returns the hidden states `[rows, width, hidden]` f32.
-    fn suffixes(&self, prefix: &Prefix, suffixes: &[&[u32]], width: usize) -> Result<Tensor, BackendError> {
+    fn suffixes(
+        &self,
+        prefix: &Prefix,
+        suffixes: &[&[u32]],
+        width: usize,
+    ) -> Result<Tensor, BackendError> {
         let model = &*self.model;
         let rows = suffixes.len();
         let total = prefix.cache.len + width;
@@ -202,7 +213,8 @@ impl Runner {
             // Padding: any valid id works (it is only ever attended to by later padding).
             tokens.extend(std::iter::repeat_n(0, width - s.len()));
         }
-        let mut cache = prefix.cache.gather_rows(model, &vec![0; rows], total).map_err(alloc_err)?;
+        let mut cache =
+            prefix.cache.gather_rows(model, &vec![0; rows], total).map_err(alloc_err)?;
         model
             .token_tensor(tokens, rows, width)
             .and_then(|t| model.forward_hidden(&t, &mut cache)) // [rows, width, hidden]
@@ -211,7 +223,12 @@ impl Runner {
 
     /// Logits at the given flat positions of `hidden` `[rows, width, hidden]`, streamed in
     /// chunks: calls `f(position index in `at`, logits row)`.
-    fn logits_at(&self, hidden: &Tensor, at: &[u32], mut f: impl FnMut(usize, &[f32])) -> Result<(), BackendError> {
+    fn logits_at(
+        &self,
+        hidden: &Tensor,
+        at: &[u32],
+        mut f: impl FnMut(usize, &[f32]),
+    ) -> Result<(), BackendError> {
         let model = &*self.model;
         let vocab = model.config.vocab_size;
         let flat = hidden.flatten_to(1).map_err(device_err)?; // [rows*width, hidden]
@@ -232,11 +249,18 @@ impl Runner {
 impl Runner {
     /// NLL of `targets[k]` at flat position `at[k]` of `hidden` `[rows, width, hidden]`,
     /// computed on the model's device in chunks; only the NLLs come back.
-    fn nll_at(&self, hidden: &Tensor, at: &[u32], targets: &[u32]) -> Result<Vec<f32>, BackendError> {
+    fn nll_at(
+        &self,
+        hidden: &Tensor,
+        at: &[u32],
+        targets: &[u32],
+    ) -> Result<Vec<f32>, BackendError> {
         let model = &*self.model;
         let flat = hidden.flatten_to(1).map_err(device_err)?; // [rows*width, hidden]
         let mut out = Vec::with_capacity(at.len());
-        for (chunk, chunk_targets) in at.chunks(DEVICE_LOGIT_CHUNK).zip(targets.chunks(DEVICE_LOGIT_CHUNK)) {
+        for (chunk, chunk_targets) in
+            at.chunks(DEVICE_LOGIT_CHUNK).zip(targets.chunks(DEVICE_LOGIT_CHUNK))
+        {
             let nll = Tensor::new(chunk, hidden.device())
                 .and_then(|ids| flat.index_select(&ids, 0)) // [n, hidden]
                 .and_then(|h| model.logits(&h)) // [n, vocab]
@@ -298,7 +322,11 @@ impl LikelihoodScorer {
         self
     }
 
-    fn score_incremental(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    fn score_incremental(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         for r in responses {
             self.runner.check(r.tokens)?;
         }
@@ -321,22 +349,32 @@ impl LikelihoodScorer {
             .filter(|r| !r.tokens.is_empty())
             .map(|r| (r.row, [prompt, &r.tokens[..r.tokens.len() - 1]].concat()))
             .collect();
-        let items: Vec<(u32, &[u32])> = inputs.iter().map(|(row, ids)| (*row, ids.as_slice())).collect();
+        let items: Vec<(u32, &[u32])> =
+            inputs.iter().map(|(row, ids)| (*row, ids.as_slice())).collect();
         let ran = inc.rows.hidden_from_many(&items, 1)?;
         let h = self.runner.model.config.hidden_size;
         let mut by_row: HashMap<u32, f64> = HashMap::with_capacity(items.len());
         for ((row, input), ran) in items.iter().zip(ran) {
             let first = ran.first;
             processed += (input.len() - first) as u64;
-            let full = |pos: usize| if pos + 1 < input.len() { input[pos + 1] } else {
-                // The response's last token, not part of the input.
-                responses.iter().find(|r| r.row == *row).map_or(0, |r| r.tokens[r.tokens.len() - 1])
+            let full = |pos: usize| {
+                if pos + 1 < input.len() {
+                    input[pos + 1]
+                } else {
+                    // The response's last token, not part of the input.
+                    responses
+                        .iter()
+                        .find(|r| r.row == *row)
+                        .map_or(0, |r| r.tokens[r.tokens.len() - 1])
+                }
             };
             let mut nll = inc.nll.remove(row).unwrap_or_default();
             if nll.len() < first {
                 // A row new to the caches starts from the prompt's: no response NLLs to reuse.
                 if first > p - 1 {
-                    return Err(BackendError::device("likelihood: cached NLLs out of step with the cache"));
+                    return Err(BackendError::device(
+                        "likelihood: cached NLLs out of step with the cache",
+                    ));
                 }
                 nll.resize(first, f64::NAN);
             }
@@ -356,7 +394,9 @@ impl LikelihoodScorer {
                     let a = (chunk[0] - start) * h;
                     let b = (chunk[chunk.len() - 1] + 1 - start) * h;
                     let targets: Vec<u32> = chunk.iter().map(|&pos| full(pos)).collect();
-                    for (x, &pos) in inc.rows.head_nll(&normed[a..b], &targets)?.into_iter().zip(chunk) {
+                    for (x, &pos) in
+                        inc.rows.head_nll(&normed[a..b], &targets)?.into_iter().zip(chunk)
+                    {
                         nll[pos] = f64::from(x);
                     }
                 }
@@ -375,7 +415,11 @@ impl LikelihoodScorer {
         Ok(Scored { rewards, tokens_processed: processed })
     }
 
-    fn score_sync(&self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    fn score_sync(
+        &self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         if responses.is_empty() {
             return Ok(Scored::default());
         }
@@ -408,16 +452,23 @@ impl LikelihoodScorer {
                 let t = Targets::of(group, width);
                 if self.runner.model.device.is_cpu() {
                     self.runner.logits_at(&hidden, &t.at, |k, row| {
-                        nll[c * chunk + t.response[k]] += f64::from(log_sum_exp(row) - row[t.tokens[k] as usize]);
+                        nll[c * chunk + t.response[k]] +=
+                            f64::from(log_sum_exp(row) - row[t.tokens[k] as usize]);
                     })?;
                 } else {
-                    for (k, x) in self.runner.nll_at(&hidden, &t.at, &t.tokens)?.into_iter().enumerate() {
+                    for (k, x) in
+                        self.runner.nll_at(&hidden, &t.at, &t.tokens)?.into_iter().enumerate()
+                    {
                         nll[c * chunk + t.response[k]] += f64::from(x);
                     }
                 }
             }
         }
-        let rewards = responses.iter().zip(&nll).map(|(r, &sum)| likelihood::reward(sum, r.tokens.len())).collect();
+        let rewards = responses
+            .iter()
+            .zip(&nll)
+            .map(|(r, &sum)| likelihood::reward(sum, r.tokens.len()))
+            .collect();
         Ok(Scored { rewards, tokens_processed: processed })
     }
 }
@@ -426,11 +477,16 @@ impl LikelihoodScorer {
     /// The full (non-incremental) likelihood on the CPU: the context once, then every
     /// response's tokens but the last in one pass (in chunks that fit the budget).
     /// `tokens_processed` = context + Σ (response length − 1).
-    fn score_host(&self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    fn score_host(
+        &self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         let pool = self.runner.pool();
         let prefix = self.runner.host_prefix(prompt, &pool)?;
         let mut processed = prompt.len() as u64;
-        let inputs: Vec<&[u32]> = responses.iter().map(|r| &r.tokens[..r.tokens.len().saturating_sub(1)]).collect();
+        let inputs: Vec<&[u32]> =
+            responses.iter().map(|r| &r.tokens[..r.tokens.len().saturating_sub(1)]).collect();
         let mut nll: Vec<f64> = responses
             .iter()
             .map(|r| match r.tokens.first() {
@@ -452,19 +508,29 @@ impl LikelihoodScorer {
         if let Some(e) = failed {
             return Err(e);
         }
-        let rewards = responses.iter().zip(&nll).map(|(r, &sum)| likelihood::reward(sum, r.tokens.len())).collect();
+        let rewards = responses
+            .iter()
+            .zip(&nll)
+            .map(|(r, &sum)| likelihood::reward(sum, r.tokens.len()))
+            .collect();
         Ok(Scored { rewards, tokens_processed: processed })
     }
 }
 
 impl Scorer for LikelihoodScorer {
-    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+    fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>> {
         let result = match (&self.incremental, responses.is_empty(), prompt.is_empty()) {
             (None, _, _) => self.score_sync(prompt, responses),
             (Some(_), true, _) => Ok(Scored::default()),
             (Some(_), false, false) => self.score_incremental(prompt, responses),
-            (Some(_), false, true) => likelihood::context(prompt, self.runner.model.config.bos_token_id)
-                .and_then(|context| self.score_incremental(&context, responses)),
+            (Some(_), false, true) => {
+                likelihood::context(prompt, self.runner.model.config.bos_token_id)
+                    .and_then(|context| self.score_incremental(&context, responses))
+            }
         };
         std::future::ready(result)
     }
@@ -563,19 +629,26 @@ impl JudgeScorer {
         self
     }
 
-    fn score_incremental(&mut self, responses: &[Response<'_>], partial: bool) -> Result<Scored, BackendError> {
+    fn score_incremental(
+        &mut self,
+        responses: &[Response<'_>],
+        partial: bool,
+    ) -> Result<Scored, BackendError> {
         for r in responses {
             self.runner.check(r.tokens)?;
         }
-        let after = if partial { self.after_partial.as_ref().unwrap_or(&self.after) } else { &self.after };
+        let after =
+            if partial { self.after_partial.as_ref().unwrap_or(&self.after) } else { &self.after };
         self.runner.check(after)?;
         let (before, yes, no) = (&self.before, self.yes as usize, self.no as usize);
         let Some(rows) = self.incremental.as_mut() else {
             return Err(BackendError::device("judge: not incremental"));
         };
         let mut processed = rows.set_prefix(before)?;
-        let inputs: Vec<Vec<u32>> = responses.iter().map(|r| [&before[..], r.tokens, &after[..]].concat()).collect();
-        let items: Vec<(u32, &[u32])> = responses.iter().zip(&inputs).map(|(r, ids)| (r.row, ids.as_slice())).collect();
+        let inputs: Vec<Vec<u32>> =
+            responses.iter().map(|r| [&before[..], r.tokens, &after[..]].concat()).collect();
+        let items: Vec<(u32, &[u32])> =
+            responses.iter().zip(&inputs).map(|(r, ids)| (r.row, ids.as_slice())).collect();
         let (hidden, run) = rows.last_hidden_many(&items)?;
         processed += run;
         let logits = rows.head_logits(&hidden.concat())?; // [rows, vocab]
@@ -590,14 +663,19 @@ impl JudgeScorer {
         self
     }
 
-    fn score_sync(&self, responses: &[Response<'_>], partial: bool) -> Result<Scored, BackendError> {
+    fn score_sync(
+        &self,
+        responses: &[Response<'_>],
+        partial: bool,
+    ) -> Result<Scored, BackendError> {
         if responses.is_empty() {
             return Ok(Scored::default());
         }
         for r in responses {
             self.runner.check(r.tokens)?;
         }
-        let after = if partial { self.after_partial.as_ref().unwrap_or(&self.after) } else { &self.after };
+        let after =
+            if partial { self.after_partial.as_ref().unwrap_or(&self.after) } else { &self.after };
         self.runner.check(after)?;
         if self.runner.on_host() {
             return self.score_host(responses, after);
@@ -605,7 +683,8 @@ impl JudgeScorer {
         let prefix = self.runner.prefix(&self.before)?;
         let mut processed = self.before.len() as u64;
         let margin = |row: &[f32]| row[self.yes as usize] - row[self.no as usize];
-        let inputs: Vec<Vec<u32>> = responses.iter().map(|r| [r.tokens, &after[..]].concat()).collect();
+        let inputs: Vec<Vec<u32>> =
+            responses.iter().map(|r| [r.tokens, &after[..]].concat()).collect();
         let width = inputs.iter().map(Vec::len).max().unwrap_or(0);
         let mut rewards = vec![margin(&prefix.logits); responses.len()];
         if width > 0 {
@@ -633,7 +712,11 @@ impl JudgeScorer {
     /// The full (non-incremental) judge on the CPU: `before` once, then every
     /// `response ++ after` in one pass (in chunks that fit the budget).
     /// `tokens_processed` = `before` + Σ (response + `after`).
-    fn score_host(&self, responses: &[Response<'_>], after: &[u32]) -> Result<Scored, BackendError> {
+    fn score_host(
+        &self,
+        responses: &[Response<'_>],
+        after: &[u32],
+    ) -> Result<Scored, BackendError> {
         let pool = self.runner.pool();
         let prefix = self.runner.host_prefix(&self.before, &pool)?;
         let margin = |row: &[f32]| row[self.yes as usize] - row[self.no as usize];
@@ -664,18 +747,30 @@ impl JudgeScorer {
     /// [`Scorer::score`] of the prefixes bit for bit, at a fraction of the work of bringing a
     /// cache to each length in turn. On a GPU the incremental caches are brought to each
     /// length (one call per length of a row). `tokens_processed` counts what really ran.
-    pub fn score_prefixes(&mut self, items: &[(Response<'_>, usize)], partial: bool) -> Result<Scored, BackendError> {
+    pub fn score_prefixes(
+        &mut self,
+        items: &[(Response<'_>, usize)],
+        partial: bool,
+    ) -> Result<Scored, BackendError> {
         if items.is_empty() {
             return Ok(Scored::default());
         }
         for (r, len) in items {
             if *len > r.tokens.len() {
-                return Err(BackendError::device(format!("judge: row {} has {} tokens, {len} asked for", r.row, r.tokens.len())));
+                return Err(BackendError::device(format!(
+                    "judge: row {} has {} tokens, {len} asked for",
+                    r.row,
+                    r.tokens.len()
+                )));
             }
         }
         // Token ids are checked where they run: once per row and per question by the branches,
         // per call by the incremental caches.
-        let after = if partial { self.after_partial.clone().unwrap_or_else(|| self.after.clone()) } else { self.after.clone() };
+        let after = if partial {
+            self.after_partial.clone().unwrap_or_else(|| self.after.clone())
+        } else {
+            self.after.clone()
+        };
         if !self.runner.on_host() {
             return self.prefixes_by_rounds(items, partial);
         }
@@ -684,17 +779,22 @@ impl JudgeScorer {
         for (r, _) in items {
             match rows.iter().find(|(row, _)| *row == r.row) {
                 Some((_, t)) if *t != r.tokens => {
-                    return Err(BackendError::device(format!("judge: row {} given two different texts", r.row)));
+                    return Err(BackendError::device(format!(
+                        "judge: row {} given two different texts",
+                        r.row
+                    )));
                 }
                 Some(_) => {}
                 None => rows.push((r.row, r.tokens)),
             }
         }
         let model = Arc::clone(&self.runner.model);
-        let branches = self.branches.get_or_insert_with(|| Branches::new(model, PREFIX_CACHE_TOKENS));
+        let branches =
+            self.branches.get_or_insert_with(|| Branches::new(model, PREFIX_CACHE_TOKENS));
         let mut processed = branches.set_start(&self.before)?;
         processed += branches.hold(&rows)?;
-        let asks: Vec<(u32, usize, &[u32])> = items.iter().map(|(r, len)| (r.row, *len, after.as_slice())).collect();
+        let asks: Vec<(u32, usize, &[u32])> =
+            items.iter().map(|(r, len)| (r.row, *len, after.as_slice())).collect();
         let mut last = Vec::with_capacity(items.len() * self.runner.model.config.hidden_size);
         processed += branches.branch_last(&asks, |_, normed| last.extend_from_slice(normed))?;
         let (yes, no) = (self.yes as usize, self.no as usize);
@@ -705,7 +805,11 @@ impl JudgeScorer {
 
     /// [`JudgeScorer::score_prefixes`] through the incremental caches: one call per length
     /// of a row, shortest first.
-    fn prefixes_by_rounds(&mut self, items: &[(Response<'_>, usize)], partial: bool) -> Result<Scored, BackendError> {
+    fn prefixes_by_rounds(
+        &mut self,
+        items: &[(Response<'_>, usize)],
+        partial: bool,
+    ) -> Result<Scored, BackendError> {
         if self.incremental.is_none() {
             self.incremental = Some(IncrementalRows::new(Arc::clone(&self.runner.model)));
         }
@@ -713,7 +817,10 @@ impl JudgeScorer {
         order.sort_by_key(|&i| (items[i].0.row, items[i].1));
         let mut rounds: Vec<Vec<usize>> = Vec::new();
         for i in order {
-            match rounds.iter_mut().find(|round| round.iter().all(|&j| items[j].0.row != items[i].0.row)) {
+            match rounds
+                .iter_mut()
+                .find(|round| round.iter().all(|&j| items[j].0.row != items[i].0.row))
+            {
                 Some(round) => round.push(i),
                 None => rounds.push(vec![i]),
             }
@@ -721,8 +828,13 @@ impl JudgeScorer {
         let mut rewards = vec![0.0f32; items.len()];
         let mut processed = 0;
         for round in rounds {
-            let responses: Vec<Response<'_>> =
-                round.iter().map(|&i| Response { row: items[i].0.row, tokens: &items[i].0.tokens[..items[i].1] }).collect();
+            let responses: Vec<Response<'_>> = round
+                .iter()
+                .map(|&i| Response {
+                    row: items[i].0.row,
+                    tokens: &items[i].0.tokens[..items[i].1],
+                })
+                .collect();
             let scored = self.score_incremental(&responses, partial)?;
             processed += scored.tokens_processed;
             for (&i, reward) in round.iter().zip(scored.rewards) {
@@ -732,9 +844,17 @@ impl JudgeScorer {
         Ok(Scored { rewards, tokens_processed: processed })
     }
 
-    fn score_any(&mut self, responses: &[Response<'_>], partial: bool) -> Result<Scored, BackendError> {
+    fn score_any(
+        &mut self,
+        responses: &[Response<'_>],
+        partial: bool,
+    ) -> Result<Scored, BackendError> {
         if self.incremental.is_some() {
-            if responses.is_empty() { Ok(Scored::default()) } else { self.score_incremental(responses, partial) }
+            if responses.is_empty() {
+                Ok(Scored::default())
+            } else {
+                self.score_incremental(responses, partial)
+            }
         } else {
             self.score_sync(responses, partial)
         }
@@ -742,11 +862,19 @@ impl JudgeScorer {
 }
 
 impl Scorer for JudgeScorer {
-    fn score(&mut self, _prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+    fn score(
+        &mut self,
+        _prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>> {
         std::future::ready(self.score_any(responses, false))
     }
 
-    fn score_partial(&mut self, _prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+    fn score_partial(
+        &mut self,
+        _prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>> {
         std::future::ready(self.score_any(responses, true))
     }
 

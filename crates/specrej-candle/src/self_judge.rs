@@ -18,9 +18,9 @@ use candle_core::Tensor;
 use specrej_core::{BackendError, Response, Scored, Scorer};
 
 use crate::decoder::DEFAULT_KV_BUDGET_BYTES;
-use crate::host::{host_vec, PassError};
-use crate::kv::{Seq, BLOCK};
-use crate::model::{device_err, Model};
+use crate::host::{PassError, host_vec};
+use crate::kv::{BLOCK, Seq};
+use crate::model::{Model, device_err};
 use crate::scorer::{JudgeScorer, Runner};
 use crate::share::KvShare;
 
@@ -49,7 +49,14 @@ impl SelfJudgeScorer {
             (yes as usize) < vocab && (no as usize) < vocab,
             "SelfJudgeScorer: yes ({yes}) / no ({no}) outside the vocabulary ({vocab})"
         );
-        Self { runner: Runner { model, kv_budget_bytes: DEFAULT_KV_BUDGET_BYTES }, after, yes, no, share: None, dense: None }
+        Self {
+            runner: Runner { model, kv_budget_bytes: DEFAULT_KV_BUDGET_BYTES },
+            after,
+            yes,
+            no,
+            share: None,
+            dense: None,
+        }
     }
 
     /// Reuses the K/V a decoder on the same model lends through `share`
@@ -83,14 +90,20 @@ impl SelfJudgeScorer {
         [prompt, Self::answer(tokens, &self.after), &self.after].concat()
     }
 
-    fn score_any(&mut self, prompt: &[u32], responses: &[Response<'_>], judged: bool) -> Result<Scored, BackendError> {
+    fn score_any(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+        judged: bool,
+    ) -> Result<Scored, BackendError> {
         if responses.is_empty() {
             return Ok(Scored::default());
         }
         if prompt.is_empty() {
             return Err(BackendError::device("self-judge: the prompt is empty"));
         }
-        let inputs: Vec<Vec<u32>> = responses.iter().map(|r| self.input(prompt, r.tokens)).collect();
+        let inputs: Vec<Vec<u32>> =
+            responses.iter().map(|r| self.input(prompt, r.tokens)).collect();
         let context = self.runner.model.config.context_length;
         for input in &inputs {
             self.runner.check(input)?;
@@ -101,7 +114,11 @@ impl SelfJudgeScorer {
                 )));
             }
         }
-        let scored = if self.runner.on_host() { self.score_host(prompt, &inputs) } else { self.score_dense(prompt, responses) }?;
+        let scored = if self.runner.on_host() {
+            self.score_host(prompt, &inputs)
+        } else {
+            self.score_dense(prompt, responses)
+        }?;
         if judged && let Some(share) = &self.share {
             let rows: Vec<u32> = responses.iter().map(|r| r.row).collect();
             share.release(&rows);
@@ -110,13 +127,26 @@ impl SelfJudgeScorer {
     }
 
     /// On a GPU: the dense judge with the prompt as its `before`.
-    fn score_dense(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    fn score_dense(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         if self.dense.as_ref().is_none_or(|(p, _)| p != prompt) {
-            let judge = JudgeScorer::new(Arc::clone(&self.runner.model), prompt.to_vec(), self.after.clone(), self.yes, self.no)
-                .with_kv_budget(self.runner.kv_budget_bytes);
+            let judge = JudgeScorer::new(
+                Arc::clone(&self.runner.model),
+                prompt.to_vec(),
+                self.after.clone(),
+                self.yes,
+                self.no,
+            )
+            .with_kv_budget(self.runner.kv_budget_bytes);
             self.dense = Some((prompt.to_vec(), judge));
         }
-        let answers: Vec<Response<'_>> = responses.iter().map(|r| Response { row: r.row, tokens: Self::answer(r.tokens, &self.after) }).collect();
+        let answers: Vec<Response<'_>> = responses
+            .iter()
+            .map(|r| Response { row: r.row, tokens: Self::answer(r.tokens, &self.after) })
+            .collect();
         let Some((_, judge)) = self.dense.as_mut() else { unreachable!("set above") };
         specrej_core::block_on_ready(judge.score(prompt, &answers))
     }
@@ -139,7 +169,9 @@ impl SelfJudgeScorer {
                 _ => {
                     if prompt_seq.is_none() {
                         let mut seq = Seq::new();
-                        model.forward_seqs(&mut [(&mut seq, prompt)], &pool).map_err(PassError::backend)?;
+                        model
+                            .forward_seqs(&mut [(&mut seq, prompt)], &pool)
+                            .map_err(PassError::backend)?;
                         processed += prompt.len() as u64;
                         prompt_seq = Some(Arc::new(seq));
                     }
@@ -164,10 +196,14 @@ impl SelfJudgeScorer {
                 blocks += need;
                 end += 1;
             }
-            let mut seqs: Vec<Seq> = starts[begin..end].iter_mut().map(|(s, _)| std::mem::take(s)).collect();
+            let mut seqs: Vec<Seq> =
+                starts[begin..end].iter_mut().map(|(s, _)| std::mem::take(s)).collect();
             let hidden = {
-                let mut pass: Vec<(&mut Seq, &[u32])> =
-                    seqs.iter_mut().zip(begin..end).map(|(s, i)| (s, &inputs[i][starts[i].1..])).collect();
+                let mut pass: Vec<(&mut Seq, &[u32])> = seqs
+                    .iter_mut()
+                    .zip(begin..end)
+                    .map(|(s, i)| (s, &inputs[i][starts[i].1..]))
+                    .collect();
                 model.forward_seqs(&mut pass, &pool).map_err(PassError::backend)?
             }; // [Σ new positions, hidden]
             drop(seqs);
@@ -195,11 +231,19 @@ impl SelfJudgeScorer {
 }
 
 impl Scorer for SelfJudgeScorer {
-    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+    fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>> {
         std::future::ready(self.score_any(prompt, responses, true))
     }
 
-    fn score_partial(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+    fn score_partial(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>> {
         std::future::ready(self.score_any(prompt, responses, false))
     }
 

@@ -38,7 +38,12 @@ pub enum Policy {
 
 impl Policy {
     /// Loads `path` for `backend`. `weights` applies to candle; `adapter` to wgpu.
-    pub fn load(path: &Path, backend: BackendArg, weights: WeightsArg, adapter: Option<&str>) -> Result<Self> {
+    pub fn load(
+        path: &Path,
+        backend: BackendArg,
+        weights: WeightsArg,
+        adapter: Option<&str>,
+    ) -> Result<Self> {
         Self::load_with_kv(path, backend, weights, specrej_candle::KvFormat::default(), adapter)
     }
 
@@ -52,16 +57,21 @@ impl Policy {
     ) -> Result<Self> {
         match backend {
             BackendArg::Cpu | BackendArg::Cuda => {
-                let options = LoadOptions { device: backend.candle_device(), weights: weights.into(), kv };
+                let options =
+                    LoadOptions { device: backend.candle_device(), weights: weights.into(), kv };
                 let model = specrej_candle::load(path, &options).context("loading the model")?;
                 Ok(Policy::Candle(model))
             }
             BackendArg::Wgpu => {
                 if path.is_dir() {
-                    anyhow::bail!("{}: --backend wgpu runs GGUF files, not safetensors directories", path.display());
+                    anyhow::bail!(
+                        "{}: --backend wgpu runs GGUF files, not safetensors directories",
+                        path.display()
+                    );
                 }
                 let options = specrej_wgpu::Options {
-                    adapter: adapter.map(|a| a.parse::<AdapterChoice>().unwrap_or_else(|e| match e {})),
+                    adapter: adapter
+                        .map(|a| a.parse::<AdapterChoice>().unwrap_or_else(|e| match e {})),
                     ..specrej_wgpu::Options::default()
                 };
                 let model = WgpuModel::load_path_blocking(path, &options)
@@ -103,9 +113,13 @@ impl Policy {
         let gb = |b: usize| b as f64 / 1e9;
         match self {
             Policy::Candle(model) => {
-                let bytes = CandleDecoder::auto_budget_bytes(model).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let bytes =
+                    CandleDecoder::auto_budget_bytes(model).map_err(|e| anyhow::anyhow!("{e}"))?;
                 let rule = if model.device().is_cuda() {
-                    format!("{:.0}% of the GPU's free memory", specrej_candle::AUTO_BUDGET_FREE_FRACTION * 100.0)
+                    format!(
+                        "{:.0}% of the GPU's free memory",
+                        specrej_candle::AUTO_BUDGET_FREE_FRACTION * 100.0
+                    )
                 } else {
                     match specrej_candle::host_available_memory() {
                         Some(available) => format!(
@@ -118,9 +132,10 @@ impl Policy {
                 };
                 Ok((bytes, rule))
             }
-            Policy::Wgpu(_) => {
-                Ok((specrej_wgpu::DEFAULT_KV_BUDGET_BYTES, "wgpu's default (WebGPU reports no free memory)".to_string()))
-            }
+            Policy::Wgpu(_) => Ok((
+                specrej_wgpu::DEFAULT_KV_BUDGET_BYTES,
+                "wgpu's default (WebGPU reports no free memory)".to_string(),
+            )),
         }
     }
 
@@ -142,7 +157,13 @@ impl Policy {
                 }
                 drive(&mut decoder, reward, prompt, options, on_event)
             }
-            Policy::Wgpu(model) => drive(&mut WgpuDecoder::new(model.clone(), kv_bytes), reward, prompt, options, on_event),
+            Policy::Wgpu(model) => drive(
+                &mut WgpuDecoder::new(model.clone(), kv_bytes),
+                reward,
+                prompt,
+                options,
+                on_event,
+            ),
         }
     }
 }
@@ -163,7 +184,9 @@ fn drive<D: Decoder>(
 pub fn list_adapters() -> Result<()> {
     let adapters = specrej_wgpu::adapters_blocking();
     if adapters.is_empty() {
-        anyhow::bail!("wgpu found no adapter (no Vulkan, Metal or DX12 driver; on Linux try mesa-vulkan-drivers)");
+        anyhow::bail!(
+            "wgpu found no adapter (no Vulkan, Metal or DX12 driver; on Linux try mesa-vulkan-drivers)"
+        );
     }
     for adapter in adapters {
         println!("{adapter}");

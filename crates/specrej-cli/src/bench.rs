@@ -4,7 +4,7 @@ use crate::backend::{BackendArg, Policy};
 use crate::generate::WeightsArg;
 use crate::model::{self, Text};
 use crate::reward::RewardArgs;
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use serde::Serialize;
 use specrej_candle::CandleDecoder;
 use specrej_core::{Decoder, Method, Options, Sampling, Stats};
@@ -159,12 +159,18 @@ fn throughput(args: ThroughputArgs) -> Result<()> {
     }
     let path = model::locate(args.model.as_deref())?;
     let text = Text::load(&path)?;
-    let mut sentence = text.tokenizer.encode("The quick brown fox jumps over the lazy dog while the band plays on. ", false)?;
+    let mut sentence = text
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy dog while the band plays on. ", false)?;
     if sentence.is_empty() {
         sentence.push(0);
     }
     let prompts = Prompts {
-        long: args.prefill_tokens.iter().map(|&n| sentence.iter().copied().cycle().take(n).collect()).collect(),
+        long: args
+            .prefill_tokens
+            .iter()
+            .map(|&n| sentence.iter().copied().cycle().take(n).collect())
+            .collect(),
         short: sentence.iter().copied().cycle().take(16).collect(),
     };
     let bon_prompt = text.prompt(BON_PROMPT, None, false)?;
@@ -180,12 +186,24 @@ fn throughput(args: ThroughputArgs) -> Result<()> {
         bon_reward: args.reward.describe(),
         bon: Vec::new(),
     };
-    let reward = if bon.is_empty() { None } else { Some(args.reward.load(args.backends[0].candle_device())?) };
+    let reward = if bon.is_empty() {
+        None
+    } else {
+        Some(args.reward.load(args.backends[0].candle_device())?)
+    };
 
     for &backend in &args.backends {
-        let formats = if backend == BackendArg::Wgpu { vec![WeightsArg::Native] } else { args.weights.clone() };
+        let formats = if backend == BackendArg::Wgpu {
+            vec![WeightsArg::Native]
+        } else {
+            args.weights.clone()
+        };
         for format in formats {
-            let name = format!("{}/{}", format!("{backend:?}").to_lowercase(), format!("{format:?}").to_lowercase());
+            let name = format!(
+                "{}/{}",
+                format!("{backend:?}").to_lowercase(),
+                format!("{format:?}").to_lowercase()
+            );
             let policy = Policy::load(&path, backend, format, args.adapter.as_deref())?;
             let device = match (&policy, backend) {
                 (Policy::Wgpu(model), _) => model.adapter().to_string(),
@@ -200,7 +218,11 @@ fn throughput(args: ThroughputArgs) -> Result<()> {
             let layout = policy.kv_layout();
             let own = args.steps + 4 + (args.context.iter().max().unwrap_or(&16) - 16);
             let longest = prompts.long.iter().map(Vec::len).max().unwrap_or(1);
-            let tokens = layout.tokens(longest, 1, own).max(layout.tokens(prompts.short.len(), max_rows, own));
+            let tokens = layout.tokens(longest, 1, own).max(layout.tokens(
+                prompts.short.len(),
+                max_rows,
+                own,
+            ));
             let kv_bytes = tokens * policy.kv_bytes_per_token();
             let mut sink = |what: &str| eprintln!("{name}: {what}");
             let (prefill, decode) = match &policy {
@@ -354,19 +376,37 @@ fn measure<D: Decoder>(
             format!(" · retain {:.1} µs ({:.2}% of a step)", r * 1e6, 100.0 * r / step_seconds)
         });
         progress(&format!("{n:>3} rows at {context} tokens: {tps:>8.1} tokens/s{retain}"));
-        decode.push(Row { engine: String::new(), context, rows: n, decode_tokens_per_second: tps, step_seconds, retain_seconds });
+        decode.push(Row {
+            engine: String::new(),
+            context,
+            rows: n,
+            decode_tokens_per_second: tps,
+            step_seconds,
+            retain_seconds,
+        });
     }
     Ok((prefill, decode))
 }
 
 fn print_table(report: &Report, rows: &[usize]) {
-    let lengths: Vec<usize> = report.engines.first().map_or(Vec::new(), |e| e.prefill.iter().map(|p| p.tokens).collect());
+    let lengths: Vec<usize> =
+        report.engines.first().map_or(Vec::new(), |e| e.prefill.iter().map(|p| p.tokens).collect());
     println!("model {} · prefill tokens/s (one row)", report.model);
-    println!("| engine | device | K/V bytes/token | {} |", lengths.iter().map(|l| format!("{l} tokens")).collect::<Vec<_>>().join(" | "));
+    println!(
+        "| engine | device | K/V bytes/token | {} |",
+        lengths.iter().map(|l| format!("{l} tokens")).collect::<Vec<_>>().join(" | ")
+    );
     println!("|---|---|---|{}", "---|".repeat(lengths.len()));
     for engine in &report.engines {
-        let cells: Vec<String> = engine.prefill.iter().map(|p| format!("{:.1}", p.tokens_per_second)).collect();
-        println!("| {} | {} | {} | {} |", engine.name, engine.device, engine.kv_bytes_per_token, cells.join(" | "));
+        let cells: Vec<String> =
+            engine.prefill.iter().map(|p| format!("{:.1}", p.tokens_per_second)).collect();
+        println!(
+            "| {} | {} | {} | {} |",
+            engine.name,
+            engine.device,
+            engine.kv_bytes_per_token,
+            cells.join(" | ")
+        );
     }
     let contexts: Vec<usize> = report.decode.iter().fold(Vec::new(), |mut seen, r| {
         if !seen.contains(&r.context) {
@@ -380,13 +420,21 @@ fn print_table(report: &Report, rows: &[usize]) {
             "decode tokens/s (all rows together), {} timed steps at {context} cached tokens per row; a retain that drops the first row, as a share of one step",
             report.steps
         );
-        println!("| engine | {} |", rows.iter().map(|r| format!("{r} rows")).collect::<Vec<_>>().join(" | "));
+        println!(
+            "| engine | {} |",
+            rows.iter().map(|r| format!("{r} rows")).collect::<Vec<_>>().join(" | ")
+        );
         println!("|---|{}", "---|".repeat(rows.len()));
-        let get = |engine: &str, n: usize| report.decode.iter().find(|r| r.engine == engine && r.rows == n && r.context == context);
+        let get = |engine: &str, n: usize| {
+            report.decode.iter().find(|r| r.engine == engine && r.rows == n && r.context == context)
+        };
         for engine in &report.engines {
             let cells: Vec<String> = rows
                 .iter()
-                .map(|&n| get(&engine.name, n).map_or("n/a".into(), |r| format!("{:.1}", r.decode_tokens_per_second)))
+                .map(|&n| {
+                    get(&engine.name, n)
+                        .map_or("n/a".into(), |r| format!("{:.1}", r.decode_tokens_per_second))
+                })
                 .collect();
             println!("| {} | {} |", engine.name, cells.join(" | "));
             let retains: Vec<String> = rows
@@ -407,7 +455,10 @@ fn print_table(report: &Report, rows: &[usize]) {
                     .iter()
                     .map(|&n| match (get(&engine.name, n), get(&base.name, n)) {
                         (Some(a), Some(b)) if b.decode_tokens_per_second > 0.0 => {
-                            format!("{:.2}×", a.decode_tokens_per_second / b.decode_tokens_per_second)
+                            format!(
+                                "{:.2}×",
+                                a.decode_tokens_per_second / b.decode_tokens_per_second
+                            )
                         }
                         _ => "n/a".to_string(),
                     })
@@ -422,11 +473,15 @@ fn print_table(report: &Report, rows: &[usize]) {
             "Best-of-N, {} new tokens at most, T = 1 / top-k 50, EOS honoured, reward {}; decode tokens/s = tokens ÷ (steps + retains)",
             report.bon_tokens, report.bon_reward
         );
-        println!("| engine | n | tokens | decode tok/s | wall s | prefill | steps | reward | retain | K/V per row |");
+        println!(
+            "| engine | n | tokens | decode tok/s | wall s | prefill | steps | reward | retain | K/V per row |"
+        );
         println!("|---|---|---|---|---|---|---|---|---|---|");
         for run in &report.bon {
             let s = &run.stats;
-            let share = |t: f64| format!("{t:.2} s ({:.1}%)", 100.0 * t / s.wall_seconds.max(f64::MIN_POSITIVE));
+            let share = |t: f64| {
+                format!("{t:.2} s ({:.1}%)", 100.0 * t / s.wall_seconds.max(f64::MIN_POSITIVE))
+            };
             println!(
                 "| {} | {} | {} | {:.1} | {:.2} | {} | {} | {} | {} | {:.2} MB |",
                 run.engine,

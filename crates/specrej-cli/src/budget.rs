@@ -34,9 +34,9 @@ impl FromStr for KvBudget {
         }
         let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("{text:?} is not a KV budget: expected e.g. 2GiB, 512MB, 20000tok or auto"))?;
+        let value: f64 = number.parse().map_err(|_| {
+            format!("{text:?} is not a KV budget: expected e.g. 2GiB, 512MB, 20000tok or auto")
+        })?;
         let unit = unit.trim().to_ascii_lowercase();
         let scale: f64 = match unit.as_str() {
             "tok" | "tokens" | "t" => {
@@ -49,7 +49,11 @@ impl FromStr for KvBudget {
             "mib" => 1024.0 * 1024.0,
             "g" | "gb" => 1e9,
             "gib" => 1024.0 * 1024.0 * 1024.0,
-            other => return Err(format!("unknown unit {other:?} in KV budget {text:?} (use B, KB, KiB, MB, MiB, GB, GiB or tok)")),
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in KV budget {text:?} (use B, KB, KiB, MB, MiB, GB, GiB or tok)"
+                ));
+            }
         };
         whole(value * scale, text).map(KvBudget::Bytes)
     }

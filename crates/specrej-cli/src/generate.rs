@@ -1,12 +1,12 @@
 //! `specrej generate`.
 
+use crate::backend::{BackendArg, Policy};
 use crate::budget::KvBudget;
 use crate::model::{self, Text};
-use anyhow::{bail, Result};
+use crate::reward::RewardArgs;
+use anyhow::{Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use crate::backend::{BackendArg, Policy};
-use crate::reward::RewardArgs;
 use specrej_candle::WeightFormat;
 use specrej_core::{
     Candidate, Decision, Event, Finish, Method, Options, Outcome, Rules, Sampling, Stats,
@@ -143,7 +143,9 @@ impl RulesArgs {
             bail!("--refill must be 0 or a positive temperature, got {lambda}");
         }
         if self.paper_exact && (probing || self.refill.is_some()) {
-            bail!("--paper-exact is the reference code's rules: it does not combine with --gate-tau, --adaptive-snr or --refill");
+            bail!(
+                "--paper-exact is the reference code's rules: it does not combine with --gate-tau, --adaptive-snr or --refill"
+            );
         }
         Ok(Rules {
             paper_exact: self.paper_exact,
@@ -223,7 +225,8 @@ pub fn run(args: Args) -> Result<()> {
         KvArg::F16 => specrej_candle::KvFormat::F16,
         KvArg::F32 => specrej_candle::KvFormat::F32,
     };
-    let policy = Policy::load_with_kv(&path, args.backend, args.weights, kv, args.adapter.as_deref())?;
+    let policy =
+        Policy::load_with_kv(&path, args.backend, args.weights, kv, args.adapter.as_deref())?;
     let text = Text::load(&path)?;
     let prompt = text.prompt(&args.prompt, args.system.as_deref(), args.raw)?;
 
@@ -243,7 +246,12 @@ pub fn run(args: Args) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         min_new_tokens: args.min_new_tokens,
         eos: text.tokenizer.eos_ids().to_vec(),
-        sampling: Sampling { seed: args.seed, temperature: args.temperature, top_k: args.top_k, top_p: args.top_p },
+        sampling: Sampling {
+            seed: args.seed,
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+        },
         rules,
     };
     let context = policy.context_length();
@@ -251,7 +259,9 @@ pub fn run(args: Args) -> Result<()> {
         // The scheduler stops rows at the context; the judge must still read the longest.
         let longest = args.max_new_tokens.min(context.saturating_sub(prompt.len()));
         if overhead >= context {
-            bail!("the prompt is too long for the judge: its question about it has {overhead} tokens; the model's context holds {context}");
+            bail!(
+                "the prompt is too long for the judge: its question about it has {overhead} tokens; the model's context holds {context}"
+            );
         }
         if overhead + longest > context {
             bail!(
@@ -268,7 +278,11 @@ pub fn run(args: Args) -> Result<()> {
         KvBudget::Auto => {
             // After the reward model loaded: what is free now is what the cache may take.
             let (bytes, rule) = policy.auto_budget()?;
-            Budget { bytes: bytes as u64, tokens: bytes / bytes_per_token.max(1), rule: format!("auto: {rule}") }
+            Budget {
+                bytes: bytes as u64,
+                tokens: bytes / bytes_per_token.max(1),
+                rule: format!("auto: {rule}"),
+            }
         }
         KvBudget::Bytes(bytes) => Budget {
             bytes,
@@ -301,7 +315,8 @@ pub fn run(args: Args) -> Result<()> {
             }
             Event::Decision { decision, .. } => {
                 decisions += 1;
-                progress.set_message(format!("rows {:>3} · decisions {decisions}", decision.kept_rows));
+                progress
+                    .set_message(format!("rows {:>3} · decisions {decisions}", decision.kept_rows));
             }
             Event::Finished { .. } | Event::Forked { .. } | Event::Scored { .. } => {}
         },
@@ -324,9 +339,11 @@ fn progress_bar(hidden: bool, len: u64) -> ProgressBar {
     }
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:30}] token {pos}/{len} · {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} {elapsed_precise} [{bar:30}] token {pos}/{len} · {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar
 }
@@ -347,9 +364,13 @@ fn print_human(text: &Text, args: &Args, outcome: &Outcome, budget: &Budget) {
     };
     let winner = outcome.winner();
     let start = match (args.method, args.n) {
-        (MethodArg::Sr, None) => format!("{} rows to start (as many as fit the KV budget)", s.initial_rows),
+        (MethodArg::Sr, None) => {
+            format!("{} rows to start (as many as fit the KV budget)", s.initial_rows)
+        }
         (MethodArg::Sr, Some(n)) => format!("{} rows to start (--n {n} caps it)", s.initial_rows),
-        (MethodArg::Bon, _) if s.batches > 1 => format!("{} batches of up to {} rows", s.batches, s.initial_rows),
+        (MethodArg::Bon, _) if s.batches > 1 => {
+            format!("{} batches of up to {} rows", s.batches, s.initial_rows)
+        }
         (MethodArg::Bon, _) => format!("{} rows", s.initial_rows),
     };
     println!(
@@ -365,16 +386,31 @@ fn print_human(text: &Text, args: &Args, outcome: &Outcome, budget: &Budget) {
         budget.rule
     );
     println!();
-    println!("── winner: row {}, reward {:.3}, {} tokens, ended by {} ──", winner.row, winner.score, winner.tokens.len(), finish_name(winner.finish));
+    println!(
+        "── winner: row {}, reward {:.3}, {} tokens, ended by {} ──",
+        winner.row,
+        winner.score,
+        winner.tokens.len(),
+        finish_name(winner.finish)
+    );
     println!("{}", text.decode(&winner.tokens).trim());
     println!();
     if !outcome.trace.is_empty() {
         println!("rejection trace:");
-        println!("  {:>8} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9}", "position", "live", "kept", "min", "median", "max", "cut");
+        println!(
+            "  {:>8} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9}",
+            "position", "live", "kept", "min", "median", "max", "cut"
+        );
         for d in &outcome.trace {
             println!(
                 "  {:>8} {:>6} {:>6} {:>9.3} {:>9.3} {:>9.3} {:>9.3}{}",
-                d.position, d.live_rows, d.kept_rows, d.min, d.median, d.max, d.threshold,
+                d.position,
+                d.live_rows,
+                d.kept_rows,
+                d.min,
+                d.median,
+                d.max,
+                d.threshold,
                 if d.early { "  (out of memory)" } else { "" }
             );
         }
@@ -382,7 +418,13 @@ fn print_human(text: &Text, args: &Args, outcome: &Outcome, budget: &Budget) {
     }
     if args.candidates {
         for c in &outcome.candidates {
-            println!("── row {} · reward {:.3} · {} tokens · {} ──", c.row, c.score, c.tokens.len(), finish_name(c.finish));
+            println!(
+                "── row {} · reward {:.3} · {} tokens · {} ──",
+                c.row,
+                c.score,
+                c.tokens.len(),
+                finish_name(c.finish)
+            );
             println!("{}", text.decode(&c.tokens).trim());
         }
         println!();
@@ -391,8 +433,13 @@ fn print_human(text: &Text, args: &Args, outcome: &Outcome, budget: &Budget) {
     println!(
         "{} tokens generated in {} steps, {:.1} s ({tps:.1} tokens/s); reward model: {} calls, {} tokens; \
          peak KV {:.1} MB of a {}-token budget",
-        s.tokens_generated, s.steps, s.wall_seconds, s.reward_calls, s.reward_tokens,
-        s.peak_kv_bytes as f64 / 1e6, s.token_capacity
+        s.tokens_generated,
+        s.steps,
+        s.wall_seconds,
+        s.reward_calls,
+        s.reward_tokens,
+        s.peak_kv_bytes as f64 / 1e6,
+        s.token_capacity
     );
     println!("time: {}", time_breakdown(s));
 }
@@ -400,12 +447,20 @@ fn print_human(text: &Text, args: &Args, outcome: &Outcome, budget: &Budget) {
 /// `prefill 0.1 s (2%) · steps 3.9 s (80%) · reward 0.8 s (17%) · retain 0.0 s (0%) · other …`
 pub fn time_breakdown(s: &Stats) -> String {
     let total = s.wall_seconds.max(f64::MIN_POSITIVE);
-    let other = (s.wall_seconds - s.prefill_seconds - s.step_seconds - s.reward_seconds - s.retain_seconds).max(0.0);
-    [("prefill", s.prefill_seconds), ("steps", s.step_seconds), ("reward", s.reward_seconds), ("retain", s.retain_seconds), ("other", other)]
-        .iter()
-        .map(|(name, t)| format!("{name} {t:.2} s ({:.0}%)", 100.0 * t / total))
-        .collect::<Vec<_>>()
-        .join(" · ")
+    let other =
+        (s.wall_seconds - s.prefill_seconds - s.step_seconds - s.reward_seconds - s.retain_seconds)
+            .max(0.0);
+    [
+        ("prefill", s.prefill_seconds),
+        ("steps", s.step_seconds),
+        ("reward", s.reward_seconds),
+        ("retain", s.retain_seconds),
+        ("other", other),
+    ]
+    .iter()
+    .map(|(name, t)| format!("{name} {t:.2} s ({:.0}%)", 100.0 * t / total))
+    .collect::<Vec<_>>()
+    .join(" · ")
 }
 
 /// The `--json` document.
@@ -434,12 +489,24 @@ struct TextCandidate {
 
 impl TextCandidate {
     fn new(text: &Text, c: &Candidate) -> Self {
-        Self { row: c.row, score: c.score, finish: Some(c.finish), text: text.decode(&c.tokens), tokens: c.tokens.clone() }
+        Self {
+            row: c.row,
+            score: c.score,
+            finish: Some(c.finish),
+            text: text.decode(&c.tokens),
+            tokens: c.tokens.clone(),
+        }
     }
 }
 
 impl<'a> Report<'a> {
-    fn new(text: &Text, args: &'a Args, outcome: &'a Outcome, prompt_tokens: usize, budget: &'a Budget) -> Self {
+    fn new(
+        text: &Text,
+        args: &'a Args,
+        outcome: &'a Outcome,
+        prompt_tokens: usize,
+        budget: &'a Budget,
+    ) -> Self {
         let method = match args.method {
             MethodArg::Sr => Method::SpeculativeRejection { alpha: args.alpha },
             MethodArg::Bon => Method::BestOfN,
@@ -455,7 +522,13 @@ impl<'a> Report<'a> {
             rejected: outcome
                 .rejected
                 .iter()
-                .map(|r| TextCandidate { row: r.row, score: r.score, finish: None, text: text.decode(&r.tokens), tokens: r.tokens.clone() })
+                .map(|r| TextCandidate {
+                    row: r.row,
+                    score: r.score,
+                    finish: None,
+                    text: text.decode(&r.tokens),
+                    tokens: r.tokens.clone(),
+                })
                 .collect(),
             trace: &outcome.trace,
             stats: &outcome.stats,

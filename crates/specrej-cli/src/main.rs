@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "specrej", version, about = "Best-of-N alignment, made cheap by Speculative Rejection")]
+#[command(
+    name = "specrej",
+    version,
+    about = "Best-of-N alignment, made cheap by Speculative Rejection"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -27,8 +27,16 @@ pub fn info(args: InfoArgs) -> Result<()> {
     let Some(meta) = &text.metadata else {
         let config = path.join("config.json");
         println!("directory:     {}", path.display());
-        println!("config.json:\n{}", std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?);
-        println!("vocabulary:    {} tokens, eos {:?}", text.tokenizer.vocab_size(), text.tokenizer.eos_ids());
+        println!(
+            "config.json:\n{}",
+            std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?
+        );
+        println!(
+            "vocabulary:    {} tokens, eos {:?}",
+            text.tokenizer.vocab_size(),
+            text.tokenizer.eos_ids()
+        );
         println!("chat template:\n{}", text.template.source());
         return Ok(());
     };
@@ -36,11 +44,21 @@ pub fn info(args: InfoArgs) -> Result<()> {
     println!("file:          {}", path.display());
     println!("name:          {}", meta.get_str("general.name").unwrap_or("?"));
     println!("architecture:  {arch}");
-    for key in ["block_count", "embedding_length", "attention.head_count", "attention.head_count_kv", "context_length"] {
+    for key in [
+        "block_count",
+        "embedding_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "context_length",
+    ] {
         let value = meta.get(&format!("{arch}.{key}")).map_or("?".to_string(), |v| v.to_string());
         println!("{:<14} {value}", format!("{key}:"));
     }
-    println!("vocabulary:    {} tokens, eos {:?}", text.tokenizer.vocab_size(), text.tokenizer.eos_ids());
+    println!(
+        "vocabulary:    {} tokens, eos {:?}",
+        text.tokenizer.vocab_size(),
+        text.tokenizer.eos_ids()
+    );
     println!("chat template:\n{}", text.template.source());
     Ok(())
 }

@@ -1,13 +1,15 @@
 //! The reward models the CLI offers (`--reward`, `--reward-url`, `--rescore`), as one
 //! [`Scorer`] type.
 
+use crate::backend::Policy;
 use crate::model::Text;
 use anyhow::{Context, Result};
-use crate::backend::Policy;
-use specrej_candle::{JudgeScorer, KvShare, LikelihoodScorer, LoadOptions, SelfJudgeScorer, WeightFormat};
-use specrej_wgpu::{WgpuJudgeScorer, WgpuLikelihoodScorer};
+use specrej_candle::{
+    JudgeScorer, KvShare, LikelihoodScorer, LoadOptions, SelfJudgeScorer, WeightFormat,
+};
 use specrej_core::{BackendError, Response, Scored, Scorer};
 use specrej_reward::{RemoteScorer, RewardModel, RewardScorer};
+use specrej_wgpu::{WgpuJudgeScorer, WgpuLikelihoodScorer};
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -39,7 +41,10 @@ impl FromStr for RewardSpec {
             "partial-judge" => Ok(RewardSpec::PartialJudge),
             "self-judge" => Ok(RewardSpec::SelfJudge),
             "likelihood" => Ok(RewardSpec::Likelihood),
-            "" => Err("expected judge, partial-judge, self-judge, likelihood or a reward-model directory".to_string()),
+            "" => Err(
+                "expected judge, partial-judge, self-judge, likelihood or a reward-model directory"
+                    .to_string(),
+            ),
             path => Ok(RewardSpec::Model(PathBuf::from(path))),
         }
     }
@@ -77,7 +82,11 @@ pub struct RewardArgs {
     /// conversation: on the CPU it reuses the answer's K/V), `likelihood` (−perplexity
     /// under the policy), or a Hugging Face reward-model directory
     /// (`*ForSequenceClassification`: config.json, *.safetensors, tokenizer.json).
-    #[arg(long, default_value = "judge", value_name = "judge|partial-judge|self-judge|likelihood|DIR")]
+    #[arg(
+        long,
+        default_value = "judge",
+        value_name = "judge|partial-judge|self-judge|likelihood|DIR"
+    )]
     pub reward: RewardSpec,
     /// Score with a reward server instead (`http://host:port/path`, the JSON protocol of
     /// `specrej-reward-server`).
@@ -102,7 +111,10 @@ impl RewardArgs {
         if let (None, RewardSpec::Model(dir)) = (&self.reward_url, &self.reward)
             && !dir.is_dir()
         {
-            anyhow::bail!("--reward {}: not judge, partial-judge, self-judge, likelihood or a reward-model directory", dir.display());
+            anyhow::bail!(
+                "--reward {}: not judge, partial-judge, self-judge, likelihood or a reward-model directory",
+                dir.display()
+            );
         }
         if let Some(url) = &self.reward_url
             && let Err(e) = specrej_reward::check_url(url)
@@ -123,8 +135,11 @@ impl RewardArgs {
             (None, RewardSpec::Likelihood) => Kind::Likelihood,
             (None, RewardSpec::Model(dir)) => {
                 // f32 so incremental and full scoring agree to rounding (see specrej-reward).
-                let rm = RewardModel::load(dir, &LoadOptions { device, weights: WeightFormat::F32, kv: Default::default() })
-                    .with_context(|| format!("loading the reward model {}", dir.display()))?;
+                let rm = RewardModel::load(
+                    dir,
+                    &LoadOptions { device, weights: WeightFormat::F32, kv: Default::default() },
+                )
+                .with_context(|| format!("loading the reward model {}", dir.display()))?;
                 Kind::Model(rm)
             }
         };
@@ -153,14 +168,23 @@ impl RewardSource {
     /// the longest tail it asks with; the self-judge reads the policy's prompt
     /// (`prompt_len` tokens) and its question. `None` for the rewards that read only the
     /// policy's prompt and answer, or apply their own limit.
-    pub fn judge_overhead(&self, text: &Text, user: &str, prompt_len: usize) -> Result<Option<usize>> {
+    pub fn judge_overhead(
+        &self,
+        text: &Text,
+        user: &str,
+        prompt_len: usize,
+    ) -> Result<Option<usize>> {
         match self.kind {
-            Kind::Judge { partial } => {
-                Ok(Some(specrej_text::judge_segments(&text.tokenizer, &text.template, user)?.overhead(partial)))
-            }
-            Kind::SelfJudge => {
-                Ok(Some(prompt_len + specrej_text::self_judge_segments(&text.tokenizer, &text.template)?.after.len()))
-            }
+            Kind::Judge { partial } => Ok(Some(
+                specrej_text::judge_segments(&text.tokenizer, &text.template, user)?
+                    .overhead(partial),
+            )),
+            Kind::SelfJudge => Ok(Some(
+                prompt_len
+                    + specrej_text::self_judge_segments(&text.tokenizer, &text.template)?
+                        .after
+                        .len(),
+            )),
             _ => Ok(None),
         }
     }
@@ -175,18 +199,25 @@ impl RewardSource {
                 let s = specrej_text::judge_segments(&text.tokenizer, &text.template, user)?;
                 match policy {
                     Policy::Candle(model) => {
-                        let mut judge = JudgeScorer::new(model.clone(), s.before, s.after, s.yes, s.no);
+                        let mut judge =
+                            JudgeScorer::new(model.clone(), s.before, s.after, s.yes, s.no);
                         if *partial {
                             judge = judge.with_partial(s.after_partial);
                         }
                         Reward::Judge(if incremental { judge.incremental() } else { judge })
                     }
                     Policy::Wgpu(_) if *partial => {
-                        anyhow::bail!("--reward partial-judge runs on the cpu and cuda backends (the wgpu judge has one question)")
+                        anyhow::bail!(
+                            "--reward partial-judge runs on the cpu and cuda backends (the wgpu judge has one question)"
+                        )
                     }
-                    Policy::Wgpu(model) => {
-                        Reward::WgpuJudge(WgpuJudgeScorer::new(model.clone(), s.before, s.after, s.yes, s.no))
-                    }
+                    Policy::Wgpu(model) => Reward::WgpuJudge(WgpuJudgeScorer::new(
+                        model.clone(),
+                        s.before,
+                        s.after,
+                        s.yes,
+                        s.no,
+                    )),
                 }
             }
             Kind::SelfJudge => {
@@ -194,18 +225,27 @@ impl RewardSource {
                 match policy {
                     Policy::Candle(model) => {
                         let share = KvShare::new(model);
-                        let judge = SelfJudgeScorer::new(model.clone(), s.after, s.yes, s.no).borrowing(&share)?;
+                        let judge = SelfJudgeScorer::new(model.clone(), s.after, s.yes, s.no)
+                            .borrowing(&share)?;
                         Reward::SelfJudge(judge, share)
                     }
-                    Policy::Wgpu(_) => anyhow::bail!("--reward self-judge runs on the cpu and cuda backends"),
+                    Policy::Wgpu(_) => {
+                        anyhow::bail!("--reward self-judge runs on the cpu and cuda backends")
+                    }
                 }
             }
             Kind::Likelihood => match policy {
                 Policy::Candle(model) => {
                     let likelihood = LikelihoodScorer::new(model.clone());
-                    Reward::Likelihood(if incremental { likelihood.incremental() } else { likelihood })
+                    Reward::Likelihood(if incremental {
+                        likelihood.incremental()
+                    } else {
+                        likelihood
+                    })
                 }
-                Policy::Wgpu(model) => Reward::WgpuLikelihood(WgpuLikelihoodScorer::new(model.clone())),
+                Policy::Wgpu(model) => {
+                    Reward::WgpuLikelihood(WgpuLikelihoodScorer::new(model.clone()))
+                }
             },
             Kind::Model(rm) => {
                 let tokenizer = text.tokenizer.clone();
@@ -248,7 +288,11 @@ impl Reward {
 }
 
 impl Scorer for Reward {
-    async fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    async fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         match self {
             Reward::Judge(s) => s.score(prompt, responses).await,
             Reward::SelfJudge(s, _) => s.score(prompt, responses).await,
@@ -260,7 +304,11 @@ impl Scorer for Reward {
         }
     }
 
-    async fn score_partial(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    async fn score_partial(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         match self {
             Reward::Judge(s) => s.score_partial(prompt, responses).await,
             Reward::SelfJudge(s, _) => s.score_partial(prompt, responses).await,

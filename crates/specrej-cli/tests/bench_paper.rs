@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn out_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("specrej-bench-paper-{}-{name}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("specrej-bench-paper-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
@@ -44,8 +45,27 @@ fn tiny_run_writes_json_markdown_and_svgs() {
     .expect("calibration");
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_specrej"))
-            .args(["bench", "paper", "--limit", "1", "--bon", "2,4", "--alphas", "0.5", "--max-new-tokens", "24"])
-            .args(["--kv-budget", "8MB", "--policies", "paper,random,oracle", "--model", &model, "--calibration"])
+            .args([
+                "bench",
+                "paper",
+                "--limit",
+                "1",
+                "--bon",
+                "2,4",
+                "--alphas",
+                "0.5",
+                "--max-new-tokens",
+                "24",
+            ])
+            .args([
+                "--kv-budget",
+                "8MB",
+                "--policies",
+                "paper,random,oracle",
+                "--model",
+                &model,
+                "--calibration",
+            ])
             .arg(&calibration)
             .arg("--out")
             .arg(&out)
@@ -55,21 +75,38 @@ fn tiny_run_writes_json_markdown_and_svgs() {
     let output = run();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains("| bon-2 |") && stdout.contains("| paper α=0.5 |") && stdout.contains("## Reward: likelihood"), "{stdout}");
+    assert!(
+        stdout.contains("| bon-2 |")
+            && stdout.contains("| paper α=0.5 |")
+            && stdout.contains("## Reward: likelihood"),
+        "{stdout}"
+    );
 
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("results.json")).expect("JSON");
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("results.json")).expect("results.json"),
+    )
+    .expect("JSON");
     let prompts = json["prompts"].as_array().expect("prompts");
     assert_eq!(prompts.len(), 1);
     let rewards = prompts[0]["rewards"].as_array().expect("rewards");
     assert_eq!(rewards.len(), 2, "judge and likelihood");
     for r in rewards {
-        assert_eq!(r["finals"].as_array().map(Vec::len), Some(4), "one final reward per recorded row");
+        assert_eq!(
+            r["finals"].as_array().map(Vec::len),
+            Some(4),
+            "one final reward per recorded row"
+        );
         // Two Best-of-N sizes, three policies at one α.
         assert_eq!(r["runs"].as_array().map(Vec::len), Some(5));
     }
-    assert!(std::fs::read_to_string(out.join("report.md")).expect("report.md").contains("| bon-4 |"));
-    for svg in ["improvement_vs_compute-judge.svg", "correlation-judge.svg", "improvement_vs_compute-likelihood.svg"] {
+    assert!(
+        std::fs::read_to_string(out.join("report.md")).expect("report.md").contains("| bon-4 |")
+    );
+    for svg in [
+        "improvement_vs_compute-judge.svg",
+        "correlation-judge.svg",
+        "improvement_vs_compute-likelihood.svg",
+    ] {
         let text = std::fs::read_to_string(out.join(svg)).expect(svg);
         assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"), "{svg}");
     }
@@ -102,8 +139,29 @@ fn self_judge_replay_equals_the_live_run() {
     )
     .expect("calibration");
     let output = Command::new(env!("CARGO_BIN_EXE_specrej"))
-        .args(["bench", "paper", "--limit", "1", "--bon", "2,8", "--alphas", "0.5", "--max-new-tokens", "48"])
-        .args(["--kv-budget", "8MB", "--policies", "paper", "--rewards", "self-judge", "--check-live", "--model", &model])
+        .args([
+            "bench",
+            "paper",
+            "--limit",
+            "1",
+            "--bon",
+            "2,8",
+            "--alphas",
+            "0.5",
+            "--max-new-tokens",
+            "48",
+        ])
+        .args([
+            "--kv-budget",
+            "8MB",
+            "--policies",
+            "paper",
+            "--rewards",
+            "self-judge",
+            "--check-live",
+            "--model",
+            &model,
+        ])
         .arg("--calibration")
         .arg(&calibration)
         .arg("--out")
@@ -111,11 +169,16 @@ fn self_judge_replay_equals_the_live_run() {
         .output()
         .expect("the binary runs");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("results.json")).expect("JSON");
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("results.json")).expect("results.json"),
+    )
+    .expect("JSON");
     let reward = &json["prompts"][0]["rewards"][0];
     assert_eq!(reward["reward"], "self-judge");
-    assert!(!reward["runs"][2]["decisions"].as_array().expect("decisions").is_empty(), "the budget forces a decision: {reward}");
+    assert!(
+        !reward["runs"][2]["decisions"].as_array().expect("decisions").is_empty(),
+        "the budget forces a decision: {reward}"
+    );
     assert_eq!(reward["live_check"]["equal"], true, "{}", reward["live_check"]);
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -80,16 +80,33 @@ fn generate_json_on_the_default_model() {
     let model = std::env::var("SPECREJ_MODEL").expect("SPECREJ_MODEL");
     // The prompt's blocks and one 16-token block per row: a decision after 16 tokens.
     let args = [
-        "generate", "Give three tips for staying healthy.", "--model", &model, "--n", "4", "--max-new-tokens", "32",
-        "--min-new-tokens", "8", "--seed", "5", "--kv-budget", "128tok", "--json",
+        "generate",
+        "Give three tips for staying healthy.",
+        "--model",
+        &model,
+        "--n",
+        "4",
+        "--max-new-tokens",
+        "32",
+        "--min-new-tokens",
+        "8",
+        "--seed",
+        "5",
+        "--kv-budget",
+        "128tok",
+        "--json",
     ];
     let output = specrej(&args);
     assert!(output.status.success(), "{}", stderr(&output));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
     let winner = &report["winner"];
     assert!(!winner["text"].as_str().expect("text").trim().is_empty());
-    let best = report["candidates"].as_array().expect("candidates").iter()
-        .map(|c| c["score"].as_f64().expect("score")).fold(f64::NEG_INFINITY, f64::max);
+    let best = report["candidates"]
+        .as_array()
+        .expect("candidates")
+        .iter()
+        .map(|c| c["score"].as_f64().expect("score"))
+        .fold(f64::NEG_INFINITY, f64::max);
     assert_eq!(winner["score"].as_f64(), Some(best));
     assert!(!report["trace"].as_array().expect("trace").is_empty(), "the budget forces decisions");
     assert!(report["stats"]["reward_tokens"].as_u64().expect("reward tokens") > 0);
@@ -97,8 +114,14 @@ fn generate_json_on_the_default_model() {
     // The time breakdown: every part measured, and the parts within the whole.
     let stats = &report["stats"];
     let part = |k: &str| stats[k].as_f64().unwrap_or_else(|| panic!("stats.{k}"));
-    let parts = part("prefill_seconds") + part("step_seconds") + part("reward_seconds") + part("retain_seconds");
-    assert!(part("step_seconds") > 0.0 && part("reward_seconds") > 0.0 && part("prefill_seconds") > 0.0, "{stats}");
+    let parts = part("prefill_seconds")
+        + part("step_seconds")
+        + part("reward_seconds")
+        + part("retain_seconds");
+    assert!(
+        part("step_seconds") > 0.0 && part("reward_seconds") > 0.0 && part("prefill_seconds") > 0.0,
+        "{stats}"
+    );
     assert!(parts <= part("wall_seconds"), "{stats}");
 
     // The same seed gives the same answer.
@@ -114,13 +137,22 @@ fn a_judge_question_over_the_context_is_named() {
     // Answers run to the end of the 8,192-token context after a ~7,000-token prompt; the judge's
     // question quotes the prompt and adds its own words, so the judge could not read them.
     let long = "word ".repeat(7000);
-    fails_with(&["generate", &long, "--model", &model, "--max-new-tokens", "2000"], "--max-new-tokens 2000: the judge reads");
+    fails_with(
+        &["generate", &long, "--model", &model, "--max-new-tokens", "2000"],
+        "--max-new-tokens 2000: the judge reads",
+    );
 }
 
 #[test]
 fn bad_bench_flags_are_named() {
-    fails_with(&["bench", "throughput", "--rows", "0"], "--rows must list row counts of at least 1");
-    fails_with(&["bench", "throughput", "--steps", "0"], "--steps and --prefill-tokens must be at least 1");
+    fails_with(
+        &["bench", "throughput", "--rows", "0"],
+        "--rows must list row counts of at least 1",
+    );
+    fails_with(
+        &["bench", "throughput", "--steps", "0"],
+        "--steps and --prefill-tokens must be at least 1",
+    );
     let output = specrej(&["bench", "throughput", "--backends", "tpu"]);
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
 }
@@ -130,8 +162,25 @@ fn bad_bench_flags_are_named() {
 fn bench_throughput_puts_wgpu_beside_the_cpu() {
     let model = std::env::var("SPECREJ_MODEL").expect("SPECREJ_MODEL");
     let output = specrej(&[
-        "bench", "throughput", "--model", &model, "--backends", "cpu,wgpu", "--weights", "native", "--rows", "1,2",
-        "--steps", "2", "--prefill-tokens", "8,12", "--bon", "6", "--bon-tokens", "4", "--json",
+        "bench",
+        "throughput",
+        "--model",
+        &model,
+        "--backends",
+        "cpu,wgpu",
+        "--weights",
+        "native",
+        "--rows",
+        "1,2",
+        "--steps",
+        "2",
+        "--prefill-tokens",
+        "8,12",
+        "--bon",
+        "6",
+        "--bon-tokens",
+        "4",
+        "--json",
     ]);
     let err = stderr(&output);
     if !output.status.success() && err.contains("no WebGPU adapter") {
@@ -141,8 +190,12 @@ fn bench_throughput_puts_wgpu_beside_the_cpu() {
     }
     assert!(output.status.success(), "{err}");
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
-    let engines: Vec<&str> =
-        report["engines"].as_array().expect("engines").iter().map(|e| e["name"].as_str().expect("name")).collect();
+    let engines: Vec<&str> = report["engines"]
+        .as_array()
+        .expect("engines")
+        .iter()
+        .map(|e| e["name"].as_str().expect("name"))
+        .collect();
     assert_eq!(engines, ["cpu/native", "wgpu/native"]);
     let decode = report["decode"].as_array().expect("decode");
     assert_eq!(decode.len(), 4, "two engines × two row counts: {decode:?}");
@@ -152,8 +205,12 @@ fn bench_throughput_puts_wgpu_beside_the_cpu() {
         assert!(row["retain_seconds"].is_null(), "1 and 2 rows: no retain timed: {row}");
     }
     for engine in report["engines"].as_array().expect("engines") {
-        let prefill: Vec<u64> =
-            engine["prefill"].as_array().expect("prefill").iter().map(|p| p["tokens"].as_u64().expect("tokens")).collect();
+        let prefill: Vec<u64> = engine["prefill"]
+            .as_array()
+            .expect("prefill")
+            .iter()
+            .map(|p| p["tokens"].as_u64().expect("tokens"))
+            .collect();
         assert_eq!(prefill, [8, 12], "{engine}");
     }
     // The Best-of-N workload, on each engine: 6 rows of at most 4 tokens, then the judge.
@@ -175,8 +232,23 @@ fn bench_throughput_puts_wgpu_beside_the_cpu() {
 fn bench_throughput_times_a_retain_beside_a_step() {
     let model = std::env::var("SPECREJ_MODEL").expect("SPECREJ_MODEL");
     let output = specrej(&[
-        "bench", "throughput", "--model", &model, "--weights", "native", "--rows", "8", "--steps", "2",
-        "--prefill-tokens", "8", "--context", "24", "--bon", "0", "--json",
+        "bench",
+        "throughput",
+        "--model",
+        &model,
+        "--weights",
+        "native",
+        "--rows",
+        "8",
+        "--steps",
+        "2",
+        "--prefill-tokens",
+        "8",
+        "--context",
+        "24",
+        "--bon",
+        "0",
+        "--json",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");

@@ -1,9 +1,11 @@
 //! The guest: `decode.generate` over the imported `engine`.
 
-use std::future::{ready, Future};
+use std::future::{Future, ready};
 use std::ops::Range;
 
-use specrej_core::{BackendError, Decoder, Event, Method, Options, Response, Sampling, Scored, Scorer};
+use specrej_core::{
+    BackendError, Decoder, Event, Method, Options, Response, Sampling, Scored, Scorer,
+};
 
 /// The generated bindings (private; the items this file uses are imported below).
 #[allow(unsafe_code)] // wit-bindgen's canonical-ABI glue (exports, imports, cabi_realloc) is `unsafe` by nature
@@ -28,7 +30,10 @@ use bindings::specrej::decoder::{engine, types};
 struct Component;
 
 impl Guest for Component {
-    fn generate(prompt: Vec<u32>, options: decode::Options) -> Result<decode::Outcome, DecodeError> {
+    fn generate(
+        prompt: Vec<u32>,
+        options: decode::Options,
+    ) -> Result<decode::Outcome, DecodeError> {
         let events = options.events;
         let options = core_options(options);
         let mut decoder = Engine;
@@ -68,7 +73,12 @@ fn core_options(options: decode::Options) -> Options {
         max_new_tokens: options.max_new_tokens as usize,
         min_new_tokens: options.min_new_tokens as usize,
         eos: options.eos,
-        sampling: Sampling { seed: s.seed, temperature: s.temperature, top_k: s.top_k as usize, top_p: s.top_p },
+        sampling: Sampling {
+            seed: s.seed,
+            temperature: s.temperature,
+            top_k: s.top_k as usize,
+            top_p: s.top_p,
+        },
         rules: specrej_core::Rules {
             paper_exact: options.rules.paper_exact,
             probe_lag: options.rules.probe_lag as usize,
@@ -86,9 +96,15 @@ fn report(events: EventKinds, event: &Event<'_>) {
             progress::Event::Prefilled((first_row, rows as u32))
         }
         Event::Step { position, rows, tokens } if events.contains(EventKinds::STEP) => {
-            progress::Event::Step(progress::StepEvent { position: position as u32, rows: rows.to_vec(), tokens: tokens.to_vec() })
+            progress::Event::Step(progress::StepEvent {
+                position: position as u32,
+                rows: rows.to_vec(),
+                tokens: tokens.to_vec(),
+            })
         }
-        Event::Decision { decision, rows, scores, kept } if events.contains(EventKinds::DECISION) => {
+        Event::Decision { decision, rows, scores, kept }
+            if events.contains(EventKinds::DECISION) =>
+        {
             progress::Event::Decision(progress::DecisionEvent {
                 decision: to_wit_decision(decision),
                 rows: rows.to_vec(),
@@ -99,7 +115,9 @@ fn report(events: EventKinds, event: &Event<'_>) {
         Event::Finished { row, finish } if events.contains(EventKinds::FINISHED) => {
             progress::Event::Finished((row, to_wit_finish(finish)))
         }
-        Event::Forked { children } if events.contains(EventKinds::FORKED) => progress::Event::Forked(children.to_vec()),
+        Event::Forked { children } if events.contains(EventKinds::FORKED) => {
+            progress::Event::Forked(children.to_vec())
+        }
         Event::Scored { candidates } if events.contains(EventKinds::SCORED) => {
             progress::Event::Scored(candidates.iter().map(to_wit_candidate).collect())
         }
@@ -131,7 +149,12 @@ fn to_wit_finish(finish: specrej_core::Finish) -> types::Finish {
 }
 
 fn to_wit_candidate(c: &specrej_core::Candidate) -> types::Candidate {
-    types::Candidate { row: c.row, tokens: c.tokens.clone(), score: c.score, finish: to_wit_finish(c.finish) }
+    types::Candidate {
+        row: c.row,
+        tokens: c.tokens.clone(),
+        score: c.score,
+        finish: to_wit_finish(c.finish),
+    }
 }
 
 fn to_wit_decision(d: &specrej_core::Decision) -> types::Decision {
@@ -194,17 +217,26 @@ impl Decoder for Engine {
         size(engine::max_sequence_len())
     }
 
-    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<engine::Batch, BackendError> {
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<engine::Batch, BackendError> {
         let sampling = types::Sampling {
             seed: sampling.seed,
             temperature: sampling.temperature,
             top_k: u32::try_from(sampling.top_k).unwrap_or(u32::MAX),
             top_p: sampling.top_p,
         };
-        engine::prefill(prompt, types::RowRange { start: rows.start, end: rows.end }, sampling).map_err(from_wit_error)
+        engine::prefill(prompt, types::RowRange { start: rows.start, end: rows.end }, sampling)
+            .map_err(from_wit_error)
     }
 
-    fn step(&mut self, batch: &mut engine::Batch) -> impl Future<Output = Result<Vec<u32>, BackendError>> {
+    fn step(
+        &mut self,
+        batch: &mut engine::Batch,
+    ) -> impl Future<Output = Result<Vec<u32>, BackendError>> {
         ready(batch.step().map_err(from_wit_error))
     }
 
@@ -213,8 +245,13 @@ impl Decoder for Engine {
         batch.retain(&keep).map_err(from_wit_error)
     }
 
-    fn fork(&mut self, batch: &mut engine::Batch, children: &[(usize, u32)]) -> Result<(), BackendError> {
-        let children: Vec<(u32, u32)> = children.iter().map(|&(parent, id)| (parent as u32, id)).collect();
+    fn fork(
+        &mut self,
+        batch: &mut engine::Batch,
+        children: &[(usize, u32)],
+    ) -> Result<(), BackendError> {
+        let children: Vec<(u32, u32)> =
+            children.iter().map(|&(parent, id)| (parent as u32, id)).collect();
         batch.fork(&children).map_err(from_wit_error)
     }
 }
@@ -222,15 +259,21 @@ impl Decoder for Engine {
 /// The reward: `engine.score`, or the separate `reward` import.
 struct Reward;
 
-#[cfg(not(feature = "separate-reward"))]
-use engine as reward_import;
 #[cfg(feature = "separate-reward")]
 use bindings::specrej::decoder::reward as reward_import;
+#[cfg(not(feature = "separate-reward"))]
+use engine as reward_import;
 
 impl Scorer for Reward {
-    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
-        let responses: Vec<types::Response> =
-            responses.iter().map(|r| types::Response { row: r.row, tokens: r.tokens.to_vec() }).collect();
+    fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>> {
+        let responses: Vec<types::Response> = responses
+            .iter()
+            .map(|r| types::Response { row: r.row, tokens: r.tokens.to_vec() })
+            .collect();
         ready(
             reward_import::score(prompt, &responses)
                 .map(|s| Scored { rewards: s.rewards, tokens_processed: s.tokens_processed })

@@ -163,7 +163,11 @@ pub trait Decoder {
     /// samples with its own noise, keyed by `id`. Reads nothing back.
     ///
     /// The default says the backend cannot (policies that refill memory need it).
-    fn fork(&mut self, batch: &mut Self::Batch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+    fn fork(
+        &mut self,
+        batch: &mut Self::Batch,
+        children: &[(usize, u32)],
+    ) -> Result<(), BackendError> {
         let _ = (batch, children);
         Err(BackendError::device("this backend cannot fork rows"))
     }
@@ -173,7 +177,11 @@ pub trait Decoder {
 /// `len` must fit the model's context (else a device error naming both), and `rows × len`
 /// the token capacity (else [`BackendError::OutOfMemory`], which the scheduler answers with
 /// a decision).
-pub fn check_fits<D: Decoder + ?Sized>(decoder: &D, rows: usize, len: usize) -> Result<(), BackendError> {
+pub fn check_fits<D: Decoder + ?Sized>(
+    decoder: &D,
+    rows: usize,
+    len: usize,
+) -> Result<(), BackendError> {
     if len > decoder.max_sequence_len() {
         return Err(BackendError::device(format!(
             "sequence length {len} exceeds the model's context length {}",
@@ -198,7 +206,9 @@ pub fn check_retain(keep: &[usize], rows: usize) -> Result<(), BackendError> {
     if let Some(&last) = keep.last()
         && last >= rows
     {
-        return Err(BackendError::device(format!("retain: index {last} out of range for {rows} rows")));
+        return Err(BackendError::device(format!(
+            "retain: index {last} out of range for {rows} rows"
+        )));
     }
     Ok(())
 }

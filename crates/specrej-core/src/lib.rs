@@ -17,6 +17,6 @@ pub mod select;
 pub mod testing;
 
 pub use scheduler::{
-    generate, validate, Candidate, Decision, Error, Event, Finish, Method, Options, Outcome, Rejected, Rules, Stats,
-    MAX_ROWS,
+    Candidate, Decision, Error, Event, Finish, MAX_ROWS, Method, Options, Outcome, Rejected, Rules,
+    Stats, generate, validate,
 };

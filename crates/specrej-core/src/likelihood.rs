@@ -30,8 +30,9 @@ pub fn context(prompt: &[u32], bos: Option<u32>) -> Result<Cow<'_, [u32]>, Backe
     if !prompt.is_empty() {
         return Ok(Cow::Borrowed(prompt));
     }
-    bos.map(|bos| Cow::Owned(vec![bos]))
-        .ok_or_else(|| BackendError::device("likelihood scorer: empty prompt and the model has no BOS token"))
+    bos.map(|bos| Cow::Owned(vec![bos])).ok_or_else(|| {
+        BackendError::device("likelihood scorer: empty prompt and the model has no BOS token")
+    })
 }
 
 /// `log Σ exp(x)`, computed stably, the sum in f64 (`-inf` for an empty slice).
@@ -64,7 +65,11 @@ impl Targets {
     pub fn of(group: &[Response<'_>], width: usize) -> Self {
         let mut targets = Self::default();
         for (i, r) in group.iter().enumerate() {
-            debug_assert!(r.tokens.len() <= width + 1, "width {width} too small for {} tokens", r.tokens.len());
+            debug_assert!(
+                r.tokens.len() <= width + 1,
+                "width {width} too small for {} tokens",
+                r.tokens.len()
+            );
             for (j, &token) in r.tokens.iter().enumerate().skip(1) {
                 targets.at.push(u32::try_from(i * width + j - 1).unwrap_or(u32::MAX));
                 targets.tokens.push(token);
@@ -106,7 +111,11 @@ mod tests {
     #[test]
     fn targets_index_the_padded_positions() {
         let (a, b, c) = ([7u32, 8, 9], [4u32], [1u32, 2]);
-        let group = [Response { row: 0, tokens: &a }, Response { row: 3, tokens: &b }, Response { row: 5, tokens: &c }];
+        let group = [
+            Response { row: 0, tokens: &a },
+            Response { row: 3, tokens: &b },
+            Response { row: 5, tokens: &c },
+        ];
         let t = Targets::of(&group, 2);
         assert_eq!(t.at, [0, 1, 4]);
         assert_eq!(t.tokens, [8, 9, 2]);

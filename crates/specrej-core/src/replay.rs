@@ -11,7 +11,7 @@
 
 use std::ops::Range;
 
-use crate::backend::{check_retain, BackendError, Decoder, KvLayout, Sampling};
+use crate::backend::{BackendError, Decoder, KvLayout, Sampling, check_retain};
 
 /// What a replayed run asked of the decoder, in order: enough to price it like a live run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,7 +47,13 @@ pub struct ReplayBatch {
 
 impl<'a> ReplayDecoder<'a> {
     /// Plays `rows` back as a backend of `capacity` cached tokens in `layout`.
-    pub fn new(rows: &'a [Vec<u32>], capacity: usize, layout: KvLayout, kv_bytes_per_token: usize, max_sequence_len: usize) -> Self {
+    pub fn new(
+        rows: &'a [Vec<u32>],
+        capacity: usize,
+        layout: KvLayout,
+        kv_bytes_per_token: usize,
+        max_sequence_len: usize,
+    ) -> Self {
         Self { rows, capacity, layout, kv_bytes_per_token, max_sequence_len, calls: Vec::new() }
     }
 }
@@ -71,7 +77,12 @@ impl Decoder for ReplayDecoder<'_> {
         self.max_sequence_len
     }
 
-    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, _sampling: &Sampling) -> Result<ReplayBatch, BackendError> {
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: Range<u32>,
+        _sampling: &Sampling,
+    ) -> Result<ReplayBatch, BackendError> {
         if rows.end as usize > self.rows.len() || rows.is_empty() {
             return Err(BackendError::device(format!(
                 "replay: rows {rows:?} asked for, but the recording holds rows 0..{}",
@@ -85,24 +96,28 @@ impl Decoder for ReplayDecoder<'_> {
         Ok(ReplayBatch { ids: rows.collect(), prompt: prompt.len(), generated: 0 })
     }
 
-    fn step(&mut self, batch: &mut ReplayBatch) -> impl Future<Output = Result<Vec<u32>, BackendError>> {
-        let result = if self.layout.tokens(batch.prompt, batch.ids.len(), batch.generated) > self.capacity {
-            Err(BackendError::OutOfMemory)
-        } else {
-            let g = batch.generated;
-            batch
-                .ids
-                .iter()
-                .map(|&id| {
-                    self.rows[id as usize].get(g).copied().ok_or_else(|| {
+    fn step(
+        &mut self,
+        batch: &mut ReplayBatch,
+    ) -> impl Future<Output = Result<Vec<u32>, BackendError>> {
+        let result =
+            if self.layout.tokens(batch.prompt, batch.ids.len(), batch.generated) > self.capacity {
+                Err(BackendError::OutOfMemory)
+            } else {
+                let g = batch.generated;
+                batch
+                    .ids
+                    .iter()
+                    .map(|&id| {
+                        self.rows[id as usize].get(g).copied().ok_or_else(|| {
                         BackendError::device(format!(
                             "replay: row {id} asked for token {g}, but the recording ends after {}",
                             self.rows[id as usize].len()
                         ))
                     })
-                })
-                .collect::<Result<Vec<u32>, BackendError>>()
-        };
+                    })
+                    .collect::<Result<Vec<u32>, BackendError>>()
+            };
         if result.is_ok() {
             self.calls.push(Call::Step { rows: batch.ids.len(), generated: batch.generated });
             batch.generated += 1;
@@ -117,16 +132,22 @@ impl Decoder for ReplayDecoder<'_> {
         Ok(())
     }
 
-    fn fork(&mut self, _batch: &mut ReplayBatch, _children: &[(usize, u32)]) -> Result<(), BackendError> {
-        Err(BackendError::device("replay: a forked row samples tokens no recording holds (run refill live)"))
+    fn fork(
+        &mut self,
+        _batch: &mut ReplayBatch,
+        _children: &[(usize, u32)],
+    ) -> Result<(), BackendError> {
+        Err(BackendError::device(
+            "replay: a forked row samples tokens no recording holds (run refill live)",
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FakeDecoder, FakeScorer, FAKE_EOS};
-    use crate::{block_on_ready, generate, Method, Options, Rules};
+    use crate::testing::{FAKE_EOS, FakeDecoder, FakeScorer};
+    use crate::{Method, Options, Rules, block_on_ready, generate};
 
     const PROMPT: &[u32] = &[3, 1, 4, 1, 5, 9, 2, 6];
 
@@ -147,8 +168,14 @@ mod tests {
     #[test]
     fn replay_equals_live_runs() {
         let mut live = FakeDecoder::new(1 << 20);
-        let bon = block_on_ready(generate(&mut live, &mut FakeScorer::default(), PROMPT, &options(Method::BestOfN, 32), &mut |_| {}))
-            .expect("bon");
+        let bon = block_on_ready(generate(
+            &mut live,
+            &mut FakeScorer::default(),
+            PROMPT,
+            &options(Method::BestOfN, 32),
+            &mut |_| {},
+        ))
+        .expect("bon");
         let mut rows = vec![Vec::new(); 32];
         for c in &bon.candidates {
             rows[c.row as usize] = c.tokens.clone();
@@ -156,16 +183,48 @@ mod tests {
         for (alpha, capacity) in [(0.3, 32 * 20), (0.5, 32 * 18), (0.8, 20 * 24)] {
             let opts = options(Method::SpeculativeRejection { alpha }, 32);
             let mut fake = FakeDecoder::new(capacity);
-            let want = block_on_ready(generate(&mut fake, &mut FakeScorer::default(), PROMPT, &opts, &mut |_| {})).expect("live");
-            let mut replay = ReplayDecoder::new(&rows, capacity, KvLayout::DENSE, fake.kv_bytes_per_token(), fake.max_sequence_len);
-            let mut got = block_on_ready(generate(&mut replay, &mut FakeScorer::default(), PROMPT, &opts, &mut |_| {})).expect("replay");
+            let want = block_on_ready(generate(
+                &mut fake,
+                &mut FakeScorer::default(),
+                PROMPT,
+                &opts,
+                &mut |_| {},
+            ))
+            .expect("live");
+            let mut replay = ReplayDecoder::new(
+                &rows,
+                capacity,
+                KvLayout::DENSE,
+                fake.kv_bytes_per_token(),
+                fake.max_sequence_len,
+            );
+            let mut got = block_on_ready(generate(
+                &mut replay,
+                &mut FakeScorer::default(),
+                PROMPT,
+                &opts,
+                &mut |_| {},
+            ))
+            .expect("replay");
             assert!(!want.trace.is_empty(), "alpha {alpha}: decisions happen");
             let steps = replay.calls.iter().filter(|c| matches!(c, Call::Step { .. })).count();
             assert_eq!(steps, want.stats.steps);
-            assert_eq!(fake.calls.retains.len(), replay.calls.iter().filter(|c| matches!(c, Call::Retain { .. })).count());
+            assert_eq!(
+                fake.calls.retains.len(),
+                replay.calls.iter().filter(|c| matches!(c, Call::Retain { .. })).count()
+            );
             got.stats.wall_seconds = want.stats.wall_seconds;
-            (got.stats.prefill_seconds, got.stats.step_seconds, got.stats.reward_seconds, got.stats.retain_seconds) =
-                (want.stats.prefill_seconds, want.stats.step_seconds, want.stats.reward_seconds, want.stats.retain_seconds);
+            (
+                got.stats.prefill_seconds,
+                got.stats.step_seconds,
+                got.stats.reward_seconds,
+                got.stats.retain_seconds,
+            ) = (
+                want.stats.prefill_seconds,
+                want.stats.step_seconds,
+                want.stats.reward_seconds,
+                want.stats.retain_seconds,
+            );
             assert_eq!(got, want, "alpha {alpha}");
         }
     }
@@ -174,7 +233,10 @@ mod tests {
     fn replay_refuses_what_it_cannot_know() {
         let rows = vec![vec![5, 6], vec![7]];
         let mut replay = ReplayDecoder::new(&rows, 1000, KvLayout::DENSE, 4, 100);
-        assert!(replay.prefill(PROMPT, 0..3, &Sampling::default()).is_err(), "row 2 was not recorded");
+        assert!(
+            replay.prefill(PROMPT, 0..3, &Sampling::default()).is_err(),
+            "row 2 was not recorded"
+        );
         let mut batch = replay.prefill(PROMPT, 0..2, &Sampling::default()).expect("prefill");
         assert_eq!(block_on_ready(replay.step(&mut batch)), Ok(vec![5, 7]));
         let err = block_on_ready(replay.step(&mut batch)).expect_err("row 1 ended");

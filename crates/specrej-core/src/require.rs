@@ -8,7 +8,10 @@ pub fn gpu_required(api: &str) -> bool {
 }
 
 fn required(value: &str, api: &str) -> bool {
-    value.split(',').map(str::trim).any(|v| v == "1" || v.eq_ignore_ascii_case("all") || v.eq_ignore_ascii_case(api))
+    value
+        .split(',')
+        .map(str::trim)
+        .any(|v| v == "1" || v.eq_ignore_ascii_case("all") || v.eq_ignore_ascii_case(api))
 }
 
 #[cfg(test)]

@@ -82,9 +82,7 @@ pub fn sample(logits: &[f32], sampling: &Sampling, row: u32, position: u32) -> u
     // Candidates ordered by logit (descending), token id ascending on ties.
     let mut order: Vec<u32> = (0..vocab as u32).collect();
     let by_logit = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then_with(|| a.cmp(b))
+        logits[*b as usize].total_cmp(&logits[*a as usize]).then_with(|| a.cmp(b))
     };
     if k < vocab {
         order.select_nth_unstable_by(k - 1, by_logit);
@@ -95,10 +93,8 @@ pub fn sample(logits: &[f32], sampling: &Sampling, row: u32, position: u32) -> u
     let mut kept = order.len();
     if sampling.top_p < 1.0 {
         let max = logits[order[0] as usize] * inv_t;
-        let weights: Vec<f32> = order
-            .iter()
-            .map(|&t| (logits[t as usize] * inv_t - max).exp())
-            .collect();
+        let weights: Vec<f32> =
+            order.iter().map(|&t| (logits[t as usize] * inv_t - max).exp()).collect();
         let total: f32 = weights.iter().sum();
         let mut mass = 0.0f32;
         kept = 0;
@@ -207,8 +203,10 @@ mod tests {
     #[test]
     fn temperature_sharpens() {
         let logits = [0.0f32, 1.0];
-        let hot = (0..10_000).filter(|&p| sample(&logits, &sampling(2.0, 0, 1.0), 0, p) == 1).count();
-        let cold = (0..10_000).filter(|&p| sample(&logits, &sampling(0.25, 0, 1.0), 0, p) == 1).count();
+        let hot =
+            (0..10_000).filter(|&p| sample(&logits, &sampling(2.0, 0, 1.0), 0, p) == 1).count();
+        let cold =
+            (0..10_000).filter(|&p| sample(&logits, &sampling(0.25, 0, 1.0), 0, p) == 1).count();
         assert!(cold > hot + 2_000, "cold {cold} hot {hot}");
     }
 }

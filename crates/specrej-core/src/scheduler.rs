@@ -287,7 +287,10 @@ pub fn validate(prompt: &[u32], options: &Options, max_sequence_len: usize) -> R
         return Err(invalid("n must be at least 1"));
     }
     if options.n > MAX_ROWS {
-        return Err(invalid(format!("n is {}; a request may have at most {MAX_ROWS} rows", options.n)));
+        return Err(invalid(format!(
+            "n is {}; a request may have at most {MAX_ROWS} rows",
+            options.n
+        )));
     }
     if options.max_new_tokens == 0 {
         return Err(invalid("max_new_tokens must be at least 1"));
@@ -384,7 +387,12 @@ pub async fn generate<D: Decoder, S: Scorer>(
     });
     observer(&Event::Scored { candidates: &run.candidates });
     run.stats.wall_seconds = clock.seconds();
-    Ok(Outcome { candidates: run.candidates, rejected: run.rejected, trace: run.trace, stats: run.stats })
+    Ok(Outcome {
+        candidates: run.candidates,
+        rejected: run.rejected,
+        trace: run.trace,
+        stats: run.stats,
+    })
 }
 
 /// Mutable state of one run.
@@ -429,7 +437,11 @@ async fn score<S: Scorer>(
         return Ok(Vec::new());
     }
     let clock = Clock::start();
-    let result = if partial { scorer.score_partial(prompt, responses).await } else { scorer.score(prompt, responses).await };
+    let result = if partial {
+        scorer.score_partial(prompt, responses).await
+    } else {
+        scorer.score(prompt, responses).await
+    };
     stats.reward_seconds += clock.seconds();
     let Scored { rewards, tokens_processed } = result?;
     if rewards.len() != responses.len() {
@@ -449,7 +461,8 @@ fn keep_paper(n: usize, alpha: f32) -> usize {
     let x = (1.0 - f64::from(alpha)) * n as f64;
     let floor = x.floor();
     let diff = x - floor;
-    let rounded = if diff > 0.5 || (diff == 0.5 && floor % 2.0 != 0.0) { floor + 1.0 } else { floor };
+    let rounded =
+        if diff > 0.5 || (diff == 0.5 && floor % 2.0 != 0.0) { floor + 1.0 } else { floor };
     (rounded.max(0.0) as usize).min(n)
 }
 
@@ -467,7 +480,11 @@ impl Run<'_> {
         observer: &mut dyn FnMut(&Event<'_>),
     ) -> Result<(), Error> {
         let clock = Clock::start();
-        let prefilled = decoder.prefill(self.prompt, first_row..first_row + rows as u32, &self.options.sampling);
+        let prefilled = decoder.prefill(
+            self.prompt,
+            first_row..first_row + rows as u32,
+            &self.options.sampling,
+        );
         self.stats.prefill_seconds += clock.seconds();
         let mut batch = prefilled?;
         self.stats.batches += 1;
@@ -487,15 +504,20 @@ impl Run<'_> {
             // After the next step every row caches the prompt and `generated` tokens of its own.
             let next_len = self.prompt.len() + generated;
             if alpha.is_some() && self.wants_probe(live.len(), generated) {
-                let responses: Vec<Response<'_>> = live.iter().map(|l| Response { row: l.row, tokens: &l.tokens }).collect();
+                let responses: Vec<Response<'_>> =
+                    live.iter().map(|l| Response { row: l.row, tokens: &l.tokens }).collect();
                 let scores = score(scorer, self.prompt, &responses, true, &mut self.stats).await?;
                 drop(responses);
-                self.probe = Some((generated, live.iter().zip(scores).map(|(l, s)| (l.row, s)).collect()));
+                self.probe =
+                    Some((generated, live.iter().zip(scores).map(|(l, s)| (l.row, s)).collect()));
             }
             if let Some(alpha) = alpha
                 && self.layout.tokens(self.prompt.len(), live.len(), generated) > self.capacity
             {
-                self.decide(decoder, scorer, &mut batch, &mut live, alpha, generated, false, observer).await?;
+                self.decide(
+                    decoder, scorer, &mut batch, &mut live, alpha, generated, false, observer,
+                )
+                .await?;
                 continue;
             }
             let clock = Clock::start();
@@ -505,7 +527,10 @@ impl Run<'_> {
                 Ok(tokens) => tokens,
                 Err(BackendError::OutOfMemory) if alpha.is_some() => {
                     let alpha = alpha.unwrap_or_default();
-                    self.decide(decoder, scorer, &mut batch, &mut live, alpha, generated, true, observer).await?;
+                    self.decide(
+                        decoder, scorer, &mut batch, &mut live, alpha, generated, true, observer,
+                    )
+                    .await?;
                     continue;
                 }
                 Err(BackendError::OutOfMemory) => {
@@ -528,7 +553,8 @@ impl Run<'_> {
             self.stats.steps += 1;
             self.stats.tokens_generated += tokens.len();
             self.stats.peak_kv_bytes = self.stats.peak_kv_bytes.max(
-                self.layout.tokens(self.prompt.len(), live.len(), generated - 1) as u64 * self.kv_bytes_per_token,
+                self.layout.tokens(self.prompt.len(), live.len(), generated - 1) as u64
+                    * self.kv_bytes_per_token,
             );
             let ids: Vec<u32> = live.iter().map(|l| l.row).collect();
             observer(&Event::Step { position: generated - 1, rows: &ids, tokens: &tokens });
@@ -562,14 +588,21 @@ impl Run<'_> {
 
     /// Scores every candidate not scored yet (whole answers).
     async fn score_finished<S: Scorer>(&mut self, scorer: &mut S) -> Result<(), Error> {
-        let unscored: Vec<usize> = (0..self.candidates.len()).filter(|&i| self.candidates[i].score.is_nan()).collect();
+        let unscored: Vec<usize> =
+            (0..self.candidates.len()).filter(|&i| self.candidates[i].score.is_nan()).collect();
         self.score_candidates(scorer, &unscored).await
     }
 
     /// Scores candidates `indices` (whole answers) in one call.
-    async fn score_candidates<S: Scorer>(&mut self, scorer: &mut S, indices: &[usize]) -> Result<(), Error> {
-        let responses: Vec<Response<'_>> =
-            indices.iter().map(|&i| Response { row: self.candidates[i].row, tokens: &self.candidates[i].tokens }).collect();
+    async fn score_candidates<S: Scorer>(
+        &mut self,
+        scorer: &mut S,
+        indices: &[usize],
+    ) -> Result<(), Error> {
+        let responses: Vec<Response<'_>> = indices
+            .iter()
+            .map(|&i| Response { row: self.candidates[i].row, tokens: &self.candidates[i].tokens })
+            .collect();
         let scored = score(scorer, self.prompt, &responses, false, &mut self.stats).await?;
         drop(responses);
         for (&i, score) in indices.iter().zip(scored) {
@@ -583,7 +616,10 @@ impl Run<'_> {
     fn wants_probe(&self, rows: usize, generated: usize) -> bool {
         let rules = &self.options.rules;
         let lag = rules.probe_lag;
-        if rules.paper_exact || lag == 0 || (rules.gate_tau.is_none() && rules.adaptive_snr.is_none()) {
+        if rules.paper_exact
+            || lag == 0
+            || (rules.gate_tau.is_none() && rules.adaptive_snr.is_none())
+        {
             return false;
         }
         if rules.gate_tau.is_some() && rules.adaptive_snr.is_none() && self.gate_open {
@@ -598,7 +634,12 @@ impl Run<'_> {
             && self.layout.tokens(self.prompt.len(), rows, at - 1) <= self.capacity
     }
 
-    fn retain<D: Decoder>(&mut self, decoder: &mut D, batch: &mut D::Batch, keep: &[usize]) -> Result<(), Error> {
+    fn retain<D: Decoder>(
+        &mut self,
+        decoder: &mut D,
+        batch: &mut D::Batch,
+        keep: &[usize],
+    ) -> Result<(), Error> {
         let clock = Clock::start();
         let result = decoder.retain(batch, keep);
         self.stats.retain_seconds += clock.seconds();
@@ -610,7 +651,12 @@ impl Run<'_> {
         if self.options.rules.paper_exact && finish != Finish::Capacity {
             self.ranked.push((row.row, false));
         }
-        self.candidates.push(Candidate { row: row.row, tokens: row.tokens, score: f32::NAN, finish });
+        self.candidates.push(Candidate {
+            row: row.row,
+            tokens: row.tokens,
+            score: f32::NAN,
+            finish,
+        });
     }
 
     /// Scores the live rows, keeps the best, drops the rest (backend and scorer state), and
@@ -628,7 +674,8 @@ impl Run<'_> {
         early: bool,
         observer: &mut dyn FnMut(&Event<'_>),
     ) -> Result<(), Error> {
-        let responses: Vec<Response<'_>> = live.iter().map(|l| Response { row: l.row, tokens: &l.tokens }).collect();
+        let responses: Vec<Response<'_>> =
+            live.iter().map(|l| Response { row: l.row, tokens: &l.tokens }).collect();
         let scores = score(scorer, self.prompt, &responses, true, &mut self.stats).await?;
         drop(responses);
         let rules = self.options.rules;
@@ -639,7 +686,9 @@ impl Run<'_> {
             Some((_, probe)) => live
                 .iter()
                 .zip(&scores)
-                .filter_map(|(l, &s)| probe.iter().find(|(row, _)| *row == l.row).map(|&(_, p)| (p, s)))
+                .filter_map(|(l, &s)| {
+                    probe.iter().find(|(row, _)| *row == l.row).map(|&(_, p)| (p, s))
+                })
                 .unzip(),
             None => (Vec::new(), Vec::new()),
         };
@@ -674,7 +723,10 @@ impl Run<'_> {
                     // Not stable yet: free room for `probe_lag` more tokens only, and compare
                     // these scores with the next decision's.
                     keep = keep.max(room(rules.probe_lag));
-                    self.probe = Some((generated, live.iter().zip(&scores).map(|(l, &s)| (l.row, s)).collect()));
+                    self.probe = Some((
+                        generated,
+                        live.iter().zip(&scores).map(|(l, &s)| (l.row, s)).collect(),
+                    ));
                 }
             }
             keep
@@ -700,7 +752,11 @@ impl Run<'_> {
             Some(temperature) if !early && !rules.paper_exact && !indices.is_empty() => {
                 let slots = room(self.options.min_new_tokens).saturating_sub(indices.len());
                 let kept_scores: Vec<f32> = indices.iter().map(|&i| scores[i]).collect();
-                let key = crate::sampling::row_key(self.options.sampling.seed, u32::MAX, self.trace.len() as u32);
+                let key = crate::sampling::row_key(
+                    self.options.sampling.seed,
+                    u32::MAX,
+                    self.trace.len() as u32,
+                );
                 select::parents(&kept_scores, slots, temperature, key)
                     .into_iter()
                     .map(|parent| {
@@ -735,7 +791,8 @@ impl Run<'_> {
             let forked = decoder.fork(batch, &children);
             self.stats.retain_seconds += clock.seconds();
             forked?;
-            let pairs: Vec<(u32, u32)> = children.iter().map(|&(parent, id)| (kept[parent].row, id)).collect();
+            let pairs: Vec<(u32, u32)> =
+                children.iter().map(|&(parent, id)| (kept[parent].row, id)).collect();
             scorer.fork(&pairs);
             for &(parent, id) in &children {
                 let tokens = kept[parent].tokens.clone();
@@ -751,8 +808,14 @@ impl Run<'_> {
     /// with the live rows' `scores`; drops the finished rows below the cut (a new one leaves
     /// the candidates, one that survived a ranking before stays a candidate but leaves the
     /// rankings) and returns how many live rows make the cut.
-    async fn keep_paper_exact<S: Scorer>(&mut self, scorer: &mut S, scores: &[f32], alpha: f32) -> Result<usize, Error> {
-        let index_of = |candidates: &[Candidate], row: u32| candidates.iter().position(|c| c.row == row);
+    async fn keep_paper_exact<S: Scorer>(
+        &mut self,
+        scorer: &mut S,
+        scores: &[f32],
+        alpha: f32,
+    ) -> Result<usize, Error> {
+        let index_of =
+            |candidates: &[Candidate], row: u32| candidates.iter().position(|c| c.row == row);
         let fresh: Vec<usize> = self
             .ranked
             .iter()
@@ -764,9 +827,12 @@ impl Run<'_> {
         let finished: Vec<(u32, bool, f32)> = self
             .ranked
             .iter()
-            .filter_map(|&(row, settled)| index_of(&self.candidates, row).map(|i| (row, settled, self.candidates[i].score)))
+            .filter_map(|&(row, settled)| {
+                index_of(&self.candidates, row).map(|i| (row, settled, self.candidates[i].score))
+            })
             .collect();
-        let mut order: Vec<(f32, usize)> = finished.iter().map(|f| f.2).chain(scores.iter().copied()).zip(0..).collect();
+        let mut order: Vec<(f32, usize)> =
+            finished.iter().map(|f| f.2).chain(scores.iter().copied()).zip(0..).collect();
         order.sort_by(|a, b| select::rank_key(b.0).total_cmp(&select::rank_key(a.0)));
         let keep_amount = keep_paper(order.len(), alpha);
         let kept: Vec<usize> = order[..keep_amount].iter().map(|&(_, i)| i).collect();
@@ -798,7 +864,8 @@ impl Run<'_> {
         observer: &mut dyn FnMut(&Event<'_>),
     ) {
         let (min, median, max) = select::summary(scores);
-        let threshold = kept.iter().map(|&i| select::rank_key(scores[i])).fold(f32::INFINITY, f32::min);
+        let threshold =
+            kept.iter().map(|&i| select::rank_key(scores[i])).fold(f32::INFINITY, f32::min);
         let decision = Decision {
             position: live.first().map_or(0, |l| l.tokens.len()),
             live_rows: live.len(),
@@ -819,7 +886,13 @@ impl Run<'_> {
     }
 
     /// Records `rows` (minus `skip`) as rejected and tells the scorer to forget them.
-    fn reject<S: Scorer>(&mut self, scorer: &mut S, rows: &[Live], scores: &[f32], skip: Option<usize>) {
+    fn reject<S: Scorer>(
+        &mut self,
+        scorer: &mut S,
+        rows: &[Live],
+        scores: &[f32],
+        skip: Option<usize>,
+    ) {
         let mut ids = Vec::with_capacity(rows.len());
         for (i, (row, &score)) in rows.iter().zip(scores).enumerate() {
             if Some(i) == skip {

@@ -80,7 +80,11 @@ pub fn spread_over_drift(before: &[f32], now: &[f32]) -> f32 {
     }
     let mean = now[..n].iter().map(|&x| f64::from(x)).sum::<f64>() / n as f64;
     let var = now[..n].iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n as f64;
-    let mut drift: Vec<f64> = before[..n].iter().zip(&now[..n]).map(|(&a, &b)| (f64::from(b) - f64::from(a)).abs()).collect();
+    let mut drift: Vec<f64> = before[..n]
+        .iter()
+        .zip(&now[..n])
+        .map(|(&a, &b)| (f64::from(b) - f64::from(a)).abs())
+        .collect();
     drift.sort_by(f64::total_cmp);
     let median = if n % 2 == 1 { drift[n / 2] } else { 0.5 * (drift[n / 2 - 1] + drift[n / 2]) };
     if median <= 0.0 {
@@ -167,11 +171,17 @@ mod tests {
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         assert!(close(kendall_tau_b(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0]).unwrap_or(0.0), 1.0));
         assert!(close(kendall_tau_b(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]).unwrap_or(0.0), -1.0));
-        assert!(close(kendall_tau_b(&[1.0, 2.0, 3.0, 4.0, 5.0], &[2.0, 1.0, 4.0, 3.0, 5.0]).unwrap_or(0.0), 0.6));
+        assert!(close(
+            kendall_tau_b(&[1.0, 2.0, 3.0, 4.0, 5.0], &[2.0, 1.0, 4.0, 3.0, 5.0]).unwrap_or(0.0),
+            0.6
+        ));
         // One tie in each: (4 concordant − 0) / sqrt(5 · 5).
         let t = kendall_tau_b(&[1.0, 2.0, 2.0, 3.0], &[1.0, 2.0, 3.0, 3.0]).unwrap_or(0.0);
         assert!(close(t, 0.8), "{t}");
-        assert!(close(kendall_tau_b(&[1.0, 1.0, 2.0, 2.0], &[1.0, 2.0, 1.0, 2.0]).unwrap_or(1.0), 0.0));
+        assert!(close(
+            kendall_tau_b(&[1.0, 1.0, 2.0, 2.0], &[1.0, 2.0, 1.0, 2.0]).unwrap_or(1.0),
+            0.0
+        ));
         assert_eq!(kendall_tau_b(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]), None);
         assert_eq!(kendall_tau(&[1.0], &[2.0]), None);
     }

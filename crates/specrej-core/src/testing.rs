@@ -108,7 +108,12 @@ impl Decoder for FakeDecoder {
         self.max_sequence_len
     }
 
-    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<FakeBatch, BackendError> {
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<FakeBatch, BackendError> {
         if prompt.is_empty() || rows.is_empty() {
             return Err(BackendError::device("prefill: empty prompt or row range"));
         }
@@ -152,7 +157,11 @@ impl Decoder for FakeDecoder {
         Ok(())
     }
 
-    fn fork(&mut self, batch: &mut FakeBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+    fn fork(
+        &mut self,
+        batch: &mut FakeBatch,
+        children: &[(usize, u32)],
+    ) -> Result<(), BackendError> {
         crate::backend::check_fork(children, batch.rows.len())?;
         self.calls.forks.push(children.to_vec());
         for &(parent, id) in children {
@@ -190,15 +199,26 @@ impl FakeScorer {
 }
 
 impl Scorer for FakeScorer {
-    async fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    async fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         self.calls += 1;
         Ok(Scored {
             rewards: responses.iter().map(|r| Self::reward(r.tokens)).collect(),
-            tokens_processed: responses.iter().map(|r| (prompt.len() + r.tokens.len()) as u64).sum(),
+            tokens_processed: responses
+                .iter()
+                .map(|r| (prompt.len() + r.tokens.len()) as u64)
+                .sum(),
         })
     }
 
-    async fn score_partial(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    async fn score_partial(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         self.partial_calls += 1;
         self.score(prompt, responses).await
     }

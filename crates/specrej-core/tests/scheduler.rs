@@ -1,7 +1,9 @@
 //! The scheduler against the deterministic fake backend.
 
-use specrej_core::testing::{FakeDecoder, FakeScorer, FAKE_EOS};
-use specrej_core::{block_on_ready, generate, Error, Event, Finish, Method, Options, Outcome, Rules, Sampling};
+use specrej_core::testing::{FAKE_EOS, FakeDecoder, FakeScorer};
+use specrej_core::{
+    Error, Event, Finish, Method, Options, Outcome, Rules, Sampling, block_on_ready, generate,
+};
 
 const PROMPT: &[u32] = &[3, 1, 4, 1, 5, 9, 2, 6];
 
@@ -18,11 +20,16 @@ fn options(method: Method, n: usize, max_new_tokens: usize) -> Options {
 }
 
 fn run(decoder: &mut FakeDecoder, scorer: &mut FakeScorer, options: &Options) -> Outcome {
-    block_on_ready(generate(decoder, scorer, PROMPT, options, &mut |_| {})).expect("generation succeeds")
+    block_on_ready(generate(decoder, scorer, PROMPT, options, &mut |_| {}))
+        .expect("generation succeeds")
 }
 
 fn best_of_n(n: usize, max_new: usize) -> Outcome {
-    run(&mut FakeDecoder::new(1 << 20), &mut FakeScorer::default(), &options(Method::BestOfN, n, max_new))
+    run(
+        &mut FakeDecoder::new(1 << 20),
+        &mut FakeScorer::default(),
+        &options(Method::BestOfN, n, max_new),
+    )
 }
 
 fn sr(alpha: f32) -> Method {
@@ -32,21 +39,32 @@ fn sr(alpha: f32) -> Method {
 #[test]
 fn every_speculative_rejection_trajectory_is_a_best_of_n_prefix() {
     let bon = best_of_n(64, 96);
-    let by_row = |row: u32| &bon.candidates.iter().find(|c| c.row == row).expect("row in BoN").tokens;
+    let by_row =
+        |row: u32| &bon.candidates.iter().find(|c| c.row == row).expect("row in BoN").tokens;
     for alpha in [0.3, 0.5, 0.8] {
         // 64 rows × (8 + 24) tokens fit; decisions start around 24 new tokens.
         let mut decoder = FakeDecoder::new(64 * 32);
         let out = run(&mut decoder, &mut FakeScorer::default(), &options(sr(alpha), 64, 96));
         assert!(!out.trace.is_empty(), "alpha {alpha}: the budget forces decisions");
         for candidate in &out.candidates {
-            assert_eq!(&candidate.tokens, by_row(candidate.row), "alpha {alpha} row {}", candidate.row);
+            assert_eq!(
+                &candidate.tokens,
+                by_row(candidate.row),
+                "alpha {alpha} row {}",
+                candidate.row
+            );
         }
         for rejected in &out.rejected {
             let full = by_row(rejected.row);
             assert!(full.starts_with(&rejected.tokens), "alpha {alpha} row {}", rejected.row);
         }
         // Every row ends exactly once: as a candidate or rejected.
-        let mut rows: Vec<u32> = out.candidates.iter().map(|c| c.row).chain(out.rejected.iter().map(|r| r.row)).collect();
+        let mut rows: Vec<u32> = out
+            .candidates
+            .iter()
+            .map(|c| c.row)
+            .chain(out.rejected.iter().map(|r| r.row))
+            .collect();
         rows.sort_unstable();
         assert_eq!(rows, (0..64).collect::<Vec<_>>());
     }
@@ -55,7 +73,8 @@ fn every_speculative_rejection_trajectory_is_a_best_of_n_prefix() {
 #[test]
 fn alpha_zero_with_room_for_everything_is_best_of_n() {
     let bon = best_of_n(16, 64);
-    let out = run(&mut FakeDecoder::new(1 << 20), &mut FakeScorer::default(), &options(sr(0.0), 16, 64));
+    let out =
+        run(&mut FakeDecoder::new(1 << 20), &mut FakeScorer::default(), &options(sr(0.0), 16, 64));
     assert!(out.trace.is_empty());
     assert_eq!(out.candidates, bon.candidates);
     assert_eq!(out.stats.tokens_generated, bon.stats.tokens_generated);
@@ -97,7 +116,9 @@ fn the_trace_describes_each_decision() {
         assert!(!d.early);
         assert_eq!(d.live_rows, live);
         assert_eq!(d.kept_rows, ((d.live_rows as f32 * 0.5).round() as usize).max(1));
-        assert!(d.min <= d.median && d.median <= d.max && d.threshold >= d.min && d.threshold <= d.max);
+        assert!(
+            d.min <= d.median && d.median <= d.max && d.threshold >= d.min && d.threshold <= d.max
+        );
         // The decision happens when the next step would overflow the budget.
         assert!(d.live_rows * (PROMPT.len() + d.position) > capacity);
         live = d.kept_rows;
@@ -211,33 +232,63 @@ fn bad_requests_are_named() {
         (options(sr(0.5), 4, 10), &[], "the prompt is empty"),
         (options(sr(0.5), 4, 0), PROMPT, "max_new_tokens must be at least 1"),
         (
-            Options { sampling: Sampling { top_p: 0.0, ..Sampling::default() }, ..options(sr(0.5), 4, 10) },
+            Options {
+                sampling: Sampling { top_p: 0.0, ..Sampling::default() },
+                ..options(sr(0.5), 4, 10)
+            },
             PROMPT,
             "top_p",
         ),
         (
-            Options { sampling: Sampling { temperature: -1.0, ..Sampling::default() }, ..options(sr(0.5), 4, 10) },
+            Options {
+                sampling: Sampling { temperature: -1.0, ..Sampling::default() },
+                ..options(sr(0.5), 4, 10)
+            },
             PROMPT,
             "temperature",
         ),
     ];
     for (options, prompt, expected) in cases {
-        let err = block_on_ready(generate(&mut FakeDecoder::new(1000), &mut FakeScorer::default(), prompt, &options, &mut |_| {}))
-            .expect_err(expected);
+        let err = block_on_ready(generate(
+            &mut FakeDecoder::new(1000),
+            &mut FakeScorer::default(),
+            prompt,
+            &options,
+            &mut |_| {},
+        ))
+        .expect_err(expected);
         assert!(matches!(err, Error::InvalidRequest(_)));
         assert!(err.to_string().contains(expected), "{err} should mention {expected}");
     }
     let mut short = FakeDecoder::new(1000);
     short.max_sequence_len = PROMPT.len();
-    let err = block_on_ready(generate(&mut short, &mut FakeScorer::default(), PROMPT, &options(sr(0.5), 4, 10), &mut |_| {}))
-        .expect_err("prompt too long");
+    let err = block_on_ready(generate(
+        &mut short,
+        &mut FakeScorer::default(),
+        PROMPT,
+        &options(sr(0.5), 4, 10),
+        &mut |_| {},
+    ))
+    .expect_err("prompt too long");
     assert!(err.to_string().contains("context"), "{err}");
-    let err = block_on_ready(generate(&mut FakeDecoder::new(20), &mut FakeScorer::default(), PROMPT, &options(Method::BestOfN, 4, 100), &mut |_| {}))
-        .expect_err("budget too small");
+    let err = block_on_ready(generate(
+        &mut FakeDecoder::new(20),
+        &mut FakeScorer::default(),
+        PROMPT,
+        &options(Method::BestOfN, 4, 100),
+        &mut |_| {},
+    ))
+    .expect_err("budget too small");
     assert!(err.to_string().contains("KV budget"), "{err}");
 }
 
-fn run_rules(capacity: usize, alpha: f32, n: usize, max_new: usize, rules: Rules) -> (Outcome, FakeDecoder, FakeScorer) {
+fn run_rules(
+    capacity: usize,
+    alpha: f32,
+    n: usize,
+    max_new: usize,
+    rules: Rules,
+) -> (Outcome, FakeDecoder, FakeScorer) {
     let mut decoder = FakeDecoder::new(capacity);
     let mut scorer = FakeScorer::default();
     let options = Options { rules, ..options(sr(alpha), n, max_new) };
@@ -254,10 +305,16 @@ fn a_tight_budget_with_a_small_alpha_leaves_room_between_decisions() {
     for pair in out.trace.windows(2) {
         assert!(pair[1].position - pair[0].position >= 8, "{:?}", out.trace);
     }
-    assert!(out.trace[0].alpha > 0.1, "the first cut went beyond α to make room: {:?}", out.trace[0]);
+    assert!(
+        out.trace[0].alpha > 0.1,
+        "the first cut went beyond α to make room: {:?}",
+        out.trace[0]
+    );
     // The time breakdown adds up to no more than the whole.
     let s = &out.stats;
-    assert!(s.prefill_seconds + s.step_seconds + s.reward_seconds + s.retain_seconds <= s.wall_seconds);
+    assert!(
+        s.prefill_seconds + s.step_seconds + s.reward_seconds + s.retain_seconds <= s.wall_seconds
+    );
     assert!(s.step_seconds > 0.0 && s.reward_seconds > 0.0);
 }
 
@@ -265,7 +322,10 @@ fn a_tight_budget_with_a_small_alpha_leaves_room_between_decisions() {
 fn paper_exact_ranks_finished_rows_and_rounds_half_to_even() {
     let mut decoder = FakeDecoder::new(24 * 22);
     decoder.eos_rate = 0.05;
-    let exact = Options { rules: Rules { paper_exact: true, ..Rules::default() }, ..options(sr(0.5), 24, 120) };
+    let exact = Options {
+        rules: Rules { paper_exact: true, ..Rules::default() },
+        ..options(sr(0.5), 24, 120)
+    };
     let out = run(&mut decoder, &mut FakeScorer::default(), &exact);
     let ours = {
         let mut decoder = FakeDecoder::new(24 * 22);
@@ -275,7 +335,8 @@ fn paper_exact_ranks_finished_rows_and_rounds_half_to_even() {
     assert!(!out.trace.is_empty());
     // Finished rows take part in the ranking: some are dropped from the candidates (ours
     // keeps every finished row), and every row still ends exactly once.
-    let mut rows: Vec<u32> = out.candidates.iter().map(|c| c.row).chain(out.rejected.iter().map(|r| r.row)).collect();
+    let mut rows: Vec<u32> =
+        out.candidates.iter().map(|c| c.row).chain(out.rejected.iter().map(|r| r.row)).collect();
     rows.sort_unstable();
     assert_eq!(rows, (0..24).collect::<Vec<_>>());
     assert_ne!(out.trace, ours.trace, "the rules differ");
@@ -291,13 +352,21 @@ fn the_gate_waits_for_a_stable_ranking() {
     // A gate that always opens is plain SR with probes (the same rows, more reward calls).
     let always = Rules { probe_lag: 4, gate_tau: Some(-1.0), ..Rules::default() };
     let (open, _, scorer) = run_rules(32 * 20, 0.5, 32, 90, always);
-    assert_eq!(open.trace.iter().map(|d| d.kept_rows).collect::<Vec<_>>()[..1], plain.trace.iter().map(|d| d.kept_rows).collect::<Vec<_>>()[..1]);
+    assert_eq!(
+        open.trace.iter().map(|d| d.kept_rows).collect::<Vec<_>>()[..1],
+        plain.trace.iter().map(|d| d.kept_rows).collect::<Vec<_>>()[..1]
+    );
     assert!(scorer.partial_calls > plain.trace.len(), "probes were scored");
     assert!(open.trace[0].tau.is_some(), "a probe came before the first decision");
     // A gate that never opens only frees room for the lag: it keeps more rows each time.
     let never = Rules { probe_lag: 4, gate_tau: Some(2.0), ..Rules::default() };
     let (closed, ..) = run_rules(32 * 20, 0.5, 32, 90, never);
-    assert!(closed.trace[0].kept_rows > plain.trace[0].kept_rows, "{:?} vs {:?}", closed.trace[0], plain.trace[0]);
+    assert!(
+        closed.trace[0].kept_rows > plain.trace[0].kept_rows,
+        "{:?} vs {:?}",
+        closed.trace[0],
+        plain.trace[0]
+    );
     for pair in closed.trace.windows(2) {
         assert!(pair[1].position - pair[0].position >= 4);
     }
@@ -307,10 +376,22 @@ fn the_gate_waits_for_a_stable_ranking() {
 fn adaptive_alpha_cuts_less_when_scores_drift_more_than_they_spread() {
     let plain = run_rules(32 * 20, 0.5, 32, 90, Rules::default()).0;
     // A tiny target: every ranking counts as separated: plain α.
-    let (sure, ..) = run_rules(32 * 20, 0.5, 32, 90, Rules { probe_lag: 4, adaptive_snr: Some(1e-9), ..Rules::default() });
+    let (sure, ..) = run_rules(
+        32 * 20,
+        0.5,
+        32,
+        90,
+        Rules { probe_lag: 4, adaptive_snr: Some(1e-9), ..Rules::default() },
+    );
     assert_eq!(sure.trace[0].kept_rows, plain.trace[0].kept_rows);
     // A huge one: nothing counts as separated: α shrinks to the room the budget forces.
-    let (unsure, ..) = run_rules(32 * 20, 0.5, 32, 90, Rules { probe_lag: 4, adaptive_snr: Some(1e9), ..Rules::default() });
+    let (unsure, ..) = run_rules(
+        32 * 20,
+        0.5,
+        32,
+        90,
+        Rules { probe_lag: 4, adaptive_snr: Some(1e9), ..Rules::default() },
+    );
     assert!(unsure.trace[0].kept_rows > plain.trace[0].kept_rows);
     assert!(unsure.trace[0].alpha < 0.5);
 }
@@ -325,16 +406,25 @@ fn refill_forks_the_kept_rows_into_the_freed_memory() {
     assert_eq!(scorer.forked.len(), out.trace.iter().map(|d| d.forked).sum::<usize>());
     // A child starts with its parent's text at the fork, then samples its own.
     let text = |row: u32| {
-        out.candidates.iter().map(|c| (c.row, &c.tokens)).chain(out.rejected.iter().map(|r| (r.row, &r.tokens))).find(|(r, _)| *r == row).map(|(_, t)| t.clone())
+        out.candidates
+            .iter()
+            .map(|c| (c.row, &c.tokens))
+            .chain(out.rejected.iter().map(|r| (r.row, &r.tokens)))
+            .find(|(r, _)| *r == row)
+            .map(|(_, t)| t.clone())
     };
     let (parent, child) = scorer.forked[0];
     assert!(child >= 16, "new ids after the initial rows");
     let (p, c) = (text(parent).expect("parent"), text(child).expect("child"));
     let at = first.position;
     assert_eq!(p[..at], c[..at]);
-    assert_ne!(p[at..].iter().take(5).collect::<Vec<_>>(), c[at..].iter().take(5).collect::<Vec<_>>());
+    assert_ne!(
+        p[at..].iter().take(5).collect::<Vec<_>>(),
+        c[at..].iter().take(5).collect::<Vec<_>>()
+    );
     // Every row ends exactly once.
-    let mut rows: Vec<u32> = out.candidates.iter().map(|c| c.row).chain(out.rejected.iter().map(|r| r.row)).collect();
+    let mut rows: Vec<u32> =
+        out.candidates.iter().map(|c| c.row).chain(out.rejected.iter().map(|r| r.row)).collect();
     let count = rows.len();
     rows.sort_unstable();
     rows.dedup();
@@ -342,9 +432,22 @@ fn refill_forks_the_kept_rows_into_the_freed_memory() {
     // A backend that cannot fork is an error, not a silent no-op.
     let mut replay_rows = vec![vec![1u32; 60]; 16];
     replay_rows[0][5] = 2;
-    let mut replay = specrej_core::replay::ReplayDecoder::new(&replay_rows, 16 * 20, specrej_core::KvLayout::DENSE, 8, 4096);
+    let mut replay = specrej_core::replay::ReplayDecoder::new(
+        &replay_rows,
+        16 * 20,
+        specrej_core::KvLayout::DENSE,
+        8,
+        4096,
+    );
     let opts = Options { rules, ..options(sr(0.5), 16, 60) };
-    let err = block_on_ready(generate(&mut replay, &mut FakeScorer::default(), PROMPT, &opts, &mut |_| {})).expect_err("no fork");
+    let err = block_on_ready(generate(
+        &mut replay,
+        &mut FakeScorer::default(),
+        PROMPT,
+        &opts,
+        &mut |_| {},
+    ))
+    .expect_err("no fork");
     assert!(err.to_string().contains("fork"), "{err}");
 }
 
@@ -366,6 +469,11 @@ fn eager_scoring_changes_only_when_answers_are_scored() {
         assert_eq!(eager.candidates, at_end.candidates, "{method:?}");
         assert_eq!(eager.rejected, at_end.rejected, "{method:?}");
         assert_eq!(eager.trace, at_end.trace, "{method:?}");
-        assert!(eager.stats.reward_calls > at_end.stats.reward_calls, "{method:?}: {} vs {}", eager.stats.reward_calls, at_end.stats.reward_calls);
+        assert!(
+            eager.stats.reward_calls > at_end.stats.reward_calls,
+            "{method:?}: {} vs {}",
+            eager.stats.reward_calls,
+            at_end.stats.reward_calls
+        );
     }
 }

@@ -56,7 +56,10 @@ fn admit(size: usize) -> bool {
     PEAK.fetch_max(size, Ordering::Relaxed);
     if size > CAP {
         // No allocation here: the message is a static string.
-        let _ = std::io::Write::write_all(&mut std::io::stderr(), b"ALLOCATION OVER 1 GiB: the input is in target/fuzz/<target>/current\n");
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"ALLOCATION OVER 1 GiB: the input is in target/fuzz/<target>/current\n",
+        );
         return false;
     }
     true

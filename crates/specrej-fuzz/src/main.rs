@@ -11,15 +11,15 @@ mod alloc;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use specrej_fuzz::mutate::{mutate, Rng};
-use specrej_fuzz::targets::{self, Target, TARGETS};
+use specrej_fuzz::mutate::{Rng, mutate};
+use specrej_fuzz::targets::{self, TARGETS, Target};
 use specrej_fuzz::{corpus_files, root, seeds};
 
 #[derive(Debug, Parser)]
@@ -51,9 +51,11 @@ enum Command {
 const SLOW: Duration = Duration::from_secs(1);
 
 fn work_dir(target: &str) -> Result<PathBuf> {
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
     let dir = target_dir.join("fuzz").join(target);
-    std::fs::create_dir_all(dir.join("work")).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("work"))
+        .with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
 
@@ -63,7 +65,9 @@ fn select(name: &str) -> Result<Vec<Target>> {
     }
     match targets::target(name) {
         Some(t) => Ok(vec![t]),
-        None => bail!("unknown target {name:?}; known: all, {}", TARGETS.map(|t| t.name).join(", ")),
+        None => {
+            bail!("unknown target {name:?}; known: all, {}", TARGETS.map(|t| t.name).join(", "))
+        }
     }
 }
 
@@ -96,9 +100,12 @@ fn run(cli: Cli) -> Result<bool> {
             std::panic::set_hook(Box::new(|_| {}));
             let mut ok = true;
             for file in files {
-                let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                let bytes =
+                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
                 match once(target, &bytes, &work.join("work")) {
-                    Ok((outcome, took)) => eprintln!("{}: {outcome} ({:.3} s)", file.display(), took.as_secs_f64()),
+                    Ok((outcome, took)) => {
+                        eprintln!("{}: {outcome} ({:.3} s)", file.display(), took.as_secs_f64())
+                    }
                     Err(panic) => {
                         ok = false;
                         eprintln!("{}: PANIC {panic}", file.display());
@@ -153,12 +160,17 @@ fn fuzz(target: Target, duration: Duration, seed: u64) -> Result<bool> {
         let started_at = Arc::clone(&started_at);
         let current = current.clone();
         let name = target.name;
-        std::thread::spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(500));
-            let t = started_at.load(Ordering::SeqCst);
-            if t != 0 && clock.elapsed().as_millis() as u64 > t + 10_000 {
-                eprintln!("{name}: HANG: an input has run for 10 s; it is in {}", current.display());
-                std::process::exit(1);
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                let t = started_at.load(Ordering::SeqCst);
+                if t != 0 && clock.elapsed().as_millis() as u64 > t + 10_000 {
+                    eprintln!(
+                        "{name}: HANG: an input has run for 10 s; it is in {}",
+                        current.display()
+                    );
+                    std::process::exit(1);
+                }
             }
         });
     }
@@ -182,7 +194,8 @@ fn fuzz(target: Target, duration: Duration, seed: u64) -> Result<bool> {
         index += 1;
         // The input is on disk while it runs: an abort (an allocation over the cap) or a hang
         // leaves it there.
-        std::fs::write(&current, &input).with_context(|| format!("writing {}", current.display()))?;
+        std::fs::write(&current, &input)
+            .with_context(|| format!("writing {}", current.display()))?;
         started_at.store(clock.elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
         alloc::arm();
         let result = once(target, &input, &work);
@@ -195,7 +208,12 @@ fn fuzz(target: Target, duration: Duration, seed: u64) -> Result<bool> {
                 if took > SLOW {
                     failures += 1;
                     let path = save(&dir, "slow", &input)?;
-                    eprintln!("{}: SLOW ({:.2} s): {} → {outcome}", target.name, took.as_secs_f64(), path.display());
+                    eprintln!(
+                        "{}: SLOW ({:.2} s): {} → {outcome}",
+                        target.name,
+                        took.as_secs_f64(),
+                        path.display()
+                    );
                 }
                 if outcomes.insert(outcome) && corpus.len() < 4096 && index > corpus.len() {
                     corpus.push(input);
@@ -223,7 +241,9 @@ fn fuzz(target: Target, duration: Duration, seed: u64) -> Result<bool> {
 }
 
 fn save(dir: &Path, kind: &str, input: &[u8]) -> Result<PathBuf> {
-    let hash = input.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let hash = input
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     let path = dir.join(format!("{kind}-{hash:016x}"));
     std::fs::write(&path, input).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)

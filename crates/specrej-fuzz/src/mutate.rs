@@ -134,6 +134,9 @@ mod tests {
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
-        assert!(run(7).iter().filter(|m| **m != input).count() > 48, "most mutants differ from the input");
+        assert!(
+            run(7).iter().filter(|m| **m != input).count() > 48,
+            "most mutants differ from the input"
+        );
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 
 use crate::targets::join;
@@ -23,7 +23,8 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 /// GPT-2's byte-to-character map, so a 256-token byte-level vocabulary covers every input.
 fn byte_chars() -> Vec<char> {
-    let mut bytes: Vec<u32> = (b'!'..=b'~').chain(0xa1..=0xac).chain(0xae..=0xff).map(u32::from).collect();
+    let mut bytes: Vec<u32> =
+        (b'!'..=b'~').chain(0xa1..=0xac).chain(0xae..=0xff).map(u32::from).collect();
     let mut chars = bytes.clone();
     let mut extra = 0;
     for b in 0..256u32 {
@@ -64,9 +65,18 @@ fn tiny_gguf(hidden: usize, dtype: GgmlDType) -> Result<Vec<u8>> {
         ("llama.feed_forward_length", Value::U32(ffn as u32)),
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.pre", Value::String("gpt2".into())),
-        ("tokenizer.ggml.tokens", Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
-        ("tokenizer.ggml.token_type", Value::Array((0..vocab).map(|i| Value::I32(if i < 2 { 3 } else { 1 })).collect())),
-        ("tokenizer.ggml.merges", Value::Array(merges.iter().map(|m| Value::String(m.clone())).collect())),
+        (
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array((0..vocab).map(|i| Value::I32(if i < 2 { 3 } else { 1 })).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges",
+            Value::Array(merges.iter().map(|m| Value::String(m.clone())).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id", Value::U32(0)),
         ("tokenizer.ggml.eos_token_id", Value::U32(1)),
         ("tokenizer.chat_template", Value::String(CHATML.into())),
@@ -89,7 +99,11 @@ fn tiny_gguf(hidden: usize, dtype: GgmlDType) -> Result<Vec<u8>> {
     for (i, (name, shape)) in shapes.iter().enumerate() {
         let n = shape.iter().product();
         let t = Tensor::from_vec(values(n, i as u64), shape.as_slice(), &Device::Cpu)?;
-        let ty = if shape.len() == 2 && shape[1] % dtype.block_size() == 0 { dtype } else { GgmlDType::F32 };
+        let ty = if shape.len() == 2 && shape[1] % dtype.block_size() == 0 {
+            dtype
+        } else {
+            GgmlDType::F32
+        };
         tensors.push((*name, QTensor::quantize(&t, ty)?));
     }
     let md: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
@@ -126,7 +140,10 @@ fn tiny_checkpoint(work: &std::path::Path) -> Result<Vec<u8>> {
     let mut tensors = HashMap::new();
     for (i, (name, shape)) in shapes.iter().enumerate() {
         let n = shape.iter().product();
-        tensors.insert(name.to_string(), Tensor::from_vec(values(n, 100 + i as u64), shape.as_slice(), &Device::Cpu)?);
+        tensors.insert(
+            name.to_string(),
+            Tensor::from_vec(values(n, 100 + i as u64), shape.as_slice(), &Device::Cpu)?,
+        );
     }
     let path = work.join("seed.safetensors");
     candle_core::safetensors::save(&tensors, &path)?;
@@ -155,10 +172,22 @@ pub fn seeds(work: &std::path::Path) -> Result<Vec<(&'static str, String, Vec<u8
         out.push(("http", name.to_string(), bytes));
     }
     let bodies: [(&str, &str); 4] = [
-        ("chat.json", r#"{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Name a fruit."}],"n":3,"max_tokens":12,"seed":1,"temperature":0.7,"top_p":0.9}"#),
-        ("sr.json", r#"{"messages":[{"role":"user","content":"Give three tips."}],"stream":true,"max_tokens":24,"specrej":{"method":"speculative_rejection","n":4,"alpha":0.5,"min_new_tokens":6,"reward":"likelihood","rules":{"gate_tau":0.4,"probe_lag":8}}}"#),
-        ("completion.json", r#"{"prompt":"The capital of France is","max_tokens":6,"n":2,"specrej":{"reward":"judge","return_candidates":false}}"#),
-        ("paper.json", r#"{"messages":[{"role":"user","content":"hi"}],"max_completion_tokens":5,"specrej":{"method":"sr","alpha":0.9,"rules":{"paper_exact":true}}}"#),
+        (
+            "chat.json",
+            r#"{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Name a fruit."}],"n":3,"max_tokens":12,"seed":1,"temperature":0.7,"top_p":0.9}"#,
+        ),
+        (
+            "sr.json",
+            r#"{"messages":[{"role":"user","content":"Give three tips."}],"stream":true,"max_tokens":24,"specrej":{"method":"speculative_rejection","n":4,"alpha":0.5,"min_new_tokens":6,"reward":"likelihood","rules":{"gate_tau":0.4,"probe_lag":8}}}"#,
+        ),
+        (
+            "completion.json",
+            r#"{"prompt":"The capital of France is","max_tokens":6,"n":2,"specrej":{"reward":"judge","return_candidates":false}}"#,
+        ),
+        (
+            "paper.json",
+            r#"{"messages":[{"role":"user","content":"hi"}],"max_completion_tokens":5,"specrej":{"method":"sr","alpha":0.9,"rules":{"paper_exact":true}}}"#,
+        ),
     ];
     for (name, body) in bodies {
         out.push(("openai", name.to_string(), body.as_bytes().to_vec()));

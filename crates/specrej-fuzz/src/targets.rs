@@ -4,7 +4,7 @@
 use std::io::{Cursor, Read, Write};
 use std::path::Path;
 
-use specrej_host::api::{parse_request, Endpoint, RequestLimits};
+use specrej_host::api::{Endpoint, RequestLimits, parse_request};
 use specrej_text::gguf::GgufFile;
 use specrej_text::{ChatTemplate, GgufMetadata, Message, Tokenizer};
 
@@ -37,7 +37,11 @@ fn class<E: std::fmt::Display>(result: Result<(), E>) -> String {
         Ok(()) => "ok".into(),
         Err(e) => {
             let text = e.to_string();
-            let words: Vec<&str> = text.split_whitespace().filter(|w| !w.contains("/tmp") && !w.contains("target/")).take(6).collect();
+            let words: Vec<&str> = text
+                .split_whitespace()
+                .filter(|w| !w.contains("/tmp") && !w.contains("target/"))
+                .take(6)
+                .collect();
             words.join(" ").chars().filter(|c| !c.is_ascii_digit()).collect()
         }
     }
@@ -78,7 +82,8 @@ fn gguf(bytes: &[u8], _work: &Path) -> String {
         Ok(())
     });
     let wgpu = specrej_wgpu::check_gguf(bytes).map(|_| ());
-    let candle = specrej_candle::load_gguf_bytes(bytes, &specrej_candle::LoadOptions::default()).map(|_| ());
+    let candle =
+        specrej_candle::load_gguf_bytes(bytes, &specrej_candle::LoadOptions::default()).map(|_| ());
     format!("{} | {} | {} | {}", class(file), class(text), class(wgpu), class(candle))
 }
 
@@ -104,10 +109,13 @@ const SAFETENSORS_WORDS: &[&[u8]] = &[
 fn safetensors(bytes: &[u8], work: &Path) -> String {
     let (config, tensors) = split(bytes);
     let write = |name: &str, data: &[u8]| std::fs::write(work.join(name), data);
-    if let Err(e) = write("config.json", config).and_then(|()| write("model.safetensors", tensors)) {
+    if let Err(e) = write("config.json", config).and_then(|()| write("model.safetensors", tensors))
+    {
         return format!("io {e}");
     }
-    class(specrej_candle::load_safetensors(work, &specrej_candle::LoadOptions::default()).map(|_| ()))
+    class(
+        specrej_candle::load_safetensors(work, &specrej_candle::LoadOptions::default()).map(|_| ()),
+    )
 }
 
 /// `u32 LE n | n bytes | rest` (n clamped to what is there).
@@ -125,10 +133,44 @@ pub fn join(first: &[u8], second: &[u8]) -> Vec<u8> {
 }
 
 const TEMPLATE_WORDS: &[&[u8]] = &[
-    b"{%", b"%}", b"{{", b"}}", b"{#", b"#}", b" for ", b" in ", b" endfor ", b" if ", b" endif ", b" set ",
-    b"range(100000)", b"messages", b"message['content']", b"|tojson", b"|length", b"raise_exception('x')",
-    b"loop.index", b"macro", b"endmacro", b"call", b"recursive", b"loop(", b"~", b" * 100000", b"[", b"]", b"(", b")",
-    b"'", b"\"", b".split(", b".strip()", b"namespace(", b"strftime_now('%Y')", b"{% extends 'x' %}", b"{% include 'x' %}",
+    b"{%",
+    b"%}",
+    b"{{",
+    b"}}",
+    b"{#",
+    b"#}",
+    b" for ",
+    b" in ",
+    b" endfor ",
+    b" if ",
+    b" endif ",
+    b" set ",
+    b"range(100000)",
+    b"messages",
+    b"message['content']",
+    b"|tojson",
+    b"|length",
+    b"raise_exception('x')",
+    b"loop.index",
+    b"macro",
+    b"endmacro",
+    b"call",
+    b"recursive",
+    b"loop(",
+    b"~",
+    b" * 100000",
+    b"[",
+    b"]",
+    b"(",
+    b")",
+    b"'",
+    b"\"",
+    b".split(",
+    b".strip()",
+    b"namespace(",
+    b"strftime_now('%Y')",
+    b"{% extends 'x' %}",
+    b"{% include 'x' %}",
 ];
 
 /// A chat template from a model file: compiled, then rendered over a short conversation.
@@ -143,8 +185,21 @@ fn template(bytes: &[u8], _work: &Path) -> String {
 }
 
 const HTTP_WORDS: &[&[u8]] = &[
-    b"\r\n", b"\r\n\r\n", b"POST ", b"GET ", b" HTTP/1.1", b"Content-Length: ", b"Transfer-Encoding: chunked",
-    b"Expect: 100-continue", b"Host: x", b"18446744073709551616", b"-1", b"0x10", b": ", b"\n", b"\x00",
+    b"\r\n",
+    b"\r\n\r\n",
+    b"POST ",
+    b"GET ",
+    b" HTTP/1.1",
+    b"Content-Length: ",
+    b"Transfer-Encoding: chunked",
+    b"Expect: 100-continue",
+    b"Host: x",
+    b"18446744073709551616",
+    b"-1",
+    b"0x10",
+    b": ",
+    b"\n",
+    b"\x00",
 ];
 
 /// A stream that yields the input, then end of file; writes (`100 Continue`) are dropped.
@@ -168,22 +223,58 @@ impl Write for Stream {
 
 /// Bytes from a client, read by the HTTP request reader under the server's limits.
 fn http(bytes: &[u8], _work: &Path) -> String {
-    let limits = specrej_http::Limits { max_header_bytes: 8 << 10, max_body_bytes: 1 << 20, require_length: true };
-    let result = specrej_http::read_request(Stream(Cursor::new(bytes.to_vec())), &limits, |m| m == "POST");
+    let limits = specrej_http::Limits {
+        max_header_bytes: 8 << 10,
+        max_body_bytes: 1 << 20,
+        require_length: true,
+    };
+    let result =
+        specrej_http::read_request(Stream(Cursor::new(bytes.to_vec())), &limits, |m| m == "POST");
     class(result.map(|_| ()).map_err(|e| e.message))
 }
 
 const OPENAI_WORDS: &[&[u8]] = &[
-    b"\"messages\"", b"\"role\"", b"\"content\"", b"\"user\"", b"\"system\"", b"\"assistant\"", b"\"n\"", b"\"max_tokens\"",
-    b"\"stream\"", b"\"seed\"", b"\"temperature\"", b"\"top_p\"", b"\"specrej\"", b"\"method\"", b"\"alpha\"", b"\"rules\"",
-    b"\"gate_tau\"", b"\"refill\"", b"\"reward\"", b"\"prompt\"", b"0.99999999", b"1e309", b"-0", b"null", b"true", b"[]",
-    b"{}", b"18446744073709551616", b"\"\\u0000\"", b"\"\\ud800\"",
+    b"\"messages\"",
+    b"\"role\"",
+    b"\"content\"",
+    b"\"user\"",
+    b"\"system\"",
+    b"\"assistant\"",
+    b"\"n\"",
+    b"\"max_tokens\"",
+    b"\"stream\"",
+    b"\"seed\"",
+    b"\"temperature\"",
+    b"\"top_p\"",
+    b"\"specrej\"",
+    b"\"method\"",
+    b"\"alpha\"",
+    b"\"rules\"",
+    b"\"gate_tau\"",
+    b"\"refill\"",
+    b"\"reward\"",
+    b"\"prompt\"",
+    b"0.99999999",
+    b"1e309",
+    b"-0",
+    b"null",
+    b"true",
+    b"[]",
+    b"{}",
+    b"18446744073709551616",
+    b"\"\\u0000\"",
+    b"\"\\ud800\"",
 ];
 
 /// An OpenAI request body, parsed as the endpoint its shape implies (`messages`: chat, else
 /// completions) under the default limits.
 fn openai(bytes: &[u8], _work: &Path) -> String {
-    let endpoint = if bytes.windows(10).any(|w| w == b"\"messages\"") { Endpoint::Chat } else { Endpoint::Completions };
-    let result = parse_request(endpoint, bytes, &RequestLimits::default(), &["judge", "likelihood"]);
+    let endpoint = if bytes.windows(10).any(|w| w == b"\"messages\"") {
+        Endpoint::Chat
+    } else {
+        Endpoint::Completions
+    };
+    let result =
+        parse_request(endpoint, bytes, &RequestLimits::default(), &["judge", "likelihood"]);
     class(result.map(|_| ()).map_err(|e| e.message))
 }

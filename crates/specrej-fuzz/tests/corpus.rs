@@ -16,7 +16,12 @@ fn the_corpora_run_clean() {
             let outcome = (target.run)(&bytes, &work);
             // The seeds are valid inputs: every part of the target accepts them.
             if file.to_string_lossy().contains("/corpus/") {
-                assert!(outcome.split(" | ").all(|part| part == "ok"), "{}: {} → {outcome}", target.name, file.display());
+                assert!(
+                    outcome.split(" | ").all(|part| part == "ok"),
+                    "{}: {} → {outcome}",
+                    target.name,
+                    file.display()
+                );
             }
         }
     }

@@ -157,10 +157,7 @@ impl ModelConfig {
                 return bad(field, "must be positive".into());
             }
             if value > cap {
-                return bad(
-                    field,
-                    format!("{value} is implausibly large (at most {cap})"),
-                );
+                return bad(field, format!("{value} is implausibly large (at most {cap})"));
             }
         }
         if !self.heads.is_multiple_of(self.kv_heads) {
@@ -173,10 +170,7 @@ impl ModelConfig {
             );
         }
         if !self.head_dim.is_multiple_of(2) {
-            return bad(
-                "head_dim",
-                format!("{} is odd; RoPE needs pairs", self.head_dim),
-            );
+            return bad("head_dim", format!("{} is odd; RoPE needs pairs", self.head_dim));
         }
         let width = self.heads * self.head_dim; // ≤ 2^10 · 2^12: no overflow
         if width > MAX_ATTENTION_WIDTH {
@@ -189,10 +183,7 @@ impl ModelConfig {
             );
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return bad(
-                "rope_theta",
-                format!("{} is not a positive number", self.rope_theta),
-            );
+            return bad("rope_theta", format!("{} is not a positive number", self.rope_theta));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
             return bad(
@@ -223,10 +214,8 @@ impl ModelConfig {
     /// `token_embd.weight`, tied embeddings from the absence of `output.weight`) and checks
     /// them with [`ModelConfig::validate`].
     pub fn from_gguf(meta: &GgufMetadata, tensors: &TensorTable) -> Result<Self, GgufError> {
-        let config_err = |key: &str, reason: &str| GgufError::Config {
-            key: key.into(),
-            reason: reason.into(),
-        };
+        let config_err =
+            |key: &str, reason: &str| GgufError::Config { key: key.into(), reason: reason.into() };
         let arch_name = match meta.get("general.architecture") {
             Some(GgufValue::String(s)) => s.as_str(),
             Some(_) => return Err(config_err("general.architecture", "not a string")),
@@ -295,9 +284,8 @@ impl ModelConfig {
             }
         }
         let embedding = "token_embd.weight";
-        let embd = tensors
-            .get(embedding)
-            .ok_or_else(|| GgufError::MissingTensor(embedding.into()))?;
+        let embd =
+            tensors.get(embedding).ok_or_else(|| GgufError::MissingTensor(embedding.into()))?;
         if embd.shape.len() != 2 || embd.shape[1] != hidden_size {
             return Err(GgufError::ShapeMismatch {
                 name: embedding.into(),

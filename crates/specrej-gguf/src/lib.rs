@@ -407,13 +407,7 @@ impl GgufMetadata {
         let kv_offset = r.pos;
         let kv_count = r.u64("metadata key/value count")?;
         // Each pair takes at least 8 (key length) + 4 (type) + 1 bytes.
-        r.check_len(
-            kv_count,
-            13,
-            "metadata key/value count",
-            kv_offset,
-            "elements",
-        )?;
+        r.check_len(kv_count, 13, "metadata key/value count", kv_offset, "elements")?;
         let mut kv = BTreeMap::new();
         for i in 0..kv_count {
             let key = r.string(&format!("key #{i}"))?;
@@ -445,12 +439,7 @@ impl GgufMetadata {
                 }
             }
         }
-        Ok(GgufMetadata {
-            version,
-            tensor_count,
-            kv,
-            metadata_end: r.pos,
-        })
+        Ok(GgufMetadata { version, tensor_count, kv, metadata_end: r.pos })
     }
 
     /// The data section's alignment: `general.alignment` (checked when read), else 32.
@@ -509,10 +498,9 @@ impl<R: Read> Src<R> {
                 self.pos += buf.len() as u64;
                 Ok(())
             }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(GgufError::Truncated {
-                what: what.to_owned(),
-                offset: self.pos,
-            }),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(GgufError::Truncated { what: what.to_owned(), offset: self.pos })
+            }
             Err(e) => Err(GgufError::Io(e)),
         }
     }
@@ -564,15 +552,10 @@ impl<R: Read> Src<R> {
         let got = (&mut self.r).take(len).read_to_end(&mut buf)?;
         self.pos += got as u64;
         if (got as u64) < len {
-            return Err(GgufError::Truncated {
-                what: what.to_owned(),
-                offset: start,
-            });
+            return Err(GgufError::Truncated { what: what.to_owned(), offset: start });
         }
-        String::from_utf8(buf).map_err(|_| GgufError::BadUtf8 {
-            what: what.to_owned(),
-            offset: start,
-        })
+        String::from_utf8(buf)
+            .map_err(|_| GgufError::BadUtf8 { what: what.to_owned(), offset: start })
     }
 
     fn value(&mut self, ty: GgufType, what: &str, depth: usize) -> Result<GgufValue, GgufError> {
@@ -595,9 +578,7 @@ impl<R: Read> Src<R> {
             GgufType::String => GgufValue::String(self.string(what)?),
             GgufType::Array => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(GgufError::TooDeep {
-                        what: what.to_owned(),
-                    });
+                    return Err(GgufError::TooDeep { what: what.to_owned() });
                 }
                 let type_offset = self.pos;
                 let type_id = self.u32(what)?;

@@ -308,13 +308,7 @@ impl TensorTable {
         meta: &GgufMetadata,
     ) -> Result<Self, GgufError> {
         let count = meta.tensor_count;
-        r.check_len(
-            count,
-            MIN_TENSOR_INFO_BYTES,
-            "tensor count",
-            TENSOR_COUNT_OFFSET,
-            "elements",
-        )?;
+        r.check_len(count, MIN_TENSOR_INFO_BYTES, "tensor count", TENSOR_COUNT_OFFSET, "elements")?;
         let alignment = meta.alignment();
         // Never trust the count for the allocation: grow with what is actually read.
         let cap = count.min(1 << 12) as usize;
@@ -325,10 +319,7 @@ impl TensorTable {
             let what = format!("tensor info {name:?}");
             let n_dims = r.u32(&what)?;
             if n_dims == 0 || n_dims > MAX_TENSOR_DIMS {
-                return Err(GgufError::Tensor {
-                    name,
-                    problem: TensorProblem::DimCount(n_dims),
-                });
+                return Err(GgufError::Tensor { name, problem: TensorProblem::DimCount(n_dims) });
             }
             let mut dims = Vec::with_capacity(n_dims as usize); // innermost first
             for _ in 0..n_dims {
@@ -348,24 +339,12 @@ impl TensorTable {
         for (name, dims, type_id, offset) in raw {
             match check(&dims, type_id, offset, alignment, data_start, r.len) {
                 Ok((shape, ggml_type, start, size)) => {
-                    tensors.push(TensorInfo {
-                        name,
-                        shape,
-                        ggml_type,
-                        offset,
-                        start,
-                        size,
-                    });
+                    tensors.push(TensorInfo { name, shape, ggml_type, offset, start, size });
                 }
                 Err(problem) => return Err(GgufError::Tensor { name, problem }),
             }
         }
-        Ok(TensorTable {
-            alignment,
-            data_start,
-            tensors,
-            index,
-        })
+        Ok(TensorTable { alignment, data_start, tensors, index })
     }
 }
 
@@ -382,9 +361,7 @@ fn check(
     let too_large = || TensorProblem::TooLarge(dims.to_vec());
     let elements = dims
         .iter()
-        .try_fold(1u64, |n, &d| {
-            n.checked_mul(d).filter(|_| d <= MAX_TENSOR_ELEMENTS)
-        })
+        .try_fold(1u64, |n, &d| n.checked_mul(d).filter(|_| d <= MAX_TENSOR_ELEMENTS))
         .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
         .ok_or_else(too_large)?;
     // Callers index with usize (wasm32's is 32 bits): the element count and every dimension
@@ -406,12 +383,8 @@ fn check(
     if !offset.is_multiple_of(alignment) {
         return Err(TensorProblem::Misaligned { offset, alignment });
     }
-    let start = data_start
-        .checked_add(offset)
-        .ok_or(TensorProblem::Overflow(offset))?;
-    let end = start
-        .checked_add(size)
-        .ok_or(TensorProblem::Overflow(offset))?;
+    let start = data_start.checked_add(offset).ok_or(TensorProblem::Overflow(offset))?;
+    let end = start.checked_add(size).ok_or(TensorProblem::Overflow(offset))?;
     if let Some(len) = len
         && end > len
     {

@@ -98,12 +98,7 @@ fn a_good_file_parses() {
     assert!(t.data_start().is_multiple_of(32) && t.data_start() >= f.metadata.metadata_end);
     let norm = t.get("output_norm.weight").unwrap();
     assert_eq!(
-        (
-            norm.shape.as_slice(),
-            norm.ggml_type,
-            norm.offset,
-            norm.size
-        ),
+        (norm.shape.as_slice(), norm.ggml_type, norm.offset, norm.size),
         (&[HIDDEN][..], GgmlType::Q8_0, 0, 68)
     );
     let embd = t.get("token_embd.weight").unwrap();
@@ -113,11 +108,7 @@ fn a_good_file_parses() {
     );
     assert_eq!(
         (embd.start, embd.size, embd.elements()),
-        (
-            t.data_start() + 96,
-            (VOCAB * HIDDEN * 4) as u64,
-            (VOCAB * HIDDEN) as u64
-        )
+        (t.data_start() + 96, (VOCAB * HIDDEN * 4) as u64, (VOCAB * HIDDEN) as u64)
     );
     assert_eq!(embd.byte_range().end, bytes.len());
     assert_eq!(
@@ -144,10 +135,7 @@ fn a_good_file_parses() {
         tied_embeddings: true,
     };
     assert_eq!(c, want);
-    assert_eq!(
-        (c.group_size(), c.kv_bytes_per_token()),
-        (2, 2 * 2 * 16 * 4)
-    );
+    assert_eq!((c.group_size(), c.kv_bytes_per_token()), (2, 2 * 2 * 16 * 4));
 
     // The same through a reader of unknown length, and from a file on disk.
     let streamed = GgufFile::read_limited(&bytes[..], None).unwrap();
@@ -166,10 +154,8 @@ fn a_good_file_parses() {
             _ => (k.replace("llama.", "qwen2."), v),
         })
         .collect();
-    let mut kv: Vec<(&str, GgufValue)> = renamed
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.clone()))
-        .collect();
+    let mut kv: Vec<(&str, GgufValue)> =
+        renamed.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     kv.push(("general.alignment", GgufValue::U32(64)));
     let out = vec![0u8; VOCAB * HIDDEN * 4];
     let bytes = write_gguf(
@@ -219,34 +205,18 @@ fn bad_alignments_are_errors() {
         (GgufValue::U32(4), "4"),
         (GgufValue::U32(24), "24"),
         (GgufValue::U64(64), "64 (a U64, not a U32)"),
-        (
-            GgufValue::String("32".into()),
-            "\"32\" (a String, not a U32)",
-        ),
+        (GgufValue::String("32".into()), "\"32\" (a String, not a U32)"),
     ] {
         let bytes = file(&with(llama_kv(), "general.alignment", Some(value)));
         let e = GgufFile::from_bytes(&bytes).unwrap_err();
-        assert!(
-            matches!(&e, GgufError::BadAlignment(s) if s == shown),
-            "{shown}: {e}"
-        );
+        assert!(matches!(&e, GgufError::BadAlignment(s) if s == shown), "{shown}: {e}");
         assert!(e.to_string().contains("general.alignment"), "{e}");
         // The metadata reader alone applies the same rule.
-        assert!(matches!(
-            GgufMetadata::from_bytes(&bytes),
-            Err(GgufError::BadAlignment(_))
-        ));
+        assert!(matches!(GgufMetadata::from_bytes(&bytes), Err(GgufError::BadAlignment(_))));
     }
     for good in [8u32, 16, 32, 4096] {
-        let bytes = file(&with(
-            llama_kv(),
-            "general.alignment",
-            Some(GgufValue::U32(good)),
-        ));
-        assert_eq!(
-            GgufFile::from_bytes(&bytes).unwrap().tensors.alignment(),
-            u64::from(good)
-        );
+        let bytes = file(&with(llama_kv(), "general.alignment", Some(GgufValue::U32(good))));
+        assert_eq!(GgufFile::from_bytes(&bytes).unwrap().tensors.alignment(), u64::from(good));
     }
 }
 
@@ -259,22 +229,14 @@ fn a_tensor_past_the_end_is_named() {
         matches!(problem, TensorProblem::PastEnd { end, len, .. } if end == bytes.len() as u64 && len == end - 1),
         "{problem}"
     );
-    let e = GgufFile::from_bytes(&bytes[..bytes.len() - 1])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("\"token_embd.weight\"") && e.contains("past the end"),
-        "{e}"
-    );
+    let e = GgufFile::from_bytes(&bytes[..bytes.len() - 1]).unwrap_err().to_string();
+    assert!(e.contains("\"token_embd.weight\"") && e.contains("past the end"), "{e}");
     // Without a known length the table cannot know (and says nothing).
     assert!(GgufFile::read_limited(&bytes[..bytes.len() - 1], None).is_ok());
     // An offset far past the end, and one that overflows.
     let kv = llama_kv();
     let (_, problem) = tensor_problem(&raw(&kv, &[("a", &[8], 0, 1 << 40)], 32));
-    assert!(
-        matches!(problem, TensorProblem::PastEnd { .. }),
-        "{problem}"
-    );
+    assert!(matches!(problem, TensorProblem::PastEnd { .. }), "{problem}");
     let (_, problem) = tensor_problem(&raw(&kv, &[("a", &[8], 0, u64::MAX - 31)], 32));
     assert_eq!(problem, TensorProblem::Overflow(u64::MAX - 31));
 }
@@ -284,10 +246,7 @@ fn every_truncation_is_an_error_never_a_panic() {
     let bytes = file(&llama_kv());
     let metadata_end = GgufMetadata::from_bytes(&bytes).unwrap().metadata_end as usize;
     for len in 0..bytes.len() {
-        assert!(
-            GgufFile::from_bytes(&bytes[..len]).is_err(),
-            "{len} bytes parsed"
-        );
+        assert!(GgufFile::from_bytes(&bytes[..len]).is_err(), "{len} bytes parsed");
         // Without a known length only the header and the infos can be found missing.
         assert!(
             len >= metadata_end || GgufFile::read_limited(&bytes[..len], None).is_err(),
@@ -302,13 +261,7 @@ fn a_misaligned_offset_is_named() {
     let (name, problem) = tensor_problem(&raw(&kv, &[("a", &[8], 0, 0), ("b", &[8], 0, 40)], 96));
     assert_eq!(
         (name.as_str(), problem),
-        (
-            "b",
-            TensorProblem::Misaligned {
-                offset: 40,
-                alignment: 32
-            }
-        )
+        ("b", TensorProblem::Misaligned { offset: 40, alignment: 32 })
     );
     let kv = with(llama_kv(), "general.alignment", Some(GgufValue::U32(8)));
     assert!(GgufFile::from_bytes(&raw(&kv, &[("a", &[8], 0, 0), ("b", &[8], 0, 40)], 96)).is_ok());
@@ -316,16 +269,9 @@ fn a_misaligned_offset_is_named() {
 
 #[test]
 fn a_duplicate_name_is_an_error() {
-    let e = GgufFile::from_bytes(&raw(
-        &llama_kv(),
-        &[("a", &[8], 0, 0), ("a", &[8], 0, 32)],
-        64,
-    ))
-    .unwrap_err();
-    assert!(
-        matches!(&e, GgufError::DuplicateTensor(n) if n == "a"),
-        "{e}"
-    );
+    let e = GgufFile::from_bytes(&raw(&llama_kv(), &[("a", &[8], 0, 0), ("a", &[8], 0, 32)], 64))
+        .unwrap_err();
+    assert!(matches!(&e, GgufError::DuplicateTensor(n) if n == "a"), "{e}");
     assert_eq!(e.to_string(), "corrupt GGUF: tensor \"a\" appears twice");
 }
 
@@ -336,26 +282,10 @@ fn absurd_dimensions_and_types_are_named() {
         (&[], 0, TensorProblem::DimCount(0)),
         (&[1, 1, 1, 1, 1], 0, TensorProblem::DimCount(5)),
         (&[1 << 50], 0, TensorProblem::TooLarge(vec![1 << 50])),
-        (
-            &[1 << 32, 1 << 32],
-            0,
-            TensorProblem::TooLarge(vec![1 << 32, 1 << 32]),
-        ),
-        (
-            &[0, u64::MAX],
-            0,
-            TensorProblem::TooLarge(vec![0, u64::MAX]),
-        ),
+        (&[1 << 32, 1 << 32], 0, TensorProblem::TooLarge(vec![1 << 32, 1 << 32])),
+        (&[0, u64::MAX], 0, TensorProblem::TooLarge(vec![0, u64::MAX])),
         (&[8], 4, TensorProblem::UnknownType(4)),
-        (
-            &[33, 2],
-            8,
-            TensorProblem::PartialBlock {
-                row: 33,
-                block: 32,
-                ty: GgmlType::Q8_0,
-            },
-        ),
+        (&[33, 2], 8, TensorProblem::PartialBlock { row: 33, block: 32, ty: GgmlType::Q8_0 }),
     ];
     for (dims, ty, want) in cases {
         let (name, problem) =
@@ -365,16 +295,9 @@ fn absurd_dimensions_and_types_are_named() {
     }
     // A dimension count of 2^32 - 1 is refused before anything is allocated for it.
     let mut bytes = raw(&kv, &[("x", &[8], 0, 0)], 32);
-    let at = bytes
-        .windows(9)
-        .position(|w| w == b"\x01\x00\x00\x00\x00\x00\x00\x00x")
-        .unwrap()
-        + 9;
+    let at = bytes.windows(9).position(|w| w == b"\x01\x00\x00\x00\x00\x00\x00\x00x").unwrap() + 9;
     bytes[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert_eq!(
-        tensor_problem(&bytes),
-        ("x".into(), TensorProblem::DimCount(u32::MAX))
-    );
+    assert_eq!(tensor_problem(&bytes), ("x".into(), TensorProblem::DimCount(u32::MAX)));
     // A zero dimension is an empty tensor, which is valid.
     let f = GgufFile::from_bytes(&raw(&kv, &[("empty", &[0, 4], 0, 0)], 0)).unwrap();
     assert_eq!(f.tensors.get("empty").unwrap().size, 0);
@@ -385,23 +308,11 @@ fn a_tensor_count_beyond_the_file_is_an_error() {
     let mut bytes = file(&llama_kv());
     bytes[8..16].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
     let e = GgufFile::from_bytes(&bytes).unwrap_err();
-    assert!(
-        matches!(&e, GgufError::TooLong { what, .. } if what == "tensor count"),
-        "{e}"
-    );
+    assert!(matches!(&e, GgufError::TooLong { what, .. } if what == "tensor count"), "{e}");
     // Unlimited: the reader goes on into the data (zeros: a nameless tensor of 0 dimensions),
     // allocating only for what it read.
     let e = GgufFile::read_limited(&bytes[..], None).unwrap_err();
-    assert!(
-        matches!(
-            &e,
-            GgufError::Tensor {
-                problem: TensorProblem::DimCount(0),
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(&e, GgufError::Tensor { problem: TensorProblem::DimCount(0), .. }), "{e}");
 }
 
 #[test]
@@ -423,13 +334,8 @@ fn real_models_validate() {
         rope_interleaved: true,
         tied_embeddings: false,
     };
-    let llama3_70b = ModelConfig {
-        hidden_size: 8192,
-        layers: 80,
-        heads: 64,
-        ffn_size: 28_672,
-        ..base.clone()
-    };
+    let llama3_70b =
+        ModelConfig { hidden_size: 8192, layers: 80, heads: 64, ffn_size: 28_672, ..base.clone() };
     let llama31_405b = ModelConfig {
         hidden_size: 16_384,
         layers: 126,
@@ -467,14 +373,7 @@ fn real_models_validate() {
         context_length: 1_024_000,
         ..base.clone()
     };
-    for c in [
-        base,
-        llama3_70b,
-        llama31_405b,
-        smollm2_135m,
-        qwen25_7b,
-        mistral_nemo,
-    ] {
+    for c in [base, llama3_70b, llama31_405b, smollm2_135m, qwen25_7b, mistral_nemo] {
         c.validate().unwrap_or_else(|e| panic!("{c:?}: {e}"));
     }
 }
@@ -490,28 +389,14 @@ fn bad_configs_name_their_key() {
         u(5),
     ));
     assert_eq!(key, "llama.attention.key_length");
-    assert!(
-        reason.contains("5 heads do not divide the embedding length 64"),
-        "{reason}"
-    );
+    assert!(reason.contains("5 heads do not divide the embedding length 64"), "{reason}");
     // ...unless the file says: head_dim 12, 5 heads (60 wide, not the hidden width) is fine.
     let ok = with(
-        with(
-            with(kv(), "llama.attention.head_count", u(5)),
-            "llama.attention.head_count_kv",
-            u(5),
-        ),
+        with(with(kv(), "llama.attention.head_count", u(5)), "llama.attention.head_count_kv", u(5)),
         "llama.attention.key_length",
         u(12),
     );
-    assert_eq!(
-        GgufFile::from_bytes(&file(&ok))
-            .unwrap()
-            .model_config()
-            .unwrap()
-            .head_dim,
-        12
-    );
+    assert_eq!(GgufFile::from_bytes(&file(&ok)).unwrap().model_config().unwrap().head_dim, 12);
     let cases: Vec<(Kv, &str, &str)> = vec![
         (
             with(kv(), "llama.attention.head_count_kv", u(3)),
@@ -523,11 +408,7 @@ fn bad_configs_name_their_key() {
             "llama.attention.head_count_kv",
             "must be positive",
         ),
-        (
-            with(kv(), "llama.context_length", u(0)),
-            "llama.context_length",
-            "must be positive",
-        ),
+        (with(kv(), "llama.context_length", u(0)), "llama.context_length", "must be positive"),
         (
             with(kv(), "llama.context_length", u((1 << 24) + 1)),
             "llama.context_length",
@@ -548,16 +429,8 @@ fn bad_configs_name_their_key() {
             "llama.block_count",
             "1048576 is implausibly large (at most 1024)",
         ),
-        (
-            with(kv(), "llama.feed_forward_length", None),
-            "llama.feed_forward_length",
-            "missing",
-        ),
-        (
-            with(kv(), "llama.embedding_length", None),
-            "llama.embedding_length",
-            "missing",
-        ),
+        (with(kv(), "llama.feed_forward_length", None), "llama.feed_forward_length", "missing"),
+        (with(kv(), "llama.embedding_length", None), "llama.embedding_length", "missing"),
         (
             with(kv(), "llama.attention.key_length", u(15)),
             "llama.attention.key_length",
@@ -593,33 +466,17 @@ fn bad_configs_name_their_key() {
             "-1 is not a positive number",
         ),
         (
-            with(
-                kv(),
-                "llama.rope.freq_base",
-                Some(GgufValue::String("big".into())),
-            ),
+            with(kv(), "llama.rope.freq_base", Some(GgufValue::String("big".into()))),
             "llama.rope.freq_base",
             "not a number",
         ),
         (
-            with(
-                kv(),
-                "llama.attention.layer_norm_rms_epsilon",
-                Some(GgufValue::F32(f32::NAN)),
-            ),
+            with(kv(), "llama.attention.layer_norm_rms_epsilon", Some(GgufValue::F32(f32::NAN))),
             "llama.attention.layer_norm_rms_epsilon",
             "NaN is not a non-negative number",
         ),
-        (
-            with(kv(), "general.architecture", None),
-            "general.architecture",
-            "missing",
-        ),
-        (
-            with(kv(), "general.architecture", u(1)),
-            "general.architecture",
-            "not a string",
-        ),
+        (with(kv(), "general.architecture", None), "general.architecture", "missing"),
+        (with(kv(), "general.architecture", u(1)), "general.architecture", "not a string"),
     ];
     for (kv, want_key, want_reason) in cases {
         let (key, reason) = config_error(&kv);
@@ -645,52 +502,24 @@ fn architecture_and_tensors_are_checked() {
     .unwrap()
     .model_config()
     .unwrap_err();
-    assert!(
-        matches!(&e, GgufError::UnsupportedArchitecture(a) if a == "gpt2"),
-        "{e}"
-    );
+    assert!(matches!(&e, GgufError::UnsupportedArchitecture(a) if a == "gpt2"), "{e}");
     // No embedding: nothing says how large the vocabulary is.
     let norm = vec![0u8; HIDDEN * 4];
-    let bytes = write_gguf(
-        &llama_kv(),
-        &[("output_norm.weight", &[HIDDEN], GgmlType::F32, &norm)],
-    );
-    let e = GgufFile::from_bytes(&bytes)
-        .unwrap()
-        .model_config()
-        .unwrap_err();
-    assert!(
-        matches!(&e, GgufError::MissingTensor(n) if n == "token_embd.weight"),
-        "{e}"
-    );
+    let bytes = write_gguf(&llama_kv(), &[("output_norm.weight", &[HIDDEN], GgmlType::F32, &norm)]);
+    let e = GgufFile::from_bytes(&bytes).unwrap().model_config().unwrap_err();
+    assert!(matches!(&e, GgufError::MissingTensor(n) if n == "token_embd.weight"), "{e}");
     // An embedding narrower than the hidden width.
     let embd = vec![0u8; VOCAB * 32 * 4];
-    let bytes = write_gguf(
-        &llama_kv(),
-        &[("token_embd.weight", &[VOCAB, 32], GgmlType::F32, &embd)],
-    );
-    let e = GgufFile::from_bytes(&bytes)
-        .unwrap()
-        .model_config()
-        .unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "tensor \"token_embd.weight\" has shape [8, 32], expected [8, 64]"
-    );
+    let bytes =
+        write_gguf(&llama_kv(), &[("token_embd.weight", &[VOCAB, 32], GgmlType::F32, &embd)]);
+    let e = GgufFile::from_bytes(&bytes).unwrap().model_config().unwrap_err();
+    assert_eq!(e.to_string(), "tensor \"token_embd.weight\" has shape [8, 32], expected [8, 64]");
 }
 
 #[test]
 fn validate_reports_fields() {
-    let c = GgufFile::from_bytes(&file(&llama_kv()))
-        .unwrap()
-        .model_config()
-        .unwrap();
-    let e = ModelConfig {
-        kv_heads: 3,
-        ..c.clone()
-    }
-    .validate()
-    .unwrap_err();
+    let c = GgufFile::from_bytes(&file(&llama_kv())).unwrap().model_config().unwrap();
+    let e = ModelConfig { kv_heads: 3, ..c.clone() }.validate().unwrap_err();
     assert_eq!(e.field, "kv_heads");
     assert_eq!(
         ModelConfig::gguf_key(Architecture::Mistral, e.field),
@@ -701,13 +530,7 @@ fn validate_reports_fields() {
         "llama.context_length"
     );
     assert_eq!(
-        ModelConfig {
-            vocab_size: 0,
-            ..c.clone()
-        }
-        .validate()
-        .unwrap_err()
-        .field,
+        ModelConfig { vocab_size: 0, ..c.clone() }.validate().unwrap_err().field,
         "vocab_size"
     );
     assert_eq!(ModelConfig::derived_head_dim(64, 5), None);
@@ -723,25 +546,12 @@ fn the_default_model_parses_and_validates() {
     let c = f.model_config().unwrap();
     // SmolLM2-135M-Instruct: 30 layers of 9 heads (3 KV heads) of 64, tied embeddings.
     assert_eq!(
-        (
-            c.architecture,
-            c.hidden_size,
-            c.layers,
-            c.heads,
-            c.kv_heads,
-            c.head_dim
-        ),
+        (c.architecture, c.hidden_size, c.layers, c.heads, c.kv_heads, c.head_dim),
         (Architecture::Llama, 576, 30, 9, 3, 64)
     );
-    assert_eq!(
-        (c.vocab_size, c.ffn_size, c.tied_embeddings),
-        (49_152, 1536, true)
-    );
+    assert_eq!((c.vocab_size, c.ffn_size, c.tied_embeddings), (49_152, 1536, true));
     assert_eq!(f.tensors.len(), 2 + 9 * 30);
     let len = std::fs::metadata(&path).unwrap().len();
     let end = f.tensors.iter().map(|t| t.start + t.size).max().unwrap();
-    assert!(
-        end <= len && len - end < f.tensors.alignment(),
-        "data ends at {end} of {len}"
-    );
+    assert!(end <= len && len - end < f.tensors.alignment(), "data ends at {end} of {len}");
 }

@@ -20,12 +20,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use specrej_candle::{CandleDecoder, JudgeScorer, WeightFormat};
-use specrej_core::{block_on_ready, generate, BackendError, Method, Options, Outcome, Response, Sampling, Scored};
+use specrej_core::{
+    BackendError, Method, Options, Outcome, Response, Sampling, Scored, block_on_ready, generate,
+};
 use specrej_host::runtime::{AnyBatch, Engine, EventKinds, Limits, Pair, Runtime};
-use specrej_host::{model, BackendKind, RealModel};
+use specrej_host::{BackendKind, RealModel, model};
 use specrej_text::Message;
 
 /// The component against the native scheduler on one request.
@@ -92,7 +94,12 @@ impl<E: Engine> Engine for Timed<E> {
     fn max_sequence_len(&self) -> usize {
         self.inner.max_sequence_len()
     }
-    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<AnyBatch, BackendError> {
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<AnyBatch, BackendError> {
         self.time(|e| e.prefill(prompt, rows, sampling))
     }
     fn step(&mut self, batch: &mut AnyBatch) -> Result<Vec<u32>, BackendError> {
@@ -101,10 +108,18 @@ impl<E: Engine> Engine for Timed<E> {
     fn retain(&mut self, batch: &mut AnyBatch, keep: &[usize]) -> Result<(), BackendError> {
         self.time(|e| e.retain(batch, keep))
     }
-    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+    fn fork(
+        &mut self,
+        batch: &mut AnyBatch,
+        children: &[(usize, u32)],
+    ) -> Result<(), BackendError> {
         self.time(|e| e.fork(batch, children))
     }
-    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         self.time(|e| e.score(prompt, responses))
     }
     fn release(&mut self, rows: &[u32]) {
@@ -127,17 +142,20 @@ fn main() -> Result<()> {
     }
     let path = model::locate(args.model.as_deref())?;
     let component = args.component.clone().unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/specrej-decoder.component.wasm")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../target/specrej-decoder.component.wasm")
     });
     let model = RealModel::load(&path, BackendKind::Cpu, WeightFormat::Q8_0)?;
     let compile = Instant::now();
-    let runtime = Runtime::from_file(&component)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-        .with_context(|| format!("{} (build it with `cargo xtask component`)", component.display()))?;
+    let runtime =
+        Runtime::from_file(&component).map_err(|e| anyhow::anyhow!("{e:?}")).with_context(
+            || format!("{} (build it with `cargo xtask component`)", component.display()),
+        )?;
     let compile = compile.elapsed();
 
     let prompt = model.text.encode_chat(&[Message::user(&args.prompt)])?;
-    let method = if args.bon { Method::BestOfN } else { Method::SpeculativeRejection { alpha: args.alpha } };
+    let method =
+        if args.bon { Method::BestOfN } else { Method::SpeculativeRejection { alpha: args.alpha } };
     let options = Options {
         method,
         n: args.n,
@@ -155,7 +173,8 @@ fn main() -> Result<()> {
     };
     let capacity = args.n * (prompt.len() + per_row);
     let bytes = capacity * model.weights.kv_bytes_per_token();
-    let segments = specrej_text::judge_segments(&model.text.tokenizer, &model.text.template, &args.prompt)?;
+    let segments =
+        specrej_text::judge_segments(&model.text.tokenizer, &model.text.template, &args.prompt)?;
     let decoder = || CandleDecoder::new(Arc::clone(&model.weights), bytes);
     let judge = || {
         JudgeScorer::new(
@@ -169,20 +188,27 @@ fn main() -> Result<()> {
 
     let native = || -> Result<(Outcome, f64)> {
         let start = Instant::now();
-        let outcome = block_on_ready(generate(&mut decoder(), &mut judge(), &prompt, &options, &mut |_| {}))?;
+        let outcome =
+            block_on_ready(generate(&mut decoder(), &mut judge(), &prompt, &options, &mut |_| {}))?;
         Ok((outcome, start.elapsed().as_secs_f64()))
     };
     let events = if args.events { EventKinds::all() } else { EventKinds::empty() };
     let limits = Limits::for_request(args.n, args.max_new_tokens, Duration::from_secs(3600));
     let wasm = || -> Result<(Outcome, f64, u64, f64)> {
         let spent = Arc::new(Mutex::new(Duration::ZERO));
-        let engine = Box::new(Timed { inner: Pair::new(decoder(), judge()), spent: Arc::clone(&spent) });
+        let engine =
+            Box::new(Timed { inner: Pair::new(decoder(), judge()), spent: Arc::clone(&spent) });
         let start = Instant::now();
         // The observer does nothing, as natively; the guest still sends every event asked for.
         let run = runtime.generate(engine, &prompt, &options, events, Box::new(|_| true), limits);
         let wall = start.elapsed().as_secs_f64();
         let outcome = run.result.map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok((outcome, wall, run.fuel_used, spent.lock().unwrap_or_else(PoisonError::into_inner).as_secs_f64()))
+        Ok((
+            outcome,
+            wall,
+            run.fuel_used,
+            spent.lock().unwrap_or_else(PoisonError::into_inner).as_secs_f64(),
+        ))
     };
 
     eprintln!(
@@ -206,7 +232,8 @@ fn main() -> Result<()> {
     if got != expected {
         bail!("the component's outcome differs from the native one");
     }
-    let (mut natives, mut wasms, mut hosts, mut fuels) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut natives, mut wasms, mut hosts, mut fuels) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..args.repeats {
         let (mut a, native_s) = native()?;
         let (mut b, wasm_s, fuel, host_s) = wasm()?;
@@ -228,8 +255,14 @@ fn main() -> Result<()> {
     }
     let winner = expected.winner();
     let (native_s, wasm_s, host_s) = (median(natives), median(wasms.clone()), median(hosts));
-    println!("same outcome: yes (winner row {}, score {:.4}, {} tokens, {} decisions, {} tokens generated)",
-        winner.row, winner.score, winner.tokens.len(), expected.trace.len(), expected.stats.tokens_generated);
+    println!(
+        "same outcome: yes (winner row {}, score {:.4}, {} tokens, {} decisions, {} tokens generated)",
+        winner.row,
+        winner.score,
+        winner.tokens.len(),
+        expected.trace.len(),
+        expected.stats.tokens_generated
+    );
     println!("winner: {:?}", model.text.decode(&winner.tokens));
     println!(
         "median of {}: native {native_s:.3} s, component {wasm_s:.3} s, ratio {:.4} (overhead {:+.2}%); \

@@ -5,7 +5,7 @@
 //! many); fields it knows must have the right type and range; the `specrej` object is
 //! ours, so an unknown key there is an error.
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use specrej_core::{Finish, Method, Outcome, Rules};
 use specrej_text::Message;
 
@@ -29,12 +29,24 @@ pub struct ApiError {
 impl ApiError {
     /// A 400 about `param`.
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { status: 400, message: message.into(), kind: "invalid_request_error", param: Some(param.into()), code: None }
+        Self {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: Some(param.into()),
+            code: None,
+        }
     }
 
     /// A 400 about the request as a whole.
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self { status: 400, message: message.into(), kind: "invalid_request_error", param: None, code: None }
+        Self {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
     }
 
     /// Any status, no field.
@@ -169,13 +181,24 @@ impl Fields<'_> {
         let param = self.param(key);
         let number = match value {
             Value::Number(n) => n,
-            other => return Err(ApiError::invalid(&param, format!("{param} must be an integer, got {}", type_name(other)))),
+            other => {
+                return Err(ApiError::invalid(
+                    &param,
+                    format!("{param} must be an integer, got {}", type_name(other)),
+                ));
+            }
         };
         let Some(v) = number.as_u64() else {
-            return Err(ApiError::invalid(&param, format!("{param} must be a non-negative integer, got {number}")));
+            return Err(ApiError::invalid(
+                &param,
+                format!("{param} must be a non-negative integer, got {number}"),
+            ));
         };
         if v < min || v > max {
-            return Err(ApiError::invalid(&param, format!("{param} must be between {min} and {max}, got {v}")));
+            return Err(ApiError::invalid(
+                &param,
+                format!("{param} must be between {min} and {max}, got {v}"),
+            ));
         }
         Ok(Some(v))
     }
@@ -185,7 +208,10 @@ impl Fields<'_> {
         let param = self.param(key);
         match value.as_f64() {
             Some(v) if v.is_finite() => Ok(Some(v)),
-            _ => Err(ApiError::invalid(&param, format!("{param} must be a number, got {}", type_name(value)))),
+            _ => Err(ApiError::invalid(
+                &param,
+                format!("{param} must be a number, got {}", type_name(value)),
+            )),
         }
     }
 
@@ -193,7 +219,10 @@ impl Fields<'_> {
         let Some(value) = self.get(key) else { return Ok(None) };
         let param = self.param(key);
         value.as_bool().map(Some).ok_or_else(|| {
-            ApiError::invalid(&param, format!("{param} must be a boolean, got {}", type_name(value)))
+            ApiError::invalid(
+                &param,
+                format!("{param} must be a boolean, got {}", type_name(value)),
+            )
         })
     }
 
@@ -215,10 +244,13 @@ pub fn parse_request(
     limits: &RequestLimits,
     rewards: &[&str],
 ) -> Result<GenerateRequest, ApiError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
     let Value::Object(object) = &value else {
-        return Err(ApiError::bad_request(format!("the body must be a JSON object, got {}", type_name(&value))));
+        return Err(ApiError::bad_request(format!(
+            "the body must be a JSON object, got {}",
+            type_name(&value)
+        )));
     };
     let top = Fields { object, prefix: "" };
     top.string("model")?;
@@ -239,7 +271,10 @@ pub fn parse_request(
     if let Some(t) = temperature
         && !(0.0..=2.0).contains(&t)
     {
-        return Err(ApiError::invalid("temperature", format!("temperature must be between 0 and 2, got {t}")));
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("temperature must be between 0 and 2, got {t}"),
+        ));
     }
     let top_p = top.number("top_p")?;
     if let Some(p) = top_p
@@ -261,9 +296,21 @@ pub fn parse_request(
     let mut rules = Rules::default();
     if let Some(ext) = top.get("specrej") {
         let Value::Object(ext_object) = ext else {
-            return Err(ApiError::invalid("specrej", format!("specrej must be an object, got {}", type_name(ext))));
+            return Err(ApiError::invalid(
+                "specrej",
+                format!("specrej must be an object, got {}", type_name(ext)),
+            ));
         };
-        const KNOWN: &[&str] = &["method", "n", "alpha", "reward", "return_candidates", "min_new_tokens", "top_k", "rules"];
+        const KNOWN: &[&str] = &[
+            "method",
+            "n",
+            "alpha",
+            "reward",
+            "return_candidates",
+            "min_new_tokens",
+            "top_k",
+            "rules",
+        ];
         if let Some(key) = ext_object.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(ApiError::invalid(
                 format!("specrej.{key}"),
@@ -278,7 +325,9 @@ pub fn parse_request(
             Some(other) => {
                 return Err(ApiError::invalid(
                     "specrej.method",
-                    format!("specrej.method must be \"best_of_n\" or \"speculative_rejection\", got {other:?}"),
+                    format!(
+                        "specrej.method must be \"best_of_n\" or \"speculative_rejection\", got {other:?}"
+                    ),
                 ));
             }
         };
@@ -288,7 +337,10 @@ pub fn parse_request(
         if let Some(a) = alpha
             && !((0.0..1.0).contains(&a) && (a as f32) < 1.0)
         {
-            return Err(ApiError::invalid("specrej.alpha", format!("specrej.alpha must be in [0, 1), got {a}")));
+            return Err(ApiError::invalid(
+                "specrej.alpha",
+                format!("specrej.alpha must be in [0, 1), got {a}"),
+            ));
         }
         reward = match ext.string("reward")? {
             None | Some("judge") => RewardKind::Judge,
@@ -299,7 +351,10 @@ pub fn parse_request(
                 let known: Vec<String> = rewards.iter().map(|n| format!("{n:?}")).collect();
                 return Err(ApiError::invalid(
                     "specrej.reward",
-                    format!("specrej.reward must be one of this server's reward models ({}), got {other:?}", known.join(", ")),
+                    format!(
+                        "specrej.reward must be one of this server's reward models ({}), got {other:?}",
+                        known.join(", ")
+                    ),
                 ));
             }
         };
@@ -315,12 +370,18 @@ pub fn parse_request(
     if let (Some(a), Some(b)) = (n_top, n_ext)
         && a != b
     {
-        return Err(ApiError::invalid("specrej.n", format!("n ({a}) and specrej.n ({b}) disagree: give one")));
+        return Err(ApiError::invalid(
+            "specrej.n",
+            format!("n ({a}) and specrej.n ({b}) disagree: give one"),
+        ));
     }
     let n = n_ext.or(n_top).unwrap_or(1) as usize;
     let method = match (method_name, alpha) {
         (Some("best_of_n"), Some(_)) => {
-            return Err(ApiError::invalid("specrej.alpha", "specrej.alpha applies to speculative_rejection only"));
+            return Err(ApiError::invalid(
+                "specrej.alpha",
+                "specrej.alpha applies to speculative_rejection only",
+            ));
         }
         (Some("best_of_n"), None) | (None, None) => Method::BestOfN,
         _ => Method::SpeculativeRejection { alpha: alpha.unwrap_or(0.5) as f32 },
@@ -348,7 +409,10 @@ pub fn parse_request(
 /// (`specrej_core::Rules`).
 fn parse_rules(value: &Value) -> Result<Rules, ApiError> {
     let Value::Object(object) = value else {
-        return Err(ApiError::invalid("specrej.rules", format!("specrej.rules must be an object, got {}", type_name(value))));
+        return Err(ApiError::invalid(
+            "specrej.rules",
+            format!("specrej.rules must be an object, got {}", type_name(value)),
+        ));
     };
     const KNOWN: &[&str] = &["paper_exact", "probe_lag", "gate_tau", "adaptive_snr", "refill"];
     if let Some(key) = object.keys().find(|k| !KNOWN.contains(&k.as_str())) {
@@ -363,22 +427,32 @@ fn parse_rules(value: &Value) -> Result<Rules, ApiError> {
     if let Some(t) = gate_tau
         && !(-1.0..=1.0).contains(&t)
     {
-        return Err(ApiError::invalid("specrej.rules.gate_tau", format!("specrej.rules.gate_tau must be in [-1, 1], got {t}")));
+        return Err(ApiError::invalid(
+            "specrej.rules.gate_tau",
+            format!("specrej.rules.gate_tau must be in [-1, 1], got {t}"),
+        ));
     }
     let adaptive_snr = f.number("adaptive_snr")?;
     if let Some(x) = adaptive_snr
         && !(x > 0.0 && (x as f32).is_finite())
     {
-        return Err(ApiError::invalid("specrej.rules.adaptive_snr", format!("specrej.rules.adaptive_snr must be positive, got {x}")));
+        return Err(ApiError::invalid(
+            "specrej.rules.adaptive_snr",
+            format!("specrej.rules.adaptive_snr must be positive, got {x}"),
+        ));
     }
     let refill = f.number("refill")?;
     if let Some(x) = refill
         && !(x >= 0.0 && (x as f32).is_finite())
     {
-        return Err(ApiError::invalid("specrej.rules.refill", format!("specrej.rules.refill must be 0 or positive, got {x}")));
+        return Err(ApiError::invalid(
+            "specrej.rules.refill",
+            format!("specrej.rules.refill must be 0 or positive, got {x}"),
+        ));
     }
     let probing = gate_tau.is_some() || adaptive_snr.is_some();
-    let probe_lag = f.integer("probe_lag", 1, 1 << 20)?.map_or(if probing { 16 } else { 0 }, |v| v as usize);
+    let probe_lag =
+        f.integer("probe_lag", 1, 1 << 20)?.map_or(if probing { 16 } else { 0 }, |v| v as usize);
     if paper_exact && (probing || refill.is_some()) {
         return Err(ApiError::invalid(
             "specrej.rules.paper_exact",
@@ -408,7 +482,10 @@ fn parse_messages(value: Option<&Value>) -> Result<Vec<Message>, ApiError> {
         return Err(ApiError::invalid("messages", "messages is required"));
     };
     let Value::Array(items) = value else {
-        return Err(ApiError::invalid("messages", format!("messages must be an array, got {}", type_name(value))));
+        return Err(ApiError::invalid(
+            "messages",
+            format!("messages must be an array, got {}", type_name(value)),
+        ));
     };
     if items.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
@@ -417,26 +494,41 @@ fn parse_messages(value: Option<&Value>) -> Result<Vec<Message>, ApiError> {
     for (i, item) in items.iter().enumerate() {
         let param = format!("messages[{i}]");
         let Value::Object(object) = item else {
-            return Err(ApiError::invalid(&param, format!("{param} must be an object, got {}", type_name(item))));
+            return Err(ApiError::invalid(
+                &param,
+                format!("{param} must be an object, got {}", type_name(item)),
+            ));
         };
         let role = match object.get("role") {
-            Some(Value::String(role)) if ["system", "developer", "user", "assistant"].contains(&role.as_str()) => {
+            Some(Value::String(role))
+                if ["system", "developer", "user", "assistant"].contains(&role.as_str()) =>
+            {
                 if role == "developer" { "system".to_string() } else { role.clone() }
             }
             Some(other) => {
                 return Err(ApiError::invalid(
                     format!("{param}.role"),
-                    format!("{param}.role must be \"system\", \"user\" or \"assistant\", got {other}"),
+                    format!(
+                        "{param}.role must be \"system\", \"user\" or \"assistant\", got {other}"
+                    ),
                 ));
             }
-            None => return Err(ApiError::invalid(format!("{param}.role"), format!("{param}.role is required"))),
+            None => {
+                return Err(ApiError::invalid(
+                    format!("{param}.role"),
+                    format!("{param}.role is required"),
+                ));
+            }
         };
         let content = match object.get("content") {
             Some(Value::String(text)) => text.clone(),
             Some(Value::Array(parts)) => {
                 let mut text = String::new();
                 for (j, part) in parts.iter().enumerate() {
-                    match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                    match (
+                        part.get("type").and_then(Value::as_str),
+                        part.get("text").and_then(Value::as_str),
+                    ) {
                         (Some("text"), Some(t)) => text.push_str(t),
                         _ => {
                             return Err(ApiError::invalid(
@@ -452,14 +544,20 @@ fn parse_messages(value: Option<&Value>) -> Result<Vec<Message>, ApiError> {
             Some(other) => {
                 return Err(ApiError::invalid(
                     format!("{param}.content"),
-                    format!("{param}.content must be a string or an array of text parts, got {}", type_name(other)),
+                    format!(
+                        "{param}.content must be a string or an array of text parts, got {}",
+                        type_name(other)
+                    ),
                 ));
             }
         };
         messages.push(Message::new(role, content));
     }
     if messages.iter().all(|m| m.content.trim().is_empty()) {
-        return Err(ApiError::invalid("messages", "the prompt is empty: every message's content is blank"));
+        return Err(ApiError::invalid(
+            "messages",
+            "the prompt is empty: every message's content is blank",
+        ));
     }
     Ok(messages)
 }
@@ -472,9 +570,17 @@ fn parse_prompt(value: Option<&Value>) -> Result<String, ApiError> {
             items[0].as_str().unwrap_or_default().to_string()
         }
         Some(Value::Array(_)) => {
-            return Err(ApiError::invalid("prompt", "prompt must be a string (or an array of exactly one string)"));
+            return Err(ApiError::invalid(
+                "prompt",
+                "prompt must be a string (or an array of exactly one string)",
+            ));
         }
-        Some(other) => return Err(ApiError::invalid("prompt", format!("prompt must be a string, got {}", type_name(other)))),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("prompt must be a string, got {}", type_name(other)),
+            ));
+        }
     };
     if text.trim().is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
@@ -522,7 +628,11 @@ pub struct ResponseContext<'a> {
 }
 
 /// The non-streaming response document (also the streamed `winner` event's data).
-pub fn response_document(ctx: &ResponseContext<'_>, outcome: &Outcome, decode: &dyn Fn(&[u32]) -> String) -> Value {
+pub fn response_document(
+    ctx: &ResponseContext<'_>,
+    outcome: &Outcome,
+    decode: &dyn Fn(&[u32]) -> String,
+) -> Value {
     let request = ctx.request;
     let shown = if request.return_candidates { outcome.candidates.len() } else { 1 };
     let choices: Vec<Value> = outcome
@@ -624,7 +734,12 @@ mod tests {
     use super::*;
 
     fn chat(body: &str) -> Result<GenerateRequest, ApiError> {
-        parse_request(Endpoint::Chat, body.as_bytes(), &RequestLimits::default(), &["judge", "likelihood", "rm"])
+        parse_request(
+            Endpoint::Chat,
+            body.as_bytes(),
+            &RequestLimits::default(),
+            &["judge", "likelihood", "rm"],
+        )
     }
 
     #[test]
@@ -636,16 +751,27 @@ mod tests {
         .expect("valid");
         assert_eq!(r.n, 4);
         assert_eq!(r.method, Method::SpeculativeRejection { alpha: 0.25 });
-        assert_eq!((r.reward, r.return_candidates, r.max_tokens, r.min_new_tokens), (RewardKind::Likelihood, false, 8, 8));
-        let r = chat(r#"{"messages":[{"role":"user","content":"hi"}],"specrej":{"reward":"rm"}}"#).expect("valid");
+        assert_eq!(
+            (r.reward, r.return_candidates, r.max_tokens, r.min_new_tokens),
+            (RewardKind::Likelihood, false, 8, 8)
+        );
+        let r = chat(r#"{"messages":[{"role":"user","content":"hi"}],"specrej":{"reward":"rm"}}"#)
+            .expect("valid");
         assert_eq!(r.reward, RewardKind::Named("rm".into()));
     }
 
     #[test]
     fn an_unknown_reward_lists_the_known_ones() {
-        let e = chat(r#"{"messages":[{"role":"user","content":"hi"}],"specrej":{"reward":"gpt-judge"}}"#).expect_err("unknown");
+        let e = chat(
+            r#"{"messages":[{"role":"user","content":"hi"}],"specrej":{"reward":"gpt-judge"}}"#,
+        )
+        .expect_err("unknown");
         assert_eq!((e.status, e.param.as_deref()), (400, Some("specrej.reward")));
-        assert!(e.message.contains(r#"("judge", "likelihood", "rm"), got "gpt-judge""#), "{}", e.message);
+        assert!(
+            e.message.contains(r#"("judge", "likelihood", "rm"), got "gpt-judge""#),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -657,18 +783,47 @@ mod tests {
         assert_eq!(param(&format!("{{{m},\"n\":-2}}")).as_deref(), Some("n"));
         assert_eq!(param(&format!("{{{m},\"n\":\"3\"}}")).as_deref(), Some("n"));
         assert_eq!(param(&format!("{{{m},\"max_tokens\":-1}}")).as_deref(), Some("max_tokens"));
-        assert_eq!(param(&format!("{{{m},\"temperature\":\"hot\"}}")).as_deref(), Some("temperature"));
-        assert_eq!(param(&format!("{{{m},\"specrej\":{{\"alpha\":1.0}}}}")).as_deref(), Some("specrej.alpha"));
-        assert_eq!(param(&format!("{{{m},\"specrej\":{{\"alpha\":-0.1}}}}")).as_deref(), Some("specrej.alpha"));
-        assert_eq!(param(&format!("{{{m},\"specrej\":{{\"bogus\":1}}}}")).as_deref(), Some("specrej.bogus"));
-        assert_eq!(param(&format!("{{{m},\"specrej\":{{\"method\":\"beam\"}}}}")).as_deref(), Some("specrej.method"));
+        assert_eq!(
+            param(&format!("{{{m},\"temperature\":\"hot\"}}")).as_deref(),
+            Some("temperature")
+        );
+        assert_eq!(
+            param(&format!("{{{m},\"specrej\":{{\"alpha\":1.0}}}}")).as_deref(),
+            Some("specrej.alpha")
+        );
+        assert_eq!(
+            param(&format!("{{{m},\"specrej\":{{\"alpha\":-0.1}}}}")).as_deref(),
+            Some("specrej.alpha")
+        );
+        assert_eq!(
+            param(&format!("{{{m},\"specrej\":{{\"bogus\":1}}}}")).as_deref(),
+            Some("specrej.bogus")
+        );
+        assert_eq!(
+            param(&format!("{{{m},\"specrej\":{{\"method\":\"beam\"}}}}")).as_deref(),
+            Some("specrej.method")
+        );
         assert_eq!(param(r#"{"messages":[]}"#).as_deref(), Some("messages"));
-        assert_eq!(param(r#"{"messages":[{"role":"user","content":"  "}]}"#).as_deref(), Some("messages"));
-        assert_eq!(param(r#"{"messages":[{"role":"robot","content":"x"}]}"#).as_deref(), Some("messages[0].role"));
-        let completion = parse_request(Endpoint::Completions, br#"{"prompt":""}"#, &RequestLimits::default(), &["judge", "likelihood"]);
+        assert_eq!(
+            param(r#"{"messages":[{"role":"user","content":"  "}]}"#).as_deref(),
+            Some("messages")
+        );
+        assert_eq!(
+            param(r#"{"messages":[{"role":"robot","content":"x"}]}"#).as_deref(),
+            Some("messages[0].role")
+        );
+        let completion = parse_request(
+            Endpoint::Completions,
+            br#"{"prompt":""}"#,
+            &RequestLimits::default(),
+            &["judge", "likelihood"],
+        );
         assert_eq!(completion.expect_err("empty").param.as_deref(), Some("prompt"));
         // 0.99999999 is below 1 as a number, but 1.0 as the f32 the scheduler takes.
-        assert_eq!(param(&format!("{{{m},\"specrej\":{{\"alpha\":0.99999999}}}}")).as_deref(), Some("specrej.alpha"));
+        assert_eq!(
+            param(&format!("{{{m},\"specrej\":{{\"alpha\":0.99999999}}}}")).as_deref(),
+            Some("specrej.alpha")
+        );
         for (rules, field) in [
             (r#"{"gate_tau":2}"#, "specrej.rules.gate_tau"),
             (r#"{"adaptive_snr":0}"#, "specrej.rules.adaptive_snr"),
@@ -678,7 +833,11 @@ mod tests {
             (r#"{"patience":3}"#, "specrej.rules.patience"),
             (r#"[1]"#, "specrej.rules"),
         ] {
-            assert_eq!(param(&format!("{{{m},\"specrej\":{{\"rules\":{rules}}}}}")).as_deref(), Some(field), "{rules}");
+            assert_eq!(
+                param(&format!("{{{m},\"specrej\":{{\"rules\":{rules}}}}}")).as_deref(),
+                Some(field),
+                "{rules}"
+            );
         }
     }
 
@@ -690,7 +849,16 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(r.reward, RewardKind::PartialJudge);
-        assert_eq!(r.rules, Rules { paper_exact: false, probe_lag: 16, gate_tau: Some(0.4), adaptive_snr: Some(1.5), refill: Some(0.5) });
+        assert_eq!(
+            r.rules,
+            Rules {
+                paper_exact: false,
+                probe_lag: 16,
+                gate_tau: Some(0.4),
+                adaptive_snr: Some(1.5),
+                refill: Some(0.5)
+            }
+        );
         let r = chat(r#"{"messages":[{"role":"user","content":"hi"}],"specrej":{"rules":{"paper_exact":true}}}"#).expect("valid");
         assert_eq!(r.rules, Rules { paper_exact: true, ..Rules::default() });
     }

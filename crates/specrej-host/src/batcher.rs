@@ -24,14 +24,14 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use specrej_candle::{CandleBatch, CandleDecoder};
 use specrej_core::{BackendError, Decoder, KvLayout, Response, Sampling, Scored};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::runtime::{AnyBatch, HostReward};
 
@@ -49,13 +49,19 @@ pub trait SharedDecoder: Send {
     /// [`Decoder::max_sequence_len`].
     fn max_sequence_len(&self) -> usize;
     /// [`Decoder::prefill`], the batch type-erased.
-    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<AnyBatch, BackendError>;
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<AnyBatch, BackendError>;
     /// One [`Decoder::step`] of each batch, in one pass where the backend can merge them.
     fn step(&mut self, batches: &mut [&mut AnyBatch]) -> Vec<Result<Vec<u32>, BackendError>>;
     /// [`Decoder::retain`].
     fn retain(&mut self, batch: &mut AnyBatch, keep: &[usize]) -> Result<(), BackendError>;
     /// [`Decoder::fork`].
-    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError>;
+    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)])
+    -> Result<(), BackendError>;
     /// Bytes of K/V held right now, where the backend counts them.
     fn kv_bytes_held(&self) -> Option<u64>;
     /// Whether [`SharedDecoder::step`] merges batches into one pass.
@@ -84,7 +90,12 @@ impl SharedDecoder for CandleDecoder {
         Decoder::max_sequence_len(self)
     }
 
-    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<AnyBatch, BackendError> {
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<AnyBatch, BackendError> {
         Ok(Box::new(Decoder::prefill(self, prompt, rows, sampling)?))
     }
 
@@ -103,7 +114,11 @@ impl SharedDecoder for CandleDecoder {
         Decoder::retain(self, downcast::<CandleBatch>(batch)?, keep)
     }
 
-    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+    fn fork(
+        &mut self,
+        batch: &mut AnyBatch,
+        children: &[(usize, u32)],
+    ) -> Result<(), BackendError> {
         Decoder::fork(self, downcast::<CandleBatch>(batch)?, children)
     }
 
@@ -142,7 +157,12 @@ where
         self.0.max_sequence_len()
     }
 
-    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<AnyBatch, BackendError> {
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<AnyBatch, BackendError> {
         Ok(Box::new(self.0.prefill(prompt, rows, sampling)?))
     }
 
@@ -160,7 +180,11 @@ where
         self.0.retain(downcast::<D::Batch>(batch)?, keep)
     }
 
-    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+    fn fork(
+        &mut self,
+        batch: &mut AnyBatch,
+        children: &[(usize, u32)],
+    ) -> Result<(), BackendError> {
         self.0.fork(downcast::<D::Batch>(batch)?, children)
     }
 
@@ -259,10 +283,26 @@ enum Job {
     },
     /// A batch was dropped: a round waiting for it may start.
     Wake,
-    Step { batch: Batch, reply: oneshot::Sender<(Batch, Result<Vec<u32>, BackendError>)> },
-    Retain { batch: Batch, keep: Vec<usize>, reply: oneshot::Sender<(Batch, Result<(), BackendError>)> },
-    Fork { batch: Batch, children: Vec<(usize, u32)>, reply: oneshot::Sender<(Batch, Result<(), BackendError>)> },
-    Score { scorer: Scorer, prompt: Vec<u32>, responses: Vec<(u32, Vec<u32>)>, reply: oneshot::Sender<(Scorer, Result<Scored, BackendError>)> },
+    Step {
+        batch: Batch,
+        reply: oneshot::Sender<(Batch, Result<Vec<u32>, BackendError>)>,
+    },
+    Retain {
+        batch: Batch,
+        keep: Vec<usize>,
+        reply: oneshot::Sender<(Batch, Result<(), BackendError>)>,
+    },
+    Fork {
+        batch: Batch,
+        children: Vec<(usize, u32)>,
+        reply: oneshot::Sender<(Batch, Result<(), BackendError>)>,
+    },
+    Score {
+        scorer: Scorer,
+        prompt: Vec<u32>,
+        responses: Vec<(u32, Vec<u32>)>,
+        reply: oneshot::Sender<(Scorer, Result<Scored, BackendError>)>,
+    },
 }
 
 /// A request's reward model, sent to the engine thread to score.
@@ -299,12 +339,17 @@ pub struct EngineInfo {
 
 /// Starts the engine thread over `decoder`; it ends when the last handle (and every
 /// [`Lease`] made from it) is dropped.
-pub fn spawn(decoder: Box<dyn SharedDecoder>) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+pub fn spawn(
+    decoder: Box<dyn SharedDecoder>,
+) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     spawn_gathering(decoder, GATHER)
 }
 
 /// [`spawn`] with rounds that wait up to `gather` for the live batches' step calls.
-fn spawn_gathering(decoder: Box<dyn SharedDecoder>, gather: Duration) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+fn spawn_gathering(
+    decoder: Box<dyn SharedDecoder>,
+    gather: Duration,
+) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let info = EngineInfo {
         token_capacity: decoder.token_capacity(),
         kv_bytes_per_token: decoder.kv_bytes_per_token(),
@@ -316,7 +361,15 @@ fn spawn_gathering(decoder: Box<dyn SharedDecoder>, gather: Duration) -> std::io
     let (jobs, queue) = mpsc::channel();
     let thread_counters = Arc::clone(&counters);
     let thread = std::thread::Builder::new().name("specrej-engine".into()).spawn(move || {
-        Worker { decoder, counters: thread_counters, others: VecDeque::new(), steps: Vec::new(), first_wait: None, gather }.run(&queue);
+        Worker {
+            decoder,
+            counters: thread_counters,
+            others: VecDeque::new(),
+            steps: Vec::new(),
+            first_wait: None,
+            gather,
+        }
+        .run(&queue);
     })?;
     Ok((EngineHandle { jobs, info, counters }, thread))
 }
@@ -335,8 +388,22 @@ impl EngineHandle {
     /// A request's view of the engine: `capacity` cached tokens (its grant) and its reward
     /// model `scorer`, scored on the engine thread (`on_engine`) or on a blocking thread of
     /// its own (a remote scorer, which waits on the network, not on the device).
-    pub fn lease(&self, capacity: usize, scorer: Scorer, on_engine: bool, grant: Option<OwnedSemaphorePermit>) -> Lease {
-        Lease { handle: self.clone(), capacity, scorer: Some(scorer), on_engine, grant, plan: None, prefilled: 0 }
+    pub fn lease(
+        &self,
+        capacity: usize,
+        scorer: Scorer,
+        on_engine: bool,
+        grant: Option<OwnedSemaphorePermit>,
+    ) -> Lease {
+        Lease {
+            handle: self.clone(),
+            capacity,
+            scorer: Some(scorer),
+            on_engine,
+            grant,
+            plan: None,
+            prefilled: 0,
+        }
     }
 
     fn send(&self, job: Job) -> Result<(), BackendError> {
@@ -422,7 +489,12 @@ impl Lease {
     }
 
     /// [`SharedDecoder::prefill`] on the engine thread.
-    pub async fn prefill(&mut self, prompt: Vec<u32>, rows: Range<u32>, sampling: Sampling) -> Result<Batch, BackendError> {
+    pub async fn prefill(
+        &mut self,
+        prompt: Vec<u32>,
+        rows: Range<u32>,
+        sampling: Sampling,
+    ) -> Result<Batch, BackendError> {
         let count = rows.len();
         let (reply, answer) = oneshot::channel();
         let wake = self.handle.jobs.clone();
@@ -453,7 +525,11 @@ impl Lease {
     }
 
     /// [`SharedDecoder::retain`] on the engine thread.
-    pub async fn retain(&mut self, slot: &mut Option<Batch>, keep: Vec<usize>) -> Result<(), BackendError> {
+    pub async fn retain(
+        &mut self,
+        slot: &mut Option<Batch>,
+        keep: Vec<usize>,
+    ) -> Result<(), BackendError> {
         self.round_trip(slot, |batch, reply| Job::Retain { batch, keep, reply }).await?;
         if let Some(batch) = slot {
             self.shrink_grant(batch.rows());
@@ -462,19 +538,30 @@ impl Lease {
     }
 
     /// [`SharedDecoder::fork`] on the engine thread.
-    pub async fn fork(&mut self, slot: &mut Option<Batch>, children: Vec<(usize, u32)>) -> Result<(), BackendError> {
+    pub async fn fork(
+        &mut self,
+        slot: &mut Option<Batch>,
+        children: Vec<(usize, u32)>,
+    ) -> Result<(), BackendError> {
         self.round_trip(slot, |batch, reply| Job::Fork { batch, children, reply }).await
     }
 
     /// The request's reward model on `responses`.
-    pub async fn score(&mut self, prompt: Vec<u32>, responses: Vec<(u32, Vec<u32>)>) -> Result<Scored, BackendError> {
-        let mut scorer = self.scorer.take().ok_or_else(|| BackendError::device("the reward model is away"))?;
+    pub async fn score(
+        &mut self,
+        prompt: Vec<u32>,
+        responses: Vec<(u32, Vec<u32>)>,
+    ) -> Result<Scored, BackendError> {
+        let mut scorer =
+            self.scorer.take().ok_or_else(|| BackendError::device("the reward model is away"))?;
         if !self.on_engine {
             let job = tokio::task::spawn_blocking(move || {
                 let result = score_with(&mut *scorer, &prompt, &responses);
                 (scorer, result)
             });
-            let (scorer, result) = job.await.map_err(|e| BackendError::device(format!("the scoring task failed: {e}")))?;
+            let (scorer, result) = job
+                .await
+                .map_err(|e| BackendError::device(format!("the scoring task failed: {e}")))?;
             self.scorer = Some(scorer);
             return result;
         }
@@ -505,8 +592,13 @@ impl Lease {
     }
 }
 
-fn score_with(scorer: &mut dyn HostReward, prompt: &[u32], responses: &[(u32, Vec<u32>)]) -> Result<Scored, BackendError> {
-    let responses: Vec<Response<'_>> = responses.iter().map(|(row, tokens)| Response { row: *row, tokens }).collect();
+fn score_with(
+    scorer: &mut dyn HostReward,
+    prompt: &[u32],
+    responses: &[(u32, Vec<u32>)],
+) -> Result<Scored, BackendError> {
+    let responses: Vec<Response<'_>> =
+        responses.iter().map(|(row, tokens)| Response { row: *row, tokens }).collect();
     scorer.score(prompt, &responses)
 }
 
@@ -538,7 +630,10 @@ impl Worker {
                     Ok(job) => Some(job),
                     Err(_) => return,
                 },
-                Some(first) if self.others.is_empty() && self.steps.len() < self.counters.batches.load(Ordering::SeqCst) => {
+                Some(first)
+                    if self.others.is_empty()
+                        && self.steps.len() < self.counters.batches.load(Ordering::SeqCst) =>
+                {
                     match queue.recv_timeout(self.gather.saturating_sub(first.elapsed())) {
                         Ok(job) => Some(job),
                         Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -636,7 +731,8 @@ impl Worker {
         }
         let start = Instant::now();
         let results = {
-            let mut batches: Vec<&mut AnyBatch> = waiting.iter_mut().map(|w| &mut w.batch.inner).collect();
+            let mut batches: Vec<&mut AnyBatch> =
+                waiting.iter_mut().map(|w| &mut w.batch.inner).collect();
             self.decoder.step(&mut batches)
         };
         self.counters.add_busy(1, start);
@@ -676,7 +772,12 @@ impl Admission {
     /// `total` cached tokens to hand out; at most `max_queued` requests wait.
     pub fn new(total: usize, max_queued: usize) -> Self {
         let permits = total.min(Semaphore::MAX_PERMITS).min(u32::MAX as usize);
-        Self { tokens: Arc::new(Semaphore::new(permits)), total: permits, max_queued, queued: AtomicUsize::new(0) }
+        Self {
+            tokens: Arc::new(Semaphore::new(permits)),
+            total: permits,
+            max_queued,
+            queued: AtomicUsize::new(0),
+        }
     }
 
     /// Waits for `tokens` of the budget (in arrival order).
@@ -686,7 +787,8 @@ impl Admission {
         }
         // Immediate when free and nobody waits ahead: no queue slot needed.
         if self.queued() == 0
-            && let Ok(permit) = Arc::clone(&self.tokens).try_acquire_many_owned(tokens as u32) {
+            && let Ok(permit) = Arc::clone(&self.tokens).try_acquire_many_owned(tokens as u32)
+        {
             return Ok(permit);
         }
         if self.queued.fetch_add(1, Ordering::SeqCst) >= self.max_queued {
@@ -694,7 +796,10 @@ impl Admission {
             return Err(Refusal::QueueFull);
         }
         let _slot = QueueSlot(&self.queued);
-        Arc::clone(&self.tokens).acquire_many_owned(tokens as u32).await.map_err(|_| Refusal::TooLarge)
+        Arc::clone(&self.tokens)
+            .acquire_many_owned(tokens as u32)
+            .await
+            .map_err(|_| Refusal::TooLarge)
     }
 
     /// Requests waiting for their grant.
@@ -748,7 +853,12 @@ mod tests {
             self.0.max_sequence_len()
         }
 
-        fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<Self::Batch, BackendError> {
+        fn prefill(
+            &mut self,
+            prompt: &[u32],
+            rows: Range<u32>,
+            sampling: &Sampling,
+        ) -> Result<Self::Batch, BackendError> {
             Ok((rows.start == 99, self.0.prefill(prompt, rows, sampling)?))
         }
 
@@ -774,12 +884,21 @@ mod tests {
     fn a_round_steps_every_waiting_request_and_tokens_do_not_depend_on_the_others() {
         // Rounds wait (up to 10 s) for every live batch: once all three are prefilled, each
         // round holds all that are still running.
-        let (engine, _) = spawn_gathering(Box::new(EachAlone(Panicky(FakeDecoder::new(10_000)))), Duration::from_secs(10)).expect("engine");
+        let (engine, _) = spawn_gathering(
+            Box::new(EachAlone(Panicky(FakeDecoder::new(10_000)))),
+            Duration::from_secs(10),
+        )
+        .expect("engine");
         let run = |rows: Range<u32>, steps: usize, ready: Arc<std::sync::Barrier>| {
             let mut lease = lease(&engine);
             std::thread::spawn(move || {
                 pollster::block_on(async {
-                    let mut slot = Some(lease.prefill(vec![1, 2, 3], rows, Sampling::default()).await.expect("prefill"));
+                    let mut slot = Some(
+                        lease
+                            .prefill(vec![1, 2, 3], rows, Sampling::default())
+                            .await
+                            .expect("prefill"),
+                    );
                     ready.wait();
                     let mut tokens = Vec::new();
                     for _ in 0..steps {
@@ -792,16 +911,32 @@ mod tests {
         let alone = run(0..3, 20, Arc::new(std::sync::Barrier::new(1))).join().expect("alone");
         assert_eq!(engine.counters().widest_round.load(Ordering::SeqCst), 1);
         let ready = Arc::new(std::sync::Barrier::new(3));
-        let together: Vec<_> = [run(0..3, 20, Arc::clone(&ready)), run(10..12, 30, Arc::clone(&ready)), run(20..24, 25, ready)]
-            .into_iter()
-            .map(|t| t.join().expect("thread"))
-            .collect();
+        let together: Vec<_> = [
+            run(0..3, 20, Arc::clone(&ready)),
+            run(10..12, 30, Arc::clone(&ready)),
+            run(20..24, 25, ready),
+        ]
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
         assert_eq!(together[0], alone, "a request's tokens do not depend on the others");
         let c = engine.counters();
-        assert_eq!(c.widest_round.load(Ordering::SeqCst), 3, "the steps of all three ran in one round");
+        assert_eq!(
+            c.widest_round.load(Ordering::SeqCst),
+            3,
+            "the steps of all three ran in one round"
+        );
         // 20 rounds of three, 5 of two, 5 of one.
-        assert_eq!((c.rounds.load(Ordering::SeqCst), c.batch_steps.load(Ordering::SeqCst)), (20 + 30, 20 + 20 * 3 + 5 * 2 + 5), "{c:?}");
-        assert_eq!((c.batches.load(Ordering::SeqCst), c.rows.load(Ordering::SeqCst)), (0, 0), "every batch is gone");
+        assert_eq!(
+            (c.rounds.load(Ordering::SeqCst), c.batch_steps.load(Ordering::SeqCst)),
+            (20 + 30, 20 + 20 * 3 + 5 * 2 + 5),
+            "{c:?}"
+        );
+        assert_eq!(
+            (c.batches.load(Ordering::SeqCst), c.rows.load(Ordering::SeqCst)),
+            (0, 0),
+            "every batch is gone"
+        );
         assert_eq!(c.tokens.load(Ordering::SeqCst), 3 * 20 + 3 * 20 + 2 * 30 + 4 * 25);
     }
 
@@ -810,12 +945,19 @@ mod tests {
         let engine = engine();
         let mut lease = lease(&engine);
         pollster::block_on(async {
-            let mut slot = Some(lease.prefill(vec![1, 2], 99..100, Sampling::default()).await.expect("prefill"));
+            let mut slot = Some(
+                lease.prefill(vec![1, 2], 99..100, Sampling::default()).await.expect("prefill"),
+            );
             let error = lease.step(&mut slot).await.expect_err("the step panics");
             assert!(error.to_string().contains("dropped the call"), "{error}");
-            let mut slot = Some(lease.prefill(vec![1, 2], 0..2, Sampling::default()).await.expect("prefill"));
+            let mut slot =
+                Some(lease.prefill(vec![1, 2], 0..2, Sampling::default()).await.expect("prefill"));
             assert_eq!(lease.step(&mut slot).await.expect("a step").len(), 2);
-            assert_eq!(engine.counters().batches.load(Ordering::SeqCst), 1, "the panicked batch was dropped");
+            assert_eq!(
+                engine.counters().batches.load(Ordering::SeqCst),
+                1,
+                "the panicked batch was dropped"
+            );
         });
     }
 
@@ -827,8 +969,12 @@ mod tests {
             // 4 rows of at most 32 new tokens after a 3-token prompt.
             let grant = admission.admit(144).await.expect("free");
             let plan = GrantPlan { rows: 4, prompt_len: 3, max_new_tokens: 32 };
-            let mut lease = engine.lease(144, Box::new(FakeScorer::default()), true, Some(grant)).with_plan(plan);
-            let mut slot = Some(lease.prefill(vec![1, 2, 3], 0..4, Sampling::default()).await.expect("prefill"));
+            let mut lease = engine
+                .lease(144, Box::new(FakeScorer::default()), true, Some(grant))
+                .with_plan(plan);
+            let mut slot = Some(
+                lease.prefill(vec![1, 2, 3], 0..4, Sampling::default()).await.expect("prefill"),
+            );
             lease.step(&mut slot).await.expect("step");
             // The fake's layout is dense and exact: 3 rows can use 3 × (3 + 32) = 105 at most,
             // so 39 go back to the admission queue at once.

@@ -23,4 +23,4 @@ pub mod server;
 
 pub use model::{BackendKind, ExtraReward, RealModel, RewardKind, Served, WgpuServed};
 pub use runtime::{Engine, EventKinds, HostReward, Limits, Pair, Run, RunError, Runtime, World};
-pub use server::{spawn, ServerConfig, ServerHandle};
+pub use server::{ServerConfig, ServerHandle, spawn};

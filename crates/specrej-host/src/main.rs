@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use specrej_candle::WeightFormat;
 use specrej_host::api::RequestLimits;
-use specrej_host::{model, BackendKind, ExtraReward, RealModel, Served, ServerConfig, WgpuServed};
+use specrej_host::{BackendKind, ExtraReward, RealModel, Served, ServerConfig, WgpuServed, model};
 
 /// The component `cargo xtask component` writes.
 const DEFAULT_COMPONENT: &str = "target/specrej-decoder.component.wasm";
@@ -129,7 +129,10 @@ fn main() {
 fn run(args: Args) -> Result<()> {
     let component_path = component_path(args.component.as_deref());
     let component = std::fs::read(&component_path).with_context(|| {
-        format!("reading the component {} (build it with `cargo xtask component`)", component_path.display())
+        format!(
+            "reading the component {} (build it with `cargo xtask component`)",
+            component_path.display()
+        )
     })?;
     if let Some(dir) = &args.static_dir
         && !dir.is_dir()
@@ -176,7 +179,14 @@ fn run(args: Args) -> Result<()> {
             BackendArg::Cuda => BackendKind::Cuda,
             BackendArg::Wgpu => {
                 let model = WgpuServed::load(&path, args.adapter.as_deref())?;
-                return serve(&args, Served::Wgpu(Box::new(model)), id, models_dir, component, &component_path);
+                return serve(
+                    &args,
+                    Served::Wgpu(Box::new(model)),
+                    id,
+                    models_dir,
+                    component,
+                    &component_path,
+                );
             }
         };
         let weights = match args.weights {
@@ -186,10 +196,14 @@ fn run(args: Args) -> Result<()> {
         };
         let mut model = RealModel::load(&path, backend, weights)?;
         for (name, dir) in reward_dirs {
-            model.load_reward(name, dir).with_context(|| format!("--reward-model {name}={}", dir.display()))?;
+            model
+                .load_reward(name, dir)
+                .with_context(|| format!("--reward-model {name}={}", dir.display()))?;
         }
         for (name, url) in reward_urls {
-            model.add_reward(name, ExtraReward::Remote(url.to_owned())).with_context(|| format!("--reward-url {name}={url}"))?;
+            model
+                .add_reward(name, ExtraReward::Remote(url.to_owned()))
+                .with_context(|| format!("--reward-url {name}={url}"))?;
         }
         (Served::Real(Box::new(model)), id)
     };
@@ -205,10 +219,15 @@ fn serve(
     component: Vec<u8>,
     component_path: &Path,
 ) -> Result<()> {
-    let kv_budget_tokens =
-        args.kv_budget_tokens.unwrap_or(specrej_candle::DEFAULT_KV_BUDGET_BYTES / served.kv_bytes_per_token().max(1));
+    let kv_budget_tokens = args
+        .kv_budget_tokens
+        .unwrap_or(specrej_candle::DEFAULT_KV_BUDGET_BYTES / served.kv_bytes_per_token().max(1));
     let config = ServerConfig {
-        limits: RequestLimits { max_n: args.max_n, max_tokens: args.max_tokens, default_max_tokens: args.default_max_tokens },
+        limits: RequestLimits {
+            max_n: args.max_n,
+            max_tokens: args.max_tokens,
+            default_max_tokens: args.default_max_tokens,
+        },
         kv_budget_tokens,
         request_timeout: Duration::from_secs(args.request_timeout_secs),
         max_connections: args.max_connections,
@@ -219,7 +238,8 @@ fn serve(
         models_dir: models_dir.filter(|_| args.static_dir.is_some()),
         ..ServerConfig::default()
     };
-    let listener = TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
+    let listener =
+        TcpListener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let served = Arc::new(served);
     let handle = specrej_host::spawn(listener, Arc::clone(&served), component, config)?;
     eprintln!(
@@ -243,5 +263,7 @@ fn fake_backend() -> Result<(Served, String)> {
 
 #[cfg(not(feature = "fake"))]
 fn fake_backend() -> Result<(Served, String)> {
-    anyhow::bail!("--fake: this specrej-server was built without the fake backend (cargo feature `fake`, which the tests enable)")
+    anyhow::bail!(
+        "--fake: this specrej-server was built without the fake backend (cargo feature `fake`, which the tests enable)"
+    )
 }

@@ -6,15 +6,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use specrej_candle::{CandleDecoder, JudgeScorer, LikelihoodScorer, LoadOptions, Model, WeightFormat};
+use specrej_candle::{
+    CandleDecoder, JudgeScorer, LikelihoodScorer, LoadOptions, Model, WeightFormat,
+};
 #[cfg(feature = "fake")]
-use specrej_core::testing::{FakeDecoder, FakeScorer, FAKE_EOS};
+use specrej_core::testing::{FAKE_EOS, FakeDecoder, FakeScorer};
 use specrej_reward::{RemoteScorer, RewardModel, RewardScorer};
 use specrej_text::{Message, ModelText};
 use specrej_wgpu::{WgpuDecoder, WgpuJudgeScorer, WgpuLikelihoodScorer, WgpuModel};
 
-use crate::batcher::{Scorer, SharedDecoder};
 use crate::batcher::EachAlone;
+use crate::batcher::{Scorer, SharedDecoder};
 
 /// The default model's file name (`cargo xtask fetch-model` puts it in `models/`).
 pub use specrej_text::DEFAULT_MODEL_FILE;
@@ -91,8 +93,9 @@ impl RealModel {
             BackendKind::Cpu => specrej_candle::Device::Cpu,
             BackendKind::Cuda => specrej_candle::Device::Cuda(0),
         };
-        let model = specrej_candle::load(path, &LoadOptions { device, weights, kv: Default::default() })
-            .with_context(|| format!("loading {}", path.display()))?;
+        let model =
+            specrej_candle::load(path, &LoadOptions { device, weights, kv: Default::default() })
+                .with_context(|| format!("loading {}", path.display()))?;
         let text = ModelText::load(path)?;
         Ok(Self { weights: model, text, path: path.to_path_buf(), device, rewards: Vec::new() })
     }
@@ -113,8 +116,10 @@ impl RealModel {
     /// Loads the reward-model directory `dir` on this model's device (f32, so incremental
     /// and full scoring agree to rounding) and offers it as `name`.
     pub fn load_reward(&mut self, name: &str, dir: &Path) -> Result<()> {
-        let options = LoadOptions { device: self.device, weights: WeightFormat::F32, kv: Default::default() };
-        let rm = RewardModel::load(dir, &options).with_context(|| format!("loading the reward model {}", dir.display()))?;
+        let options =
+            LoadOptions { device: self.device, weights: WeightFormat::F32, kv: Default::default() };
+        let rm = RewardModel::load(dir, &options)
+            .with_context(|| format!("loading the reward model {}", dir.display()))?;
         self.add_reward(name, ExtraReward::Model(rm))
     }
 }
@@ -134,13 +139,18 @@ impl WgpuServed {
     /// wgpu's high-performance choice).
     pub fn load(path: &Path, adapter: Option<&str>) -> Result<Self> {
         if path.is_dir() {
-            anyhow::bail!("{}: --backend wgpu runs GGUF files, not safetensors directories", path.display());
+            anyhow::bail!(
+                "{}: --backend wgpu runs GGUF files, not safetensors directories",
+                path.display()
+            );
         }
         let options = specrej_wgpu::Options {
-            adapter: adapter.map(|a| a.parse::<specrej_wgpu::AdapterChoice>().unwrap_or_else(|e| match e {})),
+            adapter: adapter
+                .map(|a| a.parse::<specrej_wgpu::AdapterChoice>().unwrap_or_else(|e| match e {})),
             ..specrej_wgpu::Options::default()
         };
-        let model = WgpuModel::load_path_blocking(path, &options).with_context(|| format!("loading {} on wgpu", path.display()))?;
+        let model = WgpuModel::load_path_blocking(path, &options)
+            .with_context(|| format!("loading {} on wgpu", path.display()))?;
         Ok(Self { model, text: ModelText::load(path)? })
     }
 }
@@ -171,7 +181,8 @@ impl Served {
             Served::Wgpu(m) => Ok(m.text.encode_chat(messages)?),
             #[cfg(feature = "fake")]
             Served::Fake => {
-                let text: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
+                let text: String =
+                    messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
                 self.encode_raw(&text)
             }
         }
@@ -266,7 +277,8 @@ impl Served {
         };
         match (text, reward) {
             (Some(text), RewardKind::Judge | RewardKind::PartialJudge) => {
-                let segments = specrej_text::judge_segments(&text.tokenizer, &text.template, question)?;
+                let segments =
+                    specrej_text::judge_segments(&text.tokenizer, &text.template, question)?;
                 Ok(Some(segments.overhead(*reward == RewardKind::PartialJudge)))
             }
             _ => Ok(None),
@@ -301,25 +313,38 @@ impl Served {
         match self {
             Served::Real(m) => Ok(match reward {
                 RewardKind::Judge | RewardKind::PartialJudge => {
-                    let segments = specrej_text::judge_segments(&m.text.tokenizer, &m.text.template, question)?;
-                    let mut judge =
-                        JudgeScorer::new(Arc::clone(&m.weights), segments.before, segments.after, segments.yes, segments.no);
+                    let segments = specrej_text::judge_segments(
+                        &m.text.tokenizer,
+                        &m.text.template,
+                        question,
+                    )?;
+                    let mut judge = JudgeScorer::new(
+                        Arc::clone(&m.weights),
+                        segments.before,
+                        segments.after,
+                        segments.yes,
+                        segments.no,
+                    );
                     if *reward == RewardKind::PartialJudge {
                         judge = judge.with_partial(segments.after_partial);
                     }
                     (Box::new(judge), true)
                 }
-                RewardKind::Likelihood => (Box::new(LikelihoodScorer::new(Arc::clone(&m.weights))), true),
+                RewardKind::Likelihood => {
+                    (Box::new(LikelihoodScorer::new(Arc::clone(&m.weights))), true)
+                }
                 RewardKind::Named(name) => {
                     let Some((_, reward)) = m.rewards.iter().find(|(n, _)| n == name) else {
                         anyhow::bail!("no reward model {name:?}");
                     };
                     let tokenizer = m.text.tokenizer.clone();
                     match reward {
-                        ExtraReward::Model(rm) => (Box::new(RewardScorer::new(Arc::clone(rm), tokenizer, question)), true),
+                        ExtraReward::Model(rm) => {
+                            (Box::new(RewardScorer::new(Arc::clone(rm), tokenizer, question)), true)
+                        }
                         ExtraReward::Remote(url) => {
-                            let remote =
-                                RemoteScorer::new(url, tokenizer, question).with_context(|| format!("reward server {url}"))?;
+                            let remote = RemoteScorer::new(url, tokenizer, question)
+                                .with_context(|| format!("reward server {url}"))?;
                             (Box::new(remote), false)
                         }
                     }
@@ -327,11 +352,29 @@ impl Served {
             }),
             Served::Wgpu(m) => Ok(match reward {
                 RewardKind::Judge => {
-                    let s = specrej_text::judge_segments(&m.text.tokenizer, &m.text.template, question)?;
-                    (Box::new(WgpuJudgeScorer::new(Arc::clone(&m.model), s.before, s.after, s.yes, s.no)), true)
+                    let s = specrej_text::judge_segments(
+                        &m.text.tokenizer,
+                        &m.text.template,
+                        question,
+                    )?;
+                    (
+                        Box::new(WgpuJudgeScorer::new(
+                            Arc::clone(&m.model),
+                            s.before,
+                            s.after,
+                            s.yes,
+                            s.no,
+                        )),
+                        true,
+                    )
                 }
-                RewardKind::Likelihood => (Box::new(WgpuLikelihoodScorer::new(Arc::clone(&m.model))), true),
-                other => anyhow::bail!("reward {:?} runs on the cpu and cuda backends, not on wgpu", other.name()),
+                RewardKind::Likelihood => {
+                    (Box::new(WgpuLikelihoodScorer::new(Arc::clone(&m.model))), true)
+                }
+                other => anyhow::bail!(
+                    "reward {:?} runs on the cpu and cuda backends, not on wgpu",
+                    other.name()
+                ),
             }),
             #[cfg(feature = "fake")]
             Served::Fake => Ok((Box::new(FakeScorer::default()), true)),

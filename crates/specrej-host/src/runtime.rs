@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use specrej_core::backend::{check_fork, check_retain};
 use specrej_core::{
-    block_on_ready, BackendError, Candidate, Decision, Decoder, Event, Finish, KvLayout, Method, Options, Outcome,
-    Rejected, Response, Sampling, Scored, Scorer, Stats,
+    BackendError, Candidate, Decision, Decoder, Event, Finish, KvLayout, Method, Options, Outcome,
+    Rejected, Response, Sampling, Scored, Scorer, Stats, block_on_ready,
 };
 use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
 use wasmtime::{Config, Store, StoreLimits, StoreLimitsBuilder, Trap};
@@ -62,15 +62,22 @@ pub trait Engine: Send {
     /// [`Decoder::max_sequence_len`].
     fn max_sequence_len(&self) -> usize;
     /// [`Decoder::prefill`], the batch type-erased.
-    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<AnyBatch, BackendError>;
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<AnyBatch, BackendError>;
     /// [`Decoder::step`].
     fn step(&mut self, batch: &mut AnyBatch) -> Result<Vec<u32>, BackendError>;
     /// [`Decoder::retain`].
     fn retain(&mut self, batch: &mut AnyBatch, keep: &[usize]) -> Result<(), BackendError>;
     /// [`Decoder::fork`].
-    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError>;
+    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)])
+    -> Result<(), BackendError>;
     /// [`Scorer::score`].
-    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError>;
+    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>])
+    -> Result<Scored, BackendError>;
     /// [`Scorer::release`].
     fn release(&mut self, rows: &[u32]);
     /// [`Scorer::fork`].
@@ -82,7 +89,8 @@ pub trait Engine: Send {
 /// [`block_on_ready`]).
 pub trait HostReward: Send {
     /// [`Scorer::score`].
-    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError>;
+    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>])
+    -> Result<Scored, BackendError>;
     /// [`Scorer::release`].
     fn release(&mut self, rows: &[u32]);
     /// [`Scorer::fork`].
@@ -90,7 +98,11 @@ pub trait HostReward: Send {
 }
 
 impl<S: Scorer + Send> HostReward for S {
-    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         block_on_ready(Scorer::score(self, prompt, responses))
     }
 
@@ -167,7 +179,12 @@ where
         self.decoder.max_sequence_len()
     }
 
-    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<AnyBatch, BackendError> {
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<AnyBatch, BackendError> {
         Ok(Box::new(self.decoder.prefill(prompt, rows, sampling)?))
     }
 
@@ -181,12 +198,20 @@ where
         self.decoder.retain(batch, keep)
     }
 
-    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+    fn fork(
+        &mut self,
+        batch: &mut AnyBatch,
+        children: &[(usize, u32)],
+    ) -> Result<(), BackendError> {
         let batch = downcast::<D::Batch>(batch)?;
         self.decoder.fork(batch, children)
     }
 
-    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         block_on_ready(self.scorer.score(prompt, responses))
     }
 
@@ -383,7 +408,12 @@ impl SharedDecoder for EngineDecoder {
         lock(&self.0).max_sequence_len()
     }
 
-    fn prefill(&mut self, prompt: &[u32], rows: Range<u32>, sampling: &Sampling) -> Result<AnyBatch, BackendError> {
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<AnyBatch, BackendError> {
         lock(&self.0).prefill(prompt, rows, sampling)
     }
 
@@ -396,7 +426,11 @@ impl SharedDecoder for EngineDecoder {
         lock(&self.0).retain(batch, keep)
     }
 
-    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+    fn fork(
+        &mut self,
+        batch: &mut AnyBatch,
+        children: &[(usize, u32)],
+    ) -> Result<(), BackendError> {
         lock(&self.0).fork(batch, children)
     }
 
@@ -413,7 +447,11 @@ impl SharedDecoder for EngineDecoder {
 struct EngineScorer(SharedEngine);
 
 impl HostReward for EngineScorer {
-    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         lock(&self.0).score(prompt, responses)
     }
 
@@ -440,11 +478,16 @@ impl Runtime {
         config.wasm_component_model(true).consume_fuel(true).epoch_interruption(true);
         let engine = wasmtime::Engine::new(&config)?;
         let component = Component::from_binary(&engine, bytes)?;
-        let imports_reward =
-            component.component_type().imports(&engine).any(|(name, _)| name.starts_with("specrej:decoder/reward"));
+        let imports_reward = component
+            .component_type()
+            .imports(&engine)
+            .any(|(name, _)| name.starts_with("specrej:decoder/reward"));
         let world = if imports_reward { World::DecoderWithReward } else { World::Decoder };
         let mut linker = Linker::<State>::new(&engine);
-        bindings::DecoderWithReward::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)?;
+        bindings::DecoderWithReward::add_to_linker::<State, HasSelf<State>>(
+            &mut linker,
+            |state| state,
+        )?;
         let pre = bindings::DecoderWithRewardPre::new(linker.instantiate_pre(&component)?)?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let stop = Arc::clone(&ticker_stop);
@@ -491,7 +534,10 @@ impl Runtime {
     ///
     /// The request gets an engine thread of its own over `engine` (the same batcher the
     /// server uses, with one request in it), and the call is driven on this thread.
-    #[allow(clippy::too_many_arguments, reason = "generate's arguments plus the reward; a struct would only rename them")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "generate's arguments plus the reward; a struct would only rename them"
+    )]
     pub fn generate_with_reward(
         &self,
         engine: Box<dyn Engine>,
@@ -513,7 +559,12 @@ impl Runtime {
         };
         let (handle, thread) = match batcher::spawn(Box::new(EngineDecoder(shared))) {
             Ok(started) => started,
-            Err(e) => return Run { result: Err(RunError::Trap(format!("starting the engine thread: {e}"))), fuel_used: 0 },
+            Err(e) => {
+                return Run {
+                    result: Err(RunError::Trap(format!("starting the engine thread: {e}"))),
+                    fuel_used: 0,
+                };
+            }
         };
         let lease = handle.lease(capacity, scorer, true, None);
         drop(handle);
@@ -543,7 +594,10 @@ impl Runtime {
             engine: lease,
             table: ResourceTable::new(),
             observer,
-            limits: StoreLimitsBuilder::new().memory_size(limits.memory_bytes).instances(16).build(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes)
+                .instances(16)
+                .build(),
             times: Times::default(),
         };
         let mut store = Store::new(&self.engine, state);
@@ -582,15 +636,20 @@ impl Runtime {
         store.set_epoch_deadline(ticks);
         let instance = self.pre.instantiate_async(&mut *store).await.map_err(trap)?;
         let options = to_wit_options(options, events);
-        let answer = instance.specrej_decoder_decode().call_generate(&mut *store, prompt, &options).await.map_err(trap)?;
+        let answer = instance
+            .specrej_decoder_decode()
+            .call_generate(&mut *store, prompt, &options)
+            .await
+            .map_err(trap)?;
         match answer {
             Ok(outcome) => Ok(from_wit_outcome(outcome)),
-            Err(decode::DecodeError::InvalidRequest(message)) => Err(RunError::InvalidRequest(message)),
+            Err(decode::DecodeError::InvalidRequest(message)) => {
+                Err(RunError::InvalidRequest(message))
+            }
             Err(decode::DecodeError::Engine(error)) => Err(RunError::Engine(from_wit_error(error))),
         }
     }
 }
-
 
 // ---- the imports ----
 
@@ -615,11 +674,17 @@ fn responses(responses: Vec<types::Response>) -> Vec<(u32, Vec<u32>)> {
 }
 
 fn scored(result: Result<Scored, BackendError>) -> Result<types::Scored, types::EngineError> {
-    result.map(|s| types::Scored { rewards: s.rewards, tokens_processed: s.tokens_processed }).map_err(to_wit_error)
+    result
+        .map(|s| types::Scored { rewards: s.rewards, tokens_processed: s.tokens_processed })
+        .map_err(to_wit_error)
 }
 
 impl State {
-    async fn score(&mut self, prompt: Vec<u32>, responses: Vec<types::Response>) -> Result<types::Scored, types::EngineError> {
+    async fn score(
+        &mut self,
+        prompt: Vec<u32>,
+        responses: Vec<types::Response>,
+    ) -> Result<types::Scored, types::EngineError> {
         let start = Instant::now();
         let result = self.engine.score(prompt, self::responses(responses)).await;
         add_time(&mut self.times.reward, start);
@@ -628,7 +693,10 @@ impl State {
 }
 
 impl wit_engine::HostBatch for State {
-    async fn step(&mut self, batch: Resource<HostBatch>) -> wasmtime::Result<Result<Vec<u32>, types::EngineError>> {
+    async fn step(
+        &mut self,
+        batch: Resource<HostBatch>,
+    ) -> wasmtime::Result<Result<Vec<u32>, types::EngineError>> {
         let start = Instant::now();
         let batch = self.table.get_mut(&batch)?;
         let result = self.engine.step(&mut batch.batch).await;
@@ -636,7 +704,11 @@ impl wit_engine::HostBatch for State {
         Ok(result.map_err(to_wit_error))
     }
 
-    async fn retain(&mut self, batch: Resource<HostBatch>, keep: Vec<u32>) -> wasmtime::Result<Result<(), types::EngineError>> {
+    async fn retain(
+        &mut self,
+        batch: Resource<HostBatch>,
+        keep: Vec<u32>,
+    ) -> wasmtime::Result<Result<(), types::EngineError>> {
         let batch = self.table.get_mut(&batch)?;
         let keep: Vec<usize> = keep.into_iter().map(|i| i as usize).collect();
         // The backend's contract is checked here too, whatever the backend does.
@@ -649,9 +721,14 @@ impl wit_engine::HostBatch for State {
         Ok(result.map_err(to_wit_error))
     }
 
-    async fn fork(&mut self, batch: Resource<HostBatch>, children: Vec<(u32, u32)>) -> wasmtime::Result<Result<(), types::EngineError>> {
+    async fn fork(
+        &mut self,
+        batch: Resource<HostBatch>,
+        children: Vec<(u32, u32)>,
+    ) -> wasmtime::Result<Result<(), types::EngineError>> {
         let batch = self.table.get_mut(&batch)?;
-        let children: Vec<(usize, u32)> = children.into_iter().map(|(parent, id)| (parent as usize, id)).collect();
+        let children: Vec<(usize, u32)> =
+            children.into_iter().map(|(parent, id)| (parent as usize, id)).collect();
         if let Err(error) = check_fork(&children, batch.rows()) {
             return Ok(Err(to_wit_error(error)));
         }
@@ -679,7 +756,10 @@ impl wit_engine::Host for State {
 
     async fn layout(&mut self) -> wasmtime::Result<types::KvLayout> {
         let layout = self.engine.info().kv_layout;
-        Ok(types::KvLayout { shared_prompt: layout.shared_prompt, block: u32::try_from(layout.block).unwrap_or(u32::MAX) })
+        Ok(types::KvLayout {
+            shared_prompt: layout.shared_prompt,
+            block: u32::try_from(layout.block).unwrap_or(u32::MAX),
+        })
     }
 
     async fn max_sequence_len(&mut self) -> wasmtime::Result<u64> {
@@ -694,7 +774,9 @@ impl wit_engine::Host for State {
     ) -> wasmtime::Result<Result<Resource<HostBatch>, types::EngineError>> {
         // The backend's contract (non-empty prompt and rows) is checked here, not panicked on.
         if prompt.is_empty() || rows.start >= rows.end {
-            return Ok(Err(types::EngineError::Device("prefill: empty prompt or row range".into())));
+            return Ok(Err(types::EngineError::Device(
+                "prefill: empty prompt or row range".into(),
+            )));
         }
         let sampling = Sampling {
             seed: sampling.seed,
@@ -767,18 +849,30 @@ impl progress::Host for State {
     async fn on_event(&mut self, event: progress::Event) -> wasmtime::Result<()> {
         let observer = &mut self.observer;
         let go_on = match event {
-            progress::Event::Prefilled((first_row, rows)) => observer(&Event::Prefilled { first_row, rows: rows as usize }),
-            progress::Event::Step(step) => {
-                observer(&Event::Step { position: step.position as usize, rows: &step.rows, tokens: &step.tokens })
+            progress::Event::Prefilled((first_row, rows)) => {
+                observer(&Event::Prefilled { first_row, rows: rows as usize })
             }
+            progress::Event::Step(step) => observer(&Event::Step {
+                position: step.position as usize,
+                rows: &step.rows,
+                tokens: &step.tokens,
+            }),
             progress::Event::Decision(d) => {
                 let decision = from_wit_decision(&d.decision);
-                observer(&Event::Decision { decision: &decision, rows: &d.rows, scores: &d.scores, kept: &d.kept })
+                observer(&Event::Decision {
+                    decision: &decision,
+                    rows: &d.rows,
+                    scores: &d.scores,
+                    kept: &d.kept,
+                })
             }
-            progress::Event::Finished((row, finish)) => observer(&Event::Finished { row, finish: from_wit_finish(finish) }),
+            progress::Event::Finished((row, finish)) => {
+                observer(&Event::Finished { row, finish: from_wit_finish(finish) })
+            }
             progress::Event::Forked(children) => observer(&Event::Forked { children: &children }),
             progress::Event::Scored(candidates) => {
-                let candidates: Vec<Candidate> = candidates.into_iter().map(from_wit_candidate).collect();
+                let candidates: Vec<Candidate> =
+                    candidates.into_iter().map(from_wit_candidate).collect();
                 observer(&Event::Scored { candidates: &candidates })
             }
         };
@@ -800,7 +894,12 @@ fn to_wit_options(options: &Options, events: EventKinds) -> decode::Options {
         max_new_tokens: clamp(options.max_new_tokens),
         min_new_tokens: clamp(options.min_new_tokens),
         eos: options.eos.clone(),
-        sampling: types::Sampling { seed: s.seed, temperature: s.temperature, top_k: clamp(s.top_k), top_p: s.top_p },
+        sampling: types::Sampling {
+            seed: s.seed,
+            temperature: s.temperature,
+            top_k: clamp(s.top_k),
+            top_p: s.top_p,
+        },
         rules: decode::Rules {
             paper_exact: options.rules.paper_exact,
             probe_lag: clamp(options.rules.probe_lag),
@@ -844,7 +943,11 @@ fn from_wit_outcome(o: decode::Outcome) -> Outcome {
     let s = o.stats;
     Outcome {
         candidates: o.candidates.into_iter().map(from_wit_candidate).collect(),
-        rejected: o.rejected.into_iter().map(|r| Rejected { row: r.row, tokens: r.tokens, score: r.score }).collect(),
+        rejected: o
+            .rejected
+            .into_iter()
+            .map(|r| Rejected { row: r.row, tokens: r.tokens, score: r.score })
+            .collect(),
         trace: o.trace.iter().map(from_wit_decision).collect(),
         stats: Stats {
             prompt_tokens: s.prompt_tokens as usize,

@@ -24,20 +24,22 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, Method as HttpMethod, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, Method as HttpMethod, StatusCode, Uri, header};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use futures_util::stream;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use specrej_core::{Event, KvLayout, Method, Options, Outcome, Sampling};
-use specrej_http::serve::{accept_loop, read_body, shutdown_signal, ConnLimits};
+use specrej_http::serve::{ConnLimits, accept_loop, read_body, shutdown_signal};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{self, ApiError, Endpoint, GenerateRequest, Prompt, RequestLimits, ResponseContext};
+use crate::api::{
+    self, ApiError, Endpoint, GenerateRequest, Prompt, RequestLimits, ResponseContext,
+};
 use crate::batcher::{self, Admission, EngineHandle, GrantPlan, Lease, Refusal};
 use crate::model::Served;
 use crate::runtime::{EventKinds, Limits, Observer, RunError, Runtime, World};
@@ -112,7 +114,9 @@ impl ServerHandle {
     /// Waits until the server stops (on a signal, with [`ServerConfig::stop_on_signal`]).
     pub fn join(mut self) -> anyhow::Result<()> {
         match self.thread.take() {
-            Some(thread) => thread.join().map_err(|_| anyhow::anyhow!("the server thread panicked")),
+            Some(thread) => {
+                thread.join().map_err(|_| anyhow::anyhow!("the server thread panicked"))
+            }
             None => Ok(()),
         }
     }
@@ -159,15 +163,22 @@ struct App {
 /// Binds nothing: serves `listener` with `served` through the component `component`
 /// (its bytes; compiled here, so a bad file fails before the first request), on a thread
 /// of its own with its own tokio runtime and the engine thread.
-pub fn spawn(listener: TcpListener, served: Arc<Served>, component: Vec<u8>, config: ServerConfig) -> anyhow::Result<ServerHandle> {
-    let runtime = Runtime::from_bytes(&component).map_err(|e| anyhow::anyhow!("loading the component: {e:?}"))?;
+pub fn spawn(
+    listener: TcpListener,
+    served: Arc<Served>,
+    component: Vec<u8>,
+    config: ServerConfig,
+) -> anyhow::Result<ServerHandle> {
+    let runtime = Runtime::from_bytes(&component)
+        .map_err(|e| anyhow::anyhow!("loading the component: {e:?}"))?;
     let world = runtime.world();
     let addr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
     let (engine, _engine_thread) = batcher::spawn(served.decoder(config.kv_budget_tokens))?;
     let admission = Admission::new(engine.info().token_capacity, config.max_queued);
     // Two workers: the connections and the requests' schedulers (the model has its own thread).
-    let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let tokio =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (stop, stopped) = oneshot::channel::<()>();
     let app = Arc::new(App {
         served,
@@ -231,7 +242,12 @@ fn router(app: Arc<App>) -> Router {
 /// A JSON answer.
 fn json_response(status: u16, body: &Value) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn error_response(error: &ApiError) -> Response {
@@ -244,7 +260,11 @@ fn error_response(error: &ApiError) -> Response {
 }
 
 async fn not_allowed(method: HttpMethod) -> Response {
-    error_response(&ApiError::status(405, "invalid_request_error", format!("method {method} not allowed here")))
+    error_response(&ApiError::status(
+        405,
+        "invalid_request_error",
+        format!("method {method} not allowed here"),
+    ))
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
@@ -279,14 +299,33 @@ async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
 /// Static files (with [`ServerConfig::static_dir`]), else 404.
 async fn fallback(State(app): State<Arc<App>>, method: HttpMethod, uri: Uri) -> Response {
     let path = uri.path();
-    let Some(root) = app.config.static_dir.as_ref().filter(|_| method == HttpMethod::GET || method == HttpMethod::HEAD) else {
-        return error_response(&ApiError::status(404, "not_found_error", format!("no route {path}")));
+    let Some(root) = app
+        .config
+        .static_dir
+        .as_ref()
+        .filter(|_| method == HttpMethod::GET || method == HttpMethod::HEAD)
+    else {
+        return error_response(&ApiError::status(
+            404,
+            "not_found_error",
+            format!("no route {path}"),
+        ));
     };
     let plain = |status: u16, text: String| {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::NOT_FOUND);
-        (status, [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))], text).into_response()
+        (
+            status,
+            [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))],
+            text,
+        )
+            .into_response()
     };
-    let file = match specrej_http::files::site_answer(root, app.config.models_dir.as_deref(), method.as_str(), path) {
+    let file = match specrej_http::files::site_answer(
+        root,
+        app.config.models_dir.as_deref(),
+        method.as_str(),
+        path,
+    ) {
         specrej_http::files::Answer::File(file) => file,
         specrej_http::files::Answer::Refused(status, message) => return plain(status, message),
     };
@@ -295,7 +334,10 @@ async fn fallback(State(app): State<Arc<App>>, method: HttpMethod, uri: Uri) -> 
     let body = if method == HttpMethod::HEAD { Body::empty() } else { file_body(handle) };
     let mut answer = (StatusCode::OK, body).into_response();
     let headers = answer.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(specrej_http::files::content_type(&file)));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(specrej_http::files::content_type(&file)),
+    );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
@@ -325,7 +367,9 @@ fn file_body(mut file: std::fs::File) -> Body {
             }
         }
     });
-    Body::from_stream(stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) }))
+    Body::from_stream(stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    }))
 }
 
 /// A request parsed, tokenized and checked: ready to run.
@@ -342,21 +386,33 @@ fn prepare(app: &App, endpoint: Endpoint, body: &[u8]) -> Result<Prepared, ApiEr
     let names = served.reward_names();
     let request = api::parse_request(endpoint, body, &app.config.limits, &names)?;
     if !names.contains(&request.reward.name()) {
-        let message = format!("reward {:?} does not run on this server's backend; it offers {}", request.reward.name(), names.join(", "));
+        let message = format!(
+            "reward {:?} does not run on this server's backend; it offers {}",
+            request.reward.name(),
+            names.join(", ")
+        );
         return Err(ApiError::invalid("specrej.reward", message));
     }
     let (prompt, prompt_param) = match &request.prompt {
         Prompt::Chat(messages) => (served.encode_chat(messages), "messages"),
         Prompt::Text(text) => (served.encode_raw(text), "prompt"),
     };
-    let prompt = prompt.map_err(|e| ApiError::invalid(prompt_param, format!("cannot tokenize the prompt: {e:#}")))?;
+    let prompt = prompt.map_err(|e| {
+        ApiError::invalid(prompt_param, format!("cannot tokenize the prompt: {e:#}"))
+    })?;
     let context = served.context_length();
     if prompt.is_empty() {
         return Err(ApiError::invalid(prompt_param, "the prompt is empty"));
     }
     if prompt.len() + request.max_tokens > context {
         let (param, message) = if prompt.len() >= context {
-            (prompt_param, format!("the prompt has {} tokens; the model's context holds {context}", prompt.len()))
+            (
+                prompt_param,
+                format!(
+                    "the prompt has {} tokens; the model's context holds {context}",
+                    prompt.len()
+                ),
+            )
         } else {
             (
                 "max_tokens",
@@ -376,15 +432,21 @@ fn prepare(app: &App, endpoint: Endpoint, body: &[u8]) -> Result<Prepared, ApiEr
         ));
     }
     // The judge reads its own question (quoting the prompt) and the answer: that must fit too.
-    let overhead = served
-        .judge_overhead(&request.reward, request.prompt.question())
-        .map_err(|e| ApiError::invalid(prompt_param, format!("cannot build the judge's question: {e:#}")))?;
+    let overhead =
+        served.judge_overhead(&request.reward, request.prompt.question()).map_err(|e| {
+            ApiError::invalid(prompt_param, format!("cannot build the judge's question: {e:#}"))
+        })?;
     if let Some(overhead) = overhead
         && overhead + request.max_tokens > context
     {
         let reward = request.reward.name();
         let (param, message) = if overhead >= context {
-            (prompt_param, format!("the {reward} reward's question about this prompt has {overhead} tokens; the model's context holds {context}"))
+            (
+                prompt_param,
+                format!(
+                    "the {reward} reward's question about this prompt has {overhead} tokens; the model's context holds {context}"
+                ),
+            )
         } else {
             (
                 "max_tokens",
@@ -404,7 +466,12 @@ fn prepare(app: &App, endpoint: Endpoint, body: &[u8]) -> Result<Prepared, ApiEr
         max_new_tokens: request.max_tokens,
         min_new_tokens: request.min_new_tokens,
         eos: served.eos(),
-        sampling: Sampling { seed: request.seed, temperature: request.temperature, top_k: request.top_k, top_p: request.top_p },
+        sampling: Sampling {
+            seed: request.seed,
+            temperature: request.temperature,
+            top_k: request.top_k,
+            top_p: request.top_p,
+        },
         rules: request.rules,
     };
     Ok(Prepared { request, prompt, options, capacity })
@@ -413,7 +480,12 @@ fn prepare(app: &App, endpoint: Endpoint, body: &[u8]) -> Result<Prepared, ApiEr
 /// A request's grant of the KV budget, in the decoder's layout: room for all `n` rows to the
 /// end for Best-of-N; `n` rows of min_new_tokens each for Speculative Rejection, so decisions
 /// fall where a memory-bound device would make them; capped by the server's budget.
-fn request_capacity(request: &GenerateRequest, prompt_len: usize, budget: usize, layout: KvLayout) -> Result<usize, ApiError> {
+fn request_capacity(
+    request: &GenerateRequest,
+    prompt_len: usize,
+    budget: usize,
+    layout: KvLayout,
+) -> Result<usize, ApiError> {
     let (len, param) = match request.method {
         Method::BestOfN => (request.max_tokens, "max_tokens"),
         Method::SpeculativeRejection { .. } => (request.min_new_tokens, "specrej.min_new_tokens"),
@@ -448,7 +520,9 @@ async fn generate(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: B
     let mut log = RequestLog::new(Arc::clone(&app), id.clone(), endpoint);
     let bytes = match read_body(&headers, body, MAX_BODY_BYTES, app.config.body_timeout).await {
         Ok(bytes) => bytes,
-        Err(e) => return log.refuse(ApiError::status(e.status(), "invalid_request_error", e.to_string())),
+        Err(e) => {
+            return log.refuse(ApiError::status(e.status(), "invalid_request_error", e.to_string()));
+        }
     };
     let prepared = match prepare(&app, endpoint, &bytes) {
         Ok(prepared) => prepared,
@@ -458,22 +532,45 @@ async fn generate(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: B
     let grant = match app.admission.admit(prepared.capacity).await {
         Ok(grant) => grant,
         Err(Refusal::QueueFull) => {
-            let error = ApiError::status(429, "rate_limit_error", "the server's queue is full: retry later").with_code("queue_full");
+            let error = ApiError::status(
+                429,
+                "rate_limit_error",
+                "the server's queue is full: retry later",
+            )
+            .with_code("queue_full");
             return log.refuse(error);
         }
         Err(Refusal::TooLarge) => {
-            let message = format!("the request needs {} cached tokens; the server's KV budget holds {}", prepared.capacity, app.admission.total());
-            return log.refuse(ApiError::status(413, "invalid_request_error", message).with_code("kv_budget_exceeded"));
+            let message = format!(
+                "the request needs {} cached tokens; the server's KV budget holds {}",
+                prepared.capacity,
+                app.admission.total()
+            );
+            return log.refuse(
+                ApiError::status(413, "invalid_request_error", message)
+                    .with_code("kv_budget_exceeded"),
+            );
         }
     };
     log.admitted();
-    let (scorer, on_engine) = match app.served.scorer(&prepared.request.reward, prepared.request.prompt.question()) {
-        Ok(scorer) => scorer,
-        Err(e) => return log.refuse(ApiError::status(500, "server_error", format!("building the reward model: {e:#}"))),
-    };
+    let (scorer, on_engine) =
+        match app.served.scorer(&prepared.request.reward, prepared.request.prompt.question()) {
+            Ok(scorer) => scorer,
+            Err(e) => {
+                return log.refuse(ApiError::status(
+                    500,
+                    "server_error",
+                    format!("building the reward model: {e:#}"),
+                ));
+            }
+        };
     let mut lease = app.engine.lease(prepared.capacity, scorer, on_engine, Some(grant));
     if prepared.request.rules.refill.is_none() {
-        let plan = GrantPlan { rows: prepared.options.n, prompt_len: prepared.prompt.len(), max_new_tokens: prepared.options.max_new_tokens };
+        let plan = GrantPlan {
+            rows: prepared.options.n,
+            prompt_len: prepared.prompt.len(),
+            max_new_tokens: prepared.options.max_new_tokens,
+        };
         lease = lease.with_plan(plan);
     }
     let ctx = Context { id, created, prepared };
@@ -484,7 +581,10 @@ async fn generate(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: B
     let result = run(&app, &ctx.prepared, lease, EventKinds::empty(), Box::new(|_| true)).await;
     match result {
         Ok(outcome) => {
-            let document = api::response_document(&ctx.response(&app), &outcome, &|ids: &[u32]| app.served.decode(ids));
+            let document =
+                api::response_document(&ctx.response(&app), &outcome, &|ids: &[u32]| {
+                    app.served.decode(ids)
+                });
             log.done(200, Some(&outcome));
             json_response(200, &document)
         }
@@ -493,10 +593,17 @@ async fn generate(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: B
 }
 
 /// Runs a prepared request on its lease, within the request deadline.
-async fn run(app: &App, prepared: &Prepared, lease: Lease, events: EventKinds, observer: Observer) -> Result<Outcome, ApiError> {
+async fn run(
+    app: &App,
+    prepared: &Prepared,
+    lease: Lease,
+    events: EventKinds,
+    observer: Observer,
+) -> Result<Outcome, ApiError> {
     let timeout = app.config.request_timeout;
     let limits = Limits::for_request(prepared.options.n, prepared.options.max_new_tokens, timeout);
-    let call = app.runtime.run(lease, &prepared.prompt, &prepared.options, events, observer, limits);
+    let call =
+        app.runtime.run(lease, &prepared.prompt, &prepared.options, events, observer, limits);
     match tokio::time::timeout(timeout, call).await {
         Ok(run) => run.result.map_err(run_error),
         Err(_) => Err(run_error(RunError::Timeout)),
@@ -525,7 +632,9 @@ impl Context {
 fn own(event: &Event<'_>) -> Option<OwnedEvent> {
     Some(match *event {
         Event::Prefilled { first_row, rows } => OwnedEvent::Prefilled { first_row, rows },
-        Event::Step { rows, tokens, .. } => OwnedEvent::Step { rows: rows.to_vec(), tokens: tokens.to_vec() },
+        Event::Step { rows, tokens, .. } => {
+            OwnedEvent::Step { rows: rows.to_vec(), tokens: tokens.to_vec() }
+        }
         Event::Decision { decision, rows, scores, kept } => OwnedEvent::Decision {
             position: decision.position,
             threshold: decision.threshold,
@@ -541,9 +650,16 @@ fn own(event: &Event<'_>) -> Option<OwnedEvent> {
 fn run_error(error: RunError) -> ApiError {
     match error {
         RunError::InvalidRequest(message) => ApiError::bad_request(message),
-        RunError::Engine(error) => ApiError::status(500, "server_error", format!("engine error: {error}")),
-        RunError::OutOfFuel => ApiError::status(500, "server_error", RunError::OutOfFuel.to_string()).with_code("component_out_of_fuel"),
-        RunError::Timeout => ApiError::status(504, "timeout", RunError::Timeout.to_string()).with_code("timeout"),
+        RunError::Engine(error) => {
+            ApiError::status(500, "server_error", format!("engine error: {error}"))
+        }
+        RunError::OutOfFuel => {
+            ApiError::status(500, "server_error", RunError::OutOfFuel.to_string())
+                .with_code("component_out_of_fuel")
+        }
+        RunError::Timeout => {
+            ApiError::status(504, "timeout", RunError::Timeout.to_string()).with_code("timeout")
+        }
         other => ApiError::status(500, "server_error", other.to_string()),
     }
 }
@@ -570,10 +686,15 @@ fn stream_response(app: Arc<App>, ctx: Context, lease: Lease, log: RequestLog) -
         let mut log = log;
         tokio::spawn(async move {
             let _active = Active::new(&app.metrics);
-            let events = EventKinds::PREFILLED | EventKinds::STEP | EventKinds::DECISION | EventKinds::FINISHED;
+            let events = EventKinds::PREFILLED
+                | EventKinds::STEP
+                | EventKinds::DECISION
+                | EventKinds::FINISHED;
             // A client that left drops the receiver: the send fails and the run stops.
             let sender = tx.clone();
-            let observer: Observer = Box::new(move |event| own(event).is_none_or(|event| sender.send(RunMsg::Event(event)).is_ok()));
+            let observer: Observer = Box::new(move |event| {
+                own(event).is_none_or(|event| sender.send(RunMsg::Event(event)).is_ok())
+            });
             let result = run(&app, &ctx.prepared, lease, events, observer).await;
             match &result {
                 Ok(outcome) => log.done(200, Some(outcome)),
@@ -587,28 +708,38 @@ fn stream_response(app: Arc<App>, ctx: Context, lease: Lease, log: RequestLog) -
     drop(tx);
     let streamer = Streamer::new(app, ctx);
     let state = (rx, streamer, VecDeque::new(), false, AbortOnDrop(task));
-    let events = stream::unfold(state, |(mut rx, mut streamer, mut queue, mut ended, guard)| async move {
-        loop {
-            if let Some(event) = queue.pop_front() {
-                return Some((Ok::<_, std::convert::Infallible>(event), (rx, streamer, queue, ended, guard)));
-            }
-            if ended {
-                return None;
-            }
-            match rx.recv().await {
-                Some(message) => {
-                    ended = matches!(message, RunMsg::Done(_));
-                    queue.extend(streamer.on(message));
+    let events =
+        stream::unfold(state, |(mut rx, mut streamer, mut queue, mut ended, guard)| async move {
+            loop {
+                if let Some(event) = queue.pop_front() {
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(event),
+                        (rx, streamer, queue, ended, guard),
+                    ));
                 }
-                None => {
-                    let error = ApiError::status(500, "server_error", "the request's task ended without an answer");
-                    queue.push_back(SseEvent::default().event("error").data(error.body().to_string()));
-                    queue.push_back(SseEvent::default().data("[DONE]"));
-                    ended = true;
+                if ended {
+                    return None;
+                }
+                match rx.recv().await {
+                    Some(message) => {
+                        ended = matches!(message, RunMsg::Done(_));
+                        queue.extend(streamer.on(message));
+                    }
+                    None => {
+                        let error = ApiError::status(
+                            500,
+                            "server_error",
+                            "the request's task ended without an answer",
+                        );
+                        queue.push_back(
+                            SseEvent::default().event("error").data(error.body().to_string()),
+                        );
+                        queue.push_back(SseEvent::default().data("[DONE]"));
+                        ended = true;
+                    }
                 }
             }
-        }
-    });
+        });
     let mut answer = Sse::new(events).into_response();
     answer.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     answer
@@ -635,7 +766,15 @@ struct Streamer {
 impl Streamer {
     fn new(app: Arc<App>, ctx: Arc<Context>) -> Self {
         let chat = ctx.prepared.request.endpoint == Endpoint::Chat;
-        Self { app, ctx, chat, started: false, tokens: HashMap::new(), live: Vec::new(), leader: Leader { row: None, sent: String::new() } }
+        Self {
+            app,
+            ctx,
+            chat,
+            started: false,
+            tokens: HashMap::new(),
+            live: Vec::new(),
+            leader: Leader { row: None, sent: String::new() },
+        }
     }
 
     fn decode(&self, ids: &[u32]) -> String {
@@ -667,7 +806,9 @@ impl Streamer {
     fn switch(&mut self, row: u32) -> SseEvent {
         self.leader.row = Some(row);
         self.leader.sent = self.decode(self.tokens.get(&row).map_or(&[][..], Vec::as_slice));
-        SseEvent::default().event("leader").data(json!({ "row": row, "text": self.leader.sent }).to_string())
+        SseEvent::default()
+            .event("leader")
+            .data(json!({ "row": row, "text": self.leader.sent }).to_string())
     }
 
     fn on(&mut self, message: RunMsg) -> Vec<SseEvent> {
@@ -691,7 +832,10 @@ impl Streamer {
                 self.live = rows;
                 if let Some(row) = self.leader.row.filter(|r| self.live.contains(r)) {
                     let text = self.decode(&self.tokens[&row]);
-                    if !text.ends_with('\u{FFFD}') && text.len() > self.leader.sent.len() && text.starts_with(&self.leader.sent) {
+                    if !text.ends_with('\u{FFFD}')
+                        && text.len() > self.leader.sent.len()
+                        && text.starts_with(&self.leader.sent)
+                    {
                         let delta = text[self.leader.sent.len()..].to_string();
                         self.leader.sent = text;
                         out.push(self.chunk(Some(&delta), Some(row), None));
@@ -735,7 +879,10 @@ impl Streamer {
             }
             RunMsg::Done(Ok(outcome)) => {
                 let app = Arc::clone(&self.app);
-                let document = api::response_document(&self.ctx.response(&app), &outcome, &|ids: &[u32]| app.served.decode(ids));
+                let document =
+                    api::response_document(&self.ctx.response(&app), &outcome, &|ids: &[u32]| {
+                        app.served.decode(ids)
+                    });
                 out.push(SseEvent::default().event("winner").data(document.to_string()));
                 let finish = api::finish_reason(outcome.winner().finish);
                 out.push(self.chunk(None, Some(outcome.winner().row), Some(finish)));
@@ -753,7 +900,8 @@ impl Streamer {
 // ---- observability ----
 
 /// Upper bounds (seconds) of the request-latency histogram's buckets.
-const LATENCY_BUCKETS: [f64; 12] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+const LATENCY_BUCKETS: [f64; 12] =
+    [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
 /// The server's own counters (the engine's are in [`batcher::EngineCounters`]).
 #[derive(Debug, Default)]
@@ -803,7 +951,14 @@ async fn sample_tokens(app: Arc<App>) {
 /// `GET /metrics`: Prometheus text format 0.0.4.
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let text = render_metrics(&app);
-    (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], text)
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
         .into_response()
 }
 
@@ -817,34 +972,125 @@ fn render_metrics(app: &App) -> String {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     };
     let bytes = |tokens: usize| tokens as u64 * info.kv_bytes_per_token as u64;
-    metric("specrej_queue_depth", "gauge", "Requests waiting for their KV grant.", app.admission.queued().to_string());
-    metric("specrej_requests_active", "gauge", "Requests running.", m.active.load(Ordering::SeqCst).to_string());
-    metric("specrej_batches_active", "gauge", "Batches alive on the engine.", engine.batches.load(Ordering::SeqCst).to_string());
-    metric("specrej_rows_active", "gauge", "Rows alive over all requests.", engine.rows.load(Ordering::SeqCst).to_string());
-    metric("specrej_kv_budget_bytes", "gauge", "The whole KV budget.", bytes(app.admission.total()).to_string());
-    metric("specrej_kv_granted_bytes", "gauge", "KV budget granted to running requests.", bytes(app.admission.granted()).to_string());
-    let used = if info.merges { engine.kv_bytes_held.load(Ordering::Relaxed) } else { bytes(app.admission.granted()) };
-    metric("specrej_kv_used_bytes", "gauge", "KV bytes held by rows (the grants where the backend does not count blocks).", used.to_string());
-    metric("specrej_kv_free_bytes", "gauge", "KV budget not held.", bytes(app.admission.total()).saturating_sub(used).to_string());
-    metric("specrej_tokens_generated_total", "counter", "Tokens sampled.", engine.tokens.load(Ordering::Relaxed).to_string());
+    metric(
+        "specrej_queue_depth",
+        "gauge",
+        "Requests waiting for their KV grant.",
+        app.admission.queued().to_string(),
+    );
+    metric(
+        "specrej_requests_active",
+        "gauge",
+        "Requests running.",
+        m.active.load(Ordering::SeqCst).to_string(),
+    );
+    metric(
+        "specrej_batches_active",
+        "gauge",
+        "Batches alive on the engine.",
+        engine.batches.load(Ordering::SeqCst).to_string(),
+    );
+    metric(
+        "specrej_rows_active",
+        "gauge",
+        "Rows alive over all requests.",
+        engine.rows.load(Ordering::SeqCst).to_string(),
+    );
+    metric(
+        "specrej_kv_budget_bytes",
+        "gauge",
+        "The whole KV budget.",
+        bytes(app.admission.total()).to_string(),
+    );
+    metric(
+        "specrej_kv_granted_bytes",
+        "gauge",
+        "KV budget granted to running requests.",
+        bytes(app.admission.granted()).to_string(),
+    );
+    let used = if info.merges {
+        engine.kv_bytes_held.load(Ordering::Relaxed)
+    } else {
+        bytes(app.admission.granted())
+    };
+    metric(
+        "specrej_kv_used_bytes",
+        "gauge",
+        "KV bytes held by rows (the grants where the backend does not count blocks).",
+        used.to_string(),
+    );
+    metric(
+        "specrej_kv_free_bytes",
+        "gauge",
+        "KV budget not held.",
+        bytes(app.admission.total()).saturating_sub(used).to_string(),
+    );
+    metric(
+        "specrej_tokens_generated_total",
+        "counter",
+        "Tokens sampled.",
+        engine.tokens.load(Ordering::Relaxed).to_string(),
+    );
     let rate = {
         let samples = m.token_samples.lock().unwrap_or_else(PoisonError::into_inner);
         match (samples.front(), samples.back()) {
-            (Some(first), Some(last)) if last.0 > first.0 => (last.1 - first.1) as f64 / (last.0 - first.0).as_secs_f64(),
+            (Some(first), Some(last)) if last.0 > first.0 => {
+                (last.1 - first.1) as f64 / (last.0 - first.0).as_secs_f64()
+            }
             _ => 0.0,
         }
     };
-    metric("specrej_tokens_per_second", "gauge", "Tokens sampled per second over the last 10 s.", format!("{rate:.3}"));
-    metric("specrej_step_rounds_total", "counter", "Engine step rounds (one batched pass each on the CPU).", engine.rounds.load(Ordering::Relaxed).to_string());
-    metric("specrej_batch_steps_total", "counter", "Request batches stepped (a round of k requests counts k).", engine.batch_steps.load(Ordering::Relaxed).to_string());
-    metric("specrej_widest_round_batches", "gauge", "The most request batches one round has stepped together.", engine.widest_round.load(Ordering::Relaxed).to_string());
-    metric("specrej_decisions_total", "counter", "Speculative Rejection decisions of finished requests.", m.decisions.load(Ordering::Relaxed).to_string());
-    metric("specrej_uptime_seconds", "gauge", "Seconds since the server started.", format!("{:.3}", app.started.elapsed().as_secs_f64()));
-    let _ = writeln!(out, "# HELP specrej_engine_seconds_total Seconds the engine thread spent, by kind of work.\n# TYPE specrej_engine_seconds_total counter");
+    metric(
+        "specrej_tokens_per_second",
+        "gauge",
+        "Tokens sampled per second over the last 10 s.",
+        format!("{rate:.3}"),
+    );
+    metric(
+        "specrej_step_rounds_total",
+        "counter",
+        "Engine step rounds (one batched pass each on the CPU).",
+        engine.rounds.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "specrej_batch_steps_total",
+        "counter",
+        "Request batches stepped (a round of k requests counts k).",
+        engine.batch_steps.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "specrej_widest_round_batches",
+        "gauge",
+        "The most request batches one round has stepped together.",
+        engine.widest_round.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "specrej_decisions_total",
+        "counter",
+        "Speculative Rejection decisions of finished requests.",
+        m.decisions.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "specrej_uptime_seconds",
+        "gauge",
+        "Seconds since the server started.",
+        format!("{:.3}", app.started.elapsed().as_secs_f64()),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP specrej_engine_seconds_total Seconds the engine thread spent, by kind of work.\n# TYPE specrej_engine_seconds_total counter"
+    );
     for (kind, nanos) in batcher::JOB_KINDS.iter().zip(&engine.busy_nanos) {
-        let _ = writeln!(out, "specrej_engine_seconds_total{{job=\"{kind}\"}} {:.6}", nanos.load(Ordering::Relaxed) as f64 * 1e-9);
+        let _ = writeln!(
+            out,
+            "specrej_engine_seconds_total{{job=\"{kind}\"}} {:.6}",
+            nanos.load(Ordering::Relaxed) as f64 * 1e-9
+        );
     }
-    let _ = writeln!(out, "# HELP specrej_requests_total Requests ended, by outcome.\n# TYPE specrej_requests_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP specrej_requests_total Requests ended, by outcome.\n# TYPE specrej_requests_total counter"
+    );
     let ended = m.ended.lock().unwrap_or_else(PoisonError::into_inner);
     let mut labels: Vec<_> = ended.iter().collect();
     labels.sort();
@@ -852,15 +1098,22 @@ fn render_metrics(app: &App) -> String {
         let _ = writeln!(out, "specrej_requests_total{{outcome=\"{label}\"}} {count}");
     }
     let (counts, sum) = *m.latency.lock().unwrap_or_else(PoisonError::into_inner);
-    let _ = writeln!(out, "# HELP specrej_request_duration_seconds Seconds from a request's body to its answer.\n# TYPE specrej_request_duration_seconds histogram");
+    let _ = writeln!(
+        out,
+        "# HELP specrej_request_duration_seconds Seconds from a request's body to its answer.\n# TYPE specrej_request_duration_seconds histogram"
+    );
     let mut cumulative = 0;
     for (bound, count) in LATENCY_BUCKETS.iter().zip(&counts) {
         cumulative += count;
-        let _ = writeln!(out, "specrej_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+        let _ =
+            writeln!(out, "specrej_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
     }
     cumulative += counts[LATENCY_BUCKETS.len()];
     let _ = writeln!(out, "specrej_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
-    let _ = writeln!(out, "specrej_request_duration_seconds_sum {sum:.6}\nspecrej_request_duration_seconds_count {cumulative}");
+    let _ = writeln!(
+        out,
+        "specrej_request_duration_seconds_sum {sum:.6}\nspecrej_request_duration_seconds_count {cumulative}"
+    );
     out
 }
 
@@ -878,7 +1131,15 @@ struct RequestLog {
 
 impl RequestLog {
     fn new(app: Arc<App>, id: String, endpoint: Endpoint) -> Self {
-        Self { app, id, endpoint, start: Instant::now(), admitted: None, fields: json!({}), ended: false }
+        Self {
+            app,
+            id,
+            endpoint,
+            start: Instant::now(),
+            admitted: None,
+            fields: json!({}),
+            ended: false,
+        }
     }
 
     fn describe(&mut self, prepared: &Prepared) {
@@ -926,7 +1187,8 @@ impl RequestLog {
         *m.ended.lock().unwrap_or_else(PoisonError::into_inner).entry(label).or_default() += 1;
         if self.admitted.is_some() {
             let mut latency = m.latency.lock().unwrap_or_else(PoisonError::into_inner);
-            let bucket = LATENCY_BUCKETS.iter().position(|&b| seconds <= b).unwrap_or(LATENCY_BUCKETS.len());
+            let bucket =
+                LATENCY_BUCKETS.iter().position(|&b| seconds <= b).unwrap_or(LATENCY_BUCKETS.len());
             latency.0[bucket] += 1;
             latency.1 += seconds;
         }

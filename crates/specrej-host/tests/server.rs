@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{events, get, head, post, raw};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use specrej_host::api::RequestLimits;
 use specrej_host::{BackendKind, RealModel, Served, ServerConfig};
 
@@ -18,7 +18,8 @@ const CHAT: &str = "/v1/chat/completions";
 
 fn start(served: Served, config: ServerConfig) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let handle = specrej_host::spawn(listener, Arc::new(served), common::component_bytes(), config).expect("server starts");
+    let handle = specrej_host::spawn(listener, Arc::new(served), common::component_bytes(), config)
+        .expect("server starts");
     handle.addr
 }
 
@@ -69,7 +70,8 @@ fn fake_server() -> SocketAddr {
 }
 
 fn chat_body(extra: Value) -> String {
-    let mut body = json!({ "model": "x", "messages": [{ "role": "user", "content": "hello there" }] });
+    let mut body =
+        json!({ "model": "x", "messages": [{ "role": "user", "content": "hello there" }] });
     if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
         body.extend(extra);
     }
@@ -95,8 +97,16 @@ fn static_files_with_their_content_types() {
     for (name, kind, body) in STATIC_FILES {
         let answer = get(addr, &format!("/{name}"));
         assert_eq!(answer.status, 200, "{name}: {}", answer.body);
-        assert!(answer.headers.contains(&format!("content-type: {kind}")), "{name}: {}", answer.headers);
-        assert!(answer.headers.contains(&format!("content-length: {}", body.len())), "{name}: {}", answer.headers);
+        assert!(
+            answer.headers.contains(&format!("content-type: {kind}")),
+            "{name}: {}",
+            answer.headers
+        );
+        assert!(
+            answer.headers.contains(&format!("content-length: {}", body.len())),
+            "{name}: {}",
+            answer.headers
+        );
         assert_eq!(answer.body, *body, "{name}");
     }
     // `/` is index.html; a query string is ignored; HEAD sends the head only.
@@ -105,12 +115,21 @@ fn static_files_with_their_content_types() {
     let answer = head(addr, "/pkg/engine.wasm");
     assert_eq!(answer.status, 200);
     assert!(answer.headers.contains("content-type: application/wasm"), "{}", answer.headers);
-    assert!(answer.headers.contains(&format!("content-length: {}", STATIC_FILES[2].2.len())), "{}", answer.headers);
+    assert!(
+        answer.headers.contains(&format!("content-length: {}", STATIC_FILES[2].2.len())),
+        "{}",
+        answer.headers
+    );
     assert!(answer.body.is_empty(), "HEAD has no body: {:?}", answer.body);
     // The model, from the models folder, with its length (the page's progress bar).
     let model = get(addr, "/models/tiny.gguf");
     assert_eq!((model.status, model.body.as_str()), (200, "GGUF0123456789"));
-    assert!(model.headers.contains("content-length: 14") && model.headers.contains("application/octet-stream"), "{}", model.headers);
+    assert!(
+        model.headers.contains("content-length: 14")
+            && model.headers.contains("application/octet-stream"),
+        "{}",
+        model.headers
+    );
     // The API keeps its routes.
     assert_eq!(get(addr, "/health").json()["status"], "ok");
     assert_eq!(get(addr, "/v1/models").json()["data"][0]["id"], "specrej-fake");
@@ -139,7 +158,11 @@ fn static_files_refuse_traversal_and_answer_404_for_missing_ones() {
     ] {
         let answer = get(addr, path);
         assert!((400..500).contains(&answer.status), "{path} → {}", answer.status);
-        assert!(!answer.body.contains("secret") || answer.body.contains(path), "{path} leaks: {}", answer.body);
+        assert!(
+            !answer.body.contains("secret") || answer.body.contains(path),
+            "{path} leaks: {}",
+            answer.body
+        );
     }
     // Still serving.
     assert_eq!(get(addr, "/").status, 200);
@@ -154,7 +177,8 @@ fn best_of_n_returns_every_choice_best_first() {
     assert_eq!(doc["object"], "chat.completion");
     let choices = doc["choices"].as_array().expect("choices");
     assert_eq!(choices.len(), 4);
-    let scores: Vec<f64> = choices.iter().map(|c| c["specrej"]["score"].as_f64().expect("score")).collect();
+    let scores: Vec<f64> =
+        choices.iter().map(|c| c["specrej"]["score"].as_f64().expect("score")).collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first: {scores:?}");
     for (i, c) in choices.iter().enumerate() {
         assert_eq!(c["index"], i);
@@ -169,7 +193,13 @@ fn best_of_n_returns_every_choice_best_first() {
     assert_eq!(doc["specrej"]["method"], "best_of_n");
 
     // Same seed, same answer; the winner only when asked.
-    let again = post(addr, CHAT, &chat_body(json!({ "n": 4, "max_tokens": 12, "seed": 2, "specrej": { "return_candidates": false } })));
+    let again = post(
+        addr,
+        CHAT,
+        &chat_body(
+            json!({ "n": 4, "max_tokens": 12, "seed": 2, "specrej": { "return_candidates": false } }),
+        ),
+    );
     let again = again.json();
     assert_eq!(again["choices"].as_array().expect("choices").len(), 1);
     assert_eq!(again["choices"][0]["message"], doc["choices"][0]["message"]);
@@ -195,7 +225,11 @@ fn speculative_rejection_reports_its_trace() {
 #[test]
 fn completions_endpoint() {
     let addr = fake_server();
-    let answer = post(addr, "/v1/completions", &json!({ "prompt": "once upon a time", "n": 2, "max_tokens": 8 }).to_string());
+    let answer = post(
+        addr,
+        "/v1/completions",
+        &json!({ "prompt": "once upon a time", "n": 2, "max_tokens": 8 }).to_string(),
+    );
     assert_eq!(answer.status, 200, "{}", answer.body);
     let doc = answer.json();
     assert_eq!(doc["object"], "text_completion");
@@ -211,7 +245,11 @@ fn bad_requests_get_400_naming_the_field() {
         ("[1, 2]".into(), 400, None),
         (json!({ "messages": "hi" }).to_string(), 400, Some("messages")),
         (json!({ "messages": [] }).to_string(), 400, Some("messages")),
-        (json!({ "messages": [{ "role": "user", "content": "   " }] }).to_string(), 400, Some("messages")),
+        (
+            json!({ "messages": [{ "role": "user", "content": "   " }] }).to_string(),
+            400,
+            Some("messages"),
+        ),
         (chat_body(json!({ "n": 0 })), 400, Some("n")),
         (chat_body(json!({ "n": -3 })), 400, Some("n")),
         (chat_body(json!({ "n": 2.5 })), 400, Some("n")),
@@ -227,9 +265,21 @@ fn bad_requests_get_400_naming_the_field() {
         (chat_body(json!({ "specrej": { "surprise": true } })), 400, Some("specrej.surprise")),
         (chat_body(json!({ "specrej": [] })), 400, Some("specrej")),
         // The context holds 4096 tokens.
-        (chat_body(json!({ "max_tokens": 500, "messages": [{ "role": "user", "content": "x".repeat(3700) }] })), 400, Some("max_tokens")),
+        (
+            chat_body(
+                json!({ "max_tokens": 500, "messages": [{ "role": "user", "content": "x".repeat(3700) }] }),
+            ),
+            400,
+            Some("max_tokens"),
+        ),
         // One row of prompt (~1600 tokens) + 512 new ones does not fit the 2000-token KV budget.
-        (chat_body(json!({ "max_tokens": 512, "messages": [{ "role": "user", "content": "y".repeat(1600) }] })), 413, Some("max_tokens")),
+        (
+            chat_body(
+                json!({ "max_tokens": 512, "messages": [{ "role": "user", "content": "y".repeat(1600) }] }),
+            ),
+            413,
+            Some("max_tokens"),
+        ),
     ];
     for (body, status, param) in cases {
         let answer = post(addr, CHAT, &body);
@@ -241,7 +291,10 @@ fn bad_requests_get_400_naming_the_field() {
         assert_eq!(error["param"].as_str(), param, "{body} → {}", answer.body);
     }
     let completion = post(addr, "/v1/completions", &json!({ "prompt": "" }).to_string());
-    assert_eq!((completion.status, completion.json()["error"]["param"].as_str()), (400, Some("prompt")));
+    assert_eq!(
+        (completion.status, completion.json()["error"]["param"].as_str()),
+        (400, Some("prompt"))
+    );
     // A body over the limit, and a request line that is not HTTP.
     let big = format!("POST {CHAT} HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 10 << 20);
     assert_eq!(raw(addr, big.as_bytes()).status, 413);
@@ -290,11 +343,16 @@ fn streaming_sends_tokens_rejections_and_the_winner() {
         .collect();
     assert!(chunks.len() > 2, "token chunks arrive: {names:?}");
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
-    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let streamed: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert!(!streamed.is_empty());
-    let rejected: Value = serde_json::from_str(&events.iter().find(|(n, _)| n == "rejected").expect("rejected").1).expect("JSON");
+    let rejected: Value =
+        serde_json::from_str(&events.iter().find(|(n, _)| n == "rejected").expect("rejected").1)
+            .expect("JSON");
     assert!(!rejected["rejected"].as_array().expect("rows").is_empty());
-    let winner: Value = serde_json::from_str(&events.iter().find(|(n, _)| n == "winner").expect("winner").1).expect("JSON");
+    let winner: Value =
+        serde_json::from_str(&events.iter().find(|(n, _)| n == "winner").expect("winner").1)
+            .expect("JSON");
     assert_eq!(winner["object"], "chat.completion");
     assert!(!winner["usage"]["rejection_trace"].as_array().expect("trace").is_empty());
     // The stream's winner is the non-streamed answer.
@@ -306,7 +364,9 @@ fn real_server() -> SocketAddr {
     static ADDR: OnceLock<SocketAddr> = OnceLock::new();
     *ADDR.get_or_init(|| {
         let path = common::default_model();
-        let model = RealModel::load(Path::new(&path), BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0).expect("model");
+        let model =
+            RealModel::load(Path::new(&path), BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0)
+                .expect("model");
         let config = ServerConfig { model_id: "smollm2".into(), ..ServerConfig::default() };
         start(Served::Real(Box::new(model)), config)
     })
@@ -330,8 +390,19 @@ fn real_model_chat_completion_and_stream() {
     // The time breakdown, measured by the host around each import.
     let usage = &doc["usage"];
     let seconds = |k: &str| usage[k].as_f64().unwrap_or_else(|| panic!("usage.{k}"));
-    assert!(seconds("step_seconds") > 0.0 && seconds("reward_seconds") > 0.0 && seconds("prefill_seconds") > 0.0, "{usage}");
-    assert!(seconds("step_seconds") + seconds("reward_seconds") + seconds("prefill_seconds") + seconds("retain_seconds") <= seconds("wall_seconds"));
+    assert!(
+        seconds("step_seconds") > 0.0
+            && seconds("reward_seconds") > 0.0
+            && seconds("prefill_seconds") > 0.0,
+        "{usage}"
+    );
+    assert!(
+        seconds("step_seconds")
+            + seconds("reward_seconds")
+            + seconds("prefill_seconds")
+            + seconds("retain_seconds")
+            <= seconds("wall_seconds")
+    );
 
     // 4 rows with room for 6 tokens each, in blocks of 16: a decision after 16 tokens.
     let body = json!({
@@ -358,13 +429,19 @@ fn a_judge_question_over_the_context_is_a_400() {
     let addr = real_server();
     // A prompt and max_tokens that fill the context exactly: the policy's side fits, but the
     // judge's question quotes the prompt and adds its own words, so the judge's input does not.
-    let text = specrej_text::ModelText::load(Path::new(&common::default_model())).expect("model text");
+    let text =
+        specrej_text::ModelText::load(Path::new(&common::default_model())).expect("model text");
     let long = "word ".repeat(7000);
-    let prompt = text.encode_chat(&[specrej_text::Message::user(long.as_str())]).expect("encode").len();
-    let judge = specrej_text::judge_segments(&text.tokenizer, &text.template, &long).expect("judge");
+    let prompt =
+        text.encode_chat(&[specrej_text::Message::user(long.as_str())]).expect("encode").len();
+    let judge =
+        specrej_text::judge_segments(&text.tokenizer, &text.template, &long).expect("judge");
     let context = 8192;
     let max_tokens = context - prompt;
-    assert!(judge.before.len() + judge.after.len() > prompt, "the judge's question is longer than the prompt");
+    assert!(
+        judge.before.len() + judge.after.len() > prompt,
+        "the judge's question is longer than the prompt"
+    );
     let body = json!({ "messages": [{ "role": "user", "content": long }], "n": 2, "max_tokens": max_tokens, "seed": 1 });
     let answer = post(addr, CHAT, &body.to_string());
     assert_eq!(answer.status, 400, "{}", answer.body);
@@ -388,23 +465,38 @@ impl Drop for TempDir {
 fn real_model_with_a_reward_model_directory_and_a_reward_server() {
     let path = common::default_model();
     // The default model's judge as a Hugging Face reward-model directory (f16, ~270 MB).
-    let rm_dir = TempDir(std::env::temp_dir().join(format!("specrej-host-rm-{}", std::process::id())));
-    specrej_reward::export_judge_rm(&path, &rm_dir.0, specrej_reward::ExportDtype::F16).expect("export");
-    let mut model = RealModel::load(&path, BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0).expect("model");
+    let rm_dir =
+        TempDir(std::env::temp_dir().join(format!("specrej-host-rm-{}", std::process::id())));
+    specrej_reward::export_judge_rm(&path, &rm_dir.0, specrej_reward::ExportDtype::F16)
+        .expect("export");
+    let mut model = RealModel::load(&path, BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0)
+        .expect("model");
     model.load_reward("rm", &rm_dir.0).expect("reward model");
     // The same reward model behind specrej-reward's server.
-    let options = specrej_candle::LoadOptions { weights: specrej_candle::WeightFormat::F32, ..Default::default() };
+    let options = specrej_candle::LoadOptions {
+        weights: specrej_candle::WeightFormat::F32,
+        ..Default::default()
+    };
     let rm = specrej_reward::RewardModel::load(&rm_dir.0, &options).expect("reward model");
-    let (rm_addr, _rm_server) = specrej_reward::spawn_server("127.0.0.1:0", rm).expect("reward server");
-    model.add_reward("remote", specrej_host::ExtraReward::Remote(format!("http://{rm_addr}/score"))).expect("remote");
+    let (rm_addr, _rm_server) =
+        specrej_reward::spawn_server("127.0.0.1:0", rm).expect("reward server");
+    model
+        .add_reward("remote", specrej_host::ExtraReward::Remote(format!("http://{rm_addr}/score")))
+        .expect("remote");
     for taken in ["judge", "rm", ""] {
         let again = specrej_host::ExtraReward::Remote("http://127.0.0.1:1/".into());
         assert!(model.add_reward(taken, again).is_err(), "{taken:?}");
     }
-    let addr = start(Served::Real(Box::new(model)), ServerConfig { model_id: "smollm2".into(), ..ServerConfig::default() });
+    let addr = start(
+        Served::Real(Box::new(model)),
+        ServerConfig { model_id: "smollm2".into(), ..ServerConfig::default() },
+    );
 
     let models = get(addr, "/v1/models").json();
-    assert_eq!(models["data"][0]["specrej"]["rewards"], json!(["judge", "partial_judge", "likelihood", "rm", "remote"]));
+    assert_eq!(
+        models["data"][0]["specrej"]["rewards"],
+        json!(["judge", "partial_judge", "likelihood", "rm", "remote"])
+    );
 
     let ask = |reward: &str| {
         // A decision after one 16-token block per row.
@@ -420,17 +512,29 @@ fn real_model_with_a_reward_model_directory_and_a_reward_server() {
     let local = ask("rm");
     assert_eq!(local["specrej"]["reward"], "rm");
     assert!(local["usage"]["reward_tokens"].as_u64().expect("reward tokens") > 0);
-    assert!(!local["usage"]["rejection_trace"].as_array().expect("trace").is_empty(), "SR made a decision");
+    assert!(
+        !local["usage"]["rejection_trace"].as_array().expect("trace").is_empty(),
+        "SR made a decision"
+    );
     let remote = ask("remote");
     assert_eq!(remote["specrej"]["winner_row"], local["specrej"]["winner_row"]);
-    assert_eq!(remote["choices"][0]["message"]["content"], local["choices"][0]["message"]["content"]);
-    assert_eq!(remote["usage"]["reward_tokens"], local["usage"]["reward_tokens"], "both score incrementally");
+    assert_eq!(
+        remote["choices"][0]["message"]["content"],
+        local["choices"][0]["message"]["content"]
+    );
+    assert_eq!(
+        remote["usage"]["reward_tokens"], local["usage"]["reward_tokens"],
+        "both score incrementally"
+    );
 
     let unknown = post(addr, CHAT, &json!({ "messages": [{ "role": "user", "content": "hi" }], "specrej": { "reward": "nope" } }).to_string());
     assert_eq!(unknown.status, 400);
     let error = &unknown.json()["error"];
     assert_eq!(error["param"], "specrej.reward");
-    assert!(error["message"].as_str().expect("message").contains(r#""rm", "remote"), got "nope""#), "{error}");
+    assert!(
+        error["message"].as_str().expect("message").contains(r#""rm", "remote"), got "nope""#),
+        "{error}"
+    );
 }
 
 /// Milliseconds at quantile `q` of sorted `values`.
@@ -483,8 +587,13 @@ fn load_64_requests_from_16_clients_are_all_answered_and_batched_together() {
                     let doc = if stream {
                         assert!(answer.headers.contains("text/event-stream"), "{}", answer.headers);
                         let events = events(&answer.body);
-                        assert_eq!(events.last().map(|(_, d)| d.as_str()), Some("[DONE]"), "{body}");
-                        let winner = events.iter().find(|(n, _)| n == "winner").expect("a winner event");
+                        assert_eq!(
+                            events.last().map(|(_, d)| d.as_str()),
+                            Some("[DONE]"),
+                            "{body}"
+                        );
+                        let winner =
+                            events.iter().find(|(n, _)| n == "winner").expect("a winner event");
                         serde_json::from_str::<Value>(&winner.1).expect("winner JSON")
                     } else {
                         answer.json()
@@ -492,8 +601,12 @@ fn load_64_requests_from_16_clients_are_all_answered_and_batched_together() {
                     assert_eq!(doc["object"], "chat.completion", "{doc}");
                     let choices = doc["choices"].as_array().expect("choices");
                     assert!(!choices.is_empty(), "{doc}");
-                    let text = choices[0]["message"]["content"].as_str().expect("content").to_string();
-                    assert!(doc["usage"]["completion_tokens"].as_u64().expect("usage") > 0, "{doc}");
+                    let text =
+                        choices[0]["message"]["content"].as_str().expect("content").to_string();
+                    assert!(
+                        doc["usage"]["completion_tokens"].as_u64().expect("usage") > 0,
+                        "{doc}"
+                    );
                     let id = doc["id"].as_str().expect("id").to_string();
                     answers.lock().expect("lock").push((key, text, id, ms));
                 }
@@ -533,13 +646,20 @@ fn load_64_requests_from_16_clients_are_all_answered_and_batched_together() {
     // A request alone gets the answer it got among the others.
     let (key, body, _) = load_request(1);
     let alone = post(addr, CHAT, &body).json();
-    assert_eq!(alone["choices"][0]["message"]["content"].as_str(), Some(winners[key.as_str()]), "{key} alone");
+    assert_eq!(
+        alone["choices"][0]["message"]["content"].as_str(),
+        Some(winners[key.as_str()]),
+        "{key} alone"
+    );
 }
 
 /// The value of an unlabelled metric in `/metrics`.
 fn metric(addr: SocketAddr, name: &str) -> f64 {
     let text = get(addr, "/metrics").body;
-    let line = text.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("{name} in {text}"));
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("{name} in {text}"));
     line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
 }
 
@@ -558,10 +678,17 @@ fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 #[test]
 fn metrics_and_health_describe_the_engine() {
     let addr = fake_server();
-    assert_eq!(post(addr, CHAT, &chat_body(json!({ "max_tokens": 6, "specrej": { "n": 3 } }))).status, 200);
+    assert_eq!(
+        post(addr, CHAT, &chat_body(json!({ "max_tokens": 6, "specrej": { "n": 3 } }))).status,
+        200
+    );
     let answer = get(addr, "/metrics");
     assert_eq!(answer.status, 200);
-    assert!(answer.headers.contains("content-type: text/plain; version=0.0.4"), "{}", answer.headers);
+    assert!(
+        answer.headers.contains("content-type: text/plain; version=0.0.4"),
+        "{}",
+        answer.headers
+    );
     for name in [
         "specrej_queue_depth",
         "specrej_requests_active",
@@ -572,14 +699,22 @@ fn metrics_and_health_describe_the_engine() {
         "specrej_decisions_total",
         "specrej_request_duration_seconds_count",
     ] {
-        assert!(answer.body.contains(&format!("# TYPE {}", name.trim_end_matches("_count"))), "{name}: {}", answer.body);
+        assert!(
+            answer.body.contains(&format!("# TYPE {}", name.trim_end_matches("_count"))),
+            "{name}: {}",
+            answer.body
+        );
     }
     assert!(metric(addr, "specrej_tokens_generated_total") >= 18.0, "{}", answer.body);
     assert!(metric(addr, "specrej_request_duration_seconds_count") >= 1.0, "{}", answer.body);
     assert!(answer.body.contains("specrej_requests_total{outcome=\"ok\"}"), "{}", answer.body);
     assert_eq!(post(addr, "/metrics", "{}").status, 405);
     let health = get(addr, "/health").json();
-    assert_eq!((health["status"].as_str(), health["queued"].is_u64()), (Some("ok"), true), "{health}");
+    assert_eq!(
+        (health["status"].as_str(), health["queued"].is_u64()),
+        (Some("ok"), true),
+        "{health}"
+    );
 }
 
 /// A fake server of its own with short deadlines.
@@ -610,7 +745,8 @@ fn slow_clients_do_not_delay_a_normal_request() {
     let mut slow: Vec<std::net::TcpStream> = (0..100)
         .map(|_| {
             let mut s = std::net::TcpStream::connect(addr).expect("connect");
-            s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ").expect("write");
+            s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .expect("write");
             s
         })
         .collect();
@@ -632,14 +768,19 @@ fn slow_clients_do_not_delay_a_normal_request() {
     let during = sent.elapsed();
     assert_eq!(answer.status, 200, "{}", answer.body);
     // Not held up until the slow heads' deadline (3 s) frees their connections.
-    assert!(during < normal + Duration::from_secs(1), "{during:?} among slow clients vs {normal:?} alone");
+    assert!(
+        during < normal + Duration::from_secs(1),
+        "{during:?} among slow clients vs {normal:?} alone"
+    );
     // The head deadline is for the whole head, however it trickles: the connections close.
     let closed = slow.iter_mut().all(|s| {
         s.set_read_timeout(Some(Duration::from_secs(6))).expect("timeout");
         let mut rest = Vec::new();
         match s.read_to_end(&mut rest) {
             Ok(_) => true, // the server closed it
-            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            Err(e) => {
+                !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+            }
         }
     });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -668,7 +809,12 @@ fn chunked_oversized_and_slow_bodies() {
         big.len()
     );
     let answer = raw(addr, chunked.as_bytes());
-    assert_eq!((answer.status, answer.json()["error"]["type"].as_str()), (413, Some("invalid_request_error")), "{}", answer.body);
+    assert_eq!(
+        (answer.status, answer.json()["error"]["type"].as_str()),
+        (413, Some("invalid_request_error")),
+        "{}",
+        answer.body
+    );
     // A body that stops coming: 408 once the body deadline passes, with a JSON error.
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
@@ -680,7 +826,10 @@ fn chunked_oversized_and_slow_bodies() {
     assert!(text.contains("\"error\""), "{text}");
     assert!(sent.elapsed() < Duration::from_secs(5), "{:?}", sent.elapsed());
     // Garbage on the socket: a 400, and the server goes on.
-    assert_eq!(raw(addr, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n").status, 400);
+    assert_eq!(
+        raw(addr, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n").status,
+        400
+    );
     assert_eq!(post(addr, CHAT, &chat_body(json!({ "max_tokens": 4 }))).status, 200);
 }
 
@@ -692,10 +841,23 @@ fn tight_real_server() -> SocketAddr {
 
 fn tight_real_handle() -> specrej_host::ServerHandle {
     let path = common::default_model();
-    let model = RealModel::load(Path::new(&path), BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0).expect("model");
-    let config = ServerConfig { model_id: "smollm2".into(), kv_budget_tokens: 640, max_queued: 1, ..ServerConfig::default() };
+    let model =
+        RealModel::load(Path::new(&path), BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0)
+            .expect("model");
+    let config = ServerConfig {
+        model_id: "smollm2".into(),
+        kv_budget_tokens: 640,
+        max_queued: 1,
+        ..ServerConfig::default()
+    };
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    specrej_host::spawn(listener, Arc::new(Served::Real(Box::new(model))), common::component_bytes(), config).expect("server starts")
+    specrej_host::spawn(
+        listener,
+        Arc::new(Served::Real(Box::new(model))),
+        common::component_bytes(),
+        config,
+    )
+    .expect("server starts")
 }
 
 #[test]
@@ -704,7 +866,10 @@ fn shutdown_lets_the_request_in_flight_finish_and_stops_accepting() {
     let server = tight_real_handle();
     let addr = server.addr;
     let running = std::thread::spawn(move || post(addr, CHAT, &held_request(false)));
-    assert!(eventually(Duration::from_secs(30), || metric(addr, "specrej_requests_active") == 1.0), "it runs");
+    assert!(
+        eventually(Duration::from_secs(30), || metric(addr, "specrej_requests_active") == 1.0),
+        "it runs"
+    );
     server.shutdown();
     let answer = running.join().expect("request thread");
     assert_eq!(answer.status, 200, "the request in flight is answered: {}", answer.body);
@@ -730,9 +895,15 @@ fn held_request(stream: bool) -> String {
 fn a_full_queue_is_a_429_with_retry_after_and_the_queued_request_runs_next() {
     let addr = tight_real_server();
     let first = std::thread::spawn(move || post(addr, CHAT, &held_request(false)));
-    assert!(eventually(Duration::from_secs(30), || metric(addr, "specrej_requests_active") == 1.0), "the first runs");
+    assert!(
+        eventually(Duration::from_secs(30), || metric(addr, "specrej_requests_active") == 1.0),
+        "the first runs"
+    );
     let second = std::thread::spawn(move || post(addr, CHAT, &held_request(false)));
-    assert!(eventually(Duration::from_secs(30), || metric(addr, "specrej_queue_depth") == 1.0), "the second waits");
+    assert!(
+        eventually(Duration::from_secs(30), || metric(addr, "specrej_queue_depth") == 1.0),
+        "the second waits"
+    );
     let third = post(addr, CHAT, &held_request(false));
     assert_eq!(third.status, 429, "{}", third.body);
     assert!(third.headers.contains("retry-after: 1"), "{}", third.headers);
@@ -749,10 +920,17 @@ fn a_client_that_leaves_frees_its_rows() {
     use std::io::{Read, Write};
     let addr = tight_real_server();
     for stream in [false, true] {
-        let gone_before = get(addr, "/metrics").body.lines().find(|l| l.contains("outcome=\"client_gone\"")).map(str::to_owned);
+        let gone_before = get(addr, "/metrics")
+            .body
+            .lines()
+            .find(|l| l.contains("outcome=\"client_gone\""))
+            .map(str::to_owned);
         let body = held_request(stream);
         let mut s = std::net::TcpStream::connect(addr).expect("connect");
-        let head = format!("POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+        let head = format!(
+            "POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
         s.write_all(head.as_bytes()).expect("write");
         s.write_all(body.as_bytes()).expect("write");
         if stream {
@@ -760,7 +938,11 @@ fn a_client_that_leaves_frees_its_rows() {
             let mut buf = [0u8; 64];
             s.read_exact(&mut buf).expect("the stream's first bytes");
         }
-        assert!(eventually(Duration::from_secs(30), || metric(addr, "specrej_rows_active") == HELD_ROWS as f64), "its rows run");
+        assert!(
+            eventually(Duration::from_secs(30), || metric(addr, "specrej_rows_active")
+                == HELD_ROWS as f64),
+            "its rows run"
+        );
         drop(s);
         let left = Instant::now();
         assert!(
@@ -771,7 +953,11 @@ fn a_client_that_leaves_frees_its_rows() {
             get(addr, "/metrics").body
         );
         eprintln!("stream {stream}: rows freed {:?} after the client left", left.elapsed());
-        let gone_after = get(addr, "/metrics").body.lines().find(|l| l.contains("outcome=\"client_gone\"")).map(str::to_owned);
+        let gone_after = get(addr, "/metrics")
+            .body
+            .lines()
+            .find(|l| l.contains("outcome=\"client_gone\""))
+            .map(str::to_owned);
         assert_ne!(gone_before, gone_after, "counted as client_gone");
         assert_eq!(metric(addr, "specrej_kv_used_bytes"), 0.0, "every block is back in the pool");
     }
@@ -783,12 +969,19 @@ fn a_client_that_leaves_frees_its_rows() {
 #[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
 fn the_server_runs_on_wgpu_too() {
     if specrej_wgpu::adapters_blocking().is_empty() {
-        assert!(!specrej_core::gpu_required("wgpu"), "SPECREJ_REQUIRE_GPU requires wgpu but no WebGPU adapter was found");
+        assert!(
+            !specrej_core::gpu_required("wgpu"),
+            "SPECREJ_REQUIRE_GPU requires wgpu but no WebGPU adapter was found"
+        );
         eprintln!("skipped: no WebGPU adapter (install mesa-vulkan-drivers for lavapipe)");
         return;
     }
-    let model = specrej_host::WgpuServed::load(&common::default_model(), None).expect("the model on wgpu");
-    let addr = start(Served::Wgpu(Box::new(model)), ServerConfig { model_id: "smollm2".into(), ..ServerConfig::default() });
+    let model =
+        specrej_host::WgpuServed::load(&common::default_model(), None).expect("the model on wgpu");
+    let addr = start(
+        Served::Wgpu(Box::new(model)),
+        ServerConfig { model_id: "smollm2".into(), ..ServerConfig::default() },
+    );
     let models = get(addr, "/v1/models").json();
     assert_eq!(models["data"][0]["specrej"]["rewards"], json!(["judge", "likelihood"]), "{models}");
     // Two requests at once: the engine thread steps them one after the other (dense caches).
@@ -802,7 +995,9 @@ fn the_server_runs_on_wgpu_too() {
             post(addr, CHAT, &body.to_string())
         })
     };
-    for (method, answer) in [("best_of_n", ask("best_of_n")), ("speculative_rejection", ask("speculative_rejection"))] {
+    for (method, answer) in
+        [("best_of_n", ask("best_of_n")), ("speculative_rejection", ask("speculative_rejection"))]
+    {
         let answer = answer.join().expect("request thread");
         assert_eq!(answer.status, 200, "{method}: {}", answer.body);
         let doc = answer.json();
@@ -811,7 +1006,12 @@ fn the_server_runs_on_wgpu_too() {
     }
     let partial = json!({ "messages": [{ "role": "user", "content": "Hi" }], "specrej": { "reward": "partial_judge" } });
     let answer = post(addr, CHAT, &partial.to_string());
-    assert_eq!((answer.status, answer.json()["error"]["param"].as_str()), (400, Some("specrej.reward")), "{}", answer.body);
+    assert_eq!(
+        (answer.status, answer.json()["error"]["param"].as_str()),
+        (400, Some("specrej.reward")),
+        "{}",
+        answer.body
+    );
 }
 
 #[test]
@@ -821,8 +1021,14 @@ fn a_decision_frees_memory_that_a_queued_request_takes_at_once() {
     // decision keeps 1 row of 8, which can use 48 + 64 at most: the 64 above go back at once,
     // enough for the second request (48 + 16), which then runs beside the first.
     let path = common::default_model();
-    let model = RealModel::load(Path::new(&path), BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0).expect("model");
-    let config = ServerConfig { model_id: "smollm2".into(), kv_budget_tokens: 176, ..ServerConfig::default() };
+    let model =
+        RealModel::load(Path::new(&path), BackendKind::Cpu, specrej_candle::WeightFormat::Q8_0)
+            .expect("model");
+    let config = ServerConfig {
+        model_id: "smollm2".into(),
+        kv_budget_tokens: 176,
+        ..ServerConfig::default()
+    };
     let addr = start(Served::Real(Box::new(model)), config);
     let ask = |specrej: Value, max_tokens: usize| {
         let body = json!({
@@ -833,9 +1039,15 @@ fn a_decision_frees_memory_that_a_queued_request_takes_at_once() {
     };
     let sr = json!({ "method": "speculative_rejection", "n": 8, "alpha": 0.9, "min_new_tokens": 16, "reward": "likelihood" });
     let first = ask(sr, 64);
-    assert!(eventually(Duration::from_secs(30), || metric(addr, "specrej_requests_active") == 1.0), "the first runs");
+    assert!(
+        eventually(Duration::from_secs(30), || metric(addr, "specrej_requests_active") == 1.0),
+        "the first runs"
+    );
     let second = ask(json!({ "method": "best_of_n", "n": 1, "reward": "likelihood" }), 16);
-    assert!(eventually(Duration::from_secs(30), || metric(addr, "specrej_queue_depth") == 1.0), "the second waits");
+    assert!(
+        eventually(Duration::from_secs(30), || metric(addr, "specrej_queue_depth") == 1.0),
+        "the second waits"
+    );
     assert!(
         eventually(Duration::from_secs(60), || metric(addr, "specrej_requests_active") == 2.0),
         "after the decision both run: {}",

@@ -7,11 +7,14 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use specrej_core::testing::{FakeDecoder, FakeScorer, FAKE_EOS};
+use specrej_core::testing::{FAKE_EOS, FakeDecoder, FakeScorer};
 use specrej_core::{
-    block_on_ready, generate, BackendError, Decoder, Method, Options, Outcome, Response, Sampling, Scored, Scorer,
+    BackendError, Decoder, Method, Options, Outcome, Response, Sampling, Scored, Scorer,
+    block_on_ready, generate,
 };
-use specrej_host::runtime::{AnyBatch, Engine, EventKinds, HostReward, Limits, Pair, RunError, Runtime, World};
+use specrej_host::runtime::{
+    AnyBatch, Engine, EventKinds, HostReward, Limits, Pair, RunError, Runtime, World,
+};
 
 fn runtime() -> Runtime {
     Runtime::from_bytes(&common::component_bytes()).expect("the component compiles")
@@ -29,7 +32,9 @@ fn native<D: Decoder, S: Scorer>(
     options: &Options,
 ) -> (Result<Outcome, specrej_core::Error>, Vec<String>) {
     let mut events = Vec::new();
-    let result = block_on_ready(generate(decoder, scorer, prompt, options, &mut |e| events.push(format!("{e:?}"))));
+    let result = block_on_ready(generate(decoder, scorer, prompt, options, &mut |e| {
+        events.push(format!("{e:?}"))
+    }));
     (result.map(zero_wall), events)
 }
 
@@ -58,7 +63,15 @@ fn component_with_reward(
         sink.lock().expect("events").push(format!("{e:?}"));
         true
     });
-    let run = runtime.generate_with_reward(engine, reward, prompt, options, EventKinds::all(), observer, limits(options));
+    let run = runtime.generate_with_reward(
+        engine,
+        reward,
+        prompt,
+        options,
+        EventKinds::all(),
+        observer,
+        limits(options),
+    );
     let events = events.lock().expect("events").clone();
     (run.result.map(zero_wall), events, run.fuel_used)
 }
@@ -68,7 +81,13 @@ fn zero_wall(mut outcome: Outcome) -> Outcome {
     outcome
 }
 
-fn options(method: Method, n: usize, max_new_tokens: usize, min_new_tokens: usize, seed: u64) -> Options {
+fn options(
+    method: Method,
+    n: usize,
+    max_new_tokens: usize,
+    min_new_tokens: usize,
+    seed: u64,
+) -> Options {
     Options {
         method,
         n,
@@ -89,19 +108,30 @@ fn fake(capacity: usize, real_capacity: Option<usize>) -> FakeDecoder {
 /// `outcome` without its times: two runs agree in everything but how long they took.
 fn untimed(mut outcome: Outcome) -> Outcome {
     let s = &mut outcome.stats;
-    (s.wall_seconds, s.prefill_seconds, s.step_seconds, s.reward_seconds, s.retain_seconds) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    (s.wall_seconds, s.prefill_seconds, s.step_seconds, s.reward_seconds, s.retain_seconds) =
+        (0.0, 0.0, 0.0, 0.0, 0.0);
     outcome
 }
 
 /// Native and component runs of `options` on two identical fakes agree in everything.
-fn assert_same(runtime: &Runtime, capacity: usize, real_capacity: Option<usize>, options: &Options) -> Outcome {
+fn assert_same(
+    runtime: &Runtime,
+    capacity: usize,
+    real_capacity: Option<usize>,
+    options: &Options,
+) -> Outcome {
     let prompt: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
-    let (expected, expected_events) = native(&mut fake(capacity, real_capacity), &mut FakeScorer::default(), &prompt, options);
+    let (expected, expected_events) =
+        native(&mut fake(capacity, real_capacity), &mut FakeScorer::default(), &prompt, options);
     let engine = Box::new(Pair::new(fake(capacity, real_capacity), FakeScorer::default()));
     let (got, got_events, fuel) = component(runtime, engine, &prompt, options);
     let expected = expected.expect("the native run succeeds");
     let got = got.expect("the component run succeeds");
-    assert_eq!(untimed(got.clone()), untimed(expected), "component and native outcomes differ for {options:?}");
+    assert_eq!(
+        untimed(got.clone()),
+        untimed(expected),
+        "component and native outcomes differ for {options:?}"
+    );
     // The host measures the time spent in each kind of import.
     assert!(got.stats.step_seconds > 0.0 && got.stats.prefill_seconds > 0.0, "{:?}", got.stats);
     assert_eq!(got_events, expected_events, "component and native events differ for {options:?}");
@@ -124,7 +154,10 @@ fn component_matches_native_on_the_fake_backend() {
     // Speculative Rejection with decisions from the budget.
     let sr = options(Method::SpeculativeRejection { alpha: 0.5 }, 16, 40, 6, 7);
     let outcome = assert_same(&runtime, 16 * (8 + 6), None, &sr);
-    assert!(!outcome.trace.is_empty() && !outcome.rejected.is_empty(), "the budget forces decisions");
+    assert!(
+        !outcome.trace.is_empty() && !outcome.rejected.is_empty(),
+        "the budget forces decisions"
+    );
     // Early decisions: the fake runs out of memory before its claimed capacity.
     let early = options(Method::SpeculativeRejection { alpha: 0.25 }, 12, 30, 10, 3);
     let outcome = assert_same(&runtime, 12 * 18, Some(12 * 14), &early);
@@ -146,7 +179,11 @@ fn component_matches_native_on_the_fake_backend() {
 struct Unreachable;
 
 impl Scorer for Unreachable {
-    async fn score(&mut self, _prompt: &[u32], _responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    async fn score(
+        &mut self,
+        _prompt: &[u32],
+        _responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         Err(BackendError::device("engine.score was called; the reward import should have been"))
     }
 }
@@ -154,7 +191,8 @@ impl Scorer for Unreachable {
 #[test]
 fn decoder_with_reward_scores_through_the_host_reward() {
     let plain = runtime();
-    let with_reward = Runtime::from_bytes(&common::component_with_reward_bytes()).expect("the component compiles");
+    let with_reward = Runtime::from_bytes(&common::component_with_reward_bytes())
+        .expect("the component compiles");
     assert_eq!((plain.world(), with_reward.world()), (World::Decoder, World::DecoderWithReward));
     let prompt: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
     for options in [
@@ -162,13 +200,22 @@ fn decoder_with_reward_scores_through_the_host_reward() {
         options(Method::BestOfN, 5, 16, 0, 2),
     ] {
         let capacity = 16 * (8 + 6);
-        let expected = component(&plain, Box::new(Pair::new(fake(capacity, None), FakeScorer::default())), &prompt, &options);
+        let expected = component(
+            &plain,
+            Box::new(Pair::new(fake(capacity, None), FakeScorer::default())),
+            &prompt,
+            &options,
+        );
         let expected_outcome = expected.0.expect("world decoder runs");
         // The host's reward through the `reward` import; the engine's scorer is never asked.
         let engine = Box::new(Pair::new(fake(capacity, None), Unreachable));
         let reward: Box<dyn HostReward> = Box::new(FakeScorer::default());
         let got = component_with_reward(&with_reward, engine, Some(reward), &prompt, &options);
-        assert_eq!(untimed(got.0.expect("world decoder-with-reward runs")), untimed(expected_outcome.clone()), "{options:?}");
+        assert_eq!(
+            untimed(got.0.expect("world decoder-with-reward runs")),
+            untimed(expected_outcome.clone()),
+            "{options:?}"
+        );
         assert_eq!(got.1, expected.1, "the same events for {options:?}");
         // Without a host reward, the engine's scorer serves the `reward` import.
         let engine = Box::new(Pair::new(fake(capacity, None), FakeScorer::default()));
@@ -181,7 +228,13 @@ fn decoder_with_reward_scores_through_the_host_reward() {
     // A host reward for a component that has no reward import is refused, not ignored.
     let engine = Box::new(Pair::new(fake(1000, None), FakeScorer::default()));
     let reward: Box<dyn HostReward> = Box::new(FakeScorer::default());
-    let refused = component_with_reward(&plain, engine, Some(reward), &prompt, &options(Method::BestOfN, 2, 4, 0, 0));
+    let refused = component_with_reward(
+        &plain,
+        engine,
+        Some(reward),
+        &prompt,
+        &options(Method::BestOfN, 2, 4, 0, 0),
+    );
     assert!(matches!(refused.0, Err(RunError::NoRewardImport)), "{:?}", refused.0);
 }
 
@@ -195,7 +248,8 @@ fn invalid_requests_fail_the_same_way() {
         ("max_new_tokens = 0", options(Method::BestOfN, 2, 0, 0, 0)),
         ("a row larger than the budget", options(Method::BestOfN, 2, 100, 0, 0)),
     ] {
-        let (native, _) = native(&mut fake(50, None), &mut FakeScorer::default(), &prompt, &options);
+        let (native, _) =
+            native(&mut fake(50, None), &mut FakeScorer::default(), &prompt, &options);
         let Err(specrej_core::Error::InvalidRequest(expected)) = native else {
             panic!("{what}: native should reject it, got {native:?}");
         };
@@ -208,7 +262,10 @@ fn invalid_requests_fail_the_same_way() {
     // An empty prompt too.
     let engine = Box::new(Pair::new(fake(50, None), FakeScorer::default()));
     let result = component(&runtime, engine, &[], &options(Method::BestOfN, 1, 4, 0, 0)).0;
-    assert!(matches!(result, Err(RunError::InvalidRequest(ref m)) if m.contains("empty")), "{result:?}");
+    assert!(
+        matches!(result, Err(RunError::InvalidRequest(ref m)) if m.contains("empty")),
+        "{result:?}"
+    );
 }
 
 /// An engine that sleeps in every step and fails scoring on demand.
@@ -231,7 +288,12 @@ impl Engine for Slow {
     fn max_sequence_len(&self) -> usize {
         self.inner.max_sequence_len()
     }
-    fn prefill(&mut self, prompt: &[u32], rows: std::ops::Range<u32>, sampling: &Sampling) -> Result<AnyBatch, BackendError> {
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        rows: std::ops::Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<AnyBatch, BackendError> {
         self.inner.prefill(prompt, rows, sampling)
     }
     fn step(&mut self, batch: &mut AnyBatch) -> Result<Vec<u32>, BackendError> {
@@ -241,10 +303,18 @@ impl Engine for Slow {
     fn retain(&mut self, batch: &mut AnyBatch, keep: &[usize]) -> Result<(), BackendError> {
         self.inner.retain(batch, keep)
     }
-    fn fork(&mut self, batch: &mut AnyBatch, children: &[(usize, u32)]) -> Result<(), BackendError> {
+    fn fork(
+        &mut self,
+        batch: &mut AnyBatch,
+        children: &[(usize, u32)],
+    ) -> Result<(), BackendError> {
         self.inner.fork(batch, children)
     }
-    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         if self.fail_scoring {
             return Err(BackendError::device("the reward model is down"));
         }
@@ -259,7 +329,11 @@ impl Engine for Slow {
 }
 
 fn slow(step_delay: Duration, fail_scoring: bool) -> Box<dyn Engine> {
-    Box::new(Slow { inner: Pair::new(fake(10_000, None), FakeScorer::default()), step_delay, fail_scoring })
+    Box::new(Slow {
+        inner: Pair::new(fake(10_000, None), FakeScorer::default()),
+        step_delay,
+        fail_scoring,
+    })
 }
 
 #[test]
@@ -271,13 +345,27 @@ fn limits_stop_runaway_calls_and_errors_come_back() {
 
     // Too little fuel: a trap, not a hang or a crash.
     let tiny = Limits { fuel: 20_000, ..limits(&opts) };
-    let run = runtime.generate(slow(Duration::ZERO, false), &prompt, &opts, EventKinds::empty(), quiet(), tiny);
+    let run = runtime.generate(
+        slow(Duration::ZERO, false),
+        &prompt,
+        &opts,
+        EventKinds::empty(),
+        quiet(),
+        tiny,
+    );
     assert!(matches!(run.result, Err(RunError::OutOfFuel)), "{:?}", run.result);
 
     // A wall-clock limit shorter than the steps take.
     let short = Limits { timeout: Duration::from_millis(50), ..limits(&opts) };
     let started = std::time::Instant::now();
-    let run = runtime.generate(slow(Duration::from_millis(20), false), &prompt, &opts, EventKinds::empty(), quiet(), short);
+    let run = runtime.generate(
+        slow(Duration::from_millis(20), false),
+        &prompt,
+        &opts,
+        EventKinds::empty(),
+        quiet(),
+        short,
+    );
     assert!(matches!(run.result, Err(RunError::Timeout)), "{:?}", run.result);
     assert!(started.elapsed() < Duration::from_secs(5), "the timeout stops the run early");
 
@@ -287,11 +375,25 @@ fn limits_stop_runaway_calls_and_errors_come_back() {
         seen += 1;
         seen < 3
     });
-    let run = runtime.generate(slow(Duration::ZERO, false), &prompt, &opts, EventKinds::STEP, cancel, limits(&opts));
+    let run = runtime.generate(
+        slow(Duration::ZERO, false),
+        &prompt,
+        &opts,
+        EventKinds::STEP,
+        cancel,
+        limits(&opts),
+    );
     assert!(matches!(run.result, Err(RunError::Cancelled)), "{:?}", run.result);
 
     // An engine error is passed up as such.
-    let run = runtime.generate(slow(Duration::ZERO, true), &prompt, &opts, EventKinds::empty(), quiet(), limits(&opts));
+    let run = runtime.generate(
+        slow(Duration::ZERO, true),
+        &prompt,
+        &opts,
+        EventKinds::empty(),
+        quiet(),
+        limits(&opts),
+    );
     assert!(
         matches!(run.result, Err(RunError::Engine(BackendError::Device(ref m))) if m.contains("reward model is down")),
         "{:?}",
@@ -299,7 +401,14 @@ fn limits_stop_runaway_calls_and_errors_come_back() {
     );
 
     // The same runtime still serves a normal request after all that.
-    let run = runtime.generate(slow(Duration::ZERO, false), &prompt, &opts, EventKinds::empty(), quiet(), limits(&opts));
+    let run = runtime.generate(
+        slow(Duration::ZERO, false),
+        &prompt,
+        &opts,
+        EventKinds::empty(),
+        quiet(),
+        limits(&opts),
+    );
     assert_eq!(run.result.expect("a normal run").candidates.len(), 4);
 }
 
@@ -307,7 +416,7 @@ fn limits_stop_runaway_calls_and_errors_come_back() {
 #[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
 fn component_matches_native_on_the_default_model() {
     use specrej_candle::{CandleDecoder, JudgeScorer, LikelihoodScorer, LoadOptions};
-    use specrej_text::{judge_segments, ChatTemplate, GgufMetadata, Message, Tokenizer};
+    use specrej_text::{ChatTemplate, GgufMetadata, Message, Tokenizer, judge_segments};
 
     const QUESTION: &str = "Name two colours of the rainbow.";
     let path = common::default_model();
@@ -318,7 +427,9 @@ fn component_matches_native_on_the_default_model() {
     let prompt = tokenizer.encode(&text, false).expect("encode");
     let model = specrej_candle::load(&path, &LoadOptions::default()).expect("model");
     let seg = judge_segments(&tokenizer, &template, QUESTION).expect("judge prompt");
-    let judge = || JudgeScorer::new(Arc::clone(&model), seg.before.clone(), seg.after.clone(), seg.yes, seg.no);
+    let judge = || {
+        JudgeScorer::new(Arc::clone(&model), seg.before.clone(), seg.after.clone(), seg.yes, seg.no)
+    };
     let runtime = runtime();
 
     // Speculative Rejection with the judge: 4 rows, a decision after one 16-token block each.
@@ -327,24 +438,37 @@ fn component_matches_native_on_the_default_model() {
     let bytes = CandleDecoder::budget_for(&model, prompt.len(), 4, 6);
     let decoder = || CandleDecoder::new(Arc::clone(&model), bytes);
     let (expected, expected_events) = native(&mut decoder(), &mut judge(), &prompt, &sr);
-    let (got, got_events, _) = component(&runtime, Box::new(Pair::new(decoder(), judge())), &prompt, &sr);
+    let (got, got_events, _) =
+        component(&runtime, Box::new(Pair::new(decoder(), judge())), &prompt, &sr);
     let expected = expected.expect("native run");
     assert!(!expected.trace.is_empty(), "the budget forces a decision");
     assert_eq!(untimed(got.expect("component run")), untimed(expected.clone()));
     assert_eq!(got_events, expected_events);
     // World decoder-with-reward, the judge supplied by the host through the `reward` import.
-    let with_reward = Runtime::from_bytes(&common::component_with_reward_bytes()).expect("the component compiles");
+    let with_reward = Runtime::from_bytes(&common::component_with_reward_bytes())
+        .expect("the component compiles");
     let engine = Box::new(Pair::new(decoder(), LikelihoodScorer::new(Arc::clone(&model))));
-    let (got, got_events, _) = component_with_reward(&with_reward, engine, Some(Box::new(judge())), &prompt, &sr);
-    assert_eq!(untimed(got.expect("decoder-with-reward run")), untimed(expected.clone()), "the host's judge gives the same trajectory");
+    let (got, got_events, _) =
+        component_with_reward(&with_reward, engine, Some(Box::new(judge())), &prompt, &sr);
+    assert_eq!(
+        untimed(got.expect("decoder-with-reward run")),
+        untimed(expected.clone()),
+        "the host's judge gives the same trajectory"
+    );
     assert_eq!(got_events, expected_events);
 
     // Best-of-N with the likelihood reward.
     let mut bon = options(Method::BestOfN, 3, 10, 0, 8);
     bon.eos = tokenizer.eos_ids().to_vec();
-    let decoder = || CandleDecoder::new(Arc::clone(&model), CandleDecoder::budget_for(&model, prompt.len(), 3, 10));
+    let decoder = || {
+        CandleDecoder::new(
+            Arc::clone(&model),
+            CandleDecoder::budget_for(&model, prompt.len(), 3, 10),
+        )
+    };
     let likelihood = || LikelihoodScorer::new(Arc::clone(&model));
     let (expected, _) = native(&mut decoder(), &mut likelihood(), &prompt, &bon);
-    let (got, _, _) = component(&runtime, Box::new(Pair::new(decoder(), likelihood())), &prompt, &bon);
+    let (got, _, _) =
+        component(&runtime, Box::new(Pair::new(decoder(), likelihood())), &prompt, &bon);
     assert_eq!(untimed(got.expect("component run")), untimed(expected.expect("native run")));
 }

@@ -10,7 +10,13 @@ use crate::reason;
 
 /// The `Content-Type` of a file, from its extension.
 pub fn content_type(path: &Path) -> &'static str {
-    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref().unwrap_or("") {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+        .unwrap_or("")
+    {
         "html" | "htm" => "text/html; charset=utf-8",
         "js" | "mjs" => "text/javascript; charset=utf-8",
         "css" => "text/css; charset=utf-8",
@@ -119,14 +125,25 @@ fn send(stream: &mut impl Write, answer: Answer, method: &str) -> std::io::Resul
     match answer {
         Answer::File(file) => serve_file(stream, &file, head),
         Answer::Refused(status, message) => {
-            crate::write_response(stream, status, "text/plain; charset=utf-8", message.as_bytes(), !head)?;
+            crate::write_response(
+                stream,
+                status,
+                "text/plain; charset=utf-8",
+                message.as_bytes(),
+                !head,
+            )?;
             Ok(status)
         }
     }
 }
 
 /// Answers `GET`/`HEAD` of `path` from `root` on `stream` ([`answer`]). Returns the status sent.
-pub fn serve(stream: &mut impl Write, root: &Path, method: &str, path: &str) -> std::io::Result<u16> {
+pub fn serve(
+    stream: &mut impl Write,
+    root: &Path,
+    method: &str,
+    path: &str,
+) -> std::io::Result<u16> {
     send(stream, answer(root, method, path), method)
 }
 
@@ -146,7 +163,13 @@ pub fn serve_file(stream: &mut impl Write, file: &Path, head_only: bool) -> std:
     let mut body = match std::fs::File::open(file) {
         Ok(body) => body,
         Err(_) => {
-            crate::write_response(stream, 404, "text/plain; charset=utf-8", b"not found\n", !head_only)?;
+            crate::write_response(
+                stream,
+                404,
+                "text/plain; charset=utf-8",
+                b"not found\n",
+                !head_only,
+            )?;
             return Ok(404);
         }
     };
@@ -179,14 +202,29 @@ mod tests {
         assert_eq!(resolve(&root, "/sub/a%20b.js"), Ok(root.join("sub/a b.js")));
         assert_eq!(resolve(&root, "/sub/"), Err(Refused::NotFound));
         assert_eq!(resolve(&root, "/missing.css"), Err(Refused::NotFound));
-        for bad in ["/../etc/passwd", "/sub/../../x", "/%2e%2e/x", "/sub/%2e%2e/%2e%2e/x", "//etc/passwd", "/a\\b", "/%00", "/%zz", "x"] {
+        for bad in [
+            "/../etc/passwd",
+            "/sub/../../x",
+            "/%2e%2e/x",
+            "/sub/%2e%2e/%2e%2e/x",
+            "//etc/passwd",
+            "/a\\b",
+            "/%00",
+            "/%zz",
+            "x",
+        ] {
             assert!(resolve(&root, bad).is_err(), "{bad}");
         }
         assert_eq!(resolve(&root, "/%2e%2e/x"), Err(Refused::Forbidden));
         let mut out = Vec::new();
         assert_eq!(serve(&mut out, &root, "HEAD", "/").expect("io"), 200);
         let text = String::from_utf8(out).expect("utf-8");
-        assert!(text.contains("Content-Type: text/html") && text.contains("Content-Length: 9") && text.ends_with("\r\n\r\n"), "{text}");
+        assert!(
+            text.contains("Content-Type: text/html")
+                && text.contains("Content-Length: 9")
+                && text.ends_with("\r\n\r\n"),
+            "{text}"
+        );
         let _ = std::fs::remove_dir_all(&root);
     }
 
@@ -209,7 +247,12 @@ mod tests {
         assert!(text.contains("Content-Length: 8") && text.ends_with("GGUF1234"), "{text}");
         assert_eq!(status(Some(&models), "HEAD", "/models/m.gguf").0, 200);
         assert_eq!(status(Some(&models), "GET", "/models/missing.gguf").0, 404);
-        for bad in ["/models/notes.txt", "/models/..%2fdist%2findex.html", "/models/%2e%2e/x.gguf", "/models/a%5cb.gguf"] {
+        for bad in [
+            "/models/notes.txt",
+            "/models/..%2fdist%2findex.html",
+            "/models/%2e%2e/x.gguf",
+            "/models/a%5cb.gguf",
+        ] {
             assert_eq!(status(Some(&models), "GET", bad).0, 403, "{bad}");
         }
         assert_eq!(status(Some(&models), "POST", "/models/m.gguf").0, 405);

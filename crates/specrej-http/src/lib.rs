@@ -75,7 +75,11 @@ impl Request {
 /// Reads one request from `stream`. The body is read only when `has_body(method)`; then
 /// `Expect: 100-continue` is answered on `stream` before reading it. Never reads more than
 /// `limits` allow.
-pub fn read_request<S>(mut stream: S, limits: &Limits, has_body: impl Fn(&str) -> bool) -> Result<Request, HttpError>
+pub fn read_request<S>(
+    mut stream: S,
+    limits: &Limits,
+    has_body: impl Fn(&str) -> bool,
+) -> Result<Request, HttpError>
 where
     S: Read + Write,
 {
@@ -98,7 +102,8 @@ where
     };
     read_line(&mut reader, &mut line)?;
     let mut parts = line.split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
         return Err(bad("malformed request line".into()));
     };
     if !version.starts_with("HTTP/1.") {
@@ -113,19 +118,26 @@ where
         if l.is_empty() {
             break;
         }
-        let Some((name, value)) = l.split_once(':') else { return Err(bad("malformed header line".into())) };
+        let Some((name, value)) = l.split_once(':') else {
+            return Err(bad("malformed header line".into()));
+        };
         headers.push((name.trim().to_string(), value.trim().to_string()));
     }
     let mut request = Request { method, path, headers, body: Vec::new() };
     if !has_body(&request.method) {
         return Ok(request);
     }
-    if request.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+    if request
+        .header("transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+    {
         return Err(HttpError::new(411, "chunked bodies are not supported: send a Content-Length"));
     }
     let length = match request.header("content-length") {
         Some(value) => value.parse::<usize>().map_err(|_| bad("invalid Content-Length".into()))?,
-        None if limits.require_length => return Err(HttpError::new(411, "a Content-Length is required")),
+        None if limits.require_length => {
+            return Err(HttpError::new(411, "a Content-Length is required"));
+        }
         None => 0,
     };
     if length > limits.max_body_bytes {
@@ -138,7 +150,9 @@ where
         let _ = reader.get_mut().get_mut().write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
     let mut body = vec![0u8; length];
-    reader.read_exact(&mut body).map_err(|e| bad(format!("body shorter than its Content-Length: {e}")))?;
+    reader
+        .read_exact(&mut body)
+        .map_err(|e| bad(format!("body shorter than its Content-Length: {e}")))?;
     request.body = body;
     Ok(request)
 }
@@ -213,10 +227,12 @@ mod tests {
         }
     }
 
-    const LIMITS: Limits = Limits { max_header_bytes: 256, max_body_bytes: 16, require_length: false };
+    const LIMITS: Limits =
+        Limits { max_header_bytes: 256, max_body_bytes: 16, require_length: false };
 
     fn read(input: &str, limits: &Limits) -> (Result<Request, HttpError>, String) {
-        let mut mock = Mock { input: std::io::Cursor::new(input.as_bytes().to_vec()), output: Vec::new() };
+        let mut mock =
+            Mock { input: std::io::Cursor::new(input.as_bytes().to_vec()), output: Vec::new() };
         let result = read_request(&mut mock, limits, |m| m == "POST");
         (result, String::from_utf8_lossy(&mock.output).into_owned())
     }
@@ -227,10 +243,15 @@ mod tests {
 
     #[test]
     fn reads_requests_and_checks_limits() {
-        let (request, written) =
-            read("POST /a/b?x=1 HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhello+extra", &LIMITS);
+        let (request, written) = read(
+            "POST /a/b?x=1 HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhello+extra",
+            &LIMITS,
+        );
         let request = request.expect("a request");
-        assert_eq!((request.method.as_str(), request.path.as_str(), request.body.as_slice()), ("POST", "/a/b", &b"hello"[..]));
+        assert_eq!(
+            (request.method.as_str(), request.path.as_str(), request.body.as_slice()),
+            ("POST", "/a/b", &b"hello"[..])
+        );
         assert_eq!(request.header("CONTENT-length"), Some("5"));
         assert!(written.starts_with("HTTP/1.1 100 Continue"), "{written}");
         let get = read("GET / HTTP/1.0\r\nHost: x\r\n\r\n", &LIMITS).0.expect("a GET");
@@ -242,7 +263,10 @@ mod tests {
         assert_eq!(status("POST / HTTP/1.1\r\nContent-Length: 17\r\n\r\n", &LIMITS), 413);
         assert_eq!(status("POST / HTTP/1.1\r\nContent-Length: nope\r\n\r\n", &LIMITS), 400);
         assert_eq!(status("POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nshort", &LIMITS), 400);
-        assert_eq!(status(&format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(300)), &LIMITS), 431);
+        assert_eq!(
+            status(&format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(300)), &LIMITS),
+            431
+        );
         assert_eq!(status("HELLO\r\n\r\n", &LIMITS), 400);
         assert_eq!(status("GET / SPDY/3\r\n\r\n", &LIMITS), 400);
         assert_eq!(status("GET / HTTP/1.1\r\nno colon\r\n\r\n", &LIMITS), 400);

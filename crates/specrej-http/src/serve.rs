@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderMap};
+use axum::http::{HeaderMap, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -66,7 +66,8 @@ pub async fn accept_loop(
             .max_header_size(limits.max_header_bytes)
             .half_close(limits.half_close)
             .keep_alive(true);
-        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             // A connection's I/O errors (a client gone, a malformed request hyper answered) end only it.
@@ -86,7 +87,7 @@ pub async fn shutdown_signal() -> &'static str {
     };
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::terminate()) {
             Ok(mut term) => tokio::select! {
                 s = interrupt => s,
@@ -125,7 +126,9 @@ impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BodyError::TooLarge(limit) => write!(f, "request body over {limit} bytes"),
-            BodyError::Timeout(deadline) => write!(f, "the request body did not arrive within {deadline:?}"),
+            BodyError::Timeout(deadline) => {
+                write!(f, "the request body did not arrive within {deadline:?}")
+            }
             BodyError::Broken(why) => write!(f, "reading the request body: {why}"),
         }
     }
@@ -135,8 +138,14 @@ impl std::error::Error for BodyError {}
 
 /// Reads a whole request body, `Content-Length` or chunked, of at most `limit` bytes within
 /// `deadline`. A declared length over the limit is refused before a byte of the body is read.
-pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize, deadline: Duration) -> Result<Bytes, BodyError> {
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, BodyError> {
+    if let Some(len) =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         && len > limit as u64
     {
         return Err(BodyError::TooLarge(limit));

@@ -35,7 +35,11 @@ struct Timed<S> {
 }
 
 impl<S: Scorer> Scorer for Timed<S> {
-    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+    fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>> {
         let t = Instant::now();
         let r = block_on_ready(self.inner.score(prompt, responses));
         self.seconds += t.elapsed().as_secs_f64();
@@ -48,16 +52,25 @@ impl<S: Scorer> Scorer for Timed<S> {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let gguf = args.first().map(PathBuf::from).or_else(|| std::env::var_os("SPECREJ_MODEL").map(PathBuf::from))
+    let gguf = args
+        .first()
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("SPECREJ_MODEL").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    let rm_dir = args.get(1).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target/smollm2-judge-rm"));
+    let rm_dir =
+        args.get(1).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target/smollm2-judge-rm"));
     let n: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(32);
     let max_new: usize = args.get(3).map(|s| s.parse().unwrap()).unwrap_or(128);
     let room: usize = args.get(4).map(|s| s.parse().unwrap()).unwrap_or(40);
     if !rm_dir.join("config.json").exists() {
         let t = Instant::now();
         let r = export_judge_rm(&gguf, &rm_dir, ExportDtype::F32).unwrap();
-        eprintln!("exported {} ({} tensors) in {:.1}s", r.dir.display(), r.tensors, t.elapsed().as_secs_f64());
+        eprintln!(
+            "exported {} ({} tensors) in {:.1}s",
+            r.dir.display(),
+            r.tensors,
+            t.elapsed().as_secs_f64()
+        );
     }
     let meta = GgufMetadata::from_path(&gguf).unwrap();
     let tokenizer = Tokenizer::from_gguf(&meta).unwrap();
@@ -65,7 +78,8 @@ fn main() {
     let prompt_text = template.render(&[Message::user(QUESTION)], true).unwrap();
     let prompt = tokenizer.encode(&prompt_text, false).unwrap();
     let policy = load_gguf(&gguf, &LoadOptions::default()).unwrap();
-    let rm_options = LoadOptions { weights: specrej_candle::WeightFormat::F32, ..Default::default() };
+    let rm_options =
+        LoadOptions { weights: specrej_candle::WeightFormat::F32, ..Default::default() };
     let rm = RewardModel::load(&rm_dir, &rm_options).unwrap();
     let options = Options {
         method: Method::SpeculativeRejection { alpha: 0.5 },
@@ -81,13 +95,27 @@ fn main() {
     let mut winners = Vec::new();
     let judge = std::env::var_os("JUDGE").is_some();
     for incremental in [false, true] {
-        let mut decoder = CandleDecoder::new(Arc::clone(&policy), budget.min(DEFAULT_KV_BUDGET_BYTES));
+        let mut decoder =
+            CandleDecoder::new(Arc::clone(&policy), budget.min(DEFAULT_KV_BUDGET_BYTES));
         let start = Instant::now();
         let (outcome, rm_seconds) = if judge {
             let seg = specrej_text::judge_segments(&tokenizer, &template, QUESTION).unwrap();
-            let j = specrej_candle::JudgeScorer::new(Arc::clone(&policy), seg.before, seg.after, seg.yes, seg.no);
-            let mut scorer = Timed { inner: if incremental { j.incremental() } else { j }, seconds: 0.0 };
-            let o = block_on_ready(specrej_core::scheduler::generate(&mut decoder, &mut scorer, &prompt, &options, &mut |_| {}));
+            let j = specrej_candle::JudgeScorer::new(
+                Arc::clone(&policy),
+                seg.before,
+                seg.after,
+                seg.yes,
+                seg.no,
+            );
+            let mut scorer =
+                Timed { inner: if incremental { j.incremental() } else { j }, seconds: 0.0 };
+            let o = block_on_ready(specrej_core::scheduler::generate(
+                &mut decoder,
+                &mut scorer,
+                &prompt,
+                &options,
+                &mut |_| {},
+            ));
             (o.unwrap(), scorer.seconds)
         } else {
             let inner = if incremental {
@@ -96,7 +124,13 @@ fn main() {
                 RewardScorer::full(rm.clone(), tokenizer.clone(), QUESTION)
             };
             let mut scorer = Timed { inner, seconds: 0.0 };
-            let o = block_on_ready(specrej_core::scheduler::generate(&mut decoder, &mut scorer, &prompt, &options, &mut |_| {}));
+            let o = block_on_ready(specrej_core::scheduler::generate(
+                &mut decoder,
+                &mut scorer,
+                &prompt,
+                &options,
+                &mut |_| {},
+            ));
             (o.unwrap(), scorer.seconds)
         };
         let wall = start.elapsed().as_secs_f64();
@@ -114,7 +148,12 @@ fn main() {
             outcome.candidates[0].row,
             outcome.candidates[0].score
         );
-        winners.push((outcome.candidates[0].row, outcome.candidates[0].score, wall, s.reward_tokens));
+        winners.push((
+            outcome.candidates[0].row,
+            outcome.candidates[0].score,
+            wall,
+            s.reward_tokens,
+        ));
     }
     println!("same winner: {}", winners[0].0 == winners[1].0);
 }

@@ -90,23 +90,34 @@ fn unpermute(t: &Tensor, head_dim: usize) -> candle_core::Result<Tensor> {
 ///
 /// The yes/no pair is the judge's ([`specrej_text::judge::ANSWER_PAIRS`]). Rope scaling
 /// tables (`rope_freqs.weight`, Llama 3.1) are not exported: such files are rejected.
-pub fn export_judge_rm(gguf: &Path, out: &Path, dtype: ExportDtype) -> Result<ExportReport, RewardError> {
+pub fn export_judge_rm(
+    gguf: &Path,
+    out: &Path,
+    dtype: ExportDtype,
+) -> Result<ExportReport, RewardError> {
     let meta = GgufMetadata::from_path(gguf).map_err(|e| other(gguf, e))?;
-    let tokenizer = Tokenizer::from_gguf(&meta).map_err(|source| RewardError::Text { path: gguf.to_path_buf(), source })?;
-    let template = ChatTemplate::from_gguf(&meta).map_err(|source| RewardError::Text { path: gguf.to_path_buf(), source })?;
+    let tokenizer = Tokenizer::from_gguf(&meta)
+        .map_err(|source| RewardError::Text { path: gguf.to_path_buf(), source })?;
+    let template = ChatTemplate::from_gguf(&meta)
+        .map_err(|source| RewardError::Text { path: gguf.to_path_buf(), source })?;
     let (yes, no) = specrej_text::judge::ANSWER_PAIRS
         .iter()
         .find_map(|(y, n)| Some((tokenizer.single_token(y)?, tokenizer.single_token(n)?)))
         .ok_or_else(|| other(gguf, "no yes/no answer pair of single tokens in this vocabulary"))?;
     // The hyper-parameters, parsed and validated by specrej-candle's loader.
-    let model = load_gguf(gguf, &LoadOptions { weights: WeightFormat::Native, ..Default::default() })?;
+    let model =
+        load_gguf(gguf, &LoadOptions { weights: WeightFormat::Native, ..Default::default() })?;
     let c = model.config().clone();
     drop(model);
 
-    let mut file = File::open(gguf).map_err(|source| RewardError::Io { path: gguf.to_path_buf(), source })?;
+    let mut file =
+        File::open(gguf).map_err(|source| RewardError::Io { path: gguf.to_path_buf(), source })?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| other(gguf, e))?;
     if content.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(other(gguf, "rope_freqs.weight (llama3 rope scaling) is not supported by the exporter"));
+        return Err(other(
+            gguf,
+            "rope_freqs.weight (llama3 rope scaling) is not supported by the exporter",
+        ));
     }
     let mut reader = BufReader::new(file);
     let mut read = |name: &str| -> Result<Tensor, RewardError> {
@@ -132,7 +143,11 @@ pub fn export_judge_rm(gguf: &Path, out: &Path, dtype: ExportDtype) -> Result<Ex
         let t = t.to_dtype(out_dtype).map_err(|e| other(gguf, e))?;
         tensors.insert(hf, t);
     }
-    let head_name = if content.tensor_infos.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
+    let head_name = if content.tensor_infos.contains_key("output.weight") {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
     let head = read(head_name)?; // [vocab, hidden]
     let score = head
         .get(yes as usize)
@@ -142,7 +157,8 @@ pub fn export_judge_rm(gguf: &Path, out: &Path, dtype: ExportDtype) -> Result<Ex
         .map_err(|e| other(gguf, e))?;
     tensors.insert("score.weight".into(), score);
 
-    std::fs::create_dir_all(out).map_err(|source| RewardError::Io { path: out.to_path_buf(), source })?;
+    std::fs::create_dir_all(out)
+        .map_err(|source| RewardError::Io { path: out.to_path_buf(), source })?;
     let write = |name: &str, bytes: &[u8]| -> Result<(), RewardError> {
         let path = out.join(name);
         std::fs::write(&path, bytes).map_err(|source| RewardError::Io { path, source })
@@ -190,8 +206,14 @@ pub fn export_judge_rm(gguf: &Path, out: &Path, dtype: ExportDtype) -> Result<Ex
             "no_token_id": no,
         },
     });
-    write("config.json", serde_json::to_string_pretty(&config).map_err(|e| other(out, e))?.as_bytes())?;
-    let tok_json = tokenizer.inner().to_string(false).map_err(|e| other(out, format!("serializing the tokenizer: {e}")))?;
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&config).map_err(|e| other(out, e))?.as_bytes(),
+    )?;
+    let tok_json = tokenizer
+        .inner()
+        .to_string(false)
+        .map_err(|e| other(out, format!("serializing the tokenizer: {e}")))?;
     write("tokenizer.json", tok_json.as_bytes())?;
     let token_str = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
     let tok_config = serde_json::json!({
@@ -202,6 +224,15 @@ pub fn export_judge_rm(gguf: &Path, out: &Path, dtype: ExportDtype) -> Result<Ex
         "add_eos_token": false,
         "tokenizer_class": "PreTrainedTokenizerFast",
     });
-    write("tokenizer_config.json", serde_json::to_string_pretty(&tok_config).map_err(|e| other(out, e))?.as_bytes())?;
-    Ok(ExportReport { dir: out.to_path_buf(), architecture: architecture.into(), yes, no, tensors: tensors.len() })
+    write(
+        "tokenizer_config.json",
+        serde_json::to_string_pretty(&tok_config).map_err(|e| other(out, e))?.as_bytes(),
+    )?;
+    Ok(ExportReport {
+        dir: out.to_path_buf(),
+        architecture: architecture.into(),
+        yes,
+        no,
+        tensors: tensors.len(),
+    })
 }

@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use serde::{Deserialize, Serialize};
 use specrej_core::{BackendError, Response, Scored, Scorer};
-use specrej_http::serve::{accept_loop, read_body, shutdown_signal, ConnLimits};
+use specrej_http::serve::{ConnLimits, accept_loop, read_body, shutdown_signal};
 use specrej_text::Tokenizer;
 use tokio::sync::{Semaphore, oneshot};
 
@@ -102,7 +102,8 @@ struct HttpError(StatusCode, String);
 
 /// A JSON answer.
 fn json(status: StatusCode, body: String) -> HttpResponse {
-    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body)
+        .into_response()
 }
 
 impl IntoResponse for HttpError {
@@ -126,7 +127,8 @@ struct Server {
 impl Server {
     fn handle(&mut self, body: &[u8]) -> Result<ScoreResponse, HttpError> {
         let bad = |m: String| HttpError(StatusCode::BAD_REQUEST, m);
-        let req: ScoreRequest = serde_json::from_slice(body).map_err(|e| bad(format!("invalid scoring request JSON: {e}")))?;
+        let req: ScoreRequest = serde_json::from_slice(body)
+            .map_err(|e| bad(format!("invalid scoring request JSON: {e}")))?;
         if let Some(rows) = &req.rows
             && rows.len() != req.responses.len()
         {
@@ -136,11 +138,15 @@ impl Server {
             Some(r) => r.clone(),
             None => (0..req.responses.len() as u32).collect(),
         };
-        let pairs: Vec<(u32, &str)> = rows.iter().copied().zip(req.responses.iter().map(String::as_str)).collect();
-        let model_err = |e: BackendError| HttpError(StatusCode::INTERNAL_SERVER_ERROR, format!("reward model: {e}"));
+        let pairs: Vec<(u32, &str)> =
+            rows.iter().copied().zip(req.responses.iter().map(String::as_str)).collect();
+        let model_err = |e: BackendError| {
+            HttpError(StatusCode::INTERNAL_SERVER_ERROR, format!("reward model: {e}"))
+        };
         let scored = match (&req.session, &req.rows) {
             (Some(name), Some(_)) => {
-                let pos = self.sessions.iter().position(|(n, s)| n == name && s.question() == req.prompt);
+                let pos =
+                    self.sessions.iter().position(|(n, s)| n == name && s.question() == req.prompt);
                 let mut session = match pos.and_then(|p| self.sessions.remove(p)) {
                     Some((_, s)) => s,
                     None => RewardSession::new(Arc::clone(&self.rm), req.prompt.clone()),
@@ -154,7 +160,9 @@ impl Server {
                 }
                 result.map_err(model_err)?
             }
-            _ => RewardSession::full(Arc::clone(&self.rm), req.prompt.clone()).score_texts(&pairs).map_err(model_err)?,
+            _ => RewardSession::full(Arc::clone(&self.rm), req.prompt.clone())
+                .score_texts(&pairs)
+                .map_err(model_err)?,
         };
         Ok(ScoreResponse { rewards: scored.rewards, tokens_processed: scored.tokens_processed })
     }
@@ -169,7 +177,12 @@ struct Shared {
 }
 
 /// The one handler (any path): POST a JSON [`ScoreRequest`], get a [`ScoreResponse`].
-async fn score(State(shared): State<Arc<Shared>>, method: Method, headers: HeaderMap, body: Body) -> HttpResponse {
+async fn score(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> HttpResponse {
     match score_inner(shared, method, &headers, body).await {
         Ok(answer) => match serde_json::to_string(&answer) {
             Ok(body) => json(StatusCode::OK, body),
@@ -179,19 +192,29 @@ async fn score(State(shared): State<Arc<Shared>>, method: Method, headers: Heade
     }
 }
 
-async fn score_inner(shared: Arc<Shared>, method: Method, headers: &HeaderMap, body: Body) -> Result<ScoreResponse, HttpError> {
+async fn score_inner(
+    shared: Arc<Shared>,
+    method: Method,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<ScoreResponse, HttpError> {
     if method != Method::POST {
         return Err(HttpError(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("method {method} not allowed: POST a JSON scoring request"),
         ));
     }
-    let bytes = read_body(headers, body, shared.limits.max_body_bytes, shared.limits.body_timeout).await.map_err(|e| {
-        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-        HttpError(status, e.to_string())
-    })?;
+    let bytes = read_body(headers, body, shared.limits.max_body_bytes, shared.limits.body_timeout)
+        .await
+        .map_err(|e| {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            HttpError(status, e.to_string())
+        })?;
     let Ok(permit) = Arc::clone(&shared.queue).try_acquire_owned() else {
-        return Err(HttpError(StatusCode::TOO_MANY_REQUESTS, "the reward model's queue is full: retry later".into()));
+        return Err(HttpError(
+            StatusCode::TOO_MANY_REQUESTS,
+            "the reward model's queue is full: retry later".into(),
+        ));
     };
     // The model is CPU (or GPU) bound: it runs on a blocking thread, one request at a time.
     let job = tokio::task::spawn_blocking(move || {
@@ -200,7 +223,10 @@ async fn score_inner(shared: Arc<Shared>, method: Method, headers: &HeaderMap, b
     });
     match job.await {
         Ok(result) => result,
-        Err(e) => Err(HttpError(StatusCode::INTERNAL_SERVER_ERROR, format!("reward model: the scoring task failed: {e}"))),
+        Err(e) => Err(HttpError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reward model: the scoring task failed: {e}"),
+        )),
     }
 }
 
@@ -224,7 +250,8 @@ fn run(
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     // Two workers for the connections; the model runs on the blocking pool.
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let shared = Arc::new(Shared {
@@ -287,26 +314,35 @@ impl Drop for RunningServer {
 
 /// Binds `addr` (e.g. `"127.0.0.1:0"`) and serves `rm` with `limits` on a thread of its own
 /// until [`RunningServer::shutdown`] (or drop).
-pub fn spawn_server_with(addr: impl ToSocketAddrs, rm: Arc<RewardModel>, limits: ServerLimits) -> std::io::Result<RunningServer> {
+pub fn spawn_server_with(
+    addr: impl ToSocketAddrs,
+    rm: Arc<RewardModel>,
+    limits: ServerLimits,
+) -> std::io::Result<RunningServer> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let thread = std::thread::Builder::new().name("specrej-reward-server".into()).spawn(move || {
-        let _ = run(listener, rm, &limits, async {
-            let _ = stopped.await;
-        });
-    })?;
+    let thread =
+        std::thread::Builder::new().name("specrej-reward-server".into()).spawn(move || {
+            let _ = run(listener, rm, &limits, async {
+                let _ = stopped.await;
+            });
+        })?;
     Ok(RunningServer { addr: local, stop: Some(stop), thread: Some(thread) })
 }
 
 /// Binds `addr` (e.g. `"127.0.0.1:0"`) and serves `rm` on a background thread for the rest
 /// of the process; returns the bound address.
-pub fn spawn_server(addr: impl ToSocketAddrs, rm: Arc<RewardModel>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+pub fn spawn_server(
+    addr: impl ToSocketAddrs,
+    rm: Arc<RewardModel>,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
-    let handle = std::thread::Builder::new().name("specrej-reward-server".into()).spawn(move || {
-        let _ = run(listener, rm, &ServerLimits::default(), std::future::pending());
-    })?;
+    let handle =
+        std::thread::Builder::new().name("specrej-reward-server".into()).spawn(move || {
+            let _ = run(listener, rm, &ServerLimits::default(), std::future::pending());
+        })?;
     Ok((local, handle))
 }
 
@@ -322,7 +358,11 @@ pub const MAX_ANSWER_BYTES: usize = MAX_BODY_BYTES;
 /// Checks a reward server URL: `http://HOST[:PORT][/PATH]`, HOST a name, an IPv4 address or
 /// a bracketed IPv6 address (`[::1]`), PORT 1-65535 (default 80).
 fn parse_url(url: &str) -> Result<ureq::http::Uri, RewardError> {
-    let bad = |why: &str| RewardError::Other(format!("reward server URL {url:?}: {why} (expected http://HOST:PORT/PATH)"));
+    let bad = |why: &str| {
+        RewardError::Other(format!(
+            "reward server URL {url:?}: {why} (expected http://HOST:PORT/PATH)"
+        ))
+    };
     let uri: ureq::http::Uri = url.parse().map_err(|e| bad(&format!("not a URL: {e}")))?;
     match uri.scheme_str() {
         Some("http") => {}
@@ -357,11 +397,17 @@ pub fn check_url(url: &str) -> Result<(), RewardError> {
 /// One line: ureq's error in words, with what was being done.
 fn describe(e: &ureq::Error, timeout: Duration) -> String {
     let text = match e {
-        ureq::Error::Timeout(ureq::Timeout::Connect) => format!("could not connect within {CONNECT_TIMEOUT:?}"),
-        ureq::Error::Timeout(which) => format!("no complete answer within {timeout:?} ({which} timeout)"),
+        ureq::Error::Timeout(ureq::Timeout::Connect) => {
+            format!("could not connect within {CONNECT_TIMEOUT:?}")
+        }
+        ureq::Error::Timeout(which) => {
+            format!("no complete answer within {timeout:?} ({which} timeout)")
+        }
         ureq::Error::HostNotFound => "host not found".to_string(),
         ureq::Error::ConnectionFailed => "could not connect".to_string(),
-        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => format!("could not connect: {io}"),
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            format!("could not connect: {io}")
+        }
         ureq::Error::Io(io) => format!("I/O error: {io}"),
         ureq::Error::BodyExceedsLimit(limit) => format!("answer body larger than {limit} bytes"),
         ureq::Error::Protocol(p) => format!("malformed HTTP answer: {p}"),
@@ -411,11 +457,19 @@ fn agent(timeout: Duration) -> ureq::Agent {
 impl RemoteScorer {
     /// A scorer posting to `url` (`http://host:port/path`, `http://[::1]:port/path`; port 80
     /// by default) with a fresh session name. Any other URL is an error naming it.
-    pub fn new(url: &str, policy: Tokenizer, question: impl Into<String>) -> Result<Self, RewardError> {
+    pub fn new(
+        url: &str,
+        policy: Tokenizer,
+        question: impl Into<String>,
+    ) -> Result<Self, RewardError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let uri = parse_url(url)?;
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let session = format!("{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let session =
+            format!("{}-{nanos}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         Ok(Self {
             url: url.to_string(),
             uri,
@@ -445,8 +499,12 @@ impl RemoteScorer {
     /// POSTs `body`; returns (status, answer body), the body at most [`MAX_ANSWER_BYTES`].
     fn post(&self, body: &[u8]) -> Result<(u16, Vec<u8>), String> {
         let fail = |e: ureq::Error| describe(&e, self.timeout);
-        let mut answer =
-            self.agent.post(self.uri.clone()).content_type("application/json").send(body).map_err(fail)?;
+        let mut answer = self
+            .agent
+            .post(self.uri.clone())
+            .content_type("application/json")
+            .send(body)
+            .map_err(fail)?;
         let status = answer.status().as_u16();
         let cap = MAX_ANSWER_BYTES as u64;
         if let Some(n) = answer.body().content_length()
@@ -454,10 +512,13 @@ impl RemoteScorer {
         {
             return Err(format!("HTTP {status} answer of {n} bytes, over the {cap}-byte limit"));
         }
-        let bytes = answer.body_mut().with_config().limit(cap).read_to_vec().map_err(|e| match e {
-            ureq::Error::BodyExceedsLimit(_) => format!("HTTP {status} answer body over the {cap}-byte limit"),
-            e => format!("HTTP {status} answer body: {}", fail(e)),
-        })?;
+        let bytes =
+            answer.body_mut().with_config().limit(cap).read_to_vec().map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => {
+                    format!("HTTP {status} answer body over the {cap}-byte limit")
+                }
+                e => format!("HTTP {status} answer body: {}", fail(e)),
+            })?;
         Ok((status, bytes))
     }
 
@@ -471,18 +532,24 @@ impl RemoteScorer {
             release: std::mem::take(&mut self.pending_release),
         };
         let body = serde_json::to_vec(&req).map_err(BackendError::device)?;
-        let (status, answer) =
-            self.post(&body).map_err(|e| BackendError::device(format!("reward server {}: {e}", self.url)))?;
+        let (status, answer) = self
+            .post(&body)
+            .map_err(|e| BackendError::device(format!("reward server {}: {e}", self.url)))?;
         if !(200..300).contains(&status) {
             let msg = serde_json::from_slice::<serde_json::Value>(&answer)
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
                 .unwrap_or_else(|| String::from_utf8_lossy(&answer).into_owned());
             let msg = msg.replace(['\r', '\n'], " ");
-            return Err(BackendError::device(format!("reward server {}: HTTP {status}: {}", self.url, msg.trim())));
+            return Err(BackendError::device(format!(
+                "reward server {}: HTTP {status}: {}",
+                self.url,
+                msg.trim()
+            )));
         }
-        let resp: ScoreResponse = serde_json::from_slice(&answer)
-            .map_err(|e| BackendError::device(format!("reward server {}: bad answer: {e}", self.url)))?;
+        let resp: ScoreResponse = serde_json::from_slice(&answer).map_err(|e| {
+            BackendError::device(format!("reward server {}: bad answer: {e}", self.url))
+        })?;
         if resp.rewards.len() != responses.len() {
             return Err(BackendError::device(format!(
                 "reward server {}: {} rewards for {} responses",
@@ -495,14 +562,22 @@ impl RemoteScorer {
     }
 
     fn score_sync(&mut self, responses: &[Response<'_>]) -> Result<Scored, BackendError> {
-        let texts = responses.iter().map(|r| detokenize(&self.policy, r.tokens)).collect::<Result<Vec<_>, _>>()?;
-        let pairs: Vec<(u32, &str)> = responses.iter().zip(&texts).map(|(r, t)| (r.row, t.as_str())).collect();
+        let texts = responses
+            .iter()
+            .map(|r| detokenize(&self.policy, r.tokens))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pairs: Vec<(u32, &str)> =
+            responses.iter().zip(&texts).map(|(r, t)| (r.row, t.as_str())).collect();
         self.score_texts(&pairs)
     }
 }
 
 impl Scorer for RemoteScorer {
-    fn score(&mut self, _prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+    fn score(
+        &mut self,
+        _prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>> {
         std::future::ready(self.score_sync(responses))
     }
 
@@ -540,7 +615,10 @@ mod tests {
         assert_eq!(parts("http://[::1]:8123/score"), (s("[::1]"), 8123, s("/score")));
         assert_eq!(parts("http://[::1]/score"), (s("[::1]"), 80, s("/score")));
         assert_eq!(parts("http://127.0.0.1:9/"), (s("127.0.0.1"), 9, s("/")));
-        assert_eq!(parts("http://localhost:8080/v1/score?x=1"), (s("localhost"), 8080, s("/v1/score?x=1")));
+        assert_eq!(
+            parts("http://localhost:8080/v1/score?x=1"),
+            (s("localhost"), 8080, s("/v1/score?x=1"))
+        );
         assert_eq!(parts("http://example.com"), (s("example.com"), 80, s("/")));
         let e = parse_url("https://example.com/").unwrap_err().to_string();
         assert_eq!(

@@ -76,8 +76,9 @@ mod scorer;
 pub use error::RewardError;
 pub use export::{ExportDtype, ExportReport, export_judge_rm};
 pub use http::{
-    CONNECT_TIMEOUT, MAX_ANSWER_BYTES, MAX_BODY_BYTES, MAX_SESSIONS, REQUEST_TIMEOUT, RemoteScorer, RunningServer, ScoreRequest,
-    ScoreResponse, ServerLimits, check_url, serve, spawn_server, spawn_server_with,
+    CONNECT_TIMEOUT, MAX_ANSWER_BYTES, MAX_BODY_BYTES, MAX_SESSIONS, REQUEST_TIMEOUT, RemoteScorer,
+    RunningServer, ScoreRequest, ScoreResponse, ServerLimits, check_url, serve, spawn_server,
+    spawn_server_with,
 };
 pub use model::{RewardModel, SUPPORTED_ARCHITECTURES};
 pub use scorer::{RewardScorer, RewardSession, detokenize};

@@ -10,8 +10,11 @@ use specrej_text::{ChatTemplate, Message, Tokenizer};
 use crate::error::RewardError;
 
 /// The `architectures` a reward model directory may name.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForSequenceClassification", "MistralForSequenceClassification", "Qwen2ForSequenceClassification"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "LlamaForSequenceClassification",
+    "MistralForSequenceClassification",
+    "Qwen2ForSequenceClassification",
+];
 
 /// Marks where the response goes when rendering the RM's chat; never in a question.
 const PLACEHOLDER: &str = "\u{1}specrej-rm-response\u{1}";
@@ -44,12 +47,17 @@ impl RewardModel {
             return Err(RewardError::Load(LoadError::Missing { path: dir }));
         }
         let config_path = dir.join("config.json");
-        let config: serde_json::Value = serde_json::from_slice(&read(&config_path)?).map_err(|e| RewardError::Config {
+        let config: serde_json::Value =
+            serde_json::from_slice(&read(&config_path)?).map_err(|e| RewardError::Config {
+                path: config_path.clone(),
+                key: "(file)".into(),
+                reason: format!("invalid JSON: {e}"),
+            })?;
+        let config_err = |key: &str, reason: String| RewardError::Config {
             path: config_path.clone(),
-            key: "(file)".into(),
-            reason: format!("invalid JSON: {e}"),
-        })?;
-        let config_err = |key: &str, reason: String| RewardError::Config { path: config_path.clone(), key: key.into(), reason };
+            key: key.into(),
+            reason,
+        };
         let arch = config
             .get("architectures")
             .and_then(|a| a.as_array())
@@ -57,37 +65,68 @@ impl RewardModel {
             .and_then(|a| a.as_str())
             .ok_or_else(|| config_err("architectures", "missing".into()))?;
         if !SUPPORTED_ARCHITECTURES.contains(&arch) {
-            return Err(RewardError::UnsupportedArchitecture { path: config_path, found: arch.to_string() });
+            return Err(RewardError::UnsupportedArchitecture {
+                path: config_path,
+                found: arch.to_string(),
+            });
         }
         // transformers writes id2label rather than num_labels; its default is 2 labels.
-        let num_labels = match (config.get("num_labels"), config.get("id2label").and_then(|m| m.as_object())) {
-            (Some(n), _) => n.as_u64().ok_or_else(|| config_err("num_labels", format!("{n} is not a count")))?,
-            (None, Some(map)) => map.len() as u64,
-            (None, None) => 2,
-        };
+        let num_labels =
+            match (config.get("num_labels"), config.get("id2label").and_then(|m| m.as_object())) {
+                (Some(n), _) => n
+                    .as_u64()
+                    .ok_or_else(|| config_err("num_labels", format!("{n} is not a count")))?,
+                (None, Some(map)) => map.len() as u64,
+                (None, None) => 2,
+            };
         if num_labels != 1 {
             return Err(config_err(
                 "num_labels",
-                format!("a reward model has exactly 1 label (a scalar reward); this one has {num_labels}"),
+                format!(
+                    "a reward model has exactly 1 label (a scalar reward); this one has {num_labels}"
+                ),
             ));
         }
-        let pad = config.get("pad_token_id").and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok());
+        let pad =
+            config.get("pad_token_id").and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok());
 
-        let (trunk, extras) = load_safetensors_trunk(&dir, options, &["score.weight", "score.bias"])?;
+        let (trunk, extras) =
+            load_safetensors_trunk(&dir, options, &["score.weight", "score.bias"])?;
         let hidden = trunk.config().hidden_size;
-        let weight = extras.get("score.weight").ok_or_else(|| RewardError::MissingScoreHead { path: dir.clone() })?;
+        let weight = extras
+            .get("score.weight")
+            .ok_or_else(|| RewardError::MissingScoreHead { path: dir.clone() })?;
         let dims = weight.dims().to_vec();
         if dims != [1, hidden] && dims != [hidden] {
-            return Err(LoadError::ShapeMismatch { path: dir, name: "score.weight".into(), expected: vec![1, hidden], found: dims }.into());
+            return Err(LoadError::ShapeMismatch {
+                path: dir,
+                name: "score.weight".into(),
+                expected: vec![1, hidden],
+                found: dims,
+            }
+            .into());
         }
-        let score = weight.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| RewardError::Other(format!("{}: score.weight: {e}", dir.display())))?;
+        let score = weight
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| RewardError::Other(format!("{}: score.weight: {e}", dir.display())))?;
         let bias = match extras.get("score.bias") {
             None => 0.0,
             Some(b) => {
-                let v = b.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| RewardError::Other(format!("{}: score.bias: {e}", dir.display())))?;
+                let v = b.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| {
+                    RewardError::Other(format!("{}: score.bias: {e}", dir.display()))
+                })?;
                 match v.as_slice() {
                     [x] => *x,
-                    _ => return Err(LoadError::ShapeMismatch { path: dir, name: "score.bias".into(), expected: vec![1], found: b.dims().to_vec() }.into()),
+                    _ => {
+                        return Err(LoadError::ShapeMismatch {
+                            path: dir,
+                            name: "score.bias".into(),
+                            expected: vec![1],
+                            found: b.dims().to_vec(),
+                        }
+                        .into());
+                    }
                 }
             }
         };
@@ -97,7 +136,8 @@ impl RewardModel {
             let path = path.to_path_buf();
             move |source| RewardError::Text { path: path.clone(), source }
         };
-        let mut tokenizer = Tokenizer::from_tokenizer_json(&read(&tok_path)?).map_err(text_err(&tok_path))?;
+        let mut tokenizer =
+            Tokenizer::from_tokenizer_json(&read(&tok_path)?).map_err(text_err(&tok_path))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let template = if cfg_path.exists() {
             let bytes = read(&cfg_path)?;
@@ -143,7 +183,10 @@ impl RewardModel {
     }
 
     fn encode(&self, text: &str) -> Result<Vec<u32>, BackendError> {
-        let mut ids = self.tokenizer.encode(text, false).map_err(|e| BackendError::device(format!("reward model tokenizer: {e}")))?;
+        let mut ids = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| BackendError::device(format!("reward model tokenizer: {e}")))?;
         if let Some(bos) = self.tokenizer.bos().filter(|_| self.tokenizer.adds_bos())
             && ids.first() != Some(&bos)
         {
@@ -188,7 +231,8 @@ impl RewardModel {
 
     /// The reward from a final-normed hidden state `[hidden]`.
     pub fn head(&self, normed: &[f32]) -> f32 {
-        let dot: f64 = self.score.iter().zip(normed).map(|(&w, &h)| f64::from(w) * f64::from(h)).sum();
+        let dot: f64 =
+            self.score.iter().zip(normed).map(|(&w, &h)| f64::from(w) * f64::from(h)).sum();
         dot as f32 + self.bias
     }
 
@@ -196,7 +240,10 @@ impl RewardModel {
     pub fn score_ids(&self, ids: &[u32]) -> Result<f32, BackendError> {
         let hidden = self.trunk.hidden_states(ids)?;
         let h = self.trunk.config().hidden_size;
-        let last = hidden.len().checked_sub(h).ok_or_else(|| BackendError::device("reward model: empty input"))?;
+        let last = hidden
+            .len()
+            .checked_sub(h)
+            .ok_or_else(|| BackendError::device("reward model: empty input"))?;
         Ok(self.head(&hidden[last..]))
     }
 

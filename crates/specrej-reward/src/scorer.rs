@@ -11,7 +11,9 @@ use crate::model::RewardModel;
 /// The policy's `tokens` as text for the RM: special tokens skipped, and an incomplete
 /// trailing UTF-8 character (decoded as U+FFFD) dropped.
 pub fn detokenize(policy: &Tokenizer, tokens: &[u32]) -> Result<String, BackendError> {
-    let mut text = policy.decode(tokens, true).map_err(|e| BackendError::device(format!("policy detokenizer: {e}")))?;
+    let mut text = policy
+        .decode(tokens, true)
+        .map_err(|e| BackendError::device(format!("policy detokenizer: {e}")))?;
     while text.ends_with('\u{FFFD}') {
         text.pop();
     }
@@ -120,14 +122,22 @@ impl RewardScorer {
     }
 
     fn score_sync(&mut self, responses: &[Response<'_>]) -> Result<Scored, BackendError> {
-        let texts = responses.iter().map(|r| detokenize(&self.policy, r.tokens)).collect::<Result<Vec<_>, _>>()?;
-        let pairs: Vec<(u32, &str)> = responses.iter().zip(&texts).map(|(r, t)| (r.row, t.as_str())).collect();
+        let texts = responses
+            .iter()
+            .map(|r| detokenize(&self.policy, r.tokens))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pairs: Vec<(u32, &str)> =
+            responses.iter().zip(&texts).map(|(r, t)| (r.row, t.as_str())).collect();
         self.session.score_texts(&pairs)
     }
 }
 
 impl Scorer for RewardScorer {
-    fn score(&mut self, _prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+    fn score(
+        &mut self,
+        _prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>> {
         std::future::ready(self.score_sync(responses))
     }
 

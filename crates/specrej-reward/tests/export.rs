@@ -13,7 +13,8 @@ use specrej_candle::{IncrementalRows, LoadOptions, WeightFormat, load_gguf};
 use specrej_reward::{ExportDtype, RewardModel, export_judge_rm};
 use specrej_text::{GgufMetadata, Tokenizer};
 
-const MERGES: &[(&str, &str)] = &[("Y", "e"), ("Ye", "s"), ("N", "o"), (" ", "t"), ("h", "e"), (" t", "he")];
+const MERGES: &[(&str, &str)] =
+    &[("Y", "e"), ("Ye", "s"), ("N", "o"), (" ", "t"), ("h", "e"), (" t", "he")];
 
 fn hf_to_gguf(name: &str) -> String {
     match name {
@@ -67,9 +68,15 @@ fn exported_tiny_gguf_judge_is_the_same_model() {
         ("llama.feed_forward_length".into(), Value::U32(spec.ffn as u32)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
-        ("tokenizer.ggml.merges".into(), Value::Array(merges.iter().map(|m| Value::String(m.clone())).collect())),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(merges.iter().map(|m| Value::String(m.clone())).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(0)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(1)),
         ("tokenizer.chat_template".into(), Value::String(CHATML.into())),
@@ -83,7 +90,15 @@ fn exported_tiny_gguf_judge_is_the_same_model() {
         .map(|(n, s, d)| {
             let t = Tensor::from_vec(d, s, &Device::Cpu).unwrap();
             if n == "model.embed_tokens.weight" {
-                (n, Tensor::from_vec(rng.vec(vocab * spec.hidden, 1.0, 0.0), (vocab, spec.hidden), &Device::Cpu).unwrap())
+                (
+                    n,
+                    Tensor::from_vec(
+                        rng.vec(vocab * spec.hidden, 1.0, 0.0),
+                        (vocab, spec.hidden),
+                        &Device::Cpu,
+                    )
+                    .unwrap(),
+                )
             } else {
                 (n, t)
             }
@@ -91,13 +106,25 @@ fn exported_tiny_gguf_judge_is_the_same_model() {
         .collect();
     weights.push((
         "lm_head.weight".into(),
-        Tensor::from_vec(rng.vec(vocab * spec.hidden, 0.5, 0.0), (vocab, spec.hidden), &Device::Cpu).unwrap(),
+        Tensor::from_vec(
+            rng.vec(vocab * spec.hidden, 0.5, 0.0),
+            (vocab, spec.hidden),
+            &Device::Cpu,
+        )
+        .unwrap(),
     ));
     let mut qtensors = Vec::new();
     for (name, t) in &weights {
         let t = if name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight") {
             let (rows, cols) = t.dims2().unwrap();
-            t.reshape((rows / hd, 2, hd / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap()
+            t.reshape((rows / hd, 2, hd / 2, cols))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((rows, cols))
+                .unwrap()
         } else {
             t.clone()
         };
@@ -116,7 +143,11 @@ fn exported_tiny_gguf_judge_is_the_same_model() {
     let report = export_judge_rm(&gguf, &out, ExportDtype::F32).unwrap();
     assert_eq!(report.architecture, "LlamaForSequenceClassification");
     // f32 K/V: the two layouts sum in different orders, and f16 rounding would amplify that.
-    let f32 = LoadOptions { weights: WeightFormat::F32, kv: specrej_candle::KvFormat::F32, ..Default::default() };
+    let f32 = LoadOptions {
+        weights: WeightFormat::F32,
+        kv: specrej_candle::KvFormat::F32,
+        ..Default::default()
+    };
     let rm = RewardModel::load(&out, &f32).unwrap();
     let gguf_tok = Tokenizer::from_gguf(&GgufMetadata::from_path(&gguf).unwrap()).unwrap();
     assert_eq!(Some(report.yes), gguf_tok.single_token("Yes"));
@@ -125,13 +156,21 @@ fn exported_tiny_gguf_judge_is_the_same_model() {
     assert_eq!(rm.tokenizer().encode(text, false).unwrap(), gguf_tok.encode(text, false).unwrap());
 
     // Q/K are back in the HF layout: the exported tensors equal the originals.
-    let saved = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let saved =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
     for (name, t) in &weights {
         if name == "lm_head.weight" {
             assert!(!saved.contains_key(name));
             continue;
         }
-        let diff = (saved[name].to_dtype(DType::F32).unwrap() - t).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (saved[name].to_dtype(DType::F32).unwrap() - t)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0, "{name}");
     }
 

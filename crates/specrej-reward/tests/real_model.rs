@@ -25,13 +25,23 @@ fn exported_judge_rm_equals_the_gguf_judge_margin() {
     let report = export_judge_rm(&gguf, dir.path(), ExportDtype::F32).unwrap();
     assert_eq!(report.architecture, "LlamaForSequenceClassification");
     // f32 K/V: the two layouts sum in different orders, and f16 rounding would amplify that.
-    let f32 = LoadOptions { weights: WeightFormat::F32, kv: specrej_candle::KvFormat::F32, ..Default::default() };
+    let f32 = LoadOptions {
+        weights: WeightFormat::F32,
+        kv: specrej_candle::KvFormat::F32,
+        ..Default::default()
+    };
     let rm = RewardModel::load(dir.path(), &f32).unwrap();
 
     // Same tokenizer: the exported tokenizer.json encodes like the GGUF tokenizer.
     let gguf_tok = Tokenizer::from_gguf(&GgufMetadata::from_path(&gguf).unwrap()).unwrap();
-    for text in ["Give three tips for staying healthy.", "<|im_start|>user\nHi héllo 123 ✓<|im_end|>\n"] {
-        assert_eq!(rm.tokenizer().encode(text, false).unwrap(), gguf_tok.encode(text, false).unwrap(), "{text:?}");
+    for text in
+        ["Give three tips for staying healthy.", "<|im_start|>user\nHi héllo 123 ✓<|im_end|>\n"]
+    {
+        assert_eq!(
+            rm.tokenizer().encode(text, false).unwrap(),
+            gguf_tok.encode(text, false).unwrap(),
+            "{text:?}"
+        );
     }
     assert_eq!(rm.tokenizer().token_to_id("Yes"), Some(report.yes));
 

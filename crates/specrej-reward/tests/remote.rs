@@ -126,9 +126,13 @@ fn a_chunked_answer_is_decoded() {
     // Through the Scorer trait: the policy's ids are detokenized and sent as text.
     let mut remote = scorer(&url);
     let policy = policy_tokenizer();
-    let ids: Vec<Vec<u32>> = ["the answer", "another"].iter().map(|t| policy.encode(t, false).unwrap()).collect();
-    let responses: Vec<Response<'_>> =
-        ids.iter().enumerate().map(|(row, tokens)| Response { row: row as u32 * 3, tokens }).collect();
+    let ids: Vec<Vec<u32>> =
+        ["the answer", "another"].iter().map(|t| policy.encode(t, false).unwrap()).collect();
+    let responses: Vec<Response<'_>> = ids
+        .iter()
+        .enumerate()
+        .map(|(row, tokens)| Response { row: row as u32 * 3, tokens })
+        .collect();
     let scored = block_on_ready(remote.score(&[], &responses)).unwrap();
     assert_eq!(scored.rewards, vec![0.5, 1.5]);
     assert_eq!(scored.tokens_processed, 7);
@@ -140,13 +144,19 @@ fn an_answer_over_the_cap_is_an_error() {
     // A Content-Length over the cap: refused before reading (nothing allocated for it).
     let (listener, url) = listen();
     let server = serve_one(listener, |mut stream, _| {
-        let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", 1u64 << 40);
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            1u64 << 40
+        );
         stream.write_all(head.as_bytes()).unwrap();
         let _ = stream.write_all(b"{\"rewards\": [");
         let _ = stream.shutdown(Shutdown::Write);
     });
     let e = scorer(&url).score_texts(&[(0, "a")]).unwrap_err().to_string();
-    assert!(e.contains(&url) && e.contains("limit") && e.contains(&MAX_ANSWER_BYTES.to_string()), "{e}");
+    assert!(
+        e.contains(&url) && e.contains("limit") && e.contains(&MAX_ANSWER_BYTES.to_string()),
+        "{e}"
+    );
     server.join().unwrap();
 
     // An endless chunked body: the client stops reading at the cap. The server stops by
@@ -185,7 +195,10 @@ fn error_answers_give_the_servers_message() {
     let (listener, url) = listen();
     let server = serve_one(listener, |mut stream, _| {
         let body = r#"{"error": "reward model: out of memory"}"#;
-        let head = format!("HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+        let head = format!(
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
         stream.write_all(head.as_bytes()).unwrap();
         stream.write_all(body.as_bytes()).unwrap();
     });

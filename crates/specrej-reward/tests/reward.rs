@@ -16,12 +16,15 @@ use specrej_core::scheduler::{Method, Options};
 use specrej_core::testing::FakeDecoder;
 use specrej_core::{Response, Sampling, Scorer, block_on_ready};
 use specrej_reward::{
-    RemoteScorer, RewardError, RewardModel, RewardScorer, RewardSession, ServerLimits, detokenize, spawn_server,
-    spawn_server_with,
+    RemoteScorer, RewardError, RewardModel, RewardScorer, RewardSession, ServerLimits, detokenize,
+    spawn_server, spawn_server_with,
 };
 
-const F32: LoadOptions =
-    LoadOptions { device: specrej_candle::Device::Cpu, weights: WeightFormat::F32, kv: specrej_candle::KvFormat::F32 };
+const F32: LoadOptions = LoadOptions {
+    device: specrej_candle::Device::Cpu,
+    weights: WeightFormat::F32,
+    kv: specrej_candle::KvFormat::F32,
+};
 const QUESTION: &str = "What is the best way to learn?";
 
 fn tiny(spec: &TinyRm, dtype: DType) -> (TempDir, Arc<RewardModel>) {
@@ -49,7 +52,11 @@ fn scores_match_a_naive_reference_forward() {
             let ids = rm.chat_ids(QUESTION, text).unwrap();
             let want = spec.reference_reward(&ids);
             let direct = rm.score_ids(&ids).unwrap();
-            assert!(close(direct, want, 1e-4), "{} {text:?}: {direct} vs reference {want}", spec.arch);
+            assert!(
+                close(direct, want, 1e-4),
+                "{} {text:?}: {direct} vs reference {want}",
+                spec.arch
+            );
             let mut full = RewardSession::full(rm.clone(), QUESTION);
             let s = full.score_texts(&[(0, text)]).unwrap();
             assert!(close(s.rewards[0], want, 1e-4), "{}: {} vs {want}", spec.arch, s.rewards[0]);
@@ -63,7 +70,10 @@ fn the_rm_sees_its_own_chat_template_and_tokenizer() {
     let (_dir, rm) = tiny(&TinyRm::llama(), DType::F32);
     let ids = rm.chat_ids("Hi?", "see the end").unwrap();
     let text = rm.tokenizer().decode(&ids, false).unwrap();
-    assert_eq!(text, "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nsee the end<|im_end|>\n");
+    assert_eq!(
+        text,
+        "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nsee the end<|im_end|>\n"
+    );
     let prefix = rm.prefix_ids("Hi?").unwrap();
     assert_eq!(&ids[..prefix.len()], &prefix[..]);
     // " the" merges into one RM token.
@@ -79,7 +89,10 @@ fn loads_sharded_and_half_precision_checkpoints() {
         spec.write_sharded(dir.path(), dtype, 3);
         let rm = RewardModel::load(dir.path(), &F32).unwrap();
         for text in TEXTS {
-            let (a, b) = (rm.score_text(QUESTION, text).unwrap(), reference.score_text(QUESTION, text).unwrap());
+            let (a, b) = (
+                rm.score_text(QUESTION, text).unwrap(),
+                reference.score_text(QUESTION, text).unwrap(),
+            );
             assert!(close(a, b, 0.05), "{dtype:?} {text:?}: {a} vs {b}");
         }
     }
@@ -87,7 +100,10 @@ fn loads_sharded_and_half_precision_checkpoints() {
     let dir = TempDir::new("q8");
     spec.write(dir.path(), DType::F32);
     let rm = RewardModel::load(dir.path(), &LoadOptions::default()).unwrap();
-    let (a, b) = (rm.score_text(QUESTION, TEXTS[2]).unwrap(), reference.score_text(QUESTION, TEXTS[2]).unwrap());
+    let (a, b) = (
+        rm.score_text(QUESTION, TEXTS[2]).unwrap(),
+        reference.score_text(QUESTION, TEXTS[2]).unwrap(),
+    );
     assert!(close(a, b, 0.1), "q8_0 {a} vs {b}");
 }
 
@@ -119,7 +135,12 @@ fn decisions() -> Vec<Vec<(u32, String)>> {
 #[test]
 fn incremental_scoring_equals_full_rescoring_and_runs_fewer_tokens() {
     let q8 = LoadOptions { weights: WeightFormat::Q8_0, ..F32 };
-    for (spec, options) in [(TinyRm::llama(), F32), (TinyRm::qwen2(), F32), (TinyRm::llama(), q8), (TinyRm::qwen2(), q8)] {
+    for (spec, options) in [
+        (TinyRm::llama(), F32),
+        (TinyRm::qwen2(), F32),
+        (TinyRm::llama(), q8),
+        (TinyRm::qwen2(), q8),
+    ] {
         let dir = TempDir::new("rm");
         spec.write(dir.path(), DType::F32);
         let rm = RewardModel::load(dir.path(), &options).unwrap();
@@ -139,17 +160,34 @@ fn incremental_scoring_equals_full_rescoring_and_runs_fewer_tokens() {
                 let what = format!("{} {:?} row {i} {:?}", spec.arch, options.weights, pairs[i].1);
                 assert_eq!(x.to_bits(), y.to_bits(), "{what}: incremental {x} vs full {y}");
                 let direct = rm.score_text(QUESTION, pairs[i].1).unwrap();
-                assert_eq!(x.to_bits(), direct.to_bits(), "{what}: incremental {x} vs direct {direct}");
+                assert_eq!(
+                    x.to_bits(),
+                    direct.to_bits(),
+                    "{what}: incremental {x} vs direct {direct}"
+                );
             }
             // Full re-scoring runs every RM token of every row.
-            let all: u64 = pairs.iter().map(|(_, t)| rm.chat_ids(QUESTION, t).unwrap().len() as u64).sum();
+            let all: u64 =
+                pairs.iter().map(|(_, t)| rm.chat_ids(QUESTION, t).unwrap().len() as u64).sum();
             assert_eq!(b.tokens_processed, all);
             inc_tokens += a.tokens_processed;
             full_tokens += b.tokens_processed;
         }
-        assert!(inc_tokens * 3 < full_tokens, "{}: incremental {inc_tokens} vs full {full_tokens}", spec.arch);
+        assert!(
+            inc_tokens * 3 < full_tokens,
+            "{}: incremental {inc_tokens} vs full {full_tokens}",
+            spec.arch
+        );
         // Released rows are gone: 3 rows of the last decision remain cached.
-        assert_eq!(inc.cached_tokens(), decisions().last().unwrap().iter().map(|(_, t)| rm.chat_ids(QUESTION, t).unwrap().len()).sum::<usize>());
+        assert_eq!(
+            inc.cached_tokens(),
+            decisions()
+                .last()
+                .unwrap()
+                .iter()
+                .map(|(_, t)| rm.chat_ids(QUESTION, t).unwrap().len())
+                .sum::<usize>()
+        );
     }
 }
 
@@ -184,7 +222,12 @@ fn scorer_retokenizes_the_policy_tokens() {
     // The policy's ids are not the RM's.
     assert_ne!(ids[0], rm.tokenizer().encode(texts[0], false).unwrap());
     // Cut inside "é" (two bytes, two byte tokens in this policy vocabulary).
-    let e_cut: Vec<u32> = policy.encode("h", false).unwrap().into_iter().chain([policy.encode("é", false).unwrap()[0]]).collect();
+    let e_cut: Vec<u32> = policy
+        .encode("h", false)
+        .unwrap()
+        .into_iter()
+        .chain([policy.encode("é", false).unwrap()[0]])
+        .collect();
     assert_eq!(detokenize(&policy, &e_cut).unwrap(), "h");
     // With EOS (special, skipped).
     let with_eos: Vec<u32> = ids[2].iter().copied().chain([0]).collect();
@@ -225,7 +268,14 @@ fn speculative_rejection_with_incremental_and_full_rm_agree() {
     let run = |scorer: &mut RewardScorer| {
         let mut decoder = FakeDecoder::new(8 * 24);
         decoder.vocab = 257;
-        block_on_ready(specrej_core::scheduler::generate(&mut decoder, scorer, &[1, 2, 3], &options, &mut |_| {})).unwrap()
+        block_on_ready(specrej_core::scheduler::generate(
+            &mut decoder,
+            scorer,
+            &[1, 2, 3],
+            &options,
+            &mut |_| {},
+        ))
+        .unwrap()
     };
     let inc = run(&mut RewardScorer::new(rm.clone(), policy.clone(), QUESTION));
     let full = run(&mut RewardScorer::full(rm.clone(), policy.clone(), QUESTION));
@@ -235,7 +285,12 @@ fn speculative_rejection_with_incremental_and_full_rm_agree() {
         assert_eq!(a.row, b.row);
         assert!(close(a.score, b.score, 1e-4), "{} vs {}", a.score, b.score);
     }
-    assert!(inc.stats.reward_tokens * 2 < full.stats.reward_tokens, "{} vs {}", inc.stats.reward_tokens, full.stats.reward_tokens);
+    assert!(
+        inc.stats.reward_tokens * 2 < full.stats.reward_tokens,
+        "{} vs {}",
+        inc.stats.reward_tokens,
+        full.stats.reward_tokens
+    );
 }
 
 fn load_err(dir: &TempDir) -> String {
@@ -249,7 +304,12 @@ fn load_err(dir: &TempDir) -> String {
 fn bad_directories_give_clear_errors() {
     let spec = TinyRm::llama();
     // Missing directory.
-    assert!(RewardModel::load("/nonexistent/rm", &F32).unwrap_err().to_string().contains("no such file"));
+    assert!(
+        RewardModel::load("/nonexistent/rm", &F32)
+            .unwrap_err()
+            .to_string()
+            .contains("no such file")
+    );
     // Wrong architecture.
     for arch in ["LlamaForCausalLM", "GPT2ForSequenceClassification"] {
         let dir = TempDir::new("arch");
@@ -258,10 +318,18 @@ fn bad_directories_give_clear_errors() {
         c["architectures"] = serde_json::json!([arch]);
         std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
         let e = load_err(&dir);
-        assert!(e.contains(arch) && e.contains("LlamaForSequenceClassification") && e.contains("Qwen2ForSequenceClassification"), "{e}");
+        assert!(
+            e.contains(arch)
+                && e.contains("LlamaForSequenceClassification")
+                && e.contains("Qwen2ForSequenceClassification"),
+            "{e}"
+        );
     }
     // num_labels != 1 (explicitly, via id2label, and by default).
-    for (key, value) in [("num_labels", serde_json::json!(2)), ("id2label", serde_json::json!({"0": "a", "1": "b"}))] {
+    for (key, value) in [
+        ("num_labels", serde_json::json!(2)),
+        ("id2label", serde_json::json!({"0": "a", "1": "b"})),
+    ] {
         let dir = TempDir::new("labels");
         spec.write(dir.path(), DType::F32);
         let mut c = spec.config();
@@ -277,14 +345,15 @@ fn bad_directories_give_clear_errors() {
     std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
     assert!(load_err(&dir).contains("num_labels"));
     // Missing score head, wrong shapes.
-    let write_with = |edit: &dyn Fn(&mut std::collections::HashMap<String, candle_core::Tensor>)| {
-        let dir = TempDir::new("score");
-        spec.write(dir.path(), DType::F32);
-        let mut t = spec.tensors(DType::F32);
-        edit(&mut t);
-        candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
-        dir
-    };
+    let write_with =
+        |edit: &dyn Fn(&mut std::collections::HashMap<String, candle_core::Tensor>)| {
+            let dir = TempDir::new("score");
+            spec.write(dir.path(), DType::F32);
+            let mut t = spec.tensors(DType::F32);
+            edit(&mut t);
+            candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+            dir
+        };
     let dir = write_with(&|t| {
         t.remove("score.weight");
     });
@@ -293,14 +362,23 @@ fn bad_directories_give_clear_errors() {
     for shape in [vec![2, h], vec![1, h + 1]] {
         let dir = write_with(&|t| {
             let n: usize = shape.iter().product();
-            t.insert("score.weight".into(), candle_core::Tensor::zeros(n, DType::F32, &candle_core::Device::Cpu).unwrap().reshape(shape.clone()).unwrap());
+            t.insert(
+                "score.weight".into(),
+                candle_core::Tensor::zeros(n, DType::F32, &candle_core::Device::Cpu)
+                    .unwrap()
+                    .reshape(shape.clone())
+                    .unwrap(),
+            );
         });
         let e = load_err(&dir);
         assert!(e.contains("score.weight") && e.contains("shape"), "{e}");
     }
     // A trunk tensor of the wrong shape.
     let dir = write_with(&|t| {
-        t.insert("model.layers.0.mlp.up_proj.weight".into(), candle_core::Tensor::zeros((7, h), DType::F32, &candle_core::Device::Cpu).unwrap());
+        t.insert(
+            "model.layers.0.mlp.up_proj.weight".into(),
+            candle_core::Tensor::zeros((7, h), DType::F32, &candle_core::Device::Cpu).unwrap(),
+        );
     });
     let e = load_err(&dir);
     assert!(e.contains("up_proj") && e.contains("shape"), "{e}");
@@ -346,8 +424,10 @@ fn remote_scores_equal_local_scores_and_bad_requests_get_4xx() {
     let mut local = RewardScorer::new(rm.clone(), policy.clone(), QUESTION);
     let mut stateless = RemoteScorer::new(&url, policy.clone(), QUESTION).unwrap().stateless();
     for d in decisions() {
-        let ids: Vec<(u32, Vec<u32>)> = d.iter().map(|(r, t)| (*r, policy.encode(t, false).unwrap())).collect();
-        let rs: Vec<Response<'_>> = ids.iter().map(|(r, t)| Response { row: *r, tokens: t }).collect();
+        let ids: Vec<(u32, Vec<u32>)> =
+            d.iter().map(|(r, t)| (*r, policy.encode(t, false).unwrap())).collect();
+        let rs: Vec<Response<'_>> =
+            ids.iter().map(|(r, t)| Response { row: *r, tokens: t }).collect();
         let a = block_on_ready(remote.score(&[], &rs)).unwrap();
         let b = block_on_ready(local.score(&[], &rs)).unwrap();
         let c = block_on_ready(stateless.score(&[], &rs)).unwrap();
@@ -408,7 +488,8 @@ fn post_bytes(body: &[u8]) -> Vec<u8> {
 fn slow_clients_do_not_hold_up_others() {
     let (_dir, rm) = tiny(&TinyRm::llama(), DType::F32);
     // Deadlines longer than the client's read timeout below: only concurrency can pass.
-    let limits = ServerLimits { header_timeout: Duration::from_secs(300), ..ServerLimits::default() };
+    let limits =
+        ServerLimits { header_timeout: Duration::from_secs(300), ..ServerLimits::default() };
     let server = spawn_server_with("127.0.0.1:0", rm, limits).unwrap();
     let addr = server.addr();
     // 100 connections that have sent half a request head and then nothing.
@@ -449,7 +530,10 @@ fn slow_heads_and_bodies_meet_deadlines_and_bodies_have_a_limit() {
     head.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let started = Instant::now();
     if let Err(e) = head.read_to_end(&mut Vec::new()) {
-        assert!(!matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "never disconnected: {e}");
+        assert!(
+            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            "never disconnected: {e}"
+        );
     }
     assert!(started.elapsed() < Duration::from_secs(30));
     // A body that stops arriving gets 408 at the body deadline, as JSON.

@@ -61,11 +61,7 @@ fn main() {
             .collect();
         let outputs: Vec<Vec<u32>> = out
             .lines()
-            .map(|l| {
-                l.split_whitespace()
-                    .map(|t| t.parse().expect("id"))
-                    .collect()
-            })
+            .map(|l| l.split_whitespace().map(|t| t.parse().expect("id")).collect())
             .collect();
         assert_eq!(inputs.len(), outputs.len(), "{name}");
         let mut bad = 0;

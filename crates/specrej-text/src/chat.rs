@@ -24,10 +24,7 @@ pub struct Message {
 impl Message {
     /// A message with any role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message { role: role.into(), content: content.into() }
     }
 
     /// A system message.
@@ -75,12 +72,8 @@ impl fmt::Debug for ChatTemplate {
 impl Clone for ChatTemplate {
     fn clone(&self) -> Self {
         // The source compiled once already, so it compiles again.
-        Self::new(
-            self.source.clone(),
-            self.bos_token.clone(),
-            self.eos_token.clone(),
-        )
-        .unwrap_or_else(|_| unreachable!("template compiled before"))
+        Self::new(self.source.clone(), self.bos_token.clone(), self.eos_token.clone())
+            .unwrap_or_else(|_| unreachable!("template compiled before"))
     }
 }
 
@@ -109,12 +102,7 @@ impl ChatTemplate {
         env.add_filter("count", length);
         env.add_test("iterable", is_iterable);
         env.add_template_owned("chat", rewrite_generation_tags(&source))?;
-        Ok(ChatTemplate {
-            env,
-            source,
-            bos_token: bos_token.into(),
-            eos_token: eos_token.into(),
-        })
+        Ok(ChatTemplate { env, source, bos_token: bos_token.into(), eos_token: eos_token.into() })
     }
 
     /// The ChatML template (the fallback when a model has none).
@@ -131,11 +119,9 @@ impl ChatTemplate {
             let id = meta.get_u32(key);
             let tokens = meta.get_array("tokenizer.ggml.tokens");
             match (id, tokens) {
-                (Some(id), Some(t)) => t
-                    .get(id as usize)
-                    .and_then(|v| v.as_str())
-                    .unwrap_or_default()
-                    .to_owned(),
+                (Some(id), Some(t)) => {
+                    t.get(id as usize).and_then(|v| v.as_str()).unwrap_or_default().to_owned()
+                }
                 _ => String::new(),
             }
         };
@@ -154,11 +140,9 @@ impl ChatTemplate {
         let token = |key: &str| -> String {
             match cfg.get(key) {
                 Some(serde_json::Value::String(s)) => s.clone(),
-                Some(serde_json::Value::Object(o)) => o
-                    .get("content")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or_default()
-                    .to_owned(),
+                Some(serde_json::Value::Object(o)) => {
+                    o.get("content").and_then(|v| v.as_str()).unwrap_or_default().to_owned()
+                }
                 _ => String::new(),
             }
         };
@@ -214,11 +198,7 @@ fn is_iterable(v: &Value) -> bool {
 
 /// `length` that gives 0 for undefined (as Jinja2 does) and for none (where Jinja2 fails).
 fn length(v: &Value) -> Result<usize, minijinja::Error> {
-    if v.is_undefined() || v.is_none() {
-        Ok(0)
-    } else {
-        minijinja::filters::length(v)
-    }
+    if v.is_undefined() || v.is_none() { Ok(0) } else { minijinja::filters::length(v) }
 }
 
 /// Rewrites HF's `{% generation %}`/`{% endgeneration %}` (assistant-mask markers, no output of
@@ -234,9 +214,7 @@ fn rewrite_generation_tags(src: &str) -> String {
             break;
         };
         let inner = &tag[2..end];
-        let body = inner
-            .trim_start_matches(['-', '+'])
-            .trim_end_matches(['-', '+']);
+        let body = inner.trim_start_matches(['-', '+']).trim_end_matches(['-', '+']);
         let replacement = match body.trim() {
             "generation" => Some("if true"),
             "endgeneration" => Some("endif"),
@@ -291,15 +269,8 @@ fn strftime(format: &str, secs: i64) -> Result<String, minijinja::Error> {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] = [
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-    ];
+    const DAYS: [&str; 7] =
+        ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     let days = secs.div_euclid(86_400);
     let tod = secs.rem_euclid(86_400);
     let (h, mi, se) = (tod / 3600, tod % 3600 / 60, tod % 60);
@@ -514,7 +485,8 @@ mod tests {
 
     #[test]
     fn a_template_that_never_ends_runs_out_of_fuel() {
-        let src = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let src =
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
         let t = ChatTemplate::new(src, "<s>", "</s>").expect("compiles");
         // 10^10 iterations: without the fuel this never returns.
         let e = t.render(&[Message::user("hi")], true).expect_err("out of fuel");
@@ -524,9 +496,7 @@ mod tests {
     #[test]
     fn chatml_fallback() {
         let t = ChatTemplate::chatml();
-        let s = t
-            .render(&[Message::system("sys"), Message::user("hello")], true)
-            .expect("renders");
+        let s = t.render(&[Message::system("sys"), Message::user("hello")], true).expect("renders");
         assert_eq!(
             s,
             "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
@@ -584,10 +554,7 @@ mod tests {
     fn from_tokenizer_config_variants() {
         let cfg = br#"{"chat_template": "{{ bos_token }}{{ messages[0].content }}", "bos_token": {"content": "<s>"}, "eos_token": "</s>"}"#;
         let t = ChatTemplate::from_tokenizer_config(cfg).expect("loads");
-        assert_eq!(
-            t.render(&[Message::user("q")], false).expect("renders"),
-            "<s>q"
-        );
+        assert_eq!(t.render(&[Message::user("q")], false).expect("renders"), "<s>q");
         assert_eq!(t.eos_token(), "</s>");
         let cfg = br#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#;
         let t = ChatTemplate::from_tokenizer_config(cfg).expect("loads");

@@ -19,8 +19,7 @@ pub const JUDGE_AFTER: &str =
     "\n\nIs the response helpful, correct and well written? Answer with yes or no.";
 
 /// The judge's user turn after an unfinished response (decisions of the partial judge).
-pub const JUDGE_AFTER_PARTIAL: &str =
-    "\n\nThe response is unfinished. So far, is it correct and on track to be helpful? Answer with yes or no.";
+pub const JUDGE_AFTER_PARTIAL: &str = "\n\nThe response is unfinished. So far, is it correct and on track to be helpful? Answer with yes or no.";
 
 /// Answer pairs tried in order; the first whose words are both single tokens is used.
 ///
@@ -51,7 +50,8 @@ impl JudgeSegments {
     /// Tokens the judge reads besides the response: `before` and the longest tail it asks
     /// with (`after`, or with `partial` also `after_partial`).
     pub fn overhead(&self, partial: bool) -> usize {
-        let tail = if partial { self.after.len().max(self.after_partial.len()) } else { self.after.len() };
+        let tail =
+            if partial { self.after.len().max(self.after_partial.len()) } else { self.after.len() };
         self.before.len() + tail
     }
 }
@@ -78,17 +78,27 @@ pub struct SelfJudgeSegments {
 /// template does not render an assistant turn's content exactly once, or if the chat before
 /// the answer is not what the policy's prompt renders (then the answer would not follow
 /// the ids the policy ran).
-pub fn self_judge_segments(tokenizer: &Tokenizer, template: &ChatTemplate) -> Result<SelfJudgeSegments> {
+pub fn self_judge_segments(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+) -> Result<SelfJudgeSegments> {
     const USER: &str = "question";
-    let chat = [Message::user(USER), Message::assistant(RESPONSE_PLACEHOLDER), Message::user(SELF_JUDGE_QUESTION)];
+    let chat = [
+        Message::user(USER),
+        Message::assistant(RESPONSE_PLACEHOLDER),
+        Message::user(SELF_JUDGE_QUESTION),
+    ];
     let rendered = template.render(&chat, true)?;
     let mut parts = rendered.split(RESPONSE_PLACEHOLDER);
     let (Some(before), Some(after), None) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(Error::Judge("the chat template must render the assistant's answer exactly once".into()));
+        return Err(Error::Judge(
+            "the chat template must render the assistant's answer exactly once".into(),
+        ));
     };
     if template.render(&[Message::user(USER)], true)? != before {
         return Err(Error::Judge(
-            "the chat template renders the conversation before an answer unlike the prompt for it".into(),
+            "the chat template renders the conversation before an answer unlike the prompt for it"
+                .into(),
         ));
     }
     let after = tokenizer.encode(after, false)?;
@@ -104,7 +114,11 @@ fn answer_pair(tokenizer: &Tokenizer) -> Result<(u32, u32)> {
     ANSWER_PAIRS
         .iter()
         .find_map(|(y, n)| Some((tokenizer.single_token(y)?, tokenizer.single_token(n)?)))
-        .ok_or_else(|| Error::Judge("no yes/no answer pair is a pair of single tokens in this vocabulary".into()))
+        .ok_or_else(|| {
+            Error::Judge(
+                "no yes/no answer pair is a pair of single tokens in this vocabulary".into(),
+            )
+        })
 }
 
 /// Builds the judge prompt for `question` with `template`, tokenized by `tokenizer`.
@@ -118,12 +132,13 @@ pub fn judge_segments(
     question: &str,
 ) -> Result<JudgeSegments> {
     if question.contains(RESPONSE_PLACEHOLDER) {
-        return Err(Error::Judge(
-            "the question contains the response placeholder".into(),
-        ));
+        return Err(Error::Judge("the question contains the response placeholder".into()));
     }
     let split = |after: &str| -> Result<(String, String)> {
-        let content = format!("{}{RESPONSE_PLACEHOLDER}{after}", JUDGE_BEFORE.replace("{question}", question));
+        let content = format!(
+            "{}{RESPONSE_PLACEHOLDER}{after}",
+            JUDGE_BEFORE.replace("{question}", question)
+        );
         let rendered = template.render(&[Message::user(content)], true)?;
         let mut parts = rendered.split(RESPONSE_PLACEHOLDER);
         let (Some(before), Some(after), None) = (parts.next(), parts.next(), parts.next()) else {
@@ -136,7 +151,9 @@ pub fn judge_segments(
     let (before, after) = split(JUDGE_AFTER)?;
     let (before_partial, after_partial) = split(JUDGE_AFTER_PARTIAL)?;
     if before_partial != before {
-        return Err(Error::Judge("the chat template renders the judge's question before the response".into()));
+        return Err(Error::Judge(
+            "the chat template renders the judge's question before the response".into(),
+        ));
     }
     let mut before_ids = tokenizer.encode(&before, false)?;
     if let Some(bos) = tokenizer.bos().filter(|_| tokenizer.adds_bos())
@@ -147,11 +164,5 @@ pub fn judge_segments(
     let after_ids = tokenizer.encode(&after, false)?;
     let after_partial = tokenizer.encode(&after_partial, false)?;
     let (yes, no) = answer_pair(tokenizer)?;
-    Ok(JudgeSegments {
-        before: before_ids,
-        after: after_ids,
-        after_partial,
-        yes,
-        no,
-    })
+    Ok(JudgeSegments { before: before_ids, after: after_ids, after_partial, yes, no })
 }

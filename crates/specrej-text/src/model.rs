@@ -20,11 +20,15 @@ pub fn locate_model(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("SPECREJ_MODEL") {
         let path = PathBuf::from(path);
         if !path.exists() {
-            return Err(Error::Model(format!("SPECREJ_MODEL points to {}, which does not exist", path.display())));
+            return Err(Error::Model(format!(
+                "SPECREJ_MODEL points to {}, which does not exist",
+                path.display()
+            )));
         }
         return Ok(path);
     }
-    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models").join(DEFAULT_MODEL_FILE);
+    let checkout =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models").join(DEFAULT_MODEL_FILE);
     let here = Path::new("models").join(DEFAULT_MODEL_FILE);
     for path in [here, checkout] {
         if path.exists() {
@@ -59,14 +63,15 @@ impl ModelText {
     pub fn load(path: &Path) -> Result<Self> {
         if path.is_dir() {
             let json = path.join("tokenizer.json");
-            let mut tokenizer =
-                Tokenizer::from_tokenizer_json_file(&json).map_err(within(format!("reading {}", json.display())))?;
+            let mut tokenizer = Tokenizer::from_tokenizer_json_file(&json)
+                .map_err(within(format!("reading {}", json.display())))?;
             let config_path = path.join("tokenizer_config.json");
             let template = if config_path.exists() {
                 let config = std::fs::read(&config_path)
                     .map_err(|e| within(format!("reading {}", config_path.display()))(e.into()))?;
-                tokenizer =
-                    tokenizer.with_tokenizer_config(&config).map_err(within(config_path.display().to_string()))?;
+                tokenizer = tokenizer
+                    .with_tokenizer_config(&config)
+                    .map_err(within(config_path.display().to_string()))?;
                 ChatTemplate::from_tokenizer_config(&config)
                     .map_err(within(format!("chat template in {}", config_path.display())))?
             } else {
@@ -74,10 +79,12 @@ impl ModelText {
             };
             return Ok(Self { tokenizer, template, metadata: None });
         }
-        let metadata = GgufMetadata::from_path(path).map_err(|e| within(format!("reading {}", path.display()))(e.into()))?;
-        let tokenizer = Tokenizer::from_gguf(&metadata).map_err(within(format!("tokenizer of {}", path.display())))?;
-        let template =
-            ChatTemplate::from_gguf(&metadata).map_err(within(format!("chat template of {}", path.display())))?;
+        let metadata = GgufMetadata::from_path(path)
+            .map_err(|e| within(format!("reading {}", path.display()))(e.into()))?;
+        let tokenizer = Tokenizer::from_gguf(&metadata)
+            .map_err(within(format!("tokenizer of {}", path.display())))?;
+        let template = ChatTemplate::from_gguf(&metadata)
+            .map_err(within(format!("chat template of {}", path.display())))?;
         Ok(Self { tokenizer, template, metadata: Some(metadata) })
     }
 
@@ -94,7 +101,8 @@ impl ModelText {
 
     /// The token ids of `messages` in the chat template, ready for the assistant's turn.
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true).map_err(within("rendering the chat template"))?;
+        let text =
+            self.template.render(messages, true).map_err(within("rendering the chat template"))?;
         self.encode(&text)
     }
 

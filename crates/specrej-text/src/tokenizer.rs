@@ -29,13 +29,8 @@ mod token_type {
 }
 
 /// Names of end-of-turn tokens treated as end-of-sequence when present in the vocabulary.
-pub const END_OF_TURN_TOKENS: &[&str] = &[
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|endoftext|>",
-    "<|end|>",
-    "<end_of_turn>",
-];
+pub const END_OF_TURN_TOKENS: &[&str] =
+    &["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "<end_of_turn>"];
 
 // GPT-2's split regex, as llama.cpp writes it.
 const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
@@ -96,22 +91,11 @@ pub const SUPPORTED_PRE: &[&str] = &[
 ];
 
 fn pre_spec(pre: &str) -> Option<PreSpec> {
-    let spec = |regexes, ignore_merges, add_bos| PreSpec {
-        regexes,
-        ignore_merges,
-        add_bos,
-    };
+    let spec = |regexes, ignore_merges, add_bos| PreSpec { regexes, ignore_merges, add_bos };
     Some(match pre {
-        "default" => spec(
-            &[
-                r"[\p{P}\$\+<=>\^~\|]+",
-                GPT2_RE,
-                r"\p{N}+",
-                "[0-9][0-9][0-9]",
-            ],
-            false,
-            false,
-        ),
+        "default" => {
+            spec(&[r"[\p{P}\$\+<=>\^~\|]+", GPT2_RE, r"\p{N}+", "[0-9][0-9][0-9]"], false, false)
+        }
         "gpt-2" | "gpt2" | "phi-2" | "mpt" | "olmo" | "jais" | "exaone4" | "roberta-bpe" => {
             spec(&[GPT2_RE], false, false)
         }
@@ -126,11 +110,7 @@ fn pre_spec(pre: &str) -> Option<PreSpec> {
         "qwen35" => spec(&[QWEN35_RE], false, false),
         "gpt-4o" | "llama4" => spec(&[GPT4O_RE], false, false),
         "tekken" => spec(&[TEKKEN_RE], true, true),
-        "falcon" => spec(
-            &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_RE, "[0-9][0-9][0-9]"],
-            false,
-            false,
-        ),
+        "falcon" => spec(&[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_RE, "[0-9][0-9][0-9]"], false, false),
         // Character classes written with escapes: their literal forms are not NFC-stable.
         "deepseek-llm" => spec(
             &[
@@ -197,9 +177,8 @@ impl Tokenizer {
         let types: Vec<i128> = match meta.get("tokenizer.ggml.token_type") {
             None => vec![1; tokens.len()],
             Some(v) => {
-                let arr = v
-                    .as_array()
-                    .ok_or_else(|| bad("tokenizer.ggml.token_type", "not an array"))?;
+                let arr =
+                    v.as_array().ok_or_else(|| bad("tokenizer.ggml.token_type", "not an array"))?;
                 let types = arr
                     .iter()
                     .map(|t| t.as_int())
@@ -221,16 +200,8 @@ impl Tokenizer {
                 Some(v) => match v.as_u32() {
                     Some(id) if (id as usize) < n => Ok(Some(id)),
                     // Some converters write -1 / u32::MAX for "none".
-                    _ if v
-                        .as_int()
-                        .is_some_and(|i| i < 0 || i == i128::from(u32::MAX)) =>
-                    {
-                        Ok(None)
-                    }
-                    _ => Err(bad(
-                        key,
-                        format!("{v} is not a token id (vocabulary has {n})"),
-                    )),
+                    _ if v.as_int().is_some_and(|i| i < 0 || i == i128::from(u32::MAX)) => Ok(None),
+                    _ => Err(bad(key, format!("{v} is not a token id (vocabulary has {n})"))),
                 },
             }
         };
@@ -318,13 +289,9 @@ impl Tokenizer {
             eos,
             eos_ids,
             pad,
-            add_bos: meta
-                .get_bool("tokenizer.ggml.add_bos_token")
-                .unwrap_or(add_bos_default)
+            add_bos: meta.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(add_bos_default)
                 && bos.is_some(),
-            add_eos: meta
-                .get_bool("tokenizer.ggml.add_eos_token")
-                .unwrap_or(false)
+            add_eos: meta.get_bool("tokenizer.ggml.add_eos_token").unwrap_or(false)
                 && eos.is_some(),
         })
     }
@@ -340,11 +307,7 @@ impl Tokenizer {
         let bos = find(&["<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>"]);
         let eos = find(&["</s>", "<eos>", "<|end_of_text|>"]);
         let mut eos_ids: Vec<u32> = eos.into_iter().collect();
-        eos_ids.extend(
-            END_OF_TURN_TOKENS
-                .iter()
-                .filter_map(|n| inner.token_to_id(n)),
-        );
+        eos_ids.extend(END_OF_TURN_TOKENS.iter().filter_map(|n| inner.token_to_id(n)));
         dedup_keep_order(&mut eos_ids);
         Ok(Tokenizer {
             inner,
@@ -499,10 +462,7 @@ pub struct StreamDecoder {
 impl StreamDecoder {
     /// A new decoder; `skip_special` leaves control tokens out of the text.
     pub fn new(skip_special: bool) -> Self {
-        StreamDecoder {
-            skip_special,
-            ..Default::default()
-        }
+        StreamDecoder { skip_special, ..Default::default() }
     }
 
     /// Appends `id` and returns the text it completes ("" while a character is incomplete).
@@ -560,10 +520,7 @@ fn spm_bpe(
         None => (0..tokens.len()).map(|i| -(i as f64)).collect(),
     };
     if scores.len() != tokens.len() {
-        return Err(bad(
-            "tokenizer.ggml.scores",
-            "length differs from tokenizer.ggml.tokens",
-        ));
+        return Err(bad("tokenizer.ggml.scores", "length differs from tokenizer.ggml.tokens"));
     }
     let mut ranked: Vec<(usize, u32, u32)> = Vec::new(); // (merged id, left id, right id)
     for (id, tok) in tokens.iter().enumerate() {
@@ -577,10 +534,7 @@ fn spm_bpe(
         }
     }
     ranked.sort_by(|a, b| {
-        scores[b.0]
-            .total_cmp(&scores[a.0])
-            .then(a.0.cmp(&b.0))
-            .then(a.1.cmp(&b.1))
+        scores[b.0].total_cmp(&scores[a.0]).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1))
     });
     let merges = ranked
         .into_iter()
@@ -588,35 +542,23 @@ fn spm_bpe(
         .collect();
     let has_bytes = types.contains(&token_type::BYTE);
     let unk_tok = unk
-        .or_else(|| {
-            types
-                .iter()
-                .position(|&t| t == token_type::UNKNOWN)
-                .map(|i| i as u32)
-        })
+        .or_else(|| types.iter().position(|&t| t == token_type::UNKNOWN).map(|i| i as u32))
         .map(|i| tokens[i as usize].to_owned());
-    let mut builder = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .byte_fallback(has_bytes)
-        .fuse_unk(true);
+    let mut builder =
+        BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(has_bytes).fuse_unk(true);
     if let Some(u) = unk_tok {
         builder = builder.unk_token(u);
     }
     let mut tk = tokenizers::Tokenizer::new(builder.build()?);
-    let add_space_prefix = meta
-        .get_bool("tokenizer.ggml.add_space_prefix")
-        .unwrap_or(true);
+    let add_space_prefix = meta.get_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
     let mut norms: Vec<NormalizerWrapper> = Vec::new();
     if add_space_prefix {
         norms.push(Prepend::new("▁".into()).into());
     }
     norms.push(Replace::new(" ", "▁")?.into());
     tk.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)))?;
-    let mut decs: Vec<DecoderWrapper> = vec![
-        Replace::new("▁", " ")?.into(),
-        ByteFallback::new().into(),
-        Fuse::new().into(),
-    ];
+    let mut decs: Vec<DecoderWrapper> =
+        vec![Replace::new("▁", " ")?.into(), ByteFallback::new().into(), Fuse::new().into()];
     if add_space_prefix {
         decs.push(StripDecoder::new(' ', 1, 0).into());
     }
@@ -636,10 +578,7 @@ fn string_array<'a>(meta: &'a GgufMetadata, key: &str) -> Result<Vec<&'a str>> {
 }
 
 fn bad(key: &str, problem: impl Into<String>) -> Error {
-    Error::BadKey {
-        key: key.to_owned(),
-        problem: problem.into(),
-    }
+    Error::BadKey { key: key.to_owned(), problem: problem.into() }
 }
 
 fn token_field(cfg: &serde_json::Value, key: &str) -> Option<String> {

@@ -27,10 +27,7 @@ fn sample() -> Vec<u8> {
             ("arr.str", W::strs(["a", "", "ü"])),
             ("arr.i32", W::i32s([1, -2, 3])),
             ("arr.empty", W::Arr(4, vec![])),
-            (
-                "arr.nested",
-                W::Arr(9, vec![W::i32s([1]), W::Arr(8, vec![W::str("x")])]),
-            ),
+            ("arr.nested", W::Arr(9, vec![W::i32s([1]), W::Arr(8, vec![W::str("x")])])),
         ],
     )
 }
@@ -58,12 +55,8 @@ fn reads_every_value_type() {
     assert_eq!(m.get("u64"), Some(&GgufValue::U64(u64::MAX)));
     assert_eq!(m.get("i64"), Some(&GgufValue::I64(i64::MIN)));
     assert_eq!(m.get("f64"), Some(&GgufValue::F64(-2.25)));
-    let strs: Vec<_> = m
-        .get_array("arr.str")
-        .expect("array")
-        .iter()
-        .map(|v| v.as_str().expect("str"))
-        .collect();
+    let strs: Vec<_> =
+        m.get_array("arr.str").expect("array").iter().map(|v| v.as_str().expect("str")).collect();
     assert_eq!(strs, ["a", "", "ü"]);
     assert_eq!(
         m.get("arr.i32"),
@@ -72,10 +65,7 @@ fn reads_every_value_type() {
             vec![GgufValue::I32(1), GgufValue::I32(-2), GgufValue::I32(3)]
         ))
     );
-    assert_eq!(
-        m.get("arr.empty"),
-        Some(&GgufValue::Array(GgufType::U32, vec![]))
-    );
+    assert_eq!(m.get("arr.empty"), Some(&GgufValue::Array(GgufType::U32, vec![])));
     let nested = m.get_array("arr.nested").expect("array");
     assert_eq!(nested.len(), 2);
     assert_eq!(nested[1].as_array().expect("inner")[0].as_str(), Some("x"));
@@ -115,10 +105,7 @@ fn from_path_reads_a_file() {
 #[test]
 fn not_gguf() {
     let err = GgufMetadata::from_bytes(b"GGML\x03\0\0\0").expect_err("bad magic");
-    assert!(
-        matches!(err, GgufError::NotGguf { found } if &found == b"GGML"),
-        "{err}"
-    );
+    assert!(matches!(err, GgufError::NotGguf { found } if &found == b"GGML"), "{err}");
     assert!(err.to_string().contains("not a GGUF file"), "{err}");
     let err = GgufMetadata::from_bytes(b"").expect_err("empty");
     assert!(matches!(err, GgufError::Truncated { .. }), "{err}");
@@ -127,21 +114,14 @@ fn not_gguf() {
 
 #[test]
 fn unsupported_versions() {
-    for (v, hint) in [
-        (1u32, "obsolete"),
-        (4, ""),
-        (3u32.swap_bytes(), "big-endian"),
-    ] {
+    for (v, hint) in [(1u32, "obsolete"), (4, ""), (3u32.swap_bytes(), "big-endian")] {
         let err = GgufMetadata::from_bytes(&gguf(v, 0, &[])).expect_err("bad version");
         assert!(
             matches!(err, GgufError::UnsupportedVersion { version, .. } if version == v),
             "{err}"
         );
         let msg = err.to_string();
-        assert!(
-            msg.contains("unsupported GGUF version") && msg.contains(hint),
-            "{msg}"
-        );
+        assert!(msg.contains("unsupported GGUF version") && msg.contains(hint), "{msg}");
     }
 }
 
@@ -157,10 +137,7 @@ fn every_truncation_is_an_error_naming_what() {
         );
         // The reader path (no known length) must fail the same way, without the length hint.
         let err = GgufMetadata::read(cut).expect_err("truncated");
-        assert!(
-            matches!(err, GgufError::Truncated { .. }),
-            "reader at {len}: {err}"
-        );
+        assert!(matches!(err, GgufError::Truncated { .. }), "reader at {len}: {err}");
     }
     let err = GgufMetadata::from_bytes(&bytes[..bytes.len() - 1]).expect_err("truncated");
     let msg = err.to_string();
@@ -176,10 +153,7 @@ fn huge_lengths_are_rejected_without_allocating() {
     bytes.extend(b"key");
     bytes.extend([0u8; 20]);
     let err = GgufMetadata::from_bytes(&bytes).expect_err("too long");
-    assert!(
-        matches!(err, GgufError::TooLong { len, .. } if len == 1 << 62),
-        "{err}"
-    );
+    assert!(matches!(err, GgufError::TooLong { len, .. } if len == 1 << 62), "{err}");
     assert!(GgufMetadata::read(bytes.as_slice()).is_err());
 
     // An array claiming u64::MAX elements.
@@ -187,16 +161,7 @@ fn huge_lengths_are_rejected_without_allocating() {
     let n = bytes.len();
     bytes[n - 8..].copy_from_slice(&u64::MAX.to_le_bytes());
     let err = GgufMetadata::from_bytes(&bytes).expect_err("too long");
-    assert!(
-        matches!(
-            err,
-            GgufError::TooLong {
-                unit: "elements",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, GgufError::TooLong { unit: "elements", .. }), "{err}");
     assert!(err.to_string().contains("\"a\""), "{err}");
     let err = GgufMetadata::read(bytes.as_slice()).expect_err("truncated");
     assert!(matches!(err, GgufError::Truncated { .. }), "{err}");
@@ -215,26 +180,17 @@ fn bad_utf8_value_type_duplicate_and_depth() {
     bytes[n - 1] = 0xFF;
     let err = GgufMetadata::from_bytes(&bytes).expect_err("bad utf-8");
     assert!(matches!(err, GgufError::BadUtf8 { .. }), "{err}");
-    assert!(
-        err.to_string().contains("\"k\"") && err.to_string().contains("UTF-8"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("\"k\"") && err.to_string().contains("UTF-8"), "{err}");
 
     let mut bytes = gguf(3, 0, &[("k", W::U8(1))]);
     let n = bytes.len();
     bytes[n - 5..n - 1].copy_from_slice(&13u32.to_le_bytes());
     let err = GgufMetadata::from_bytes(&bytes).expect_err("bad type");
-    assert!(
-        matches!(err, GgufError::BadValueType { type_id: 13, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, GgufError::BadValueType { type_id: 13, .. }), "{err}");
 
     let err = GgufMetadata::from_bytes(&gguf(3, 0, &[("k", W::U8(1)), ("k", W::U8(2))]))
         .expect_err("duplicate");
-    assert!(
-        matches!(err, GgufError::DuplicateKey(ref k) if k == "k"),
-        "{err}"
-    );
+    assert!(matches!(err, GgufError::DuplicateKey(ref k) if k == "k"), "{err}");
 
     let mut deep = W::Arr(4, vec![]);
     for _ in 0..20 {
@@ -248,15 +204,7 @@ fn bad_utf8_value_type_duplicate_and_depth() {
 fn corrupted_bytes_never_panic() {
     let bytes = sample();
     for i in 0..bytes.len() {
-        for v in [
-            0x00,
-            0x01,
-            0x7F,
-            0x80,
-            0xFF,
-            bytes[i] ^ 0x01,
-            bytes[i] ^ 0x40,
-        ] {
+        for v in [0x00, 0x01, 0x7F, 0x80, 0xFF, bytes[i] ^ 0x01, bytes[i] ^ 0x40] {
             let mut b = bytes.clone();
             b[i] = v;
             let _ = GgufMetadata::from_bytes(&b);

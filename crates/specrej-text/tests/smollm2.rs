@@ -3,7 +3,9 @@
 //! Reference ids come from llama.cpp (llama-cpp-python 0.3.36,
 //! `Llama(path, vocab_only=True).tokenize(s.encode(), add_bos=False, special=True)`).
 
-use specrej_text::{ChatTemplate, GgufMetadata, Message, Tokenizer, judge_segments, self_judge_segments};
+use specrej_text::{
+    ChatTemplate, GgufMetadata, Message, Tokenizer, judge_segments, self_judge_segments,
+};
 
 const NEEDS_MODEL: &str = "needs the default model: cargo xtask test sets SPECREJ_MODEL";
 
@@ -29,19 +31,12 @@ const CASES: &[(&str, &[u32])] = &[
         ],
     ),
     ("12345", &[33, 34, 35, 36, 37]),
-    (
-        "héllo 世界 🎉",
-        &[
-            88, 2756, 31394, 216, 7906, 240, 178, 239, 230, 15107, 232, 227,
-        ],
-    ),
+    ("héllo 世界 🎉", &[88, 2756, 31394, 216, 7906, 240, 178, 239, 230, 15107, 232, 227]),
     ("   leading spaces", &[256, 2899, 5600]),
     (" Hello world", &[38699, 905]),
     (
         "line one\nline two\n\n  indented\n\ttab\r\nend  ",
-        &[
-            1311, 582, 198, 1311, 827, 8866, 641, 6574, 198, 197, 15999, 201, 198, 486, 256,
-        ],
+        &[1311, 582, 198, 1311, 827, 8866, 641, 6574, 198, 197, 15999, 201, 198, 486, 256],
     ),
     (
         "Hello, world! It's 3.14159 o'clock; don't you think?",
@@ -53,9 +48,7 @@ const CASES: &[(&str, &[u32])] = &[
     ("<|im_end|><|endoftext|>x<|im_start|>", &[2, 0, 104, 1]),
     (
         "def f(x):\n    return x ** 2  # square\n",
-        &[
-            1604, 275, 24, 104, 727, 472, 1003, 1792, 1903, 216, 34, 216, 907, 5222, 198,
-        ],
+        &[1604, 275, 24, 104, 727, 472, 1003, 1792, 1903, 216, 34, 216, 907, 5222, 198],
     ),
     ("Yes", &[10539]),
     ("No", &[5230]),
@@ -78,22 +71,12 @@ fn encodes_like_llama_cpp() {
 #[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
 fn decode_round_trips() {
     let tk = tokenizer();
-    let extra = [
-        "",
-        " ",
-        "\n\n\n",
-        "a  b   c",
-        "Ünïcödé ✓ 𝄞 👩‍👩‍👧",
-        "tab\there",
-        "x\u{0}y",
-    ];
+    let extra = ["", " ", "\n\n\n", "a  b   c", "Ünïcödé ✓ 𝄞 👩‍👩‍👧", "tab\there", "x\u{0}y"];
     for text in CASES.iter().map(|c| c.0).chain(extra) {
         let ids = tk.encode(text, false).expect("encode");
         assert_eq!(tk.decode(&ids, false).expect("decode"), text);
     }
-    let ids = tk
-        .encode("<|im_start|>user\nhi<|im_end|>", false)
-        .expect("encode");
+    let ids = tk.encode("<|im_start|>user\nhi<|im_end|>", false).expect("encode");
     assert_eq!(tk.decode(&ids, true).expect("decode"), "user\nhi");
 }
 
@@ -150,16 +133,12 @@ fn stream_decoder_never_splits_characters() {
 #[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
 fn chat_template_renders_smollm2_format() {
     let m = meta();
-    let src = m
-        .get_str("tokenizer.chat_template")
-        .expect("the GGUF has a template");
+    let src = m.get_str("tokenizer.chat_template").expect("the GGUF has a template");
     assert!(src.contains("You are a helpful AI assistant named SmolLM, trained by Hugging Face"));
     let t = ChatTemplate::from_gguf(&m).expect("template");
     assert_eq!(t.bos_token(), "<|im_start|>");
     assert_eq!(t.eos_token(), "<|im_end|>");
-    let s = t
-        .render(&[Message::user("What is 2+2?")], true)
-        .expect("render");
+    let s = t.render(&[Message::user("What is 2+2?")], true).expect("render");
     assert_eq!(
         s,
         format!("{SYSTEM}<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
@@ -168,11 +147,7 @@ fn chat_template_renders_smollm2_format() {
     assert_eq!(tokenizer().encode(&s, true).expect("encode"), CASES[0].1);
     let s = t
         .render(
-            &[
-                Message::system("Be brief."),
-                Message::user("Hi"),
-                Message::assistant("Hello!"),
-            ],
+            &[Message::system("Be brief."), Message::user("Hi"), Message::assistant("Hello!")],
             false,
         )
         .expect("render");
@@ -207,9 +182,7 @@ fn judge_segments_split_the_prompt() {
     // inside the whole judge prompt, so the segments can be concatenated with it.
     let response = "The capital of France is Paris.";
     let resp = tk.encode(response, false).expect("encode");
-    let whole = tk
-        .encode(&format!("{before}{response}{after}"), false)
-        .expect("encode");
+    let whole = tk.encode(&format!("{before}{response}{after}"), false).expect("encode");
     assert_eq!(whole, [j.before.clone(), resp, j.after.clone()].concat());
 }
 
@@ -230,9 +203,17 @@ fn self_judge_segments_continue_the_policys_conversation() {
     // The policy's prompt, its answer and `after` tokenize as the whole conversation does.
     let q = "What is the capital of France?";
     let answer = "The capital of France is Paris.";
-    let prompt = tk.encode(&t.render(&[Message::user(q)], true).expect("render"), false).expect("encode");
+    let prompt =
+        tk.encode(&t.render(&[Message::user(q)], true).expect("render"), false).expect("encode");
     let whole = t
-        .render(&[Message::user(q), Message::assistant(answer), Message::user(specrej_text::judge::SELF_JUDGE_QUESTION)], true)
+        .render(
+            &[
+                Message::user(q),
+                Message::assistant(answer),
+                Message::user(specrej_text::judge::SELF_JUDGE_QUESTION),
+            ],
+            true,
+        )
         .expect("render");
     let ids = [prompt, tk.encode(answer, false).expect("encode"), s.after.clone()].concat();
     assert_eq!(tk.encode(&whole, false).expect("encode"), ids);

@@ -7,24 +7,19 @@ use specrej_text::{ChatTemplate, Error, GgufMetadata, Tokenizer, judge_segments}
 
 /// Byte-level BPE vocabulary: 3 control tokens, 1 user-defined, the 256 bytes, then merges.
 fn bpe_vocab() -> (Vec<String>, Vec<i32>, Vec<&'static str>) {
-    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool>"]
-        .map(String::from)
-        .to_vec();
+    let mut tokens: Vec<String> =
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool>"].map(String::from).to_vec();
     let mut types = vec![3, 3, 3, 4];
     for b in 0..=255u8 {
         tokens.push(byte_level_char(b).to_string());
         types.push(1);
     }
-    let merged = [
-        "he", "ll", "hell", "hello", "Ġw", "Ġwo", "12", "Ye", "Yes", "No",
-    ];
+    let merged = ["he", "ll", "hell", "hello", "Ġw", "Ġwo", "12", "Ye", "Yes", "No"];
     for m in merged {
         tokens.push(m.to_owned());
         types.push(1);
     }
-    let merges = vec![
-        "h e", "l l", "he ll", "hell o", "Ġ w", "Ġw o", "1 2", "Y e", "Ye s", "N o",
-    ];
+    let merges = vec!["h e", "l l", "he ll", "hell o", "Ġ w", "Ġw o", "1 2", "Y e", "Ye s", "N o"];
     (tokens, types, merges)
 }
 
@@ -47,8 +42,7 @@ fn bpe_gguf(pre: &str, extra: &[(&str, W)]) -> GgufMetadata {
 }
 
 fn id(tk: &Tokenizer, s: &str) -> u32 {
-    tk.token_to_id(s)
-        .unwrap_or_else(|| panic!("{s:?} in vocab"))
+    tk.token_to_id(s).unwrap_or_else(|| panic!("{s:?} in vocab"))
 }
 
 #[test]
@@ -60,19 +54,11 @@ fn byte_level_bpe_from_gguf() {
     let r = id(&tk, "r");
     let l = id(&tk, "l");
     let d = id(&tk, "d");
-    assert_eq!(
-        tk.encode("hello world", false).expect("encode"),
-        [hello, wo, r, l, d]
-    );
+    assert_eq!(tk.encode("hello world", false).expect("encode"), [hello, wo, r, l, d]);
     // Control and user-defined tokens in the text are single ids.
-    let ids = tk
-        .encode("<|im_start|>hello<tool><|im_end|>", false)
-        .expect("encode");
+    let ids = tk.encode("<|im_start|>hello<tool><|im_end|>", false).expect("encode");
     assert_eq!(ids, [1, hello, 3, 2]);
-    assert_eq!(
-        tk.decode(&ids, false).expect("decode"),
-        "<|im_start|>hello<tool><|im_end|>"
-    );
+    assert_eq!(tk.decode(&ids, false).expect("decode"), "<|im_start|>hello<tool><|im_end|>");
     // Skipping special tokens drops control tokens but keeps user-defined ones.
     assert_eq!(tk.decode(&ids, true).expect("decode"), "hello<tool>");
     assert_eq!(tk.bos(), Some(1));
@@ -87,39 +73,24 @@ fn byte_level_bpe_from_gguf() {
 fn pre_tokenizer_follows_tokenizer_ggml_pre() {
     // smollm (and starcoder, ...) split digits one by one: the "1 2" merge never applies.
     let tk = Tokenizer::from_gguf(&bpe_gguf("smollm", &[])).expect("tokenizer");
-    assert_eq!(
-        tk.encode("12", false).expect("encode"),
-        [id(&tk, "1"), id(&tk, "2")]
-    );
+    assert_eq!(tk.encode("12", false).expect("encode"), [id(&tk, "1"), id(&tk, "2")]);
     // gpt-2 keeps digit runs together.
     let tk = Tokenizer::from_gguf(&bpe_gguf("gpt-2", &[])).expect("tokenizer");
     assert_eq!(tk.encode("12", false).expect("encode"), [id(&tk, "12")]);
     // No leading space is added (the bug candle's TokenizerFromGguf has with SmolLM2).
     let tk = Tokenizer::from_gguf(&bpe_gguf("smollm", &[])).expect("tokenizer");
-    assert_eq!(
-        tk.encode("hello", false).expect("encode"),
-        [id(&tk, "hello")]
-    );
+    assert_eq!(tk.encode("hello", false).expect("encode"), [id(&tk, "hello")]);
 }
 
 #[test]
 fn round_trips_arbitrary_text() {
     for pre in ["smollm", "gpt-2", "llama-bpe", "qwen2", "default"] {
         let tk = Tokenizer::from_gguf(&bpe_gguf(pre, &[])).expect("tokenizer");
-        for text in [
-            "",
-            "hello world",
-            "  x\n\n\ty ",
-            "héllo 世界 🎉",
-            "a1b22c333 don't",
-            "\u{0}\u{7f}",
-        ] {
+        for text in
+            ["", "hello world", "  x\n\n\ty ", "héllo 世界 🎉", "a1b22c333 don't", "\u{0}\u{7f}"]
+        {
             let ids = tk.encode(text, false).expect("encode");
-            assert_eq!(
-                tk.decode(&ids, false).expect("decode"),
-                text,
-                "{pre}: {text:?}"
-            );
+            assert_eq!(tk.decode(&ids, false).expect("decode"), text, "{pre}: {text:?}");
         }
     }
 }
@@ -138,10 +109,7 @@ fn special_ids_from_metadata() {
     assert!(tk.adds_bos());
     let hello = id(&tk, "hello");
     assert_eq!(tk.encode("hello", true).expect("encode"), [1, hello]);
-    assert_eq!(
-        tk.encode("<|im_start|>hello", true).expect("encode"),
-        [1, hello]
-    );
+    assert_eq!(tk.encode("<|im_start|>hello", true).expect("encode"), [1, hello]);
     assert_eq!(tk.encode("hello", false).expect("encode"), [hello]);
 }
 
@@ -149,47 +117,30 @@ fn special_ids_from_metadata() {
 fn errors_name_the_problem() {
     let meta = |kv: &[(&str, W)]| GgufMetadata::from_bytes(&gguf(3, 0, kv)).expect("gguf");
     let err = Tokenizer::from_gguf(&meta(&[])).expect_err("no model");
-    assert!(
-        matches!(err, Error::MissingKey(ref k) if k == "tokenizer.ggml.model"),
-        "{err}"
-    );
+    assert!(matches!(err, Error::MissingKey(ref k) if k == "tokenizer.ggml.model"), "{err}");
 
     let err = Tokenizer::from_gguf(&meta(&[
         ("tokenizer.ggml.model", W::str("bert")),
         ("tokenizer.ggml.tokens", W::strs(["a"])),
     ]))
     .expect_err("bert");
-    assert!(
-        matches!(err, Error::UnsupportedModel(ref m) if m == "bert"),
-        "{err}"
-    );
+    assert!(matches!(err, Error::UnsupportedModel(ref m) if m == "bert"), "{err}");
     assert!(err.to_string().contains("\"bert\""), "{err}");
 
     let err = Tokenizer::from_gguf(&bpe_gguf("nonesuch", &[])).expect_err("pre");
-    assert!(
-        matches!(err, Error::UnsupportedPre(ref p) if p == "nonesuch"),
-        "{err}"
-    );
-    assert!(
-        err.to_string().contains("smollm"),
-        "lists the supported ones: {err}"
-    );
+    assert!(matches!(err, Error::UnsupportedPre(ref p) if p == "nonesuch"), "{err}");
+    assert!(err.to_string().contains("smollm"), "lists the supported ones: {err}");
 
     let err = Tokenizer::from_gguf(&meta(&[
         ("tokenizer.ggml.model", W::str("gpt2")),
         ("tokenizer.ggml.tokens", W::strs(["a"])),
     ]))
     .expect_err("no merges");
-    assert!(
-        matches!(err, Error::MissingKey(ref k) if k == "tokenizer.ggml.merges"),
-        "{err}"
-    );
+    assert!(matches!(err, Error::MissingKey(ref k) if k == "tokenizer.ggml.merges"), "{err}");
 
-    let err = Tokenizer::from_gguf(&bpe_gguf(
-        "gpt-2",
-        &[("tokenizer.ggml.bos_token_id", W::U32(99999))],
-    ))
-    .expect_err("bos out of range");
+    let err =
+        Tokenizer::from_gguf(&bpe_gguf("gpt-2", &[("tokenizer.ggml.bos_token_id", W::U32(99999))]))
+            .expect_err("bos out of range");
     assert!(err.to_string().contains("bos_token_id"), "{err}");
 }
 
@@ -200,10 +151,7 @@ fn stream_decoder_holds_back_partial_characters() {
     // No merges for these bytes: h, é = 2 byte tokens, 世 = 3, !.
     assert_eq!(ids.len(), 7);
     let mut dec = tk.stream_decoder(false);
-    let pieces: Vec<String> = ids
-        .iter()
-        .map(|&i| dec.step(&tk, i).expect("step"))
-        .collect();
+    let pieces: Vec<String> = ids.iter().map(|&i| dec.step(&tk, i).expect("step")).collect();
     assert_eq!(pieces, ["h", "", "é", "", "", "世", "!"]);
     assert_eq!(dec.finish(&tk).expect("finish"), "");
 }
@@ -229,10 +177,7 @@ fn tokenizer_json_round_trip_and_config() {
     assert_eq!(tj.bos(), Some(1));
     assert_eq!(tj.eos(), Some(0));
     assert_eq!(tj.eos_ids(), &[0, 2]);
-    assert_eq!(
-        tj.encode("hello", true).expect("encode"),
-        [1, id(&tj, "hello")]
-    );
+    assert_eq!(tj.encode("hello", true).expect("encode"), [1, id(&tj, "hello")]);
     assert!(Tokenizer::from_tokenizer_json(b"{not json").is_err());
 }
 

@@ -18,7 +18,10 @@ use specrej_text::{ChatTemplate, GgufMetadata, Message, Tokenizer, judge_segment
 use specrej_wgpu::{WgpuBatch, WgpuDecoder, WgpuJudgeScorer, WgpuModel};
 
 /// The model on one backend, with its live batches and the judge of the current question.
-#[allow(clippy::large_enum_variant, reason = "one value per loaded engine: the size difference does not matter")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one value per loaded engine: the size difference does not matter"
+)]
 enum Backend {
     /// specrej-wgpu on the browser's WebGPU adapter: `step` and `score` await a buffer map.
     Gpu {
@@ -98,9 +101,7 @@ fn split_responses<'a>(
     let mut out = Vec::with_capacity(rows.len());
     for (&row, &len) in rows.iter().zip(lengths) {
         let end = at + len as usize;
-        let slice = tokens
-            .get(at..end)
-            .ok_or_else(|| js_error("score: lengths exceed tokens"))?;
+        let slice = tokens.get(at..end).ok_or_else(|| js_error("score: lengths exceed tokens"))?;
         out.push(Response { row, tokens: slice });
         at = end;
     }
@@ -110,10 +111,7 @@ fn split_responses<'a>(
 fn scored_object(scored: &Scored) -> JsValue {
     object(&[
         ("rewards", Float32Array::from(&scored.rewards[..]).into()),
-        (
-            "tokensProcessed",
-            JsValue::from_f64(scored.tokens_processed as f64),
-        ),
+        ("tokensProcessed", JsValue::from_f64(scored.tokens_processed as f64)),
     ])
 }
 
@@ -132,9 +130,7 @@ impl WebEngine {
             web_log(&format!("specrej-web panicked: {info}"));
         }));
         if !matches!(backend.as_str(), "webgpu" | "auto" | "cpu") {
-            return Err(js_error(format!(
-                "unknown backend {backend:?} (webgpu, cpu, auto)"
-            )));
+            return Err(js_error(format!("unknown backend {backend:?} (webgpu, cpu, auto)")));
         }
         let meta = GgufMetadata::from_bytes(&bytes)
             .map_err(|e| js_error(format!("reading the GGUF header: {e}")))?;
@@ -148,10 +144,7 @@ impl WebEngine {
         let gpu = if backend == "cpu" {
             None
         } else {
-            let options = specrej_wgpu::Options {
-                subgroups,
-                ..specrej_wgpu::Options::default()
-            };
+            let options = specrej_wgpu::Options { subgroups, ..specrej_wgpu::Options::default() };
             match WgpuModel::load(&bytes, &options).await {
                 Ok(model) => Some(model),
                 // "auto": no adapter (or the device failed) → the CPU.
@@ -181,18 +174,10 @@ impl WebEngine {
                     ("layers", JsValue::from_f64(config.layers as f64)),
                     ("vocab", JsValue::from_f64(config.vocab_size as f64)),
                     ("subgroups", JsValue::from_bool(model.uses_subgroups())),
-                    (
-                        "weightBytes",
-                        JsValue::from_f64(model.weight_bytes() as f64),
-                    ),
+                    ("weightBytes", JsValue::from_f64(model.weight_bytes() as f64)),
                     ("sync", JsValue::FALSE),
                 ]);
-                Backend::Gpu {
-                    model,
-                    decoder,
-                    judge: None,
-                    batches: HashMap::new(),
-                }
+                Backend::Gpu { model, decoder, judge: None, batches: HashMap::new() }
             }
             None => {
                 let model = specrej_candle::load_gguf_bytes(
@@ -212,28 +197,14 @@ impl WebEngine {
                     ("subgroups", JsValue::FALSE),
                     ("sync", JsValue::TRUE),
                 ]);
-                Backend::Cpu {
-                    model,
-                    decoder,
-                    judge: None,
-                    batches: HashMap::new(),
-                }
+                Backend::Cpu { model, decoder, judge: None, batches: HashMap::new() }
             }
         };
         drop(bytes);
         eos.sort_unstable();
         eos.dedup();
-        let state = State {
-            tokenizer,
-            template,
-            backend,
-            next_batch: 1,
-            eos,
-        };
-        Ok(WebEngine {
-            state: Rc::new(RefCell::new(state)),
-            info,
-        })
+        let state = State { tokenizer, template, backend, next_batch: 1, eos };
+        Ok(WebEngine { state: Rc::new(RefCell::new(state)), info })
     }
 
     /// Runs every WGSL kernel on this browser's adapter against a host reference
@@ -241,10 +212,7 @@ impl WebEngine {
     /// differences between the browser's WGSL compiler and naga; needs no model.
     #[wasm_bindgen(js_name = selfTest)]
     pub async fn self_test(subgroups: bool) -> Result<JsValue, JsValue> {
-        let options = specrej_wgpu::Options {
-            subgroups,
-            ..specrej_wgpu::Options::default()
-        };
+        let options = specrej_wgpu::Options { subgroups, ..specrej_wgpu::Options::default() };
         let report = specrej_wgpu::diag::run(&options).await.map_err(js_error)?;
         Ok(object(&[
             ("ok", JsValue::from_bool(report.ok())),
@@ -263,22 +231,12 @@ impl WebEngine {
         let mut s = self.state.borrow_mut();
         let tokens = tokens.max(1.0) as usize;
         match &mut s.backend {
-            Backend::Gpu {
-                model,
-                decoder,
-                batches,
-                ..
-            } => {
+            Backend::Gpu { model, decoder, batches, .. } => {
                 batches.clear();
                 let bytes = tokens.saturating_mul(decoder.kv_bytes_per_token());
                 *decoder = WgpuDecoder::new(Arc::clone(model), bytes);
             }
-            Backend::Cpu {
-                model,
-                decoder,
-                batches,
-                ..
-            } => {
+            Backend::Cpu { model, decoder, batches, .. } => {
                 batches.clear();
                 let bytes = tokens.saturating_mul(decoder.kv_bytes_per_token());
                 *decoder = CandleDecoder::new(Arc::clone(model), bytes);
@@ -335,10 +293,8 @@ impl WebEngine {
             .template
             .render(&[Message::user(user)], true)
             .map_err(|e| js_error(format!("rendering the chat template: {e}")))?;
-        let mut ids = s
-            .tokenizer
-            .encode(&text, false)
-            .map_err(|e| js_error(format!("tokenizing: {e}")))?;
+        let mut ids =
+            s.tokenizer.encode(&text, false).map_err(|e| js_error(format!("tokenizing: {e}")))?;
         if let Some(bos) = s.tokenizer.bos().filter(|_| s.tokenizer.adds_bos())
             && ids.first() != Some(&bos)
         {
@@ -349,13 +305,7 @@ impl WebEngine {
         let (before, after, yes, no) = (segments.before, segments.after, segments.yes, segments.no);
         match &mut s.backend {
             Backend::Gpu { model, judge, .. } => {
-                *judge = Some(WgpuJudgeScorer::new(
-                    Arc::clone(model),
-                    before,
-                    after,
-                    yes,
-                    no,
-                ));
+                *judge = Some(WgpuJudgeScorer::new(Arc::clone(model), before, after, yes, no));
             }
             Backend::Cpu { model, judge, .. } => {
                 // Incremental, as the CLI's default `--rescore incremental`.
@@ -375,13 +325,14 @@ impl WebEngine {
     /// Text of `tokens` (special tokens skipped).
     pub fn decode(&self, tokens: &[u32]) -> String {
         let s = self.state.borrow();
-        s.tokenizer
-            .decode(tokens, true)
-            .unwrap_or_else(|e| format!("<undecodable: {e}>"))
+        s.tokenizer.decode(tokens, true).unwrap_or_else(|e| format!("<undecodable: {e}>"))
     }
 
     /// Prefills `prompt` once for rows `start..end`; returns a batch id.
-    #[allow(clippy::too_many_arguments, reason = "a wasm-bindgen export: JS passes plain numbers, not a struct")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "a wasm-bindgen export: JS passes plain numbers, not a struct"
+    )]
     pub fn prefill(
         &self,
         prompt: &[u32],
@@ -393,33 +344,20 @@ impl WebEngine {
         top_p: f32,
     ) -> Result<u32, JsValue> {
         if prompt.is_empty() || end <= start {
-            return Err(js_error(format!(
-                "prefill: empty prompt or row range {start}..{end}"
-            )));
+            return Err(js_error(format!("prefill: empty prompt or row range {start}..{end}")));
         }
         let mut s = self.state.borrow_mut();
-        let sampling = Sampling {
-            seed,
-            temperature,
-            top_k: top_k as usize,
-            top_p,
-        };
+        let sampling = Sampling { seed, temperature, top_k: top_k as usize, top_p };
         let id = s.next_batch;
         match &mut s.backend {
-            Backend::Gpu {
-                decoder, batches, ..
-            } => {
-                let batch = decoder
-                    .prefill(prompt, start..end, &sampling)
-                    .map_err(backend_error)?;
+            Backend::Gpu { decoder, batches, .. } => {
+                let batch =
+                    decoder.prefill(prompt, start..end, &sampling).map_err(backend_error)?;
                 batches.insert(id, batch);
             }
-            Backend::Cpu {
-                decoder, batches, ..
-            } => {
-                let batch = decoder
-                    .prefill(prompt, start..end, &sampling)
-                    .map_err(backend_error)?;
+            Backend::Cpu { decoder, batches, .. } => {
+                let batch =
+                    decoder.prefill(prompt, start..end, &sampling).map_err(backend_error)?;
                 batches.insert(id, batch);
             }
         }
@@ -441,18 +379,11 @@ impl WebEngine {
             // spans the await.
             let (mut batch, mut decoder) = {
                 let mut s = state.borrow_mut();
-                let Backend::Gpu {
-                    model,
-                    decoder,
-                    batches,
-                    ..
-                } = &mut s.backend
-                else {
+                let Backend::Gpu { model, decoder, batches, .. } = &mut s.backend else {
                     return Err(js_error("step: the backend changed"));
                 };
-                let batch = batches
-                    .remove(&id)
-                    .ok_or_else(|| js_error(format!("no batch {id}")))?;
+                let batch =
+                    batches.remove(&id).ok_or_else(|| js_error(format!("no batch {id}")))?;
                 // A stand-in while the real decoder is lent to the pending step (never used).
                 let placeholder = WgpuDecoder::new(Arc::clone(model), 0);
                 (batch, std::mem::replace(decoder, placeholder))
@@ -460,12 +391,7 @@ impl WebEngine {
             let result = decoder.step(&mut batch).await;
             {
                 let mut s = state.borrow_mut();
-                if let Backend::Gpu {
-                    decoder: slot,
-                    batches,
-                    ..
-                } = &mut s.backend
-                {
+                if let Backend::Gpu { decoder: slot, batches, .. } = &mut s.backend {
                     *slot = decoder;
                     batches.insert(id, batch);
                 }
@@ -480,17 +406,10 @@ impl WebEngine {
     #[wasm_bindgen(js_name = stepNow)]
     pub fn step_now(&self, id: u32) -> Result<Uint32Array, JsValue> {
         let mut s = self.state.borrow_mut();
-        let Backend::Cpu {
-            decoder, batches, ..
-        } = &mut s.backend
-        else {
-            return Err(js_error(
-                "stepNow: only the CPU engine steps synchronously (use step)",
-            ));
+        let Backend::Cpu { decoder, batches, .. } = &mut s.backend else {
+            return Err(js_error("stepNow: only the CPU engine steps synchronously (use step)"));
         };
-        let batch = batches
-            .get_mut(&id)
-            .ok_or_else(|| js_error(format!("no batch {id}")))?;
+        let batch = batches.get_mut(&id).ok_or_else(|| js_error(format!("no batch {id}")))?;
         let tokens = block_on_ready(decoder.step(batch)).map_err(backend_error)?;
         Ok(Uint32Array::from(&tokens[..]))
     }
@@ -501,15 +420,11 @@ impl WebEngine {
         let keep: Vec<usize> = keep.iter().map(|&k| k as usize).collect();
         let no_batch = || js_error(format!("no batch {id}"));
         match &mut s.backend {
-            Backend::Gpu {
-                decoder, batches, ..
-            } => {
+            Backend::Gpu { decoder, batches, .. } => {
                 let batch = batches.get_mut(&id).ok_or_else(no_batch)?;
                 decoder.retain(batch, &keep).map_err(backend_error)
             }
-            Backend::Cpu {
-                decoder, batches, ..
-            } => {
+            Backend::Cpu { decoder, batches, .. } => {
                 let batch = batches.get_mut(&id).ok_or_else(no_batch)?;
                 decoder.retain(batch, &keep).map_err(backend_error)
             }
@@ -521,16 +436,17 @@ impl WebEngine {
         if parents.len() != ids.len() {
             return Err(js_error(format!("fork: {} parents for {} ids", parents.len(), ids.len())));
         }
-        let children: Vec<(usize, u32)> = parents.iter().zip(ids).map(|(&p, &i)| (p as usize, i)).collect();
+        let children: Vec<(usize, u32)> =
+            parents.iter().zip(ids).map(|(&p, &i)| (p as usize, i)).collect();
         let mut s = self.state.borrow_mut();
         let no_batch = || js_error(format!("no batch {id}"));
         match &mut s.backend {
-            Backend::Gpu { decoder, batches, .. } => {
-                decoder.fork(batches.get_mut(&id).ok_or_else(no_batch)?, &children).map_err(backend_error)
-            }
-            Backend::Cpu { decoder, batches, .. } => {
-                decoder.fork(batches.get_mut(&id).ok_or_else(no_batch)?, &children).map_err(backend_error)
-            }
+            Backend::Gpu { decoder, batches, .. } => decoder
+                .fork(batches.get_mut(&id).ok_or_else(no_batch)?, &children)
+                .map_err(backend_error),
+            Backend::Cpu { decoder, batches, .. } => decoder
+                .fork(batches.get_mut(&id).ok_or_else(no_batch)?, &children)
+                .map_err(backend_error),
         }
     }
 
@@ -570,9 +486,7 @@ impl WebEngine {
                 let Backend::Gpu { judge, .. } = &mut s.backend else {
                     return Err(js_error("score: the backend changed"));
                 };
-                judge
-                    .take()
-                    .ok_or_else(|| js_error("score: no judge (call chatPrompt first)"))?
+                judge.take().ok_or_else(|| js_error("score: no judge (call chatPrompt first)"))?
             };
             let result = judge.score(&prompt, &responses).await;
             if let Backend::Gpu { judge: slot, .. } = &mut state.borrow_mut().backend {
@@ -594,20 +508,18 @@ impl WebEngine {
         let responses = split_responses(&rows, &lengths, &tokens)?;
         let mut s = self.state.borrow_mut();
         let Backend::Cpu { judge, .. } = &mut s.backend else {
-            return Err(js_error(
-                "scoreNow: only the CPU engine scores synchronously (use score)",
-            ));
+            return Err(js_error("scoreNow: only the CPU engine scores synchronously (use score)"));
         };
-        let judge = judge
-            .as_mut()
-            .ok_or_else(|| js_error("score: no judge (call chatPrompt first)"))?;
+        let judge =
+            judge.as_mut().ok_or_else(|| js_error("score: no judge (call chatPrompt first)"))?;
         let scored = block_on_ready(judge.score(&prompt, &responses)).map_err(backend_error)?;
         Ok(scored_object(&scored))
     }
 
     /// Rows `children[i]` were forked from `parents[i]` (row ids).
     pub fn forked(&self, parents: &[u32], children: &[u32]) {
-        let pairs: Vec<(u32, u32)> = parents.iter().copied().zip(children.iter().copied()).collect();
+        let pairs: Vec<(u32, u32)> =
+            parents.iter().copied().zip(children.iter().copied()).collect();
         match &mut self.state.borrow_mut().backend {
             Backend::Gpu { judge: Some(judge), .. } => judge.fork(&pairs),
             Backend::Cpu { judge: Some(judge), .. } => judge.fork(&pairs),
@@ -618,12 +530,8 @@ impl WebEngine {
     /// The scheduler will not ask about these rows again.
     pub fn release(&self, rows: &[u32]) {
         match &mut self.state.borrow_mut().backend {
-            Backend::Gpu {
-                judge: Some(judge), ..
-            } => judge.release(rows),
-            Backend::Cpu {
-                judge: Some(judge), ..
-            } => judge.release(rows),
+            Backend::Gpu { judge: Some(judge), .. } => judge.release(rows),
+            Backend::Cpu { judge: Some(judge), .. } => judge.release(rows),
             _ => {}
         }
     }

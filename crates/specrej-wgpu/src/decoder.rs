@@ -6,7 +6,7 @@ use std::sync::Arc;
 use specrej_core::backend::{cap_limit, check_fits};
 use specrej_core::{BackendError, Decoder, Sampling};
 
-use crate::model::{Cache, StepParams, Work, WgpuModel};
+use crate::model::{Cache, StepParams, WgpuModel, Work};
 
 /// Default K/V budget: 1 GiB.
 pub const DEFAULT_KV_BUDGET_BYTES: usize = 1 << 30;
@@ -113,7 +113,11 @@ impl WgpuDecoder {
 
     /// Encodes the forward of the pending tokens (if the logits are not current), growing the
     /// cache first. Leaves `[rows, vocab]` logits in `batch.logits`.
-    fn encode_pending(&mut self, encoder: &mut wgpu::CommandEncoder, batch: &mut WgpuBatch) -> Result<(), BackendError> {
+    fn encode_pending(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        batch: &mut WgpuBatch,
+    ) -> Result<(), BackendError> {
         if batch.logit_stride.is_some() {
             return Ok(());
         }
@@ -129,7 +133,9 @@ impl WgpuDecoder {
             batch.cache = grown;
         }
         model.ensure_work(&mut self.work, rows, rows)?;
-        let Some(work) = self.work.as_ref() else { return Err(BackendError::device("scratch missing")) };
+        let Some(work) = self.work.as_ref() else {
+            return Err(BackendError::device("scratch missing"));
+        };
         let vocab = model.config.vocab_size as u32;
         let p = StepParams {
             n: rows as u32,
@@ -163,7 +169,9 @@ impl WgpuDecoder {
         let mut encoder = gpu.encoder();
         let forward = batch.logit_stride.is_none();
         self.encode_pending(&mut encoder, batch)?;
-        let Some(work) = self.work.as_ref() else { return Err(BackendError::device("scratch missing")) };
+        let Some(work) = self.work.as_ref() else {
+            return Err(BackendError::device("scratch missing"));
+        };
         if !forward {
             // No forward in this submission: the sampler alone reads the Step uniform.
             let p = StepParams {
@@ -183,12 +191,23 @@ impl WgpuDecoder {
             gpu.dispatch(
                 &mut pass,
                 &gpu.pipelines.sample,
-                &[(0, &work.step), (1, &batch.sampling_u), (2, &batch.logits), (3, &batch.row_ids_buf), (4, &batch.tokens), (5, &batch.sel)],
+                &[
+                    (0, &work.step),
+                    (1, &batch.sampling_u),
+                    (2, &batch.logits),
+                    (3, &batch.row_ids_buf),
+                    (4, &batch.tokens),
+                    (5, &batch.sel),
+                ],
                 rows as u32,
             );
         }
         let bytes = gpu.read_back(encoder, &batch.tokens, (rows * 4) as u64).await?;
-        let tokens: Vec<u32> = bytes.chunks_exact(4).take(rows).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let tokens: Vec<u32> = bytes
+            .chunks_exact(4)
+            .take(rows)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         batch.generated += 1;
         batch.logit_stride = None;
         batch.pending = Some(tokens.clone());
@@ -205,8 +224,10 @@ impl WgpuDecoder {
         let rows = batch.rows();
         let vocab = model.config.vocab_size;
         let stride = batch.logit_stride.unwrap_or(0) as usize;
-        let bytes = model.gpu.read_back(encoder, &batch.logits, (rows.max(1) * vocab * 4) as u64).await?;
-        let all: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let bytes =
+            model.gpu.read_back(encoder, &batch.logits, (rows.max(1) * vocab * 4) as u64).await?;
+        let all: Vec<f32> =
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         Ok((0..rows).flat_map(|r| all[r * stride..r * stride + vocab].iter().copied()).collect())
     }
 }
@@ -227,11 +248,19 @@ impl Decoder for WgpuDecoder {
         self.model.config.context_length
     }
 
-    fn prefill(&mut self, prompt: &[u32], ids: Range<u32>, sampling: &Sampling) -> Result<WgpuBatch, BackendError> {
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        ids: Range<u32>,
+        sampling: &Sampling,
+    ) -> Result<WgpuBatch, BackendError> {
         // Contract violations are errors here, not panics: in the browser a panic aborts the
         // whole wasm module (and with it the page's engine).
         if ids.is_empty() || prompt.is_empty() {
-            return Err(BackendError::device(format!("prefill: empty prompt ({} tokens) or row id range {ids:?}", prompt.len())));
+            return Err(BackendError::device(format!(
+                "prefill: empty prompt ({} tokens) or row id range {ids:?}",
+                prompt.len()
+            )));
         }
         let rows = ids.len();
         let model = self.model.clone();
@@ -242,11 +271,22 @@ impl Decoder for WgpuDecoder {
         gpu.check()?;
         let vocab = model.config.vocab_size;
         model.ensure_work(&mut self.work, len, 1)?;
-        let Some(work) = self.work.as_ref() else { return Err(BackendError::device("scratch missing")) };
+        let Some(work) = self.work.as_ref() else {
+            return Err(BackendError::device("scratch missing"));
+        };
         let single = model.cache(1, len)?;
         // Sizes in u64: usize is 32 bits on wasm32.
         let logits = gpu.storage("logits", rows as u64 * vocab as u64 * 4)?;
-        let p = StepParams { n: len as u32, rows: 1, t: len as u32, pos: 0, cap: len as u32, m: 1, logit_stride: 0, generation: 0 };
+        let p = StepParams {
+            n: len as u32,
+            rows: 1,
+            t: len as u32,
+            pos: 0,
+            cap: len as u32,
+            m: 1,
+            logit_stride: 0,
+            generation: 0,
+        };
         model.set_step(work, &p);
         gpu.queue.write_buffer(&work.tokens, 0, bytemuck::cast_slice(prompt));
         gpu.queue.write_buffer(&work.head_rows, 0, bytemuck::cast_slice(&[len as u32 - 1]));
@@ -276,7 +316,10 @@ impl Decoder for WgpuDecoder {
         Ok(batch)
     }
 
-    fn step(&mut self, batch: &mut WgpuBatch) -> impl Future<Output = Result<Vec<u32>, BackendError>> {
+    fn step(
+        &mut self,
+        batch: &mut WgpuBatch,
+    ) -> impl Future<Output = Result<Vec<u32>, BackendError>> {
         self.step_async(batch)
     }
 
@@ -296,11 +339,17 @@ impl Decoder for WgpuDecoder {
         if batch.logit_stride == Some(vocab as u32) {
             // Logits already computed for every row (after peek_logits): gather them too.
             let logits = gpu.storage("logits", (keep.len().max(1) * vocab * 4) as u64)?;
-            let params = gpu.uniform("gather logits", &[keep.len() as u32, 1, vocab as u32, 1, 1, 0, 0, 0]);
+            let params =
+                gpu.uniform("gather logits", &[keep.len() as u32, 1, vocab as u32, 1, 1, 0, 0, 0]);
             let keep_buf = gpu.storage_init("keep", bytemuck::cast_slice(&keep32));
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
             let groups = ((keep.len() * vocab) as u32).div_ceil(64);
-            gpu.dispatch(&mut pass, &gpu.pipelines.gather, &[(0, &params), (1, &keep_buf), (2, &batch.logits), (3, &logits)], groups);
+            gpu.dispatch(
+                &mut pass,
+                &gpu.pipelines.gather,
+                &[(0, &params), (1, &keep_buf), (2, &batch.logits), (3, &logits)],
+                groups,
+            );
             drop(pass);
             batch.logits = logits;
         }

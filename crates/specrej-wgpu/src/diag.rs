@@ -6,7 +6,7 @@
 
 use specrej_core::Sampling;
 
-use crate::gguf::{dequantize, GgmlType};
+use crate::gguf::{GgmlType, dequantize};
 use crate::gpu::Gpu;
 use crate::shaders::Variant;
 
@@ -45,7 +45,14 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "adapter: {} (per-output matmul: {})", self.adapter, self.thread_matmul)?;
         for c in &self.checks {
-            writeln!(f, "{} {}: max rel err {:.3e}{}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.error, if c.detail.is_empty() { String::new() } else { format!(" ({})", c.detail) })?;
+            writeln!(
+                f,
+                "{} {}: max rel err {:.3e}{}",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.name,
+                c.error,
+                if c.detail.is_empty() { String::new() } else { format!(" ({})", c.detail) }
+            )?;
         }
         Ok(())
     }
@@ -53,7 +60,9 @@ impl std::fmt::Display for Report {
 
 /// Deterministic pseudo-random words.
 pub(crate) fn words(seed: u32, n: usize) -> Vec<u32> {
-    (0..n as u32).map(|i| specrej_core::sampling::pcg_hash(seed.wrapping_mul(0x9e37_79b9) ^ i)).collect()
+    (0..n as u32)
+        .map(|i| specrej_core::sampling::pcg_hash(seed.wrapping_mul(0x9e37_79b9) ^ i))
+        .collect()
 }
 
 /// Values in [-1, 1).
@@ -78,7 +87,9 @@ pub(crate) fn weights(ty: GgmlType, out: usize, inp: usize, seed: u32) -> Vec<u8
         match ty {
             GgmlType::F32 => {
                 for &x in &w[..32] {
-                    bytes.extend_from_slice(&((x as f32 / u32::MAX as f32) * 2.0 - 1.0).to_le_bytes());
+                    bytes.extend_from_slice(
+                        &((x as f32 / u32::MAX as f32) * 2.0 - 1.0).to_le_bytes(),
+                    );
                 }
             }
             GgmlType::F16 => {
@@ -101,8 +112,13 @@ pub(crate) fn weights(ty: GgmlType, out: usize, inp: usize, seed: u32) -> Vec<u8
 }
 
 async fn read_f32(gpu: &Gpu, buf: &wgpu::Buffer, n: usize) -> Result<Vec<f32>, String> {
-    let bytes = gpu.read_back(gpu.encoder(), buf, (n * 4) as u64).await.map_err(|e| e.to_string())?;
-    Ok(bytes.chunks_exact(4).take(n).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    let bytes =
+        gpu.read_back(gpu.encoder(), buf, (n * 4) as u64).await.map_err(|e| e.to_string())?;
+    Ok(bytes
+        .chunks_exact(4)
+        .take(n)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }
 
 fn compare(name: String, got: &[f32], want: &[f32], tolerance: f32) -> Check {
@@ -137,7 +153,16 @@ fn failed(name: String, e: impl std::fmt::Display) -> Check {
 
 /// The `Step` uniform: n, rows, t, pos, cap, m, logit_stride, generation.
 #[allow(clippy::too_many_arguments, reason = "one argument per word of the uniform, in its order")]
-fn step_words(n: u32, rows: u32, t: u32, pos: u32, cap: u32, m: u32, logit_stride: u32, generation: u32) -> [u32; 8] {
+fn step_words(
+    n: u32,
+    rows: u32,
+    t: u32,
+    pos: u32,
+    cap: u32,
+    m: u32,
+    logit_stride: u32,
+    generation: u32,
+) -> [u32; 8] {
     [n, rows, t, pos, cap, m, logit_stride, generation]
 }
 
@@ -145,13 +170,17 @@ fn step_words(n: u32, rows: u32, t: u32, pos: u32, cap: u32, m: u32, logit_strid
 pub async fn run(options: &crate::Options) -> Result<Report, crate::Error> {
     let instance = crate::instance();
     let adapter = instance
-        .request_adapter(&wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() })
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        })
         .await
         .map_err(|e| crate::Error::NoAdapter { hint: format!(": {e}") })?;
     let allow = Variant { subgroups: options.subgroups, ..Variant::default() };
     let gpu = Gpu::open(adapter, allow).await?;
     let checks = run_on(&gpu).await;
-    let adapter = crate::AdapterInfo::from_parts(0, gpu.info.clone(), gpu.device.features(), &gpu.limits);
+    let adapter =
+        crate::AdapterInfo::from_parts(0, gpu.info.clone(), gpu.device.features(), &gpu.limits);
     Ok(Report { adapter, thread_matmul: gpu.thread_matmul, checks })
 }
 
@@ -160,8 +189,21 @@ pub(crate) async fn run_on(gpu: &Gpu) -> Vec<Check> {
     let mut checks = Vec::new();
     // The default model's shapes (SmolLM2-135M): hidden 576, 9 heads of 64, 3 K/V heads,
     // FFN 1536; and a small odd one.
-    for &(out, inp, n) in &[(7usize, 96usize, 3usize), (7, 96, 11), (576, 576, 1), (1536, 576, 7), (576, 1536, 1), (576, 576, 37)] {
-        for (ty, id) in [(GgmlType::F32, 0u32), (GgmlType::F16, 1), (GgmlType::Q4_0, 2), (GgmlType::Q4_1, 3), (GgmlType::Q8_0, 8)] {
+    for &(out, inp, n) in &[
+        (7usize, 96usize, 3usize),
+        (7, 96, 11),
+        (576, 576, 1),
+        (1536, 576, 7),
+        (576, 1536, 1),
+        (576, 576, 37),
+    ] {
+        for (ty, id) in [
+            (GgmlType::F32, 0u32),
+            (GgmlType::F16, 1),
+            (GgmlType::Q4_0, 2),
+            (GgmlType::Q4_1, 3),
+            (GgmlType::Q8_0, 8),
+        ] {
             if out > 7 && !matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0) {
                 continue;
             }
@@ -184,7 +226,9 @@ pub(crate) async fn run_on(gpu: &Gpu) -> Vec<Check> {
 
 async fn matmul(gpu: &Gpu, ty: GgmlType, id: u32, out: usize, inp: usize, n: usize) -> Vec<Check> {
     let bytes = weights(ty, out, inp, id + 1);
-    let Some(host_w) = dequantize(ty, &bytes) else { return vec![failed(format!("matmul {ty:?}"), "host dequantization")] };
+    let Some(host_w) = dequantize(ty, &bytes) else {
+        return vec![failed(format!("matmul {ty:?}"), "host dequantization")];
+    };
     let x = signed(99, n * inp);
     let bias = signed(7, out);
     let mut padded = bytes.clone();
@@ -204,13 +248,15 @@ async fn matmul(gpu: &Gpu, ty: GgmlType, id: u32, out: usize, inp: usize, n: usi
     let scale: Vec<f32> = (0..n * out)
         .map(|k| {
             let (r, o) = (k / out, k % out);
-            (0..inp).map(|i| (host_w[o * inp + i] * x[r * inp + i]).abs()).sum::<f32>() + bias[o].abs()
+            (0..inp).map(|i| (host_w[o * inp + i] * x[r * inp + i]).abs()).sum::<f32>()
+                + bias[o].abs()
         })
         .collect();
     let mut checks = Vec::new();
-    for (kernel, pipeline, groups) in
-        [("matmul", &gpu.pipelines.matmul, out as u32), ("matmul_thread", &gpu.pipelines.matmul_thread, (out as u32).div_ceil(64))]
-    {
+    for (kernel, pipeline, groups) in [
+        ("matmul", &gpu.pipelines.matmul, out as u32),
+        ("matmul_thread", &gpu.pipelines.matmul_thread, (out as u32).div_ceil(64)),
+    ] {
         let name = format!("{kernel} {ty:?} {out}x{inp} n={n}");
         let y = match gpu.storage("y", (n * out * 4) as u64) {
             Ok(y) => y,
@@ -222,7 +268,12 @@ async fn matmul(gpu: &Gpu, ty: GgmlType, id: u32, out: usize, inp: usize, n: usi
         let mut enc = gpu.encoder();
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
-            gpu.dispatch(&mut pass, pipeline, &[(0, &step), (1, &dims), (2, &w), (3, &xb), (4, &y), (7, &bb)], groups);
+            gpu.dispatch(
+                &mut pass,
+                pipeline,
+                &[(0, &step), (1, &dims), (2, &w), (3, &xb), (4, &y), (7, &bb)],
+                groups,
+            );
         }
         if let Err(e) = gpu.submit(enc) {
             checks.push(failed(name, e));
@@ -240,7 +291,9 @@ async fn embed(gpu: &Gpu) -> Check {
     let (vocab, inp) = (50usize, 576usize);
     let name = format!("embed Q8_0 {vocab}x{inp}");
     let bytes = weights(GgmlType::Q8_0, vocab, inp, 3);
-    let Some(host_w) = dequantize(GgmlType::Q8_0, &bytes) else { return failed(name, "host dequantization") };
+    let Some(host_w) = dequantize(GgmlType::Q8_0, &bytes) else {
+        return failed(name, "host dequantization");
+    };
     let mut padded = bytes;
     padded.extend_from_slice(&[0; 4]);
     let w = gpu.storage_init("w", &padded);
@@ -251,16 +304,25 @@ async fn embed(gpu: &Gpu) -> Check {
         Ok(b) => b,
         Err(e) => return failed(name, e),
     };
-    let step = gpu.uniform("step", &step_words(tokens.len() as u32, 1, tokens.len() as u32, 0, 1, 1, 0, 0));
+    let step = gpu
+        .uniform("step", &step_words(tokens.len() as u32, 1, tokens.len() as u32, 0, 1, 1, 0, 0));
     let mut enc = gpu.encoder();
     {
         let mut pass = enc.begin_compute_pass(&Default::default());
-        gpu.dispatch(&mut pass, &gpu.pipelines.embed, &[(0, &step), (1, &dims), (2, &w), (5, &tb), (6, &emb)], ((tokens.len() * inp / 8) as u32).div_ceil(64));
+        gpu.dispatch(
+            &mut pass,
+            &gpu.pipelines.embed,
+            &[(0, &step), (1, &dims), (2, &w), (5, &tb), (6, &emb)],
+            ((tokens.len() * inp / 8) as u32).div_ceil(64),
+        );
     }
     if let Err(e) = gpu.submit(enc) {
         return failed(name, e);
     }
-    let want: Vec<f32> = tokens.iter().flat_map(|&t| host_w[t as usize * inp..(t as usize + 1) * inp].iter().copied()).collect();
+    let want: Vec<f32> = tokens
+        .iter()
+        .flat_map(|&t| host_w[t as usize * inp..(t as usize + 1) * inp].iter().copied())
+        .collect();
     match read_f32(gpu, &emb, tokens.len() * inp).await {
         Ok(got) => compare(name, &got, &want, 0.0),
         Err(e) => failed(name, e),
@@ -276,8 +338,15 @@ async fn rmsnorm(gpu: &Gpu, dim: usize, rows: usize, indexed: bool) -> Check {
     let src: Vec<u32> = if indexed { (0..rows as u32).rev().collect() } else { vec![0; 4] };
     let m = if indexed { rows } else { 0 };
     let norm = gpu.uniform("norm", &[dim as u32, u32::from(indexed), eps.to_bits(), 0]);
-    let step = gpu.uniform("step", &step_words(if indexed { 0 } else { rows as u32 }, 1, 1, 0, 1, m as u32, 0, 0));
-    let (xb, wb, sb) = (gpu.storage_init("x", bytemuck::cast_slice(&x)), gpu.storage_init("w", bytemuck::cast_slice(&weight)), gpu.storage_init("src", bytemuck::cast_slice(&src)));
+    let step = gpu.uniform(
+        "step",
+        &step_words(if indexed { 0 } else { rows as u32 }, 1, 1, 0, 1, m as u32, 0, 0),
+    );
+    let (xb, wb, sb) = (
+        gpu.storage_init("x", bytemuck::cast_slice(&x)),
+        gpu.storage_init("w", bytemuck::cast_slice(&weight)),
+        gpu.storage_init("src", bytemuck::cast_slice(&src)),
+    );
     let y = match gpu.storage("y", (rows * dim * 4) as u64) {
         Ok(b) => b,
         Err(e) => return failed(name, e),
@@ -285,7 +354,12 @@ async fn rmsnorm(gpu: &Gpu, dim: usize, rows: usize, indexed: bool) -> Check {
     let mut enc = gpu.encoder();
     {
         let mut pass = enc.begin_compute_pass(&Default::default());
-        gpu.dispatch(&mut pass, &gpu.pipelines.rmsnorm, &[(0, &step), (1, &norm), (2, &xb), (3, &wb), (4, &sb), (5, &y)], rows as u32);
+        gpu.dispatch(
+            &mut pass,
+            &gpu.pipelines.rmsnorm,
+            &[(0, &step), (1, &norm), (2, &xb), (3, &wb), (4, &sb), (5, &y)],
+            rows as u32,
+        );
     }
     if let Err(e) = gpu.submit(enc) {
         return failed(name, e);
@@ -308,20 +382,31 @@ async fn rope(gpu: &Gpu, heads: usize, kv_heads: usize, hd: usize, t: usize, pos
     let half = hd / 2;
     let context = pos + t + 1;
     let table: Vec<f32> = (0..context)
-        .flat_map(|p| (0..half).flat_map(move |j| {
-            let angle = p as f32 * (1.0 / 10000f32.powf(2.0 * j as f32 / hd as f32));
-            [angle.cos(), angle.sin()]
-        }))
+        .flat_map(|p| {
+            (0..half).flat_map(move |j| {
+                let angle = p as f32 * (1.0 / 10000f32.powf(2.0 * j as f32 / hd as f32));
+                [angle.cos(), angle.sin()]
+            })
+        })
         .collect();
     let q = signed(31, t * heads * hd);
     let k = signed(32, t * kv_heads * hd);
     let rope_u = gpu.uniform("rope", &[heads as u32, kv_heads as u32, hd as u32, 0]);
     let step = gpu.uniform("step", &step_words(t as u32, 1, t as u32, pos as u32, 1, 1, 0, 0));
-    let (tb, qb, kb) = (gpu.storage_init("table", bytemuck::cast_slice(&table)), gpu.storage_init("q", bytemuck::cast_slice(&q)), gpu.storage_init("k", bytemuck::cast_slice(&k)));
+    let (tb, qb, kb) = (
+        gpu.storage_init("table", bytemuck::cast_slice(&table)),
+        gpu.storage_init("q", bytemuck::cast_slice(&q)),
+        gpu.storage_init("k", bytemuck::cast_slice(&k)),
+    );
     let mut enc = gpu.encoder();
     {
         let mut pass = enc.begin_compute_pass(&Default::default());
-        gpu.dispatch(&mut pass, &gpu.pipelines.rope, &[(0, &step), (1, &rope_u), (2, &tb), (3, &qb), (4, &kb)], ((t * (heads + kv_heads) * half) as u32).div_ceil(64));
+        gpu.dispatch(
+            &mut pass,
+            &gpu.pipelines.rope,
+            &[(0, &step), (1, &rope_u), (2, &tb), (3, &qb), (4, &kb)],
+            ((t * (heads + kv_heads) * half) as u32).div_ceil(64),
+        );
     }
     if let Err(e) = gpu.submit(enc) {
         return failed(name, e);
@@ -332,7 +417,8 @@ async fn rope(gpu: &Gpu, heads: usize, kv_heads: usize, hd: usize, t: usize, pos
             for h in 0..nh {
                 let base = (i * nh + h) * hd;
                 for j in 0..half {
-                    let (c, s) = (table[((pos + i) * half + j) * 2], table[((pos + i) * half + j) * 2 + 1]);
+                    let (c, s) =
+                        (table[((pos + i) * half + j) * 2], table[((pos + i) * half + j) * 2 + 1]);
                     let (x0, x1) = (v[base + j], v[base + j + half]);
                     out[base + j] = x0 * c - x1 * s;
                     out[base + j + half] = x0 * s + x1 * c;
@@ -359,11 +445,19 @@ async fn silu(gpu: &Gpu, width: usize, n: usize) -> Check {
     let u = signed(42, n * width);
     let ffn = gpu.uniform("ffn", &[width as u32, 0, 0, 0]);
     let step = gpu.uniform("step", &step_words(n as u32, n as u32, 1, 0, 1, n as u32, 0, 0));
-    let (gb, ub) = (gpu.storage_init("g", bytemuck::cast_slice(&g)), gpu.storage_init("u", bytemuck::cast_slice(&u)));
+    let (gb, ub) = (
+        gpu.storage_init("g", bytemuck::cast_slice(&g)),
+        gpu.storage_init("u", bytemuck::cast_slice(&u)),
+    );
     let mut enc = gpu.encoder();
     {
         let mut pass = enc.begin_compute_pass(&Default::default());
-        gpu.dispatch(&mut pass, &gpu.pipelines.silu_mul, &[(0, &step), (1, &ffn), (2, &gb), (3, &ub)], ((n * width) as u32).div_ceil(64));
+        gpu.dispatch(
+            &mut pass,
+            &gpu.pipelines.silu_mul,
+            &[(0, &step), (1, &ffn), (2, &gb), (3, &ub)],
+            ((n * width) as u32).div_ceil(64),
+        );
     }
     if let Err(e) = gpu.submit(enc) {
         return failed(name, e);
@@ -397,7 +491,13 @@ pub(crate) struct AttentionShape {
 /// The host's attention, what `attention.wgsl` computes: `q` `[rows * t, heads, head_dim]`
 /// over the cache `kc`/`vc` `[rows, cap, kv_heads, head_dim]` f32, activation row
 /// `r * t + s` attending to positions `0..=pos + s` of cache row `r`, scores times `scale`.
-pub(crate) fn host_attention(shape: AttentionShape, scale: f32, q: &[f32], kc: &[f32], vc: &[f32]) -> Vec<f32> {
+pub(crate) fn host_attention(
+    shape: AttentionShape,
+    scale: f32,
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+) -> Vec<f32> {
     let AttentionShape { rows, t, pos, heads, kv_heads, head_dim: hd, cap } = shape;
     let width = kv_heads * hd;
     let mut out = vec![0.0f32; rows * t * heads * hd]; // [rows * t, heads, head_dim] f32
@@ -407,12 +507,15 @@ pub(crate) fn host_attention(shape: AttentionShape, scale: f32, q: &[f32], kc: &
             let g = h / (heads / kv_heads);
             let qh = &q[(i * heads + h) * hd..][..hd];
             let at = |j: usize| (r * cap + j) * width + g * hd;
-            let scores: Vec<f32> = (0..len).map(|j| qh.iter().zip(&kc[at(j)..][..hd]).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+            let scores: Vec<f32> = (0..len)
+                .map(|j| qh.iter().zip(&kc[at(j)..][..hd]).map(|(a, b)| a * b).sum::<f32>() * scale)
+                .collect();
             let max = scores.iter().copied().fold(f32::MIN, f32::max);
             let p: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
             let sum: f32 = p.iter().sum();
             for d in 0..hd {
-                out[(i * heads + h) * hd + d] = (0..len).map(|j| p[j] * vc[at(j) + d]).sum::<f32>() / sum;
+                out[(i * heads + h) * hd + d] =
+                    (0..len).map(|j| p[j] * vc[at(j) + d]).sum::<f32>() / sum;
             }
         }
     }
@@ -422,8 +525,19 @@ pub(crate) fn host_attention(shape: AttentionShape, scale: f32, q: &[f32], kc: &
 /// `kv_append` of `rows × t` fresh positions at `pos` into a cache that already holds
 /// positions `0..pos`, then `attention` over it.
 #[allow(clippy::too_many_arguments, reason = "the case's shape, one argument per dimension")]
-async fn attention(gpu: &Gpu, rows: usize, t: usize, pos: usize, heads: usize, kv_heads: usize, hd: usize, cap: usize) -> Check {
-    let name = format!("kv_append+attention rows={rows} t={t} pos={pos} heads={heads}/{kv_heads} head_dim={hd}");
+async fn attention(
+    gpu: &Gpu,
+    rows: usize,
+    t: usize,
+    pos: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    cap: usize,
+) -> Check {
+    let name = format!(
+        "kv_append+attention rows={rows} t={t} pos={pos} heads={heads}/{kv_heads} head_dim={hd}"
+    );
     if gpu.variant.f16_kv {
         return Check { name, error: 0.0, ok: true, detail: "skipped: f16 K/V cache".into() };
     }
@@ -435,17 +549,28 @@ async fn attention(gpu: &Gpu, rows: usize, t: usize, pos: usize, heads: usize, k
     // The cache's earlier positions, as if appended before.
     let mut kc = signed(54, rows * cap * width);
     let mut vc = signed(55, rows * cap * width);
-    let (ckb, cvb) = (gpu.storage_init("cache k", bytemuck::cast_slice(&kc)), gpu.storage_init("cache v", bytemuck::cast_slice(&vc)));
+    let (ckb, cvb) = (
+        gpu.storage_init("cache k", bytemuck::cast_slice(&kc)),
+        gpu.storage_init("cache v", bytemuck::cast_slice(&vc)),
+    );
     for i in 0..n {
         let dst = ((i / t) * cap + pos + i % t) * width;
         kc[dst..dst + width].copy_from_slice(&k[i * width..(i + 1) * width]);
         vc[dst..dst + width].copy_from_slice(&v[i * width..(i + 1) * width]);
     }
-    let step = gpu.uniform("step", &step_words(n as u32, rows as u32, t as u32, pos as u32, cap as u32, 0, 0, 0));
+    let step = gpu.uniform(
+        "step",
+        &step_words(n as u32, rows as u32, t as u32, pos as u32, cap as u32, 0, 0, 0),
+    );
     let kv_u = gpu.uniform("kv width", &[width as u32, 0, 0, 0]);
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
-    let attn_u = gpu.uniform("attention", &[heads as u32, kv_heads as u32, hd as u32, scale.to_bits()]);
-    let (qb, kb, vb) = (gpu.storage_init("q", bytemuck::cast_slice(&q)), gpu.storage_init("k", bytemuck::cast_slice(&k)), gpu.storage_init("v", bytemuck::cast_slice(&v)));
+    let attn_u =
+        gpu.uniform("attention", &[heads as u32, kv_heads as u32, hd as u32, scale.to_bits()]);
+    let (qb, kb, vb) = (
+        gpu.storage_init("q", bytemuck::cast_slice(&q)),
+        gpu.storage_init("k", bytemuck::cast_slice(&k)),
+        gpu.storage_init("v", bytemuck::cast_slice(&v)),
+    );
     let out = match gpu.storage("out", (n * heads * hd * 4) as u64) {
         Ok(b) => b,
         Err(e) => return failed(name, e),
@@ -454,8 +579,18 @@ async fn attention(gpu: &Gpu, rows: usize, t: usize, pos: usize, heads: usize, k
     {
         let mut pass = enc.begin_compute_pass(&Default::default());
         let pl = &gpu.pipelines;
-        gpu.dispatch(&mut pass, &pl.kv_append, &[(0, &step), (1, &kv_u), (2, &kb), (3, &vb), (4, &ckb), (5, &cvb)], ((n * width) as u32).div_ceil(64));
-        gpu.dispatch(&mut pass, &pl.attention, &[(0, &step), (1, &attn_u), (2, &qb), (3, &ckb), (4, &cvb), (5, &out)], (n * heads) as u32);
+        gpu.dispatch(
+            &mut pass,
+            &pl.kv_append,
+            &[(0, &step), (1, &kv_u), (2, &kb), (3, &vb), (4, &ckb), (5, &cvb)],
+            ((n * width) as u32).div_ceil(64),
+        );
+        gpu.dispatch(
+            &mut pass,
+            &pl.attention,
+            &[(0, &step), (1, &attn_u), (2, &qb), (3, &ckb), (4, &cvb), (5, &out)],
+            (n * heads) as u32,
+        );
     }
     if let Err(e) = gpu.submit(enc) {
         return failed(name, e);
@@ -481,7 +616,8 @@ async fn attention(gpu: &Gpu, rows: usize, t: usize, pos: usize, heads: usize, k
 async fn sample(gpu: &Gpu, vocab: usize) -> Check {
     let rows = 2usize;
     let name = format!("sample greedy + top-k vocab={vocab}");
-    let mut logits: Vec<f32> = words(5, rows * vocab).iter().map(|&v| (v % 8000) as f32 / 1000.0 - 4.0).collect();
+    let mut logits: Vec<f32> =
+        words(5, rows * vocab).iter().map(|&v| (v % 8000) as f32 / 1000.0 - 4.0).collect();
     logits[vocab + 30_000] = 9.0;
     let row_ids = [3u32, 11];
     let lb = gpu.storage_init("logits", bytemuck::cast_slice(&logits));
@@ -491,38 +627,91 @@ async fn sample(gpu: &Gpu, vocab: usize) -> Check {
         Err(e) => return failed(name, e),
     };
     let mut bad = Vec::new();
-    for s in [Sampling { seed: 1, temperature: 0.0, top_k: 0, top_p: 1.0 }, Sampling { seed: 3, temperature: 0.8, top_k: 40, top_p: 0.95 }] {
+    for s in [
+        Sampling { seed: 1, temperature: 0.0, top_k: 0, top_p: 1.0 },
+        Sampling { seed: 3, temperature: 0.8, top_k: 40, top_p: 0.95 },
+    ] {
         let top_k = if s.top_k == 0 { vocab } else { s.top_k.min(vocab) };
-        let sel_stride = if top_k < vocab { top_k } else if s.top_p < 1.0 { vocab } else { 1 };
+        let sel_stride = if top_k < vocab {
+            top_k
+        } else if s.top_p < 1.0 {
+            vocab
+        } else {
+            1
+        };
         let su = gpu.uniform(
             "sampling",
-            &[s.seed as u32, (s.seed >> 32) as u32, s.temperature.to_bits(), top_k as u32, s.top_p.to_bits(), vocab as u32, sel_stride as u32, 0],
+            &[
+                s.seed as u32,
+                (s.seed >> 32) as u32,
+                s.temperature.to_bits(),
+                top_k as u32,
+                s.top_p.to_bits(),
+                vocab as u32,
+                sel_stride as u32,
+                0,
+            ],
         );
         let sel = match gpu.storage("sel", (rows * sel_stride * 4) as u64) {
             Ok(b) => b,
             Err(e) => return failed(name, e),
         };
         for generation in 0..2u32 {
-            let step = gpu.uniform("step", &step_words(rows as u32, rows as u32, 1, 0, 1, rows as u32, vocab as u32, generation));
+            let step = gpu.uniform(
+                "step",
+                &step_words(
+                    rows as u32,
+                    rows as u32,
+                    1,
+                    0,
+                    1,
+                    rows as u32,
+                    vocab as u32,
+                    generation,
+                ),
+            );
             let mut enc = gpu.encoder();
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
-                gpu.dispatch(&mut pass, &gpu.pipelines.sample, &[(0, &step), (1, &su), (2, &lb), (3, &ids), (4, &tokens), (5, &sel)], rows as u32);
+                gpu.dispatch(
+                    &mut pass,
+                    &gpu.pipelines.sample,
+                    &[(0, &step), (1, &su), (2, &lb), (3, &ids), (4, &tokens), (5, &sel)],
+                    rows as u32,
+                );
             }
             let bytes = match gpu.read_back(enc, &tokens, (rows * 4) as u64).await {
                 Ok(b) => b,
                 Err(e) => return failed(name, e),
             };
             for r in 0..rows {
-                let got = u32::from_le_bytes([bytes[4 * r], bytes[4 * r + 1], bytes[4 * r + 2], bytes[4 * r + 3]]);
-                let want = specrej_core::sampling::sample(&logits[r * vocab..(r + 1) * vocab], &s, row_ids[r], generation);
+                let got = u32::from_le_bytes([
+                    bytes[4 * r],
+                    bytes[4 * r + 1],
+                    bytes[4 * r + 2],
+                    bytes[4 * r + 3],
+                ]);
+                let want = specrej_core::sampling::sample(
+                    &logits[r * vocab..(r + 1) * vocab],
+                    &s,
+                    row_ids[r],
+                    generation,
+                );
                 if got != want {
-                    bad.push(format!("T={} row {r} gen {generation}: {got} vs {want}", s.temperature));
+                    bad.push(format!(
+                        "T={} row {r} gen {generation}: {got} vs {want}",
+                        s.temperature
+                    ));
                 }
             }
         }
     }
-    Check { name, error: if bad.is_empty() { 0.0 } else { 1.0 }, ok: bad.is_empty(), detail: bad.join("; ") }
+    Check {
+        name,
+        error: if bad.is_empty() { 0.0 } else { 1.0 },
+        ok: bad.is_empty(),
+        detail: bad.join("; "),
+    }
 }
 
 #[cfg(test)]
@@ -533,10 +722,16 @@ mod tests {
     #[test]
     fn every_kernel_matches_the_host_reference() {
         for subgroups in [false, true] {
-            match pollster::block_on(super::run(&crate::Options { subgroups, ..crate::Options::default() })) {
+            match pollster::block_on(super::run(&crate::Options {
+                subgroups,
+                ..crate::Options::default()
+            })) {
                 Ok(report) => assert!(report.ok(), "{report}"),
                 Err(crate::Error::NoAdapter { hint }) => {
-                    assert!(!specrej_core::gpu_required("wgpu"), "SPECREJ_REQUIRE_GPU requires wgpu but there is no adapter{hint}");
+                    assert!(
+                        !specrej_core::gpu_required("wgpu"),
+                        "SPECREJ_REQUIRE_GPU requires wgpu but there is no adapter{hint}"
+                    );
                     eprintln!("skipped: no WebGPU adapter{hint}");
                     return;
                 }

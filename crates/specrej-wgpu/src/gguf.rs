@@ -60,13 +60,24 @@ impl<'a> Gguf<'a> {
     /// The tensor's info, checked against the expected shape (outer dimension first) and
     /// against the types this backend reads.
     pub(crate) fn info(&self, name: &str, expected: &[usize]) -> Result<&TensorInfo, Error> {
-        let info = self.tensor(name).ok_or_else(|| Error::Gguf(specrej_gguf::GgufError::MissingTensor(name.into())))?;
+        let info = self
+            .tensor(name)
+            .ok_or_else(|| Error::Gguf(specrej_gguf::GgufError::MissingTensor(name.into())))?;
         let squeeze = |d: &[usize]| d.iter().copied().filter(|&x| x != 1).collect::<Vec<_>>();
-        if info.shape != expected && !(expected.len() == 1 && squeeze(&info.shape) == squeeze(expected)) {
-            return Err(Error::Gguf(specrej_gguf::GgufError::ShapeMismatch { name: name.into(), expected: expected.to_vec(), found: info.shape.clone() }));
+        if info.shape != expected
+            && !(expected.len() == 1 && squeeze(&info.shape) == squeeze(expected))
+        {
+            return Err(Error::Gguf(specrej_gguf::GgufError::ShapeMismatch {
+                name: name.into(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            }));
         }
         if shader_id(info.ggml_type).is_none() && info.ggml_type != GgmlType::Bf16 {
-            return Err(Error::UnsupportedTensorType { name: name.into(), ty: info.ggml_type.name().into() });
+            return Err(Error::UnsupportedTensorType {
+                name: name.into(),
+                ty: info.ggml_type.name().into(),
+            });
         }
         Ok(info)
     }
@@ -78,8 +89,10 @@ impl<'a> Gguf<'a> {
 
     /// A tensor converted to f32 on the host (norm weights, biases, BF16 matrices).
     pub(crate) fn to_f32(&self, name: &str, info: &TensorInfo) -> Result<Vec<f32>, Error> {
-        dequantize(info.ggml_type, self.data(info))
-            .ok_or_else(|| Error::UnsupportedTensorType { name: name.into(), ty: info.ggml_type.name().into() })
+        dequantize(info.ggml_type, self.data(info)).ok_or_else(|| Error::UnsupportedTensorType {
+            name: name.into(),
+            ty: info.ggml_type.name().into(),
+        })
     }
 }
 
@@ -94,18 +107,39 @@ pub(crate) fn check_supported(c: &Config) -> Result<(), Error> {
         Err(Error::Unsupported { key: ModelConfig::gguf_key(c.architecture, field), reason })
     };
     if c.head_dim > MAX_HEAD_DIM {
-        return unsupported("head_dim", format!("heads of {} dimensions are wider than the attention kernel's {MAX_HEAD_DIM}", c.head_dim));
+        return unsupported(
+            "head_dim",
+            format!(
+                "heads of {} dimensions are wider than the attention kernel's {MAX_HEAD_DIM}",
+                c.head_dim
+            ),
+        );
     }
     if !c.head_dim.is_multiple_of(4) {
-        return unsupported("head_dim", format!("{} is not a multiple of 4 (the kernels move 4 dimensions at once)", c.head_dim));
+        return unsupported(
+            "head_dim",
+            format!(
+                "{} is not a multiple of 4 (the kernels move 4 dimensions at once)",
+                c.head_dim
+            ),
+        );
     }
     for (field, v) in [("hidden_size", c.hidden_size), ("ffn_size", c.ffn_size)] {
         if !v.is_multiple_of(32) {
-            return unsupported(field, format!("{v} is not a multiple of 32 (the shaders read 32-element blocks)"));
+            return unsupported(
+                field,
+                format!("{v} is not a multiple of 32 (the shaders read 32-element blocks)"),
+            );
         }
     }
     if !(c.heads * c.head_dim).is_multiple_of(32) {
-        return unsupported("heads", format!("{} heads × {} is not a multiple of 32 (the shaders read 32-element blocks)", c.heads, c.head_dim));
+        return unsupported(
+            "heads",
+            format!(
+                "{} heads × {} is not a multiple of 32 (the shaders read 32-element blocks)",
+                c.heads, c.head_dim
+            ),
+        );
     }
     Ok(())
 }
@@ -113,9 +147,16 @@ pub(crate) fn check_supported(c: &Config) -> Result<(), Error> {
 /// GGML data of type `ty` as f32 (`None` for types this backend does not read).
 pub(crate) fn dequantize(ty: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
     Some(match ty {
-        GgmlType::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        GgmlType::F16 => data.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-        GgmlType::Bf16 => data.chunks_exact(2).map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)).collect(),
+        GgmlType::F32 => {
+            data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        }
+        GgmlType::F16 => {
+            data.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect()
+        }
+        GgmlType::Bf16 => data
+            .chunks_exact(2)
+            .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))
+            .collect(),
         GgmlType::Q8_0 => data
             .chunks_exact(34)
             .flat_map(|b| {

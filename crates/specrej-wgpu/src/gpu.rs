@@ -70,7 +70,10 @@ impl Gpu {
                 ..Default::default()
             })
             .await
-            .map_err(|e| crate::Error::Device { adapter: info.name.clone(), reason: e.to_string() })?;
+            .map_err(|e| crate::Error::Device {
+                adapter: info.name.clone(),
+                reason: e.to_string(),
+            })?;
         let errors: Arc<Mutex<Option<BackendError>>> = Arc::new(Mutex::new(None));
         let slot = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -89,7 +92,9 @@ impl Gpu {
         let module = |name: &str, source: &str| {
             device.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(name),
-                source: wgpu::ShaderSource::Wgsl(Cow::Owned(shaders::preprocess(source, variant, browser))),
+                source: wgpu::ShaderSource::Wgsl(Cow::Owned(shaders::preprocess(
+                    source, variant, browser,
+                ))),
             })
         };
         let pipeline = |m: &wgpu::ShaderModule, entry: &str| {
@@ -119,9 +124,22 @@ impl Gpu {
             margin: pipeline(&logprob, "margin"),
         };
         let thread_matmul = info.device_type == wgpu::DeviceType::Cpu;
-        let gpu = Self { device, queue, pipelines, limits, info, offered, variant, thread_matmul, errors };
+        let gpu = Self {
+            device,
+            queue,
+            pipelines,
+            limits,
+            info,
+            offered,
+            variant,
+            thread_matmul,
+            errors,
+        };
         if let Some(e) = gpu.take_error() {
-            return Err(crate::Error::Device { adapter: gpu.info.name.clone(), reason: e.to_string() });
+            return Err(crate::Error::Device {
+                adapter: gpu.info.name.clone(),
+                reason: e.to_string(),
+            });
         }
         Ok(gpu)
     }
@@ -154,7 +172,9 @@ impl Gpu {
         Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         }))
     }
@@ -174,7 +194,9 @@ impl Gpu {
         self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(label),
             contents,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
         })
     }
 
@@ -188,9 +210,15 @@ impl Gpu {
     }
 
     /// A bind group for `pipeline`'s group 0 with the given (binding, buffer) pairs.
-    pub(crate) fn bind(&self, pipeline: &wgpu::ComputePipeline, entries: &[(u32, &wgpu::Buffer)]) -> wgpu::BindGroup {
-        let entries: Vec<wgpu::BindGroupEntry<'_>> =
-            entries.iter().map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() }).collect();
+    pub(crate) fn bind(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        entries: &[(u32, &wgpu::Buffer)],
+    ) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = entries
+            .iter()
+            .map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() })
+            .collect();
         self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &pipeline.get_bind_group_layout(0),
@@ -222,7 +250,12 @@ impl Gpu {
 
     /// Copies the first `bytes` of `src` back to the host. Native: waits on the device.
     /// Browser: awaits the map callback (never blocks).
-    pub(crate) async fn read_back(&self, mut encoder: wgpu::CommandEncoder, src: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, BackendError> {
+    pub(crate) async fn read_back(
+        &self,
+        mut encoder: wgpu::CommandEncoder,
+        src: &wgpu::Buffer,
+        bytes: u64,
+    ) -> Result<Vec<u8>, BackendError> {
         let size = bytes.max(4).next_multiple_of(4);
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),

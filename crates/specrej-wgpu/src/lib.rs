@@ -40,7 +40,7 @@ mod tests;
 
 use std::fmt;
 
-pub use decoder::{WgpuBatch, WgpuDecoder, DEFAULT_KV_BUDGET_BYTES};
+pub use decoder::{DEFAULT_KV_BUDGET_BYTES, WgpuBatch, WgpuDecoder};
 pub use error::Error;
 pub use gguf::{Architecture, Config};
 pub use model::WgpuModel;
@@ -121,7 +121,12 @@ pub struct AdapterInfo {
 }
 
 impl AdapterInfo {
-    fn from_parts(index: usize, info: wgpu::AdapterInfo, features: wgpu::Features, limits: &wgpu::Limits) -> Self {
+    fn from_parts(
+        index: usize,
+        info: wgpu::AdapterInfo,
+        features: wgpu::Features,
+        limits: &wgpu::Limits,
+    ) -> Self {
         Self {
             index,
             // Browsers hide the adapter's name (wgpu reports it empty on the web).
@@ -177,7 +182,8 @@ pub async fn adapters() -> Vec<AdapterInfo> {
     #[cfg(not(target_arch = "wasm32"))]
     let list = instance.enumerate_adapters(backends()).await;
     #[cfg(target_arch = "wasm32")]
-    let list: Vec<wgpu::Adapter> = instance.request_adapter(&Default::default()).await.into_iter().collect();
+    let list: Vec<wgpu::Adapter> =
+        instance.request_adapter(&Default::default()).await.into_iter().collect();
     list.into_iter()
         .enumerate()
         .map(|(i, a)| AdapterInfo::from_parts(i, a.get_info(), a.features(), &a.limits()))
@@ -196,7 +202,9 @@ pub fn adapters_blocking() -> Vec<AdapterInfo> {
 #[doc(hidden)]
 pub fn dequantize_tensor(gguf: &[u8], name: &str) -> Result<(Vec<usize>, Vec<f32>), Error> {
     let g = gguf::Gguf::parse(gguf)?;
-    let info = g.tensor(name).ok_or_else(|| Error::Gguf(specrej_gguf::GgufError::MissingTensor(name.into())))?;
+    let info = g
+        .tensor(name)
+        .ok_or_else(|| Error::Gguf(specrej_gguf::GgufError::MissingTensor(name.into())))?;
     let values = g.to_f32(name, info)?;
     Ok((info.shape.clone(), values))
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use specrej_core::BackendError;
 
 use crate::error::Error;
-use crate::gguf::{shader_id, Config, Gguf};
+use crate::gguf::{Config, Gguf, shader_id};
 use crate::gpu::Gpu;
 use crate::{AdapterChoice, Options};
 
@@ -111,7 +111,10 @@ pub(crate) struct Cache {
 }
 
 /// Chooses the adapter `choice` names (or the best one).
-async fn pick_adapter(instance: &wgpu::Instance, choice: Option<&AdapterChoice>) -> Result<wgpu::Adapter, Error> {
+async fn pick_adapter(
+    instance: &wgpu::Instance,
+    choice: Option<&AdapterChoice>,
+) -> Result<wgpu::Adapter, Error> {
     let best = || async {
         instance
             .request_adapter(&wgpu::RequestAdapterOptions {
@@ -145,7 +148,8 @@ impl WgpuModel {
         let config = parsed.config()?;
         let instance = crate::instance();
         let adapter = pick_adapter(&instance, options.adapter.as_ref()).await?;
-        let allow = crate::shaders::Variant { subgroups: options.subgroups, f16_kv: options.f16_kv };
+        let allow =
+            crate::shaders::Variant { subgroups: options.subgroups, f16_kv: options.f16_kv };
         let gpu = Gpu::open(adapter, allow).await?;
         let model = Self::upload(gpu, config, &parsed)?;
         Ok(Arc::new(model))
@@ -153,9 +157,13 @@ impl WgpuModel {
 
     /// [`WgpuModel::load`] from a file, blocking (native only).
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn load_path_blocking(path: impl AsRef<std::path::Path>, options: &Options) -> Result<Arc<Self>, Error> {
+    pub fn load_path_blocking(
+        path: impl AsRef<std::path::Path>,
+        options: &Options,
+    ) -> Result<Arc<Self>, Error> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let bytes =
+            std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
         pollster::block_on(Self::load(&bytes, options))
     }
 
@@ -171,7 +179,12 @@ impl WgpuModel {
         let limit = gpu.max_binding();
         let mut weight_bytes = 0u64;
         let dummy = gpu.storage("dummy", 16).map_err(|e| Error::Upload(e.to_string()))?;
-        let mut matrix = |name: &str, out: usize, inp: usize, flags: u32, bias: Option<&str>| -> Result<Matrix, Error> {
+        let mut matrix = |name: &str,
+                          out: usize,
+                          inp: usize,
+                          flags: u32,
+                          bias: Option<&str>|
+         -> Result<Matrix, Error> {
             let info = g.info(name, &[out, inp])?;
             let (ty, data): (u32, std::borrow::Cow<'_, [u8]>) = match shader_id(info.ggml_type) {
                 Some(id) => (id, g.data(info).into()),
@@ -243,11 +256,16 @@ impl WgpuModel {
 
         // RoPE: the same inverse frequencies and f32 arithmetic as specrej-candle.
         let half = hd / 2;
-        let mut freqs: Vec<f32> = (0..half).map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f32 / hd as f32)).collect();
+        let mut freqs: Vec<f32> =
+            (0..half).map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f32 / hd as f32)).collect();
         if let Some(info) = g.tensor("rope_freqs.weight") {
             let factors = g.to_f32("rope_freqs.weight", info)?;
             if factors.len() != half {
-                return Err(Error::Gguf(specrej_gguf::GgufError::ShapeMismatch { name: "rope_freqs.weight".into(), expected: vec![half], found: info.shape.clone() }));
+                return Err(Error::Gguf(specrej_gguf::GgufError::ShapeMismatch {
+                    name: "rope_freqs.weight".into(),
+                    expected: vec![half],
+                    found: info.shape.clone(),
+                }));
             }
             for (f, d) in freqs.iter_mut().zip(factors) {
                 *f /= d;
@@ -271,9 +289,13 @@ impl WgpuModel {
         let eps = c.rms_norm_eps.to_bits();
         let layer_norm_u = gpu.uniform("layer norm", &[h as u32, 0, eps, 0]);
         let final_norm_u = gpu.uniform("final norm", &[h as u32, 1, eps, 0]);
-        let rope_u = gpu.uniform("rope", &[c.heads as u32, c.kv_heads as u32, hd as u32, u32::from(c.rope_interleaved)]);
+        let rope_u = gpu.uniform(
+            "rope",
+            &[c.heads as u32, c.kv_heads as u32, hd as u32, u32::from(c.rope_interleaved)],
+        );
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let attn_u = gpu.uniform("attention", &[c.heads as u32, c.kv_heads as u32, hd as u32, scale.to_bits()]);
+        let attn_u = gpu
+            .uniform("attention", &[c.heads as u32, c.kv_heads as u32, hd as u32, scale.to_bits()]);
         let kv_width_u = gpu.uniform("kv width", &[(c.kv_heads * hd) as u32, 0, 0, 0]);
         let ffn_width_u = gpu.uniform("ffn width", &[c.ffn_size as u32, 0, 0, 0]);
         let vocab = g.meta().get_array("tokenizer.ggml.tokens").and_then(|items| {
@@ -317,7 +339,12 @@ impl WgpuModel {
 
     /// The adapter the model lives on.
     pub fn adapter(&self) -> crate::AdapterInfo {
-        let mut info = crate::AdapterInfo::from_parts(0, self.gpu.info.clone(), self.gpu.offered, &self.gpu.limits);
+        let mut info = crate::AdapterInfo::from_parts(
+            0,
+            self.gpu.info.clone(),
+            self.gpu.offered,
+            &self.gpu.limits,
+        );
         info.f16_kv = self.gpu.variant.f16_kv;
         info
     }
@@ -359,7 +386,9 @@ impl WgpuModel {
     pub(crate) fn check_tokens(&self, tokens: &[u32]) -> Result<(), BackendError> {
         let vocab = self.config.vocab_size;
         match tokens.iter().find(|&&t| t as usize >= vocab) {
-            Some(bad) => Err(BackendError::device(format!("token id {bad} is outside the vocabulary (size {vocab})"))),
+            Some(bad) => Err(BackendError::device(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            ))),
             None => Ok(()),
         }
     }
@@ -389,7 +418,12 @@ impl WgpuModel {
     }
 
     /// `work` grown to hold `n` activation rows and `m` head rows.
-    pub(crate) fn ensure_work(&self, work: &mut Option<Work>, n: usize, m: usize) -> Result<(), BackendError> {
+    pub(crate) fn ensure_work(
+        &self,
+        work: &mut Option<Work>,
+        n: usize,
+        m: usize,
+    ) -> Result<(), BackendError> {
         let fits = work.as_ref().is_some_and(|w| w.n_cap >= n && w.m_cap >= m && m <= w.n_cap);
         if !fits {
             let (n0, m0) = work.as_ref().map_or((0, 0), |w| (w.n_cap, w.m_cap));
@@ -417,7 +451,13 @@ impl WgpuModel {
 
     /// A new cache whose row j copies `src` row `keep[j]` (positions `0..src.len`), with room
     /// for `cap` positions. Encoded into `encoder`.
-    pub(crate) fn gather(&self, encoder: &mut wgpu::CommandEncoder, src: &Cache, keep: &[u32], cap: usize) -> Result<Cache, BackendError> {
+    pub(crate) fn gather(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        src: &Cache,
+        keep: &[u32],
+        cap: usize,
+    ) -> Result<Cache, BackendError> {
         let cap = cap.max(src.len);
         let mut out = self.cache(keep.len(), cap)?;
         out.len = src.len;
@@ -428,13 +468,21 @@ impl WgpuModel {
         // (or f32) elements is a whole number of words.
         let width = (self.kv_width_bytes() / 4) as u32;
         let gpu = &self.gpu;
-        let params = gpu.uniform("gather", &[keep.len() as u32, src.len as u32, width, src.cap as u32, cap as u32, 0, 0, 0]);
+        let params = gpu.uniform(
+            "gather",
+            &[keep.len() as u32, src.len as u32, width, src.cap as u32, cap as u32, 0, 0, 0],
+        );
         let keep_buf = gpu.storage_init("keep", bytemuck::cast_slice(keep));
         let count = keep.len() as u64 * src.len as u64 * u64::from(width);
         let groups = u32::try_from(count.div_ceil(64)).map_err(|_| BackendError::OutOfMemory)?;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
         for (s, d) in src.k.iter().zip(&out.k).chain(src.v.iter().zip(&out.v)) {
-            gpu.dispatch(&mut pass, &gpu.pipelines.gather, &[(0, &params), (1, &keep_buf), (2, s), (3, d)], groups);
+            gpu.dispatch(
+                &mut pass,
+                &gpu.pipelines.gather,
+                &[(0, &params), (1, &keep_buf), (2, s), (3, d)],
+                groups,
+            );
         }
         drop(pass);
         Ok(out)
@@ -445,7 +493,14 @@ impl WgpuModel {
         self.gpu.queue.write_buffer(&work.step, 0, bytemuck::cast_slice(&p.words()));
     }
 
-    fn matmul(&self, pass: &mut wgpu::ComputePass<'_>, step: &wgpu::Buffer, w: &Matrix, x: &wgpu::Buffer, y: &wgpu::Buffer) {
+    fn matmul(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        step: &wgpu::Buffer,
+        w: &Matrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) {
         let gpu = &self.gpu;
         let bias = w.bias.as_ref().unwrap_or(&self.dummy);
         let entries = [(0, step), (1, &w.dims), (2, &w.buf), (3, x), (4, y), (7, bias)];
@@ -459,7 +514,14 @@ impl WgpuModel {
     /// The trunk over `p.n` activation rows (`p.rows` cache rows × `p.t` new positions at
     /// `p.pos`), token ids from `tokens` `[n]`, appending K/V to `cache`. Leaves the residual
     /// stream in `work.x`. The `Step` uniform must already hold `p`.
-    pub(crate) fn encode_trunk(&self, encoder: &mut wgpu::CommandEncoder, work: &Work, cache: &Cache, tokens: &wgpu::Buffer, p: &StepParams) {
+    pub(crate) fn encode_trunk(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        work: &Work,
+        cache: &Cache,
+        tokens: &wgpu::Buffer,
+        p: &StepParams,
+    ) {
         let c = &self.config;
         let gpu = &self.gpu;
         let pl = &gpu.pipelines;
@@ -467,41 +529,112 @@ impl WgpuModel {
         let s = &work.step;
         let inv = |count: usize| (count as u32).div_ceil(64);
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
-        gpu.dispatch(&mut pass, &pl.embed, &[(0, s), (1, &self.embed.dims), (2, &self.embed.buf), (5, tokens), (6, &work.x)], inv(n as usize * c.hidden_size / 8));
+        gpu.dispatch(
+            &mut pass,
+            &pl.embed,
+            &[(0, s), (1, &self.embed.dims), (2, &self.embed.buf), (5, tokens), (6, &work.x)],
+            inv(n as usize * c.hidden_size / 8),
+        );
         for (l, layer) in self.layers.iter().enumerate() {
-            gpu.dispatch(&mut pass, &pl.rmsnorm, &[(0, s), (1, &self.layer_norm_u), (2, &work.x), (3, &layer.attn_norm), (4, &self.dummy), (5, &work.h)], n);
+            gpu.dispatch(
+                &mut pass,
+                &pl.rmsnorm,
+                &[
+                    (0, s),
+                    (1, &self.layer_norm_u),
+                    (2, &work.x),
+                    (3, &layer.attn_norm),
+                    (4, &self.dummy),
+                    (5, &work.h),
+                ],
+                n,
+            );
             self.matmul(&mut pass, s, &layer.q, &work.h, &work.q);
             self.matmul(&mut pass, s, &layer.k, &work.h, &work.k);
             self.matmul(&mut pass, s, &layer.v, &work.h, &work.v);
-            gpu.dispatch(&mut pass, &pl.rope, &[(0, s), (1, &self.rope_u), (2, &self.rope_table), (3, &work.q), (4, &work.k)], inv(n as usize * (c.heads + c.kv_heads) * c.head_dim / 2));
+            gpu.dispatch(
+                &mut pass,
+                &pl.rope,
+                &[(0, s), (1, &self.rope_u), (2, &self.rope_table), (3, &work.q), (4, &work.k)],
+                inv(n as usize * (c.heads + c.kv_heads) * c.head_dim / 2),
+            );
             gpu.dispatch(
                 &mut pass,
                 &pl.kv_append,
-                &[(0, s), (1, &self.kv_width_u), (2, &work.k), (3, &work.v), (4, &cache.k[l]), (5, &cache.v[l])],
+                &[
+                    (0, s),
+                    (1, &self.kv_width_u),
+                    (2, &work.k),
+                    (3, &work.v),
+                    (4, &cache.k[l]),
+                    (5, &cache.v[l]),
+                ],
                 inv(n as usize * c.kv_heads * c.head_dim),
             );
             gpu.dispatch(
                 &mut pass,
                 &pl.attention,
-                &[(0, s), (1, &self.attn_u), (2, &work.q), (3, &cache.k[l]), (4, &cache.v[l]), (5, &work.att)],
+                &[
+                    (0, s),
+                    (1, &self.attn_u),
+                    (2, &work.q),
+                    (3, &cache.k[l]),
+                    (4, &cache.v[l]),
+                    (5, &work.att),
+                ],
                 n * c.heads as u32,
             );
             self.matmul(&mut pass, s, &layer.o, &work.att, &work.x);
-            gpu.dispatch(&mut pass, &pl.rmsnorm, &[(0, s), (1, &self.layer_norm_u), (2, &work.x), (3, &layer.ffn_norm), (4, &self.dummy), (5, &work.h)], n);
+            gpu.dispatch(
+                &mut pass,
+                &pl.rmsnorm,
+                &[
+                    (0, s),
+                    (1, &self.layer_norm_u),
+                    (2, &work.x),
+                    (3, &layer.ffn_norm),
+                    (4, &self.dummy),
+                    (5, &work.h),
+                ],
+                n,
+            );
             self.matmul(&mut pass, s, &layer.gate, &work.h, &work.g);
             self.matmul(&mut pass, s, &layer.up, &work.h, &work.u);
-            gpu.dispatch(&mut pass, &pl.silu_mul, &[(0, s), (1, &self.ffn_width_u), (2, &work.g), (3, &work.u)], inv(n as usize * c.ffn_size));
+            gpu.dispatch(
+                &mut pass,
+                &pl.silu_mul,
+                &[(0, s), (1, &self.ffn_width_u), (2, &work.g), (3, &work.u)],
+                inv(n as usize * c.ffn_size),
+            );
             self.matmul(&mut pass, s, &layer.down, &work.g, &work.x);
         }
     }
 
     /// Final norm and output projection of the `p.m` activation rows listed in
     /// `work.head_rows` → `logits` `[m, vocab]` f32.
-    pub(crate) fn encode_head(&self, encoder: &mut wgpu::CommandEncoder, work: &Work, logits: &wgpu::Buffer, p: &StepParams) {
+    pub(crate) fn encode_head(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        work: &Work,
+        logits: &wgpu::Buffer,
+        p: &StepParams,
+    ) {
         let gpu = &self.gpu;
         let s = &work.step;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
-        gpu.dispatch(&mut pass, &gpu.pipelines.rmsnorm, &[(0, s), (1, &self.final_norm_u), (2, &work.x), (3, &self.norm), (4, &work.head_rows), (5, &work.h)], p.m);
+        gpu.dispatch(
+            &mut pass,
+            &gpu.pipelines.rmsnorm,
+            &[
+                (0, s),
+                (1, &self.final_norm_u),
+                (2, &work.x),
+                (3, &self.norm),
+                (4, &work.head_rows),
+                (5, &work.h),
+            ],
+            p.m,
+        );
         self.matmul(&mut pass, s, &self.head, &work.h, logits);
     }
 }
@@ -511,7 +644,11 @@ fn vector(gpu: &Gpu, g: &Gguf<'_>, name: &str, n: usize) -> Result<wgpu::Buffer,
     let info = g.info(name, &[n])?;
     let v = g.to_f32(name, info)?;
     if v.len() != n {
-        return Err(Error::Gguf(specrej_gguf::GgufError::ShapeMismatch { name: name.into(), expected: vec![n], found: info.shape.clone() }));
+        return Err(Error::Gguf(specrej_gguf::GgufError::ShapeMismatch {
+            name: name.into(),
+            expected: vec![n],
+            found: info.shape.clone(),
+        }));
     }
     Ok(gpu.storage_init(name, f32_bytes(&v)))
 }

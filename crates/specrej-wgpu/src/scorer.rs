@@ -8,7 +8,7 @@ use specrej_core::likelihood::{self, Targets, log_sum_exp};
 use specrej_core::{BackendError, Response, Scored, Scorer};
 
 use crate::decoder::DEFAULT_KV_BUDGET_BYTES;
-use crate::model::{Cache, StepParams, Work, WgpuModel};
+use crate::model::{Cache, StepParams, WgpuModel, Work};
 
 /// Positions whose logits are materialised at once (`[LOGIT_CHUNK, vocab]` f32).
 const LOGIT_CHUNK: usize = 128;
@@ -37,25 +37,42 @@ impl Runner {
     fn check_len(&self, len: usize) -> Result<(), BackendError> {
         let ctx = self.model.config.context_length;
         if len > ctx {
-            return Err(BackendError::device(format!("scoring input of {len} tokens exceeds the context length {ctx}")));
+            return Err(BackendError::device(format!(
+                "scoring input of {len} tokens exceeds the context length {ctx}"
+            )));
         }
         Ok(())
     }
 
     /// Runs `tokens` with batch 1; returns the cache (room for `extra` more positions) and the
     /// logits `[vocab]` at the last position.
-    async fn prefix(&mut self, tokens: &[u32], extra: usize) -> Result<(Cache, Vec<f32>), BackendError> {
+    async fn prefix(
+        &mut self,
+        tokens: &[u32],
+        extra: usize,
+    ) -> Result<(Cache, Vec<f32>), BackendError> {
         let model = self.model.clone();
         model.check_tokens(tokens)?;
         let len = tokens.len();
         self.check_len(len + extra)?;
         let gpu = &model.gpu;
         model.ensure_work(&mut self.work, len, 1)?;
-        let Some(work) = self.work.as_ref() else { return Err(BackendError::device("scratch missing")) };
+        let Some(work) = self.work.as_ref() else {
+            return Err(BackendError::device("scratch missing"));
+        };
         let mut cache = model.cache(1, len + extra)?;
         let vocab = model.config.vocab_size;
         let logits = gpu.storage("prefix logits", (vocab * 4) as u64)?;
-        let p = StepParams { n: len as u32, rows: 1, t: len as u32, pos: 0, cap: cache.cap as u32, m: 1, logit_stride: 0, generation: 0 };
+        let p = StepParams {
+            n: len as u32,
+            rows: 1,
+            t: len as u32,
+            pos: 0,
+            cap: cache.cap as u32,
+            m: 1,
+            logit_stride: 0,
+            generation: 0,
+        };
         model.set_step(work, &p);
         gpu.queue.write_buffer(&work.tokens, 0, bytemuck::cast_slice(tokens));
         gpu.queue.write_buffer(&work.head_rows, 0, bytemuck::cast_slice(&[len as u32 - 1]));
@@ -64,7 +81,10 @@ impl Runner {
         model.encode_head(&mut encoder, work, &logits, &p);
         cache.len = len;
         let bytes = gpu.read_back(encoder, &logits, (vocab * 4) as u64).await?;
-        Ok((cache, bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+        Ok((
+            cache,
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        ))
     }
 
     /// Rows per chunk so that `rows × total_len` cached tokens fit the budget.
@@ -77,7 +97,14 @@ impl Runner {
 
     /// Runs `suffixes` (each at most `width` tokens, right-padded) after `prefix`, then reduces
     /// the logits at the flat positions `at` (`row * width + j`) to one f32 each.
-    async fn suffixes(&mut self, prefix: &Cache, suffixes: &[&[u32]], width: usize, at: &[u32], reduce: Reduce<'_>) -> Result<Vec<f32>, BackendError> {
+    async fn suffixes(
+        &mut self,
+        prefix: &Cache,
+        suffixes: &[&[u32]],
+        width: usize,
+        at: &[u32],
+        reduce: Reduce<'_>,
+    ) -> Result<Vec<f32>, BackendError> {
         let model = self.model.clone();
         let gpu = &model.gpu;
         let rows = suffixes.len();
@@ -93,7 +120,9 @@ impl Runner {
         }
         let chunk = LOGIT_CHUNK.min(at.len()).max(1);
         model.ensure_work(&mut self.work, n, chunk)?;
-        let Some(work) = self.work.as_ref() else { return Err(BackendError::device("scratch missing")) };
+        let Some(work) = self.work.as_ref() else {
+            return Err(BackendError::device("scratch missing"));
+        };
         let mut encoder = gpu.encoder();
         let cache = model.gather(&mut encoder, prefix, &vec![0; rows], total)?;
         let p = StepParams {
@@ -131,15 +160,27 @@ impl Runner {
                 match targets {
                     Some(t) => {
                         let tb = gpu.storage_init("targets", bytemuck::cast_slice(t));
-                        gpu.dispatch(&mut pass, &gpu.pipelines.nll, &[(0, &params), (1, &logits), (2, &tb), (3, &out)], m as u32);
+                        gpu.dispatch(
+                            &mut pass,
+                            &gpu.pipelines.nll,
+                            &[(0, &params), (1, &logits), (2, &tb), (3, &out)],
+                            m as u32,
+                        );
                     }
                     None => {
-                        gpu.dispatch(&mut pass, &gpu.pipelines.margin, &[(0, &params), (1, &logits), (3, &out)], (m as u32).div_ceil(64));
+                        gpu.dispatch(
+                            &mut pass,
+                            &gpu.pipelines.margin,
+                            &[(0, &params), (1, &logits), (3, &out)],
+                            (m as u32).div_ceil(64),
+                        );
                     }
                 }
             }
             let bytes = gpu.read_back(encoder, &out, (m * 4) as u64).await?;
-            result.extend(bytes.chunks_exact(4).take(m).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            result.extend(
+                bytes.chunks_exact(4).take(m).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
         }
         Ok(result)
     }
@@ -163,7 +204,11 @@ impl WgpuLikelihoodScorer {
         Self { runner: Runner::new(model, kv_budget_bytes) }
     }
 
-    async fn score_async(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    async fn score_async(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         if responses.is_empty() {
             return Ok(Scored::default());
         }
@@ -182,22 +227,34 @@ impl WgpuLikelihoodScorer {
         if width > 0 {
             let chunk = self.runner.chunk_rows(prompt.len() + width);
             for (c, group) in responses.chunks(chunk).enumerate() {
-                let inputs: Vec<&[u32]> = group.iter().map(|r| &r.tokens[..r.tokens.len().saturating_sub(1)]).collect();
+                let inputs: Vec<&[u32]> =
+                    group.iter().map(|r| &r.tokens[..r.tokens.len().saturating_sub(1)]).collect();
                 let t = Targets::of(group, width);
-                let values = self.runner.suffixes(&prefix, &inputs, width, &t.at, Reduce::Nll { targets: &t.tokens }).await?;
+                let values = self
+                    .runner
+                    .suffixes(&prefix, &inputs, width, &t.at, Reduce::Nll { targets: &t.tokens })
+                    .await?;
                 processed += (group.len() * width) as u64;
                 for (k, v) in values.into_iter().enumerate() {
                     nll[c * chunk + t.response[k]] += f64::from(v);
                 }
             }
         }
-        let rewards = responses.iter().zip(&nll).map(|(r, &sum)| likelihood::reward(sum, r.tokens.len())).collect();
+        let rewards = responses
+            .iter()
+            .zip(&nll)
+            .map(|(r, &sum)| likelihood::reward(sum, r.tokens.len()))
+            .collect();
         Ok(Scored { rewards, tokens_processed: processed })
     }
 }
 
 impl Scorer for WgpuLikelihoodScorer {
-    fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+    fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>> {
         self.score_async(prompt, responses)
     }
 }
@@ -220,7 +277,13 @@ impl WgpuJudgeScorer {
     /// # Panics
     /// If `before` is empty or `yes`/`no` are outside the model's vocabulary.
     #[track_caller]
-    pub fn new(model: Arc<WgpuModel>, before: Vec<u32>, after: Vec<u32>, yes: u32, no: u32) -> Self {
+    pub fn new(
+        model: Arc<WgpuModel>,
+        before: Vec<u32>,
+        after: Vec<u32>,
+        yes: u32,
+        no: u32,
+    ) -> Self {
         let vocab = model.config.vocab_size;
         assert!(!before.is_empty(), "WgpuJudgeScorer: `before` must not be empty");
         assert!(
@@ -241,7 +304,8 @@ impl WgpuJudgeScorer {
             return Ok(Scored::default());
         }
         self.runner.model.check_tokens(&self.after)?;
-        let inputs: Vec<Vec<u32>> = responses.iter().map(|r| [r.tokens, &self.after[..]].concat()).collect();
+        let inputs: Vec<Vec<u32>> =
+            responses.iter().map(|r| [r.tokens, &self.after[..]].concat()).collect();
         let width = inputs.iter().map(Vec::len).max().unwrap_or(0);
         let (prefix, logits) = self.runner.prefix(&self.before, width).await?;
         let mut processed = self.before.len() as u64;
@@ -259,7 +323,16 @@ impl WgpuJudgeScorer {
                         owner.push(c * chunk + i);
                     }
                 }
-                let values = self.runner.suffixes(&prefix, &slices, width, &at, Reduce::Margin { yes: self.yes, no: self.no }).await?;
+                let values = self
+                    .runner
+                    .suffixes(
+                        &prefix,
+                        &slices,
+                        width,
+                        &at,
+                        Reduce::Margin { yes: self.yes, no: self.no },
+                    )
+                    .await?;
                 processed += (group.len() * width) as u64;
                 for (k, v) in values.into_iter().enumerate() {
                     rewards[owner[k]] = v;
@@ -271,7 +344,11 @@ impl WgpuJudgeScorer {
 }
 
 impl Scorer for WgpuJudgeScorer {
-    fn score(&mut self, _prompt: &[u32], responses: &[Response<'_>]) -> impl Future<Output = Result<Scored, BackendError>> {
+    fn score(
+        &mut self,
+        _prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> impl Future<Output = Result<Scored, BackendError>> {
         self.score_async(responses)
     }
 }

@@ -64,7 +64,10 @@ impl Variant {
 
     /// The marker names this variant switches on.
     fn features(self) -> impl Iterator<Item = &'static str> {
-        [("subgroups", self.subgroups), ("f16kv", self.f16_kv)].into_iter().filter(|(_, on)| *on).map(|(n, _)| n)
+        [("subgroups", self.subgroups), ("f16kv", self.f16_kv)]
+            .into_iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| n)
     }
 
     /// Bytes of one K/V cache element: 2 (f16) or 4 (f32).

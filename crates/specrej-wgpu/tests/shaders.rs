@@ -7,8 +7,9 @@ use std::path::Path;
 use specrej_wgpu::shaders::{self, Variant};
 
 fn validate(name: &str, source: &str, variant: Variant) {
-    let module = naga::front::wgsl::parse_str(source)
-        .unwrap_or_else(|e| panic!("{name} ({variant:?}) does not parse:\n{}", e.emit_to_string(source)));
+    let module = naga::front::wgsl::parse_str(source).unwrap_or_else(|e| {
+        panic!("{name} ({variant:?}) does not parse:\n{}", e.emit_to_string(source))
+    });
     // unpack2x16float (f16 block scales read as f32) is core WebGPU; naga files it under a
     // capability because some GL targets lack it.
     let base = naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
@@ -19,7 +20,11 @@ fn validate(name: &str, source: &str, variant: Variant) {
     if variant.f16_kv {
         caps |= naga::valid::Capabilities::SHADER_FLOAT16;
     }
-    let stages = if variant.subgroups { naga::valid::SubgroupOperationSet::all() } else { naga::valid::SubgroupOperationSet::empty() };
+    let stages = if variant.subgroups {
+        naga::valid::SubgroupOperationSet::all()
+    } else {
+        naga::valid::SubgroupOperationSet::empty()
+    };
     let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
     validator.subgroup_stages(naga::valid::ShaderStages::COMPUTE).subgroup_operations(stages);
     if let Err(e) = validator.validate(&module) {
@@ -44,7 +49,10 @@ fn the_portable_variant_is_the_file_on_disk() {
         assert_eq!(text.trim_end(), source.trim_end(), "{name}");
         // The portable variant must not use subgroup builtins or f16 anywhere.
         let code = |l: &str| l.split("//").next().unwrap_or("").to_string();
-        assert!(!text.lines().any(|l| code(l).contains("subgroup") || code(l).contains("f16;")), "{name}");
+        assert!(
+            !text.lines().any(|l| code(l).contains("subgroup") || code(l).contains("f16;")),
+            "{name}"
+        );
     }
 }
 
@@ -62,7 +70,8 @@ fn every_file_is_referenced_once() {
     assert_eq!(listed.len(), listed_set.len(), "a shader is listed twice");
     assert_eq!(on_disk, listed_set, "shaders/ and shaders.rs disagree");
     // Exactly one include_str! per file in the crate's sources.
-    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/shaders.rs")).expect("shaders.rs");
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/shaders.rs"))
+        .expect("shaders.rs");
     for name in &listed {
         let needle = format!("include_str!(\"../../../shaders/{name}\")");
         assert_eq!(src.matches(&needle).count(), 1, "{name}");
@@ -92,7 +101,11 @@ fn the_f16_variant_stores_only_the_kv_cache_as_f16() {
     // Every other file is unchanged: no f16 arithmetic anywhere else.
     for &(name, source) in shaders::ALL {
         if !shaders::has_marker(source, "f16kv") {
-            assert_eq!(shaders::preprocess(source, f16, false), shaders::preprocess(source, Variant::default(), false), "{name}");
+            assert_eq!(
+                shaders::preprocess(source, f16, false),
+                shaders::preprocess(source, Variant::default(), false),
+                "{name}"
+            );
         }
     }
     assert_eq!(f16.kv_elem_bytes(), 2);
@@ -108,18 +121,30 @@ fn every_step_uniform_has_the_layout_the_host_writes() {
     let mut seen = 0;
     for &(name, source) in shaders::ALL {
         let module = naga::front::wgsl::parse_str(source).expect("parses (checked above)");
-        let Some((_, ty)) = module.types.iter().find(|(_, ty)| ty.name.as_deref() == Some("Step")) else { continue };
-        let naga::TypeInner::Struct { members, span } = &ty.inner else { panic!("{name}: Step is not a struct") };
-        let layout: Vec<(&str, u32)> = members.iter().map(|m| (m.name.as_deref().unwrap_or(""), m.offset)).collect();
-        let want: Vec<(&str, u32)> = STEP.iter().zip((0..).step_by(4)).map(|(&n, o)| (n, o)).collect();
+        let Some((_, ty)) = module.types.iter().find(|(_, ty)| ty.name.as_deref() == Some("Step"))
+        else {
+            continue;
+        };
+        let naga::TypeInner::Struct { members, span } = &ty.inner else {
+            panic!("{name}: Step is not a struct")
+        };
+        let layout: Vec<(&str, u32)> =
+            members.iter().map(|m| (m.name.as_deref().unwrap_or(""), m.offset)).collect();
+        let want: Vec<(&str, u32)> =
+            STEP.iter().zip((0..).step_by(4)).map(|(&n, o)| (n, o)).collect();
         assert_eq!(layout, want, "{name}: struct Step");
         assert_eq!(*span, 32, "{name}: struct Step is 8 words");
         for m in members {
             let inner = &module.types[m.ty].inner;
-            assert!(matches!(inner, naga::TypeInner::Scalar(s) if *s == naga::Scalar::U32), "{name}: Step.{:?} is not u32", m.name);
+            assert!(
+                matches!(inner, naga::TypeInner::Scalar(s) if *s == naga::Scalar::U32),
+                "{name}: Step.{:?} is not u32",
+                m.name
+            );
         }
         seen += 1;
     }
-    let declared = shaders::ALL.iter().filter(|(_, source)| source.contains("struct Step {")).count();
+    let declared =
+        shaders::ALL.iter().filter(|(_, source)| source.contains("struct Step {")).count();
     assert!(seen == declared && seen >= 7, "{seen} of the {declared} declarations of Step checked");
 }

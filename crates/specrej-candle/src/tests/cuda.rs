@@ -110,9 +110,7 @@ fn greedy_rows_is_the_host_argmax_ties_included() {
 fn gather_indexed_equals_the_row_by_row_gather() {
     let (_dir, model) = tiny_gguf(&Tiny::default(), GgmlDType::F32, WeightFormat::Q8_0);
     let mut cache = KvCache::new(&model, 4, 12).unwrap();
-    let t = model
-        .token_tensor((0..4 * 5).map(|i| (i * 7 % 60) as u32).collect(), 4, 5)
-        .unwrap();
+    let t = model.token_tensor((0..4 * 5).map(|i| (i * 7 % 60) as u32).collect(), 4, 5).unwrap();
     model.forward_hidden(&t, &mut cache).unwrap(); // len 5 of cap 12
     let source = [3usize, 0, 3];
     let index = Tensor::new(&[3u32, 0, 3], &CDevice::Cpu).unwrap();
@@ -120,19 +118,11 @@ fn gather_indexed_equals_the_row_by_row_gather() {
         let reference = cache.gather_rows(&model, &source, cap).unwrap(); // the CPU path
         for (l, buf) in cache.k.iter().chain(&cache.v).enumerate() {
             let got = gather_indexed(buf, &index, cache.len, cap, &model).unwrap();
-            let want = if l < cache.k.len() {
-                &reference.k[l]
-            } else {
-                &reference.v[l - cache.k.len()]
-            };
+            let want =
+                if l < cache.k.len() { &reference.k[l] } else { &reference.v[l - cache.k.len()] };
             assert_eq!(got.dims(), want.dims(), "cap {cap}");
             let used = |x: &Tensor| {
-                x.narrow(2, 0, cache.len)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
+                x.narrow(2, 0, cache.len).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
             };
             assert_eq!(used(&got), used(want), "cap {cap}, buffer {l}");
         }
@@ -149,10 +139,7 @@ fn nll_rows_is_the_host_formula() {
     let got = crate::model::nll_rows(&t, &targets).unwrap();
     for ((row, &target), g) in logits.chunks_exact(v).zip(&targets).zip(got) {
         let want = specrej_core::likelihood::log_sum_exp(row) - row[target as usize];
-        assert!(
-            (g - want).abs() <= 1e-4 * want.abs().max(1.0),
-            "{g} vs {want}"
-        );
+        assert!((g - want).abs() <= 1e-4 * want.abs().max(1.0), "{g} vs {want}");
     }
 }
 
@@ -175,13 +162,9 @@ fn auto_budget_on_the_cpu_is_a_share_of_available_memory() {
 fn cuda_oom_messages_are_recognised() {
     use crate::model::is_oom;
     let msg = |m: &str| candle_core::Error::Msg(m.into());
-    assert!(is_oom(&msg(
-        "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"
-    )));
+    assert!(is_oom(&msg("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")));
     assert!(is_oom(&msg("cublas error: CUBLAS_STATUS_ALLOC_FAILED")));
-    assert!(!is_oom(&msg(
-        "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")"
-    )));
+    assert!(!is_oom(&msg("DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")")));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -203,15 +186,9 @@ fn cuda_logits_match_cpu() {
         (GgmlDType::Q4_1, WeightFormat::Native, 3e-2),
     ];
     for (dtype, format, tolerance) in cases {
-        for spec in [
-            Tiny::default(),
-            mid(),
-            Tiny {
-                arch: Architecture::Qwen2,
-                tied: true,
-                ..mid()
-            },
-        ] {
+        for spec in
+            [Tiny::default(), mid(), Tiny { arch: Architecture::Qwen2, tied: true, ..mid() }]
+        {
             let (_dir, cpu, cuda) = cpu_and_cuda(&spec, dtype, format);
             let tokens: Vec<u32> = PROMPT.iter().map(|&t| t % spec.vocab as u32).collect();
             let a = full_logits(&cpu, &tokens);
@@ -243,9 +220,7 @@ fn cuda_greedy_tokens_match_cpu() {
     let tokens = |model: &Arc<Model>| -> Vec<Vec<u32>> {
         let mut dec = CandleDecoder::new(model.clone(), 1 << 28);
         let mut batch = dec.prefill(&PROMPT, 0..5, &s).unwrap();
-        (0..24)
-            .map(|_| block_on_ready(dec.step(&mut batch)).unwrap())
-            .collect()
+        (0..24).map(|_| block_on_ready(dec.step(&mut batch)).unwrap()).collect()
     };
     assert_eq!(tokens(&cuda), tokens(&cpu));
 
@@ -256,10 +231,7 @@ fn cuda_greedy_tokens_match_cpu() {
         cuda.logits(&hidden.squeeze(0).unwrap()).unwrap() // [t, vocab] on the device
     };
     let host = crate::model::to_host_rows(&logits).unwrap();
-    let expected: Vec<u32> = host
-        .chunks_exact(cuda.config().vocab_size)
-        .map(argmax)
-        .collect();
+    let expected: Vec<u32> = host.chunks_exact(cuda.config().vocab_size).map(argmax).collect();
     assert_eq!(greedy_rows(&logits).unwrap(), expected);
 }
 
@@ -320,12 +292,7 @@ fn cuda_speculative_rejection_runs() {
             max_new_tokens: 32,
             min_new_tokens: 8,
             eos: vec![2],
-            sampling: Sampling {
-                seed: 3,
-                temperature: 1.0,
-                top_k: 50,
-                top_p: 0.95,
-            },
+            sampling: Sampling { seed: 3, temperature: 1.0, top_k: 50, top_p: 0.95 },
             rules: specrej_core::Rules::default(),
         };
         block_on_ready(specrej_core::generate(
@@ -341,11 +308,7 @@ fn cuda_speculative_rejection_runs() {
     assert!(!sr.trace.is_empty(), "no decision was made");
     assert!(!sr.candidates.is_empty());
     let on_cpu = run(&cpu, Method::SpeculativeRejection { alpha: 0.5 });
-    assert_eq!(
-        sr.winner().tokens,
-        on_cpu.winner().tokens,
-        "CUDA and CPU pick different winners"
-    );
+    assert_eq!(sr.winner().tokens, on_cpu.winner().tokens, "CUDA and CPU pick different winners");
     let bon = run(&cuda, Method::BestOfN);
     assert_eq!(bon.candidates.len(), 16);
 }
@@ -365,23 +328,15 @@ fn cuda_likelihood_matches_cpu() {
     let responses = [
         Response { row: 0, tokens: &a },
         Response { row: 1, tokens: &b },
-        Response {
-            row: 2,
-            tokens: &a[..1],
-        },
-        Response {
-            row: 3,
-            tokens: &[],
-        },
+        Response { row: 2, tokens: &a[..1] },
+        Response { row: 3, tokens: &[] },
     ];
     let score = |model: &Arc<Model>, incremental: bool| {
         let mut scorer = LikelihoodScorer::new(model.clone());
         if incremental {
             scorer = scorer.incremental();
         }
-        block_on_ready(scorer.score(&PROMPT, &responses))
-            .unwrap()
-            .rewards
+        block_on_ready(scorer.score(&PROMPT, &responses)).unwrap().rewards
     };
     for incremental in [false, true] {
         let (x, y) = (score(&cpu, incremental), score(&cuda, incremental));
@@ -409,15 +364,12 @@ fn cuda_out_of_memory_is_reported() {
     let auto = CandleDecoder::auto_budget_bytes(&cuda).unwrap();
     assert!(auto > 0 && auto < free, "auto budget {auto} of {free} free");
     // A budget far beyond the device: the allocation itself fails.
-    let rows = u32::try_from(4 * total / (PROMPT.len() * cuda.kv_bytes_per_token()))
-        .unwrap_or(u32::MAX);
+    let rows =
+        u32::try_from(4 * total / (PROMPT.len() * cuda.kv_bytes_per_token())).unwrap_or(u32::MAX);
     let mut dec = CandleDecoder::new(cuda.clone(), usize::MAX / 2);
     match dec.prefill(&PROMPT, 0..rows, &sampling(0.0)) {
         Err(BackendError::OutOfMemory) => {}
-        other => panic!(
-            "expected OutOfMemory for {rows} rows, got {:?}",
-            other.map(|b| b.rows())
-        ),
+        other => panic!("expected OutOfMemory for {rows} rows, got {:?}", other.map(|b| b.rows())),
     }
     // The device is still usable.
     let mut dec = CandleDecoder::new(cuda.clone(), 1 << 26);

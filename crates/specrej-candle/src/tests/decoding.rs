@@ -13,7 +13,13 @@ fn assert_rows_independent(model: &Arc<Model>, temperature: f32, steps: usize, t
     assert_rows_independent_n(model, 4, temperature, steps, tolerance);
 }
 
-fn assert_rows_independent_n(model: &Arc<Model>, rows: u32, temperature: f32, steps: usize, tolerance: f32) {
+fn assert_rows_independent_n(
+    model: &Arc<Model>,
+    rows: u32,
+    temperature: f32,
+    steps: usize,
+    tolerance: f32,
+) {
     let s = sampling(temperature);
     let vocab = model.config().vocab_size;
     let batch = trace(model, &PROMPT, 0..rows, &s, steps);
@@ -21,7 +27,10 @@ fn assert_rows_independent_n(model: &Arc<Model>, rows: u32, temperature: f32, st
         let alone = trace(model, &PROMPT, row..row + 1, &s, steps);
         for step in 0..steps {
             let r = row as usize;
-            assert_eq!(batch.tokens[step][r], alone.tokens[step][0], "row {row}, step {step}: token");
+            assert_eq!(
+                batch.tokens[step][r], alone.tokens[step][0],
+                "row {row}, step {step}: token"
+            );
             let in_batch = &batch.logits[step][r * vocab..(r + 1) * vocab];
             let diff = max_abs_diff(in_batch, &alone.logits[step]);
             assert!(diff <= tolerance, "row {row}, step {step}: logits differ by {diff}");
@@ -60,8 +69,12 @@ fn rows_are_independent_f32_bit_for_bit() {
 fn sampled_rows_differ_and_greedy_rows_agree() {
     let (_dir, model) = tiny_gguf(&Tiny::default(), GgmlDType::F32, WeightFormat::Q8_0);
     let sampled = trace(&model, &PROMPT, 0..4, &sampling(1.0), 12);
-    let columns: Vec<Vec<u32>> = (0..4).map(|r| sampled.tokens.iter().map(|t| t[r]).collect()).collect();
-    assert!(columns.windows(2).any(|w| w[0] != w[1]), "temperature 1 rows should diverge: {columns:?}");
+    let columns: Vec<Vec<u32>> =
+        (0..4).map(|r| sampled.tokens.iter().map(|t| t[r]).collect()).collect();
+    assert!(
+        columns.windows(2).any(|w| w[0] != w[1]),
+        "temperature 1 rows should diverge: {columns:?}"
+    );
     let greedy = trace(&model, &PROMPT, 0..3, &sampling(0.0), 12);
     assert!(greedy.tokens.iter().all(|t| t[0] == t[1] && t[1] == t[2]));
 }
@@ -178,7 +191,11 @@ fn forked_rows_share_the_past_and_sample_their_own_future() {
         let mut fresh = CandleDecoder::new(model.clone(), 1 << 30);
         let single = fresh.prefill(&text, 7..8, &s).unwrap();
         let want = fresh.peek_logits(&single).unwrap();
-        assert_eq!(&logits[k][2 * vocab..3 * vocab], &want[..], "step {k}: a prefill and the decode agree bit for bit");
+        assert_eq!(
+            &logits[k][2 * vocab..3 * vocab],
+            &want[..],
+            "step {k}: a prefill and the decode agree bit for bit"
+        );
         let token = specrej_core::sampling::sample(&want, &s, 7, (20 + k) as u32);
         assert_eq!(rows[2][20 + k], token, "step {k}");
     }
@@ -233,14 +250,20 @@ fn bad_tokens_and_context_are_errors() {
     let spec = Tiny { context: 12, ..Tiny::default() };
     let (_dir, model) = tiny_gguf(&spec, GgmlDType::F32, WeightFormat::Q8_0);
     let mut dec = CandleDecoder::new(model, 1 << 30);
-    assert!(matches!(dec.prefill(&[1, 64], 0..1, &sampling(0.0)), Err(BackendError::Device(m)) if m.contains("64")));
-    assert!(matches!(dec.prefill(&[1; 13], 0..1, &sampling(0.0)), Err(BackendError::Device(m)) if m.contains("context")));
+    assert!(
+        matches!(dec.prefill(&[1, 64], 0..1, &sampling(0.0)), Err(BackendError::Device(m)) if m.contains("64"))
+    );
+    assert!(
+        matches!(dec.prefill(&[1; 13], 0..1, &sampling(0.0)), Err(BackendError::Device(m)) if m.contains("context"))
+    );
     let mut batch = dec.prefill(&PROMPT, 0..2, &sampling(0.0)).unwrap();
     for _ in 0..6 {
         block_on_ready(dec.step(&mut batch)).unwrap();
     }
     assert_eq!(batch.cached_len(), 12);
-    assert!(matches!(block_on_ready(dec.step(&mut batch)), Err(BackendError::Device(m)) if m.contains("context")));
+    assert!(
+        matches!(block_on_ready(dec.step(&mut batch)), Err(BackendError::Device(m)) if m.contains("context"))
+    );
 }
 
 #[test]

@@ -44,7 +44,11 @@ fn gguf_and_safetensors_agree() {
         // And Q8_0 stays close to f32 (relative to the logits' range).
         let diff = max_abs_diff(&full_logits(&stq, &TOKENS), &a);
         let range = a.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        assert!(diff < 0.05 * range, "{:?}: q8_0 vs f32 differ by {diff} (logits up to {range})", spec.arch);
+        assert!(
+            diff < 0.05 * range,
+            "{:?}: q8_0 vs f32 differ by {diff} (logits up to {range})",
+            spec.arch
+        );
     }
 }
 
@@ -54,7 +58,11 @@ fn sharded_and_half_precision_safetensors_load() {
     let (_d1, single) = tiny_safetensors(&spec, WeightFormat::F32);
     let dir = TempDir::new("shards");
     spec.write_safetensors(dir.path(), 3);
-    let sharded = crate::load_safetensors(dir.path(), &LoadOptions { weights: WeightFormat::F32, ..Default::default() }).unwrap();
+    let sharded = crate::load_safetensors(
+        dir.path(),
+        &LoadOptions { weights: WeightFormat::F32, ..Default::default() },
+    )
+    .unwrap();
     assert_eq!(full_logits(&single, &TOKENS), full_logits(&sharded, &TOKENS));
 
     // bf16 storage: loads, and stays close to the f32 model.
@@ -66,7 +74,11 @@ fn sharded_and_half_precision_safetensors_load() {
         .map(|(k, v)| (k, v.to_dtype(candle_core::DType::BF16).unwrap()))
         .collect();
     candle_core::safetensors::save(&half, dir.path().join("model.safetensors")).unwrap();
-    let bf16 = crate::load(dir.path(), &LoadOptions { weights: WeightFormat::Native, ..Default::default() }).unwrap();
+    let bf16 = crate::load(
+        dir.path(),
+        &LoadOptions { weights: WeightFormat::Native, ..Default::default() },
+    )
+    .unwrap();
     let diff = max_abs_diff(&full_logits(&single, &TOKENS), &full_logits(&bf16, &TOKENS));
     assert!(diff < 0.2, "bf16 vs f32 differ by {diff}");
 }
@@ -111,7 +123,9 @@ fn bad_gguf_files_give_the_right_errors() {
     assert!(matches!(gguf_err(&empty), LoadError::NotGguf { .. }));
 
     // Truncated in the header, and in the tensor data.
-    for (name, len) in [("head.gguf", 40), ("half.gguf", bytes.len() / 2), ("tail.gguf", bytes.len() - 10)] {
+    for (name, len) in
+        [("head.gguf", 40), ("half.gguf", bytes.len() / 2), ("tail.gguf", bytes.len() - 10)]
+    {
         let p = dir.path().join(name);
         std::fs::write(&p, &bytes[..len]).unwrap();
         let e = gguf_err(&p);
@@ -125,8 +139,13 @@ fn bad_gguf_files_give_the_right_errors() {
     md.push(("general.alignment".into(), Value::U32(0)));
     write_gguf_parts(&p, &md, &spec.gguf_tensors(GgmlDType::Q8_0));
     let e = gguf_err(&p);
-    assert!(matches!(&e, LoadError::Corrupt { reason, .. } if reason.contains("general.alignment")), "{e}");
-    let in_memory = crate::load_gguf_bytes(&std::fs::read(&p).unwrap(), &LoadOptions::default()).map(|_| ()).unwrap_err();
+    assert!(
+        matches!(&e, LoadError::Corrupt { reason, .. } if reason.contains("general.alignment")),
+        "{e}"
+    );
+    let in_memory = crate::load_gguf_bytes(&std::fs::read(&p).unwrap(), &LoadOptions::default())
+        .map(|_| ())
+        .unwrap_err();
     assert!(matches!(&in_memory, LoadError::Corrupt { .. }), "{in_memory}");
 
     // Unsupported architecture, named in the message.
@@ -135,7 +154,10 @@ fn bad_gguf_files_give_the_right_errors() {
     md.retain(|(k, _)| !k.starts_with("llama."));
     write_gguf_parts(&p, &md, &spec.gguf_tensors(GgmlDType::Q8_0));
     let e = gguf_err(&p);
-    assert!(matches!(&e, LoadError::UnsupportedArchitecture { architecture, .. } if architecture == "gpt2"), "{e}");
+    assert!(
+        matches!(&e, LoadError::UnsupportedArchitecture { architecture, .. } if architecture == "gpt2"),
+        "{e}"
+    );
     assert!(e.to_string().contains("gpt2"));
 
     // Missing tensor, named.
@@ -144,7 +166,10 @@ fn bad_gguf_files_give_the_right_errors() {
     tensors.retain(|(n, _)| n != "blk.1.ffn_down.weight");
     write_gguf_parts(&p, &spec.gguf_metadata("llama"), &tensors);
     let e = gguf_err(&p);
-    assert!(matches!(&e, LoadError::MissingTensor { name, .. } if name == "blk.1.ffn_down.weight"), "{e}");
+    assert!(
+        matches!(&e, LoadError::MissingTensor { name, .. } if name == "blk.1.ffn_down.weight"),
+        "{e}"
+    );
 
     // Shape mismatch: metadata says a wider FFN than the tensors have.
     let p = dir.path().join("shape.gguf");
@@ -156,14 +181,19 @@ fn bad_gguf_files_give_the_right_errors() {
     }
     write_gguf_parts(&p, &md, &spec.gguf_tensors(GgmlDType::Q8_0));
     let e = gguf_err(&p);
-    assert!(matches!(&e, LoadError::ShapeMismatch { name, .. } if name == "blk.0.ffn_gate.weight"), "{e}");
+    assert!(
+        matches!(&e, LoadError::ShapeMismatch { name, .. } if name == "blk.0.ffn_gate.weight"),
+        "{e}"
+    );
 
     // Missing / nonsensical metadata.
     let p = dir.path().join("no-heads.gguf");
     let mut md = spec.gguf_metadata("llama");
     md.retain(|(k, _)| k != "llama.attention.head_count");
     write_gguf_parts(&p, &md, &spec.gguf_tensors(GgmlDType::Q8_0));
-    assert!(matches!(gguf_err(&p), LoadError::Config { key, .. } if key == "llama.attention.head_count"));
+    assert!(
+        matches!(gguf_err(&p), LoadError::Config { key, .. } if key == "llama.attention.head_count")
+    );
     let p = dir.path().join("bad-gqa.gguf");
     let mut md = spec.gguf_metadata("llama");
     for (k, v) in &mut md {
@@ -191,34 +221,54 @@ fn bad_safetensors_checkpoints_give_the_right_errors() {
 
     let dir = TempDir::new("badst");
     // No config.json.
-    assert!(matches!(crate::load_safetensors(dir.path(), &opts), Err(LoadError::Missing { path }) if path.ends_with("config.json")));
+    assert!(
+        matches!(crate::load_safetensors(dir.path(), &opts), Err(LoadError::Missing { path }) if path.ends_with("config.json"))
+    );
     // Unsupported architecture.
     let mut config = spec.hf_config();
     config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     let e = crate::load_safetensors(dir.path(), &opts).unwrap_err();
-    assert!(matches!(&e, LoadError::UnsupportedArchitecture { architecture, .. } if architecture == "GPT2LMHeadModel"), "{e}");
+    assert!(
+        matches!(&e, LoadError::UnsupportedArchitecture { architecture, .. } if architecture == "GPT2LMHeadModel"),
+        "{e}"
+    );
     // Invalid JSON.
     std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
     assert!(matches!(crate::load_safetensors(dir.path(), &opts), Err(LoadError::Corrupt { .. })));
     // Valid config, no weights.
     std::fs::write(dir.path().join("config.json"), spec.hf_config().to_string()).unwrap();
-    assert!(matches!(crate::load_safetensors(dir.path(), &opts), Err(LoadError::Missing { path }) if path.ends_with("model.safetensors")));
+    assert!(
+        matches!(crate::load_safetensors(dir.path(), &opts), Err(LoadError::Missing { path }) if path.ends_with("model.safetensors"))
+    );
     // Corrupt weights.
-    std::fs::write(dir.path().join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":",
+    )
+    .unwrap();
     assert!(matches!(crate::load_safetensors(dir.path(), &opts), Err(LoadError::Corrupt { .. })));
     // Missing tensor.
     let mut weights = spec.weights();
     weights.remove("model.layers.0.mlp.up_proj.weight");
     candle_core::safetensors::save(&weights, dir.path().join("model.safetensors")).unwrap();
     let e = crate::load_safetensors(dir.path(), &opts).unwrap_err();
-    assert!(matches!(&e, LoadError::MissingTensor { name, .. } if name == "model.layers.0.mlp.up_proj.weight"), "{e}");
+    assert!(
+        matches!(&e, LoadError::MissingTensor { name, .. } if name == "model.layers.0.mlp.up_proj.weight"),
+        "{e}"
+    );
     // Shape mismatch.
     let mut weights = spec.weights();
-    weights.insert("model.norm.weight".into(), Tensor::zeros(7, candle_core::DType::F32, &CDevice::Cpu).unwrap());
+    weights.insert(
+        "model.norm.weight".into(),
+        Tensor::zeros(7, candle_core::DType::F32, &CDevice::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&weights, dir.path().join("model.safetensors")).unwrap();
     let e = crate::load_safetensors(dir.path(), &opts).unwrap_err();
-    assert!(matches!(&e, LoadError::ShapeMismatch { name, .. } if name == "model.norm.weight"), "{e}");
+    assert!(
+        matches!(&e, LoadError::ShapeMismatch { name, .. } if name == "model.norm.weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -230,6 +280,8 @@ fn cuda_without_the_feature_is_a_runtime_error() {
     let dir = TempDir::new("cuda");
     let p = dir.path().join("m.gguf");
     spec.write_gguf(&p, GgmlDType::Q8_0);
-    let e = crate::load_gguf(&p, &LoadOptions { device: crate::Device::Cuda(0), ..Default::default() }).unwrap_err();
+    let e =
+        crate::load_gguf(&p, &LoadOptions { device: crate::Device::Cuda(0), ..Default::default() })
+            .unwrap_err();
     assert!(matches!(&e, LoadError::Device(m) if m.contains("built without cuda")), "{e}");
 }

@@ -27,7 +27,8 @@ impl TempDir {
     pub(crate) fn new(tag: &str) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("specrej-candle-{tag}-{}-{n}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("specrej-candle-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
@@ -104,7 +105,9 @@ impl Tiny {
     pub(crate) fn weights(&self) -> HashMap<String, Tensor> {
         let mut rng = Rng(self.seed);
         let (h, hd, f) = (self.hidden, self.head_dim(), self.ffn);
-        let lin = |rng: &mut Rng, out: usize, inp: usize| rng.tensor(&[out, inp], 1.5 / (inp as f32).sqrt(), 0.0);
+        let lin = |rng: &mut Rng, out: usize, inp: usize| {
+            rng.tensor(&[out, inp], 1.5 / (inp as f32).sqrt(), 0.0)
+        };
         let mut w = HashMap::new();
         w.insert("model.embed_tokens.weight".to_string(), rng.tensor(&[self.vocab, h], 1.0, 0.0));
         for i in 0..self.layers {
@@ -115,9 +118,18 @@ impl Tiny {
             w.insert(format!("{p}self_attn.v_proj.weight"), lin(&mut rng, self.kv_heads * hd, h));
             w.insert(format!("{p}self_attn.o_proj.weight"), lin(&mut rng, h, self.heads * hd));
             if self.arch == Architecture::Qwen2 {
-                w.insert(format!("{p}self_attn.q_proj.bias"), rng.tensor(&[self.heads * hd], 0.3, 0.0));
-                w.insert(format!("{p}self_attn.k_proj.bias"), rng.tensor(&[self.kv_heads * hd], 0.3, 0.0));
-                w.insert(format!("{p}self_attn.v_proj.bias"), rng.tensor(&[self.kv_heads * hd], 0.3, 0.0));
+                w.insert(
+                    format!("{p}self_attn.q_proj.bias"),
+                    rng.tensor(&[self.heads * hd], 0.3, 0.0),
+                );
+                w.insert(
+                    format!("{p}self_attn.k_proj.bias"),
+                    rng.tensor(&[self.kv_heads * hd], 0.3, 0.0),
+                );
+                w.insert(
+                    format!("{p}self_attn.v_proj.bias"),
+                    rng.tensor(&[self.kv_heads * hd], 0.3, 0.0),
+                );
             }
             w.insert(format!("{p}post_attention_layernorm.weight"), rng.tensor(&[h], 0.2, 1.0));
             w.insert(format!("{p}mlp.gate_proj.weight"), lin(&mut rng, f, h));
@@ -213,7 +225,9 @@ impl Tiny {
         for name in names {
             let t = &weights[name];
             let gguf_name = hf_to_gguf(name);
-            let t = if permute && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight")) {
+            let t = if permute
+                && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight"))
+            {
                 let (rows, cols) = t.dims2().unwrap();
                 let n_head = rows / hd;
                 t.reshape((n_head, 2, hd / 2, cols))
@@ -241,7 +255,11 @@ impl Tiny {
     }
 }
 
-pub(crate) fn write_gguf_parts(path: &Path, metadata: &[(String, Value)], tensors: &[(String, QTensor)]) {
+pub(crate) fn write_gguf_parts(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[(String, QTensor)],
+) {
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::fs::File::create(path).unwrap();
@@ -280,16 +298,26 @@ fn hf_to_gguf(name: &str) -> String {
 }
 
 /// A tiny model written as GGUF (`dtype` matrices) and loaded with `format` (f16 K/V).
-pub(crate) fn tiny_gguf(spec: &Tiny, dtype: GgmlDType, format: WeightFormat) -> (TempDir, Arc<Model>) {
+pub(crate) fn tiny_gguf(
+    spec: &Tiny,
+    dtype: GgmlDType,
+    format: WeightFormat,
+) -> (TempDir, Arc<Model>) {
     tiny_gguf_kv(spec, dtype, format, KvFormat::default())
 }
 
 /// [`tiny_gguf`] with the K/V stored as `kv`.
-pub(crate) fn tiny_gguf_kv(spec: &Tiny, dtype: GgmlDType, format: WeightFormat, kv: KvFormat) -> (TempDir, Arc<Model>) {
+pub(crate) fn tiny_gguf_kv(
+    spec: &Tiny,
+    dtype: GgmlDType,
+    format: WeightFormat,
+    kv: KvFormat,
+) -> (TempDir, Arc<Model>) {
     let dir = TempDir::new("gguf");
     let path = dir.path().join("tiny.gguf");
     spec.write_gguf(&path, dtype);
-    let model = crate::load_gguf(&path, &LoadOptions { weights: format, kv, ..Default::default() }).unwrap();
+    let model = crate::load_gguf(&path, &LoadOptions { weights: format, kv, ..Default::default() })
+        .unwrap();
     (dir, model)
 }
 
@@ -297,7 +325,9 @@ pub(crate) fn tiny_gguf_kv(spec: &Tiny, dtype: GgmlDType, format: WeightFormat, 
 pub(crate) fn tiny_safetensors(spec: &Tiny, format: WeightFormat) -> (TempDir, Arc<Model>) {
     let dir = TempDir::new("st");
     spec.write_safetensors(dir.path(), 1);
-    let model = crate::load_safetensors(dir.path(), &LoadOptions { weights: format, ..Default::default() }).unwrap();
+    let model =
+        crate::load_safetensors(dir.path(), &LoadOptions { weights: format, ..Default::default() })
+            .unwrap();
     (dir, model)
 }
 
@@ -312,7 +342,13 @@ pub(crate) struct Trace {
 }
 
 /// Runs `steps` steps for rows `ids`, recording tokens and logits.
-pub(crate) fn trace(model: &Arc<Model>, prompt: &[u32], ids: std::ops::Range<u32>, s: &Sampling, steps: usize) -> Trace {
+pub(crate) fn trace(
+    model: &Arc<Model>,
+    prompt: &[u32],
+    ids: std::ops::Range<u32>,
+    s: &Sampling,
+    steps: usize,
+) -> Trace {
     let mut dec = CandleDecoder::new(model.clone(), 1 << 30);
     let mut batch = dec.prefill(prompt, ids, s).unwrap();
     let mut out = Trace { tokens: Vec::new(), logits: Vec::new() };

@@ -28,17 +28,22 @@ impl Vocab {
     }
     /// Greedy longest-match tokenization of byte-level text (not exact BPE, but valid ids).
     fn encode(&self, text: &str) -> Vec<u32> {
-        let chars: Vec<char> = text.chars().map(|c| match c {
-            ' ' => 'Ġ',
-            '\n' => 'Ċ',
-            c => c,
-        }).collect();
+        let chars: Vec<char> = text
+            .chars()
+            .map(|c| match c {
+                ' ' => 'Ġ',
+                '\n' => 'Ċ',
+                c => c,
+            })
+            .collect();
         let mut out = Vec::new();
         let mut i = 0;
         while i < chars.len() {
             let (len, id) = (1..=(chars.len() - i).min(24))
                 .rev()
-                .find_map(|n| self.0.get(&chars[i..i + n].iter().collect::<String>()).map(|&id| (n, id)))
+                .find_map(|n| {
+                    self.0.get(&chars[i..i + n].iter().collect::<String>()).map(|&id| (n, id))
+                })
                 .unwrap_or_else(|| panic!("cannot encode {:?}", chars[i]));
             out.push(id);
             i += len;
@@ -61,7 +66,13 @@ fn chat_prompt(v: &Vocab) -> Vec<u32> {
     p
 }
 
-fn generate(model: &Arc<Model>, prompt: &[u32], ids: std::ops::Range<u32>, s: &Sampling, steps: usize) -> Vec<Vec<u32>> {
+fn generate(
+    model: &Arc<Model>,
+    prompt: &[u32],
+    ids: std::ops::Range<u32>,
+    s: &Sampling,
+    steps: usize,
+) -> Vec<Vec<u32>> {
     let mut dec = CandleDecoder::new(model.clone(), 1 << 30);
     let mut batch = dec.prefill(prompt, ids.clone(), s).unwrap();
     let mut rows = vec![Vec::new(); ids.len()];
@@ -106,8 +117,14 @@ fn real_model_greedy_answer_is_coherent() {
         assert_eq!(v.1[1], "<|im_start|>");
         assert_eq!(v.1[2], "<|im_end|>");
         let prompt = chat_prompt(&v);
-        let out = generate(&model, &prompt, 0..1, &Sampling { temperature: 0.0, ..Sampling::default() }, 24)
-            .remove(0);
+        let out = generate(
+            &model,
+            &prompt,
+            0..1,
+            &Sampling { temperature: 0.0, ..Sampling::default() },
+            24,
+        )
+        .remove(0);
         let end = out.iter().position(|t| c.eos_token_ids.contains(t)).unwrap_or(out.len());
         let text = v.text(&out[..end]);
         eprintln!("{format:?}: {text:?}");

@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use specrej_candle::{CandleDecoder, Model};
-use specrej_core::{block_on_ready, Decoder, Response, Sampling, Scorer};
+use specrej_core::{Decoder, Response, Sampling, Scorer, block_on_ready};
 
 use super::math::{least_squares, least_squares_nonnegative};
 
@@ -56,7 +56,8 @@ impl Calibration {
         if cost.tokens == 0 {
             return 0.0;
         }
-        (c[0] + c[1] * cost.tokens as f64 + c[2] * cost.rows as f64 + c[3] * cost.pairs as f64).max(0.0)
+        (c[0] + c[1] * cost.tokens as f64 + c[2] * cost.rows as f64 + c[3] * cost.pairs as f64)
+            .max(0.0)
     }
 }
 
@@ -79,7 +80,8 @@ fn interpolate(points: &[(usize, f64)], x: usize) -> f64 {
         _ => {
             let x = x as f64;
             let i = points.windows(2).position(|w| x <= w[1].0 as f64).unwrap_or(points.len() - 2);
-            let ((x0, y0), (x1, y1)) = ((points[i].0 as f64, points[i].1), (points[i + 1].0 as f64, points[i + 1].1));
+            let ((x0, y0), (x1, y1)) =
+                ((points[i].0 as f64, points[i].1), (points[i + 1].0 as f64, points[i + 1].1));
             if x1 == x0 { y0 } else { (y0 + (x - x0) * (y1 - y0) / (x1 - x0)).max(0.0) }
         }
     }
@@ -89,7 +91,12 @@ fn machine() -> String {
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".to_string());
     format!("{threads} threads, {cpu}")
 }
@@ -107,7 +114,13 @@ fn best_of(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 /// The decoder costs: steps for `rows` (ascending), attention from a run that grows to
 /// `context` own tokens with 64 rows, prefill at three lengths.
-pub fn decoder(model: &Arc<Model>, prompt: &[u32], rows: &[usize], context: usize, progress: &mut dyn FnMut(&str)) -> Result<Calibration> {
+pub fn decoder(
+    model: &Arc<Model>,
+    prompt: &[u32],
+    rows: &[usize],
+    context: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Calibration> {
     let sampling = Sampling { seed: 99, ..Sampling::default() };
     let budget = |r: usize, own: usize| CandleDecoder::budget_for(model, prompt.len(), r, own);
     let mut step = Vec::new();
@@ -136,12 +149,16 @@ pub fn decoder(model: &Arc<Model>, prompt: &[u32], rows: &[usize], context: usiz
     }
     let fit = least_squares(&samples).unwrap_or_else(|| vec![0.0, 0.0]);
     let per_row_token = (fit[1] / rows_attn as f64).max(0.0);
-    progress(&format!("calibration: attention costs {:.2} µs per row and cached token", per_row_token * 1e6));
+    progress(&format!(
+        "calibration: attention costs {:.2} µs per row and cached token",
+        per_row_token * 1e6
+    ));
     // Prefill at three lengths (a quadratic through them).
     let mut samples = Vec::new();
     for len in [64usize, 256, 768] {
         let ids: Vec<u32> = prompt.iter().copied().cycle().take(len).collect();
-        let mut decoder = CandleDecoder::new(Arc::clone(model), CandleDecoder::budget_for(model, len, 1, 1));
+        let mut decoder =
+            CandleDecoder::new(Arc::clone(model), CandleDecoder::budget_for(model, len, 1, 1));
         let t = best_of(2, || Ok(decoder.prefill(&ids, 0..1, &sampling).map(drop)?))?;
         samples.push((vec![1.0, len as f64, (len * len) as f64], t));
     }
@@ -167,7 +184,9 @@ pub fn reward<S: Scorer>(
                 let ids: Vec<u32> = (next_row..next_row + rows as u32).collect();
                 next_row += rows as u32;
                 let cut = |len: usize| -> Vec<Response<'_>> {
-                    ids.iter().map(|&row| Response { row, tokens: &text[..len.min(text.len())] }).collect()
+                    ids.iter()
+                        .map(|&row| Response { row, tokens: &text[..len.min(text.len())] })
+                        .collect()
                 };
                 // Build fresh rows' caches first, then time the growing call.
                 block_on_ready(scorer.score_partial(prompt, &cut(start)))?;

@@ -37,8 +37,11 @@ impl Reach {
 /// sorted by compute: the first segment whose scores bracket `score`, interpolated linearly
 /// in log(compute). Points with non-positive compute or non-finite values are ignored.
 pub fn compute_for_score(points: &[(f64, f64)], score: f64) -> Option<Reach> {
-    let points: Vec<(f64, f64)> =
-        points.iter().copied().filter(|(c, s)| *c > 0.0 && c.is_finite() && s.is_finite()).collect();
+    let points: Vec<(f64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|(c, s)| *c > 0.0 && c.is_finite() && s.is_finite())
+        .collect();
     let first = *points.first()?;
     if !score.is_finite() {
         return None;
@@ -160,7 +163,8 @@ pub fn least_squares_nonnegative(samples: &[(Vec<f64>, f64)]) -> Option<Vec<f64>
     let k = samples.first()?.0.len();
     let mut active: Vec<usize> = (0..k).collect();
     loop {
-        let reduced: Vec<(Vec<f64>, f64)> = samples.iter().map(|(x, y)| (active.iter().map(|&i| x[i]).collect(), *y)).collect();
+        let reduced: Vec<(Vec<f64>, f64)> =
+            samples.iter().map(|(x, y)| (active.iter().map(|&i| x[i]).collect(), *y)).collect();
         let fit = least_squares(&reduced)?;
         match fit.iter().enumerate().filter(|(_, c)| **c < 0.0).min_by(|a, b| a.1.total_cmp(b.1)) {
             Some((worst, _)) => {
@@ -183,7 +187,11 @@ pub fn least_squares_nonnegative(samples: &[(Vec<f64>, f64)]) -> Option<Vec<f64>
 /// The `(2.5%, 97.5%)` percentiles of `stat` over `resamples` bootstrap resamples of
 /// `0..n` (indices drawn with replacement by a fixed-seed generator, so reports repeat).
 /// `None` where `stat` gives no finite value in most resamples.
-pub fn bootstrap_ci(n: usize, resamples: usize, mut stat: impl FnMut(&[usize]) -> Option<f64>) -> Option<(f64, f64)> {
+pub fn bootstrap_ci(
+    n: usize,
+    resamples: usize,
+    mut stat: impl FnMut(&[usize]) -> Option<f64>,
+) -> Option<(f64, f64)> {
     if n == 0 || resamples == 0 {
         return None;
     }
@@ -210,7 +218,8 @@ pub fn bootstrap_ci(n: usize, resamples: usize, mut stat: impl FnMut(&[usize]) -
         return None;
     }
     values.sort_by(f64::total_cmp);
-    let at = |q: f64| values[((q * (values.len() - 1) as f64).round() as usize).min(values.len() - 1)];
+    let at =
+        |q: f64| values[((q * (values.len() - 1) as f64).round() as usize).min(values.len() - 1)];
     Some((at(0.025), at(0.975)))
 }
 
@@ -253,18 +262,31 @@ mod tests {
         assert!(close(pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.0]).unwrap_or(0.0), 1.0));
         assert!(close(pearson(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]).unwrap_or(0.0), -1.0));
         // numpy.corrcoef([1,2,3,4,5],[2,1,4,3,5])[0,1] = 0.8
-        assert!(close(pearson(&[1.0, 2.0, 3.0, 4.0, 5.0], &[2.0, 1.0, 4.0, 3.0, 5.0]).unwrap_or(0.0), 0.8));
+        assert!(close(
+            pearson(&[1.0, 2.0, 3.0, 4.0, 5.0], &[2.0, 1.0, 4.0, 3.0, 5.0]).unwrap_or(0.0),
+            0.8
+        ));
         assert_eq!(pearson(&[1.0, 1.0], &[1.0, 2.0]), None);
         assert_eq!(pearson(&[1.0], &[1.0]), None);
     }
 
     #[test]
     fn least_squares_recovers_a_plane() {
-        let samples: Vec<(Vec<f64>, f64)> =
-            (0..20).map(|i| (vec![1.0, f64::from(i), f64::from(i * i % 7)], 3.0 + 2.0 * f64::from(i) - 0.5 * f64::from(i * i % 7))).collect();
+        let samples: Vec<(Vec<f64>, f64)> = (0..20)
+            .map(|i| {
+                (
+                    vec![1.0, f64::from(i), f64::from(i * i % 7)],
+                    3.0 + 2.0 * f64::from(i) - 0.5 * f64::from(i * i % 7),
+                )
+            })
+            .collect();
         let c = least_squares(&samples).expect("solvable");
         assert!(close(c[0], 3.0) && close(c[1], 2.0) && close(c[2], -0.5), "{c:?}");
-        assert_eq!(least_squares(&[(vec![1.0, 1.0], 2.0), (vec![2.0, 2.0], 4.0)]), None, "collinear");
+        assert_eq!(
+            least_squares(&[(vec![1.0, 1.0], 2.0), (vec![2.0, 2.0], 4.0)]),
+            None,
+            "collinear"
+        );
     }
 
     #[test]
@@ -273,7 +295,10 @@ mod tests {
         let samples: Vec<(Vec<f64>, f64)> = (0..10)
             .map(|i| {
                 let x = f64::from(i);
-                (vec![1.0, x, x + if i % 2 == 0 { 0.1 } else { -0.1 }], 2.0 + 3.0 * x - if i % 2 == 0 { 0.05 } else { -0.05 })
+                (
+                    vec![1.0, x, x + if i % 2 == 0 { 0.1 } else { -0.1 }],
+                    2.0 + 3.0 * x - if i % 2 == 0 { 0.05 } else { -0.05 },
+                )
             })
             .collect();
         let c = least_squares_nonnegative(&samples).expect("solvable");
@@ -285,7 +310,8 @@ mod tests {
     #[test]
     fn bootstrap_brackets_the_mean_and_repeats() {
         let values: Vec<f64> = (0..50).map(|i| f64::from(i % 10)).collect();
-        let mean = |pick: &[usize]| Some(pick.iter().map(|&i| values[i]).sum::<f64>() / pick.len() as f64);
+        let mean =
+            |pick: &[usize]| Some(pick.iter().map(|&i| values[i]).sum::<f64>() / pick.len() as f64);
         let (lo, hi) = bootstrap_ci(values.len(), 2000, mean).expect("interval");
         assert!(lo < 4.5 && 4.5 < hi && hi - lo < 2.0, "{lo} {hi}");
         assert_eq!(bootstrap_ci(values.len(), 2000, mean), Some((lo, hi)));
@@ -296,7 +322,9 @@ mod tests {
     fn summaries() {
         let s = summarize(&[4.0, 1.0, 3.0, 2.0, f64::NAN]).expect("values");
         assert_eq!(s.count, 4);
-        assert!(close(s.mean, 2.5) && close(s.median, 2.5) && close(s.q1, 1.75) && close(s.q3, 3.25));
+        assert!(
+            close(s.mean, 2.5) && close(s.median, 2.5) && close(s.q1, 1.75) && close(s.q3, 3.25)
+        );
         assert_eq!((s.min, s.max), (1.0, 4.0));
         assert_eq!(summarize(&[]), None);
     }

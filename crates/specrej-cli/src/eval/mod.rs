@@ -40,10 +40,12 @@ use crate::backend::BackendArg;
 use crate::budget::KvBudget;
 use crate::generate::WeightsArg;
 use crate::model::{self, Text};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use specrej_candle::{CandleDecoder, JudgeScorer, KvShare, LikelihoodScorer, LoadOptions, Model, SelfJudgeScorer};
-use specrej_core::{block_on_ready, Decoder, Method, Options, Outcome, Rules, Sampling};
+use specrej_candle::{
+    CandleDecoder, JudgeScorer, KvShare, LikelihoodScorer, LoadOptions, Model, SelfJudgeScorer,
+};
+use specrej_core::{Decoder, Method, Options, Outcome, Rules, Sampling, block_on_ready};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -97,7 +99,12 @@ pub struct PaperArgs {
     #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.7,0.9")]
     alphas: Vec<f32>,
     /// Policies, each at every α.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "paper,paper-exact,random,oracle,gate,adaptive")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "paper,paper-exact,random,oracle,gate,adaptive"
+    )]
     policies: Vec<PolicyName>,
     /// Rewards, each evaluated on the same recordings.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "judge,likelihood")]
@@ -315,14 +322,17 @@ pub fn run(args: PaperArgs) -> Result<()> {
     if args.rewards.is_empty() || args.policies.is_empty() {
         bail!("--rewards and --policies must name at least one each");
     }
-    if args.probe_lag == 0 && args.policies.iter().any(|p| matches!(p, PolicyName::Gate | PolicyName::Adaptive)) {
+    if args.probe_lag == 0
+        && args.policies.iter().any(|p| matches!(p, PolicyName::Gate | PolicyName::Adaptive))
+    {
         bail!("--probe-lag must be at least 1 for the gate and adaptive α");
     }
     if args.backend == BackendArg::Wgpu {
         bail!("--backend wgpu: bench paper runs on candle (cpu or cuda)");
     }
     if args.backend == BackendArg::Cuda
-        && let Some(r) = args.rewards.iter().find(|r| !matches!(r, RewardName::Judge | RewardName::PartialJudge))
+        && let Some(r) =
+            args.rewards.iter().find(|r| !matches!(r, RewardName::Judge | RewardName::PartialJudge))
     {
         bail!(
             "--backend cuda --rewards {}: on CUDA only the judge rewards can be evaluated (judge, partial-judge): the GPU's \
@@ -332,31 +342,48 @@ pub fn run(args: PaperArgs) -> Result<()> {
     }
     let largest = *ladder.last().unwrap_or(&1);
     if args.sr_n.is_some_and(|n| n > largest) {
-        bail!("--sr-n {} exceeds the rows the recording holds (the largest --bon, {largest})", args.sr_n.unwrap_or(0));
+        bail!(
+            "--sr-n {} exceeds the rows the recording holds (the largest --bon, {largest})",
+            args.sr_n.unwrap_or(0)
+        );
     }
     let prompts = match &args.prompts {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             prompts::parse(&text, &path.display().to_string())?
         }
         None => prompts::parse(prompts::ALPACA_FARM_100, "the AlpacaFarm prompts")?,
     };
     let count = args.limit.unwrap_or(prompts.len()).min(prompts.len());
     let path = model::locate(args.model.as_deref())?;
-    let options = LoadOptions { device: args.backend.candle_device(), weights: args.weights.into(), ..Default::default() };
-    let weights = specrej_candle::load(&path, &options).with_context(|| format!("loading {}", path.display()))?;
+    let options = LoadOptions {
+        device: args.backend.candle_device(),
+        weights: args.weights.into(),
+        ..Default::default()
+    };
+    let weights = specrej_candle::load(&path, &options)
+        .with_context(|| format!("loading {}", path.display()))?;
     let kv_budget_bytes = match args.kv_budget {
-        KvBudget::Auto => bail!("--kv-budget auto: bench paper needs a fixed budget both methods share (e.g. 256MB)"),
+        KvBudget::Auto => bail!(
+            "--kv-budget auto: bench paper needs a fixed budget both methods share (e.g. 256MB)"
+        ),
         KvBudget::Bytes(b) => b,
         KvBudget::Tokens(t) => t.saturating_mul(weights.kv_bytes_per_token() as u64),
     };
     let sampling = Sampling::default();
     let settings = Settings {
-        model: path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+        model: path
+            .file_name()
+            .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
         backend: format!("{:?}", args.backend).to_lowercase(),
         weights: format!("{:?}", args.weights).to_lowercase(),
         // A GPU's caches are f32 whatever the CPU's format (`Model::kv_bytes_per_token`).
-        kv_format: if weights.device().is_cpu() { format!("{:?}", weights.kv_format()).to_lowercase() } else { "f32".into() },
+        kv_format: if weights.device().is_cpu() {
+            format!("{:?}", weights.kv_format()).to_lowercase()
+        } else {
+            "f32".into()
+        },
         bon: ladder.clone(),
         alphas: args.alphas.clone(),
         policies: args.policies.clone(),
@@ -369,22 +396,35 @@ pub fn run(args: PaperArgs) -> Result<()> {
         gate_tau: args.gate_tau,
         adaptive_snr: args.adaptive_snr,
         seed: args.seed,
-        sampling: format!("temperature {} top-k {} top-p {}", sampling.temperature, sampling.top_k, sampling.top_p),
+        sampling: format!(
+            "temperature {} top-k {} top-p {}",
+            sampling.temperature, sampling.top_k, sampling.top_p
+        ),
     };
-    std::fs::create_dir_all(args.out.join("recordings")).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(args.out.join("recordings"))
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let results_path = args.out.join("results.json");
     let mut file = load_results(&results_path, &settings)?;
-    let todo: Vec<usize> =
-        (0..count).filter(|&i| !file.prompts.iter().any(|p| p.index == i && p.prompt == prompts[i])).collect();
+    let todo: Vec<usize> = (0..count)
+        .filter(|&i| !file.prompts.iter().any(|p| p.index == i && p.prompt == prompts[i]))
+        .collect();
     if todo.len() < count {
-        eprintln!("{} of {count} prompts already in {}: skipping them", count - todo.len(), results_path.display());
+        eprintln!(
+            "{} of {count} prompts already in {}: skipping them",
+            count - todo.len(),
+            results_path.display()
+        );
     }
     if !todo.is_empty() {
         let text = Text::load(&path)?;
         let from_file = match &args.calibration {
             Some(path) if path.exists() => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                Some(serde_json::from_str::<cost::Calibration>(&text).with_context(|| format!("{}: not a calibration", path.display()))?)
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Some(
+                    serde_json::from_str::<cost::Calibration>(&text)
+                        .with_context(|| format!("{}: not a calibration", path.display()))?,
+                )
             }
             _ => None,
         };
@@ -400,7 +440,8 @@ pub fn run(args: PaperArgs) -> Result<()> {
                     c.machine = format!("CUDA device 0; host {}", c.machine);
                 }
                 if let Some(path) = &args.calibration {
-                    std::fs::write(path, serde_json::to_string_pretty(&c)?).with_context(|| format!("writing {}", path.display()))?;
+                    std::fs::write(path, serde_json::to_string_pretty(&c)?)
+                        .with_context(|| format!("writing {}", path.display()))?;
                 }
                 file.calibration = Some(c.clone());
                 save_results(&results_path, &file)?;
@@ -411,8 +452,19 @@ pub fn run(args: PaperArgs) -> Result<()> {
         for (k, &index) in todo.iter().enumerate() {
             let label = format!("prompt {}/{} (#{index})", k + 1, todo.len());
             let check = args.check_live && k == 0;
-            let result = run_prompt(&weights, &text, &settings, &calibration, index, &prompts[index], &args.out, args.record_rows, check, &label)
-                .with_context(|| format!("prompt #{index}"))?;
+            let result = run_prompt(
+                &weights,
+                &text,
+                &settings,
+                &calibration,
+                index,
+                &prompts[index],
+                &args.out,
+                args.record_rows,
+                check,
+                &label,
+            )
+            .with_context(|| format!("prompt #{index}"))?;
             file.prompts.retain(|p| p.index != index);
             file.prompts.push(result);
             file.prompts.sort_by_key(|p| p.index);
@@ -438,7 +490,11 @@ fn load_results(path: &Path, settings: &Settings) -> Result<ResultFile> {
         Ok(file) if file.settings == *settings => Ok(file),
         Ok(_) | Err(_) => {
             let old = path.with_extension("json.old");
-            eprintln!("{} holds other settings (or is unreadable): moving it to {}", path.display(), old.display());
+            eprintln!(
+                "{} holds other settings (or is unreadable): moving it to {}",
+                path.display(),
+                old.display()
+            );
             std::fs::rename(path, &old).with_context(|| format!("moving {}", path.display()))?;
             Ok(fresh)
         }
@@ -447,23 +503,36 @@ fn load_results(path: &Path, settings: &Settings) -> Result<ResultFile> {
 
 fn save_results(path: &Path, file: &ResultFile) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(file)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(file)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
 /// Writes report.md and the SVGs for the selected prompts; returns the markdown.
-fn write_reports(out: &Path, file: &ResultFile, selected: &[String], bootstrap: usize) -> Result<String> {
+fn write_reports(
+    out: &Path,
+    file: &ResultFile,
+    selected: &[String],
+    bootstrap: usize,
+) -> Result<String> {
     let results: Vec<&PromptResult> =
         file.prompts.iter().filter(|p| selected.get(p.index) == Some(&p.prompt)).collect();
-    let analyses: Vec<report::Analysis> =
-        file.settings.rewards.iter().map(|&r| report::analyze(&file.settings, &results, r, bootstrap)).collect();
+    let analyses: Vec<report::Analysis> = file
+        .settings
+        .rewards
+        .iter()
+        .map(|&r| report::analyze(&file.settings, &results, r, bootstrap))
+        .collect();
     let markdown = report::markdown(&file.settings, file.calibration.as_ref(), &results, &analyses);
     std::fs::write(out.join("report.md"), &markdown).context("writing report.md")?;
     for a in &analyses {
         let name = a.reward.label();
-        std::fs::write(out.join(format!("improvement_vs_compute-{name}.svg")), report::improvement_svg(a))
-            .context("writing the improvement plot")?;
+        std::fs::write(
+            out.join(format!("improvement_vs_compute-{name}.svg")),
+            report::improvement_svg(a),
+        )
+        .context("writing the improvement plot")?;
         std::fs::write(out.join(format!("correlation-{name}.svg")), report::correlation_svg(a))
             .context("writing the correlation plot")?;
     }
@@ -473,7 +542,13 @@ fn write_reports(out: &Path, file: &ResultFile, selected: &[String], bootstrap: 
 /// The judge's segments for `question`.
 fn judge_text(text: &Text, question: &str) -> Result<replay::JudgeText> {
     let s = specrej_text::judge_segments(&text.tokenizer, &text.template, question)?;
-    Ok(replay::JudgeText { before: s.before, after: s.after, after_partial: s.after_partial, yes: s.yes, no: s.no })
+    Ok(replay::JudgeText {
+        before: s.before,
+        after: s.after,
+        after_partial: s.after_partial,
+        yes: s.yes,
+        no: s.no,
+    })
 }
 
 /// Measures this machine (see [`cost`]).
@@ -482,7 +557,10 @@ fn calibrate(weights: &Arc<Model>, text: &Text, settings: &Settings) -> Result<c
     let question = "Give three tips for staying healthy.";
     let prompt = text.prompt(question, None, false)?;
     let most = settings.sr_n.max(*settings.bon.last().unwrap_or(&1));
-    let mut rows: Vec<usize> = [1usize, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024].into_iter().filter(|&r| r < most).collect();
+    let mut rows: Vec<usize> = [1usize, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+        .into_iter()
+        .filter(|&r| r < most)
+        .collect();
     rows.push(most);
     let mut c = cost::decoder(weights, &prompt, &rows, settings.max_new_tokens.min(384), &mut say)?;
     // A plausible answer to grow the reward calls on.
@@ -501,13 +579,24 @@ fn calibrate(weights: &Arc<Model>, text: &Text, settings: &Settings) -> Result<c
         let fit = match reward {
             RewardName::Likelihood => {
                 let mut shadow = replay::live_cost(*reward, None);
-                cost::reward(LikelihoodScorer::new(Arc::clone(weights)).incremental(), &prompt, &answer, &mut |r| shadow(&prompt, r))?
+                cost::reward(
+                    LikelihoodScorer::new(Arc::clone(weights)).incremental(),
+                    &prompt,
+                    &answer,
+                    &mut |r| shadow(&prompt, r),
+                )?
             }
             // The self-judge's calls are priced by the judge's fit (`RewardName::cost_key`).
             RewardName::Judge | RewardName::PartialJudge | RewardName::SelfJudge => {
-                let scorer = JudgeScorer::new(Arc::clone(weights), judge.before.clone(), judge.after.clone(), judge.yes, judge.no)
-                    .with_partial(judge.after_partial.clone())
-                    .incremental();
+                let scorer = JudgeScorer::new(
+                    Arc::clone(weights),
+                    judge.before.clone(),
+                    judge.after.clone(),
+                    judge.yes,
+                    judge.no,
+                )
+                .with_partial(judge.after_partial.clone())
+                .incremental();
                 let mut shadow = replay::live_cost(RewardName::Judge, Some(judge));
                 cost::reward(scorer, &prompt, &answer, &mut |r| shadow(&prompt, r))?
             }
@@ -552,7 +641,10 @@ fn run_prompt(
     };
     // 1. The recording (reused from recordings/ when it is there and matches).
     let rec_path = out.join("recordings").join(format!("prompt-{index}.json"));
-    let recording = match std::fs::read_to_string(&rec_path).ok().and_then(|t| serde_json::from_str::<(u64, usize, record::Recording)>(&t).ok()) {
+    let recording = match std::fs::read_to_string(&rec_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<(u64, usize, record::Recording)>(&t).ok())
+    {
         Some((s, n, rec))
             if s == seed
                 && n == largest
@@ -562,7 +654,10 @@ fn run_prompt(
             rec
         }
         _ => {
-            eprintln!("{label}: recording Best-of-{largest} ({} new tokens at most)", settings.max_new_tokens);
+            eprintln!(
+                "{label}: recording Best-of-{largest} ({} new tokens at most)",
+                settings.max_new_tokens
+            );
             let rec = record::record(weights, &prompt, &base, record_rows)?;
             if needs_nll && let Some(row) = rec.missing_nll() {
                 bail!("recording: row {row} is missing token NLLs");
@@ -593,7 +688,10 @@ fn run_prompt(
         wall_seconds: recording.stats.wall_seconds,
         modelled_seconds: modelled,
     };
-    let decoder = CandleDecoder::new(Arc::clone(weights), usize::try_from(settings.kv_budget_bytes).unwrap_or(usize::MAX));
+    let decoder = CandleDecoder::new(
+        Arc::clone(weights),
+        usize::try_from(settings.kv_budget_bytes).unwrap_or(usize::MAX),
+    );
     let memory = replay::Memory {
         capacity: decoder.token_capacity(),
         layout: decoder.kv_layout(),
@@ -641,10 +739,16 @@ fn run_prompt(
                 let rules = match policy {
                     PolicyName::Paper | PolicyName::Random | PolicyName::Oracle => Rules::default(),
                     PolicyName::PaperExact => Rules { paper_exact: true, ..Rules::default() },
-                    PolicyName::Gate => Rules { probe_lag: settings.probe_lag, gate_tau: Some(settings.gate_tau), ..Rules::default() },
-                    PolicyName::Adaptive => {
-                        Rules { probe_lag: settings.probe_lag, adaptive_snr: Some(settings.adaptive_snr), ..Rules::default() }
-                    }
+                    PolicyName::Gate => Rules {
+                        probe_lag: settings.probe_lag,
+                        gate_tau: Some(settings.gate_tau),
+                        ..Rules::default()
+                    },
+                    PolicyName::Adaptive => Rules {
+                        probe_lag: settings.probe_lag,
+                        adaptive_snr: Some(settings.adaptive_snr),
+                        ..Rules::default()
+                    },
                 };
                 let mode = match policy {
                     PolicyName::Random => replay::Mode::Random,
@@ -654,16 +758,37 @@ fn run_prompt(
                 let options = replay::sr_options(&base, alpha, settings.sr_n, rules);
                 let r = run_one(table, &options, mode)?;
                 if policy == PolicyName::Paper && (alpha - 0.5).abs() < 1e-6 {
-                    replayed_paper_half = Some((options.clone(), r.outcome.clone(), r.seconds.iter().sum::<f64>()));
+                    replayed_paper_half =
+                        Some((options.clone(), r.outcome.clone(), r.seconds.iter().sum::<f64>()));
                 }
-                runs.push(summarize(format!("{} α={alpha}", policy.label()), Some(policy), Some(alpha), settings.sr_n, &r));
+                runs.push(summarize(
+                    format!("{} α={alpha}", policy.label()),
+                    Some(policy),
+                    Some(alpha),
+                    settings.sr_n,
+                    &r,
+                ));
             }
         }
-        let correlation = correlations(table, &recording, &finals, reward, settings.max_new_tokens)?;
+        let correlation =
+            correlations(table, &recording, &finals, reward, settings.max_new_tokens)?;
         let live_check = match (check_live, replayed_paper_half) {
             (true, Some((options, replayed, modelled))) => {
-                eprintln!("{label}: {} live run of paper α=0.5 to compare with its replay", reward.label());
-                Some(live_check(weights, text, user, &prompt, reward, &options, &replayed, modelled, settings.kv_budget_bytes)?)
+                eprintln!(
+                    "{label}: {} live run of paper α=0.5 to compare with its replay",
+                    reward.label()
+                );
+                Some(live_check(
+                    weights,
+                    text,
+                    user,
+                    &prompt,
+                    reward,
+                    &options,
+                    &replayed,
+                    modelled,
+                    settings.kv_budget_bytes,
+                )?)
             }
             _ => None,
         };
@@ -677,10 +802,23 @@ fn run_prompt(
             live_check,
         });
     }
-    Ok(PromptResult { index, prompt: user.to_string(), prompt_tokens: prompt.len(), seed, recording: summary, rewards })
+    Ok(PromptResult {
+        index,
+        prompt: user.to_string(),
+        prompt_tokens: prompt.len(),
+        seed,
+        recording: summary,
+        rewards,
+    })
 }
 
-fn summarize(label: String, policy: Option<PolicyName>, alpha: Option<f32>, n: usize, r: &replay::Replayed) -> RunResult {
+fn summarize(
+    label: String,
+    policy: Option<PolicyName>,
+    alpha: Option<f32>,
+    n: usize,
+    r: &replay::Replayed,
+) -> RunResult {
     let o = &r.outcome;
     let winner = o.winner();
     RunResult {
@@ -710,13 +848,15 @@ fn correlations(
     reward: RewardName,
     max_new: usize,
 ) -> Result<Vec<Correlation>> {
-    let limit = if reward == RewardName::Likelihood { rec.rows.len() } else { rec.rows.len().min(128) };
+    let limit =
+        if reward == RewardName::Likelihood { rec.rows.len() } else { rec.rows.len().min(128) };
     let mut out = Vec::new();
     for position in [16usize, 32, 64, 128, 256] {
         if position >= max_new {
             break;
         }
-        let alive: Vec<u32> = (0..limit as u32).filter(|&r| rec.rows[r as usize].len() > position).collect();
+        let alive: Vec<u32> =
+            (0..limit as u32).filter(|&r| rec.rows[r as usize].len() > position).collect();
         let y: Vec<f64> = alive.iter().map(|&r| f64::from(finals[r as usize])).collect();
         let items: Vec<(u32, usize)> = alive.iter().map(|&r| (r, position)).collect();
         let partial_at = |table: &mut replay::Rewards<'_>| -> Result<Vec<f64>> {
@@ -737,7 +877,13 @@ fn correlations(
         } else {
             (None, None, None)
         };
-        out.push(Correlation { position, rows: alive.len(), pearson, kendall, kendall_partial_prompt });
+        out.push(Correlation {
+            position,
+            rows: alive.len(),
+            pearson,
+            kendall,
+            kendall_partial_prompt,
+        });
     }
     Ok(out)
 }
@@ -756,26 +902,47 @@ fn live_check(
     modelled: f64,
     budget: u64,
 ) -> Result<LiveCheck> {
-    let mut decoder = CandleDecoder::new(Arc::clone(weights), usize::try_from(budget).unwrap_or(usize::MAX));
+    let mut decoder =
+        CandleDecoder::new(Arc::clone(weights), usize::try_from(budget).unwrap_or(usize::MAX));
     let outcome = match reward {
         RewardName::Likelihood => {
             let mut scorer = LikelihoodScorer::new(Arc::clone(weights)).incremental();
-            block_on_ready(specrej_core::generate(&mut decoder, &mut scorer, prompt, options, &mut |_| {}))?
+            block_on_ready(specrej_core::generate(
+                &mut decoder,
+                &mut scorer,
+                prompt,
+                options,
+                &mut |_| {},
+            ))?
         }
         RewardName::Judge | RewardName::PartialJudge => {
             let j = judge_text(text, user)?;
-            let mut scorer = JudgeScorer::new(Arc::clone(weights), j.before, j.after, j.yes, j.no).incremental();
+            let mut scorer =
+                JudgeScorer::new(Arc::clone(weights), j.before, j.after, j.yes, j.no).incremental();
             if reward == RewardName::PartialJudge {
                 scorer = scorer.with_partial(j.after_partial);
             }
-            block_on_ready(specrej_core::generate(&mut decoder, &mut scorer, prompt, options, &mut |_| {}))?
+            block_on_ready(specrej_core::generate(
+                &mut decoder,
+                &mut scorer,
+                prompt,
+                options,
+                &mut |_| {},
+            ))?
         }
         RewardName::SelfJudge => {
             let s = specrej_text::self_judge_segments(&text.tokenizer, &text.template)?;
             let share = KvShare::new(weights);
             decoder.lend_kv(&share)?;
-            let mut scorer = SelfJudgeScorer::new(Arc::clone(weights), s.after, s.yes, s.no).borrowing(&share)?;
-            block_on_ready(specrej_core::generate(&mut decoder, &mut scorer, prompt, options, &mut |_| {}))?
+            let mut scorer = SelfJudgeScorer::new(Arc::clone(weights), s.after, s.yes, s.no)
+                .borrowing(&share)?;
+            block_on_ready(specrej_core::generate(
+                &mut decoder,
+                &mut scorer,
+                prompt,
+                options,
+                &mut |_| {},
+            ))?
         }
     };
     let difference = outcome_difference(&outcome, replayed);
@@ -800,7 +967,17 @@ pub fn outcome_difference(a: &Outcome, b: &Outcome) -> Option<String> {
         return Some("decision trace".into());
     }
     let (s, t) = (&a.stats, &b.stats);
-    let counts = |s: &specrej_core::Stats| (s.tokens_generated, s.steps, s.reward_calls, s.reward_tokens, s.initial_rows, s.batches, s.peak_kv_bytes);
+    let counts = |s: &specrej_core::Stats| {
+        (
+            s.tokens_generated,
+            s.steps,
+            s.reward_calls,
+            s.reward_tokens,
+            s.initial_rows,
+            s.batches,
+            s.peak_kv_bytes,
+        )
+    };
     if counts(s) != counts(t) {
         return Some(format!("counts: {:?} vs {:?}", counts(s), counts(t)));
     }

@@ -1,7 +1,7 @@
 //! Prompt sets: a JSON array of strings or of objects with "prompt" or "instruction" (plus
 //! an optional "input", appended after a blank line), or JSON Lines of either.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 /// The default set: the 100 AlpacaFarm prompts of the paper (see `data/README.md`).
@@ -21,7 +21,8 @@ pub fn parse(text: &str, source: &str) -> Result<Vec<String>> {
             .enumerate()
             .filter(|(_, line)| !line.trim().is_empty())
             .map(|(i, line)| {
-                serde_json::from_str(line).with_context(|| format!("{source}: line {} is not JSON", i + 1))
+                serde_json::from_str(line)
+                    .with_context(|| format!("{source}: line {} is not JSON", i + 1))
             })
             .collect::<Result<_>>()?
     };
@@ -30,7 +31,8 @@ pub fn parse(text: &str, source: &str) -> Result<Vec<String>> {
         let prompt = match value {
             Value::String(s) => s.clone(),
             Value::Object(map) => {
-                let main = map.get("prompt").or_else(|| map.get("instruction")).and_then(Value::as_str);
+                let main =
+                    map.get("prompt").or_else(|| map.get("instruction")).and_then(Value::as_str);
                 let Some(main) = main else {
                     bail!("{source}: item {} has no string \"prompt\" or \"instruction\"", i + 1);
                 };

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use specrej_candle::{CandleDecoder, Model};
-use specrej_core::{block_on_ready, Finish, Method, Options, Response, Scored, Scorer, Stats};
+use specrej_core::{Finish, Method, Options, Response, Scored, Scorer, Stats, block_on_ready};
 
 /// A recorded Best-of-N run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -28,20 +28,36 @@ pub struct Recording {
 struct NoReward;
 
 impl Scorer for NoReward {
-    async fn score(&mut self, _prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, specrej_core::BackendError> {
+    async fn score(
+        &mut self,
+        _prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, specrej_core::BackendError> {
         Ok(Scored { rewards: vec![0.0; responses.len()], tokens_processed: 0 })
     }
 }
 
 /// Runs Best-of-`options.n` of `prompt` (in batches of `batch_rows`) and records it.
-pub fn record(model: &Arc<Model>, prompt: &[u32], options: &Options, batch_rows: usize) -> Result<Recording> {
+pub fn record(
+    model: &Arc<Model>,
+    prompt: &[u32],
+    options: &Options,
+    batch_rows: usize,
+) -> Result<Recording> {
     let n = options.n;
-    let bytes = CandleDecoder::budget_for(model, prompt.len(), batch_rows.min(n), options.max_new_tokens);
+    let bytes =
+        CandleDecoder::budget_for(model, prompt.len(), batch_rows.min(n), options.max_new_tokens);
     let mut decoder = CandleDecoder::new(Arc::clone(model), bytes);
     let sink = Arc::new(Mutex::new(Vec::new()));
     decoder.record_nll(Arc::clone(&sink));
     let bon = Options { method: Method::BestOfN, ..options.clone() };
-    let outcome = block_on_ready(specrej_core::generate(&mut decoder, &mut NoReward, prompt, &bon, &mut |_| {}))?;
+    let outcome = block_on_ready(specrej_core::generate(
+        &mut decoder,
+        &mut NoReward,
+        prompt,
+        &bon,
+        &mut |_| {},
+    ))?;
     let mut rows = vec![Vec::new(); n];
     let mut finish = vec![Finish::Length; n];
     for c in outcome.candidates {
@@ -49,7 +65,9 @@ pub fn record(model: &Arc<Model>, prompt: &[u32], options: &Options, batch_rows:
         finish[c.row as usize] = c.finish;
     }
     let mut nll: Vec<Vec<f32>> = rows.iter().map(|r| vec![f32::NAN; r.len()]).collect();
-    let entries = std::mem::take(&mut *sink.lock().map_err(|_| anyhow::anyhow!("the NLL sink was poisoned"))?);
+    let entries = std::mem::take(
+        &mut *sink.lock().map_err(|_| anyhow::anyhow!("the NLL sink was poisoned"))?,
+    );
     for (row, position, value) in entries {
         if let Some(slot) = nll.get_mut(row as usize).and_then(|r| r.get_mut(position as usize)) {
             *slot = value;

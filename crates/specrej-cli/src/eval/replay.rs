@@ -7,16 +7,31 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use specrej_candle::{reused_positions, JudgeScorer, Model, SelfJudgeScorer};
+use specrej_candle::{JudgeScorer, Model, SelfJudgeScorer, reused_positions};
 use specrej_core::likelihood;
 use specrej_core::replay::{Call, ReplayDecoder};
-use specrej_core::{block_on_ready, BackendError, KvLayout, Method, Options, Outcome, Response, Rules, Scored, Scorer};
+use specrej_core::{
+    BackendError, KvLayout, Method, Options, Outcome, Response, Rules, Scored, Scorer,
+    block_on_ready,
+};
 
 use super::cost::{Calibration, Cost};
 use super::record::Recording;
 
 /// The rewards `bench paper` evaluates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum RewardName {
     /// The policy as a judge: logit(Yes) − logit(No).
@@ -76,20 +91,52 @@ pub struct Rewards<'r> {
 
 impl<'r> Rewards<'r> {
     pub fn likelihood(rec: &'r Recording) -> Self {
-        Self { rec, name: RewardName::Likelihood, judge: None, memo: HashMap::new(), computed_tokens: 0 }
+        Self {
+            rec,
+            name: RewardName::Likelihood,
+            judge: None,
+            memo: HashMap::new(),
+            computed_tokens: 0,
+        }
     }
 
     /// The self-judge: a judge whose `before` is the policy's `prompt` and which asks `after`
     /// at decisions too (`after[0]` ends the assistant's turn: see [`Rewards::get`]).
-    pub fn self_judge(rec: &'r Recording, model: &Arc<Model>, prompt: &[u32], after: Vec<u32>, yes: u32, no: u32) -> Self {
-        let text = JudgeText { before: prompt.to_vec(), after_partial: after.clone(), after, yes, no };
-        let scorer = JudgeScorer::new(Arc::clone(model), text.before.clone(), text.after.clone(), text.yes, text.no);
-        Self { rec, name: RewardName::SelfJudge, judge: Some((scorer, text)), memo: HashMap::new(), computed_tokens: 0 }
+    pub fn self_judge(
+        rec: &'r Recording,
+        model: &Arc<Model>,
+        prompt: &[u32],
+        after: Vec<u32>,
+        yes: u32,
+        no: u32,
+    ) -> Self {
+        let text =
+            JudgeText { before: prompt.to_vec(), after_partial: after.clone(), after, yes, no };
+        let scorer = JudgeScorer::new(
+            Arc::clone(model),
+            text.before.clone(),
+            text.after.clone(),
+            text.yes,
+            text.no,
+        );
+        Self {
+            rec,
+            name: RewardName::SelfJudge,
+            judge: Some((scorer, text)),
+            memo: HashMap::new(),
+            computed_tokens: 0,
+        }
     }
 
     pub fn judge(rec: &'r Recording, model: &Arc<Model>, text: JudgeText, partial: bool) -> Self {
-        let scorer = JudgeScorer::new(Arc::clone(model), text.before.clone(), text.after.clone(), text.yes, text.no)
-            .with_partial(text.after_partial.clone());
+        let scorer = JudgeScorer::new(
+            Arc::clone(model),
+            text.before.clone(),
+            text.after.clone(),
+            text.yes,
+            text.no,
+        )
+        .with_partial(text.after_partial.clone());
         let name = if partial { RewardName::PartialJudge } else { RewardName::Judge };
         Self { rec, name, judge: Some((scorer, text)), memo: HashMap::new(), computed_tokens: 0 }
     }
@@ -120,8 +167,11 @@ impl<'r> Rewards<'r> {
                 .collect());
         }
         let missing: Vec<(u32, usize)> = {
-            let mut m: Vec<(u32, usize)> =
-                items.iter().copied().filter(|&(row, len)| !self.memo.contains_key(&(row, len, partial_prompt))).collect();
+            let mut m: Vec<(u32, usize)> = items
+                .iter()
+                .copied()
+                .filter(|&(row, len)| !self.memo.contains_key(&(row, len, partial_prompt)))
+                .collect();
             m.sort_unstable();
             m.dedup();
             m
@@ -139,8 +189,10 @@ impl<'r> Rewards<'r> {
                 if self_judge { SelfJudgeScorer::answer(prefix, &text.after).len() } else { len }
             };
             // Each row's whole text is run once and kept; a prefix then runs only the question.
-            let asks: Vec<(Response<'_>, usize)> =
-                missing.iter().map(|&(row, len)| (Response { row, tokens: &rows[row as usize] }, asked(row, len))).collect();
+            let asks: Vec<(Response<'_>, usize)> = missing
+                .iter()
+                .map(|&(row, len)| (Response { row, tokens: &rows[row as usize] }, asked(row, len)))
+                .collect();
             let scored = scorer.score_prefixes(&asks, partial_prompt)?;
             self.computed_tokens += scored.tokens_processed;
             for (&(row, len), reward) in missing.iter().zip(scored.rewards) {
@@ -152,7 +204,8 @@ impl<'r> Rewards<'r> {
 
     /// Every row's final reward (its whole text).
     pub fn finals(&mut self) -> Result<Vec<f32>, BackendError> {
-        let items: Vec<(u32, usize)> = self.rec.rows.iter().enumerate().map(|(i, r)| (i as u32, r.len())).collect();
+        let items: Vec<(u32, usize)> =
+            self.rec.rows.iter().enumerate().map(|(i, r)| (i as u32, r.len())).collect();
         self.get(&items, false)
     }
 
@@ -187,7 +240,13 @@ impl Shadow {
     }
 
     /// What one call runs, as the live scorer would run it.
-    fn call(&mut self, prompt: &[u32], judge: Option<&JudgeText>, responses: &[Response<'_>], partial: bool) -> Cost {
+    fn call(
+        &mut self,
+        prompt: &[u32],
+        judge: Option<&JudgeText>,
+        responses: &[Response<'_>],
+        partial: bool,
+    ) -> Cost {
         if let (RewardName::SelfJudge, Some(j)) = (self.name, judge) {
             return self_judge_cost(prompt, &j.after, responses);
         }
@@ -197,7 +256,9 @@ impl Shadow {
             (_, None) => return Cost::default(),
         };
         let (mut tokens, mut pairs, mut rows) = (0u64, 0u64, 0u64);
-        if self.name == RewardName::Likelihood && self.prefix.as_deref().is_some_and(|p| p != prompt) {
+        if self.name == RewardName::Likelihood
+            && self.prefix.as_deref().is_some_and(|p| p != prompt)
+        {
             self.rows.clear(); // the live scorer drops its caches on a new prompt
         }
         if self.prefix.as_deref() != Some(&prefix[..]) {
@@ -211,12 +272,21 @@ impl Shadow {
                 (RewardName::Likelihood, _) if r.tokens.is_empty() => continue,
                 (RewardName::Likelihood, _) => [prompt, &r.tokens[..r.tokens.len() - 1]].concat(),
                 (name, Some(j)) => {
-                    let after = if partial && name == RewardName::PartialJudge { &j.after_partial } else { &j.after };
+                    let after = if partial && name == RewardName::PartialJudge {
+                        &j.after_partial
+                    } else {
+                        &j.after
+                    };
                     [&j.before[..], r.tokens, &after[..]].concat()
                 }
                 (_, None) => continue,
             };
-            let keep = reused_positions(self.rows.get(&r.row).map(Vec::as_slice), Some(&prefix), &ids, back);
+            let keep = reused_positions(
+                self.rows.get(&r.row).map(Vec::as_slice),
+                Some(&prefix),
+                &ids,
+                back,
+            );
             tokens += (ids.len() - keep) as u64;
             pairs += (keep as u64 + 1..=ids.len() as u64).sum::<u64>();
             rows += 1;
@@ -235,7 +305,8 @@ fn self_judge_cost(prompt: &[u32], after: &[u32], responses: &[Response<'_>]) ->
         let answer = SelfJudgeScorer::answer(r.tokens, after).len();
         // The decoder ran every sampled token but the last.
         let ran = answer.min(r.tokens.len().saturating_sub(1));
-        let (keep, total) = ((prompt.len() + ran) as u64, (prompt.len() + answer + after.len()) as u64);
+        let (keep, total) =
+            ((prompt.len() + ran) as u64, (prompt.len() + answer + after.len()) as u64);
         cost.tokens += total - keep;
         cost.pairs += (keep + 1..=total).sum::<u64>();
         cost.rows += 1;
@@ -256,15 +327,27 @@ struct ReplayScorer<'a, 'r> {
 }
 
 impl ReplayScorer<'_, '_> {
-    fn run(&mut self, prompt: &[u32], responses: &[Response<'_>], partial: bool) -> Result<Scored, BackendError> {
+    fn run(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+        partial: bool,
+    ) -> Result<Scored, BackendError> {
         let items: Vec<(u32, usize)> = responses.iter().map(|r| (r.row, r.tokens.len())).collect();
         let rewards = match (partial, self.mode) {
             (false, _) | (true, Mode::Real) => self.rewards.get(&items, partial)?,
             (true, Mode::Random) => items
                 .iter()
-                .map(|&(row, len)| specrej_core::sampling::uniform(specrej_core::sampling::row_key(self.seed, row, len as u32), 0x5eed))
+                .map(|&(row, len)| {
+                    specrej_core::sampling::uniform(
+                        specrej_core::sampling::row_key(self.seed, row, len as u32),
+                        0x5eed,
+                    )
+                })
                 .collect(),
-            (true, Mode::Oracle) => items.iter().map(|&(row, _)| self.finals[row as usize]).collect(),
+            (true, Mode::Oracle) => {
+                items.iter().map(|&(row, _)| self.finals[row as usize]).collect()
+            }
         };
         let judge = self.rewards.judge_text().cloned();
         let cost = self.shadow.call(prompt, judge.as_ref(), responses, partial);
@@ -274,11 +357,19 @@ impl ReplayScorer<'_, '_> {
 }
 
 impl Scorer for ReplayScorer<'_, '_> {
-    async fn score(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    async fn score(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         self.run(prompt, responses, false)
     }
 
-    async fn score_partial(&mut self, prompt: &[u32], responses: &[Response<'_>]) -> Result<Scored, BackendError> {
+    async fn score_partial(
+        &mut self,
+        prompt: &[u32],
+        responses: &[Response<'_>],
+    ) -> Result<Scored, BackendError> {
         self.run(prompt, responses, true)
     }
 
@@ -330,15 +421,36 @@ pub fn replay(
     mode: Mode,
     calibration: &Calibration,
 ) -> Result<Replayed> {
-    let mut decoder = ReplayDecoder::new(&rec.rows, memory.capacity, memory.layout, memory.kv_bytes_per_token, memory.max_sequence_len);
+    let mut decoder = ReplayDecoder::new(
+        &rec.rows,
+        memory.capacity,
+        memory.layout,
+        memory.kv_bytes_per_token,
+        memory.max_sequence_len,
+    );
     let name = rewards.name();
-    let mut scorer = ReplayScorer { rewards, finals, mode, seed: options.sampling.seed ^ 0x7a9d, shadow: Shadow::new(name), calls: Vec::new() };
-    let outcome = block_on_ready(specrej_core::generate(&mut decoder, &mut scorer, prompt, options, &mut |_| {}))?;
+    let mut scorer = ReplayScorer {
+        rewards,
+        finals,
+        mode,
+        seed: options.sampling.seed ^ 0x7a9d,
+        shadow: Shadow::new(name),
+        calls: Vec::new(),
+    };
+    let outcome = block_on_ready(specrej_core::generate(
+        &mut decoder,
+        &mut scorer,
+        prompt,
+        options,
+        &mut |_| {},
+    ))?;
     let mut seconds = [0.0; 3];
     for call in &decoder.calls {
         match *call {
             Call::Prefill { prompt, .. } => seconds[0] += calibration.prefill_seconds(prompt),
-            Call::Step { rows, generated } => seconds[1] += calibration.step_seconds(rows, generated),
+            Call::Step { rows, generated } => {
+                seconds[1] += calibration.step_seconds(rows, generated)
+            }
             Call::Retain { .. } => {}
         }
     }
@@ -350,7 +462,10 @@ pub fn replay(
 
 /// What a live incremental `name` scorer runs on a sequence of calls (the calibration fits
 /// its costs against this). Releases are not seen: give every call rows it has not used.
-pub fn live_cost(name: RewardName, judge: Option<JudgeText>) -> impl FnMut(&[u32], &[Response<'_>]) -> Cost {
+pub fn live_cost(
+    name: RewardName,
+    judge: Option<JudgeText>,
+) -> impl FnMut(&[u32], &[Response<'_>]) -> Cost {
     let mut shadow = Shadow::new(name);
     move |prompt, responses| shadow.call(prompt, judge.as_ref(), responses, true)
 }

@@ -112,7 +112,12 @@ fn speedup(curve: &[(f64, f64)], score: f64, own: f64) -> Option<(Reach, f64)> {
     (own > 0.0).then(|| (reach, reach.compute() / own))
 }
 
-pub fn analyze(settings: &Settings, results: &[&PromptResult], reward: RewardName, bootstrap: usize) -> Analysis {
+pub fn analyze(
+    settings: &Settings,
+    results: &[&PromptResult],
+    reward: RewardName,
+    bootstrap: usize,
+) -> Analysis {
     let reference = bon_label(settings.bon[0]);
     let mut prompts = Vec::new();
     let mut skipped = 0;
@@ -146,11 +151,18 @@ pub fn analyze(settings: &Settings, results: &[&PromptResult], reward: RewardNam
         (tokens, wall)
     };
     let rows_of = |label: &str| {
-        let v: Vec<f64> = table.prompts.iter().filter_map(|(r, ..)| Table::run(r, label)).map(|run| run.initial_rows as f64).collect();
+        let v: Vec<f64> = table
+            .prompts
+            .iter()
+            .filter_map(|(r, ..)| Table::run(r, label))
+            .map(|run| run.initial_rows as f64)
+            .collect();
         if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 }
     };
     let ci_of = |index: usize, what: &PointStat<'_>| {
-        math::bootstrap_ci(table.prompts.len(), bootstrap, |pick| table.points(pick).and_then(|pts| what(&pts, index)))
+        math::bootstrap_ci(table.prompts.len(), bootstrap, |pick| {
+            table.points(pick).and_then(|pts| what(&pts, index))
+        })
     };
     let mut bon = Vec::new();
     let mut sr = Vec::new();
@@ -195,7 +207,8 @@ pub fn analyze(settings: &Settings, results: &[&PromptResult], reward: RewardNam
                 let l = format!("{} α={alpha}", policy_label(p));
                 table.labels.iter().position(|x| *x == l).map(|j| pts[j].0)
             };
-            if let (Some(floor), Some(ceiling)) = (score_at(PolicyName::Random), score_at(PolicyName::Oracle))
+            if let (Some(floor), Some(ceiling)) =
+                (score_at(PolicyName::Random), score_at(PolicyName::Oracle))
                 && ceiling > floor
             {
                 point.oracle_share = Some((score - floor) / (ceiling - floor));
@@ -208,7 +221,12 @@ pub fn analyze(settings: &Settings, results: &[&PromptResult], reward: RewardNam
     let positions: Vec<usize> = {
         let mut p: Vec<usize> = results
             .iter()
-            .flat_map(|p| p.rewards.iter().filter(|r| r.reward == reward).flat_map(|r| r.correlation.iter().map(|c| c.position)))
+            .flat_map(|p| {
+                p.rewards
+                    .iter()
+                    .filter(|r| r.reward == reward)
+                    .flat_map(|r| r.correlation.iter().map(|c| c.position))
+            })
             .collect();
         p.sort_unstable();
         p.dedup();
@@ -223,7 +241,8 @@ pub fn analyze(settings: &Settings, results: &[&PromptResult], reward: RewardNam
         let rows: Vec<f64> = at.iter().map(|c| c.rows as f64).collect();
         let pearson: Vec<f64> = at.iter().filter_map(|c| c.pearson).collect();
         let kendall: Vec<f64> = at.iter().filter_map(|c| c.kendall).collect();
-        let kendall_partial: Vec<f64> = at.iter().filter_map(|c| c.kendall_partial_prompt).collect();
+        let kendall_partial: Vec<f64> =
+            at.iter().filter_map(|c| c.kendall_partial_prompt).collect();
         if let Some(rows) = math::summarize(&rows) {
             correlation.push(CorrelationRow {
                 position,
@@ -237,10 +256,19 @@ pub fn analyze(settings: &Settings, results: &[&PromptResult], reward: RewardNam
     }
     let live: Vec<LiveCheck> = results
         .iter()
-        .flat_map(|p| p.rewards.iter().filter(|r| r.reward == reward).filter_map(|r| r.live_check.clone()))
+        .flat_map(|p| {
+            p.rewards.iter().filter(|r| r.reward == reward).filter_map(|r| r.live_check.clone())
+        })
         .collect();
-    let (measured, modelled): (f64, f64) = results.iter().map(|p| (p.recording.wall_seconds, p.recording.modelled_seconds)).fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-    let memo_tokens = results.iter().flat_map(|p| p.rewards.iter().filter(|r| r.reward == reward)).map(|r| r.memo_tokens).sum();
+    let (measured, modelled): (f64, f64) = results
+        .iter()
+        .map(|p| (p.recording.wall_seconds, p.recording.modelled_seconds))
+        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let memo_tokens = results
+        .iter()
+        .flat_map(|p| p.rewards.iter().filter(|r| r.reward == reward))
+        .map(|r| r.memo_tokens)
+        .sum();
     Analysis {
         reward,
         prompts: results.len(),
@@ -285,7 +313,12 @@ fn fmt_summary(s: &Option<Summary>) -> String {
     }
 }
 
-pub fn markdown(settings: &Settings, calibration: Option<&Calibration>, results: &[&PromptResult], analyses: &[Analysis]) -> String {
+pub fn markdown(
+    settings: &Settings,
+    calibration: Option<&Calibration>,
+    results: &[&PromptResult],
+    analyses: &[Analysis],
+) -> String {
     let mut md = String::new();
     let largest = bon_label(*settings.bon.last().unwrap_or(&0));
     let _ = writeln!(md, "# specrej bench paper\n");
@@ -325,7 +358,13 @@ pub fn markdown(settings: &Settings, calibration: Option<&Calibration>, results:
     );
     for a in analyses {
         let _ = writeln!(md, "## Reward: {}\n", a.reward.label());
-        let _ = writeln!(md, "{} prompts, {} counted ({} with all reference rewards equal).\n", a.prompts, a.prompts - a.skipped, a.skipped);
+        let _ = writeln!(
+            md,
+            "{} prompts, {} counted ({} with all reference rewards equal).\n",
+            a.prompts,
+            a.prompts - a.skipped,
+            a.skipped
+        );
         let _ = writeln!(
             md,
             "| method | rows | improvement score [95% CI] | rel. compute (tokens) | rel. compute (wall) | speedup (tokens) [CI] | speedup (wall) [CI] | oracle share |"
@@ -348,14 +387,21 @@ pub fn markdown(settings: &Settings, calibration: Option<&Calibration>, results:
                 p.oracle_share.map_or_else(|| "–".to_string(), |s| format!("{:.0}%", 100.0 * s))
             );
         }
-        let _ = writeln!(md, "\nPartial reward (at the position) against the final reward, over the rows alive there; distribution over prompts:\n");
+        let _ = writeln!(
+            md,
+            "\nPartial reward (at the position) against the final reward, over the rows alive there; distribution over prompts:\n"
+        );
         let partial = a.correlation.iter().any(|c| c.kendall_partial_prompt.is_some());
         let _ = writeln!(
             md,
             "| position | prompts | rows (median) | Pearson mean | median | IQR | Kendall τ mean | median | IQR |{}",
             if partial { " τ, partial-answer question: mean | median | IQR |" } else { "" }
         );
-        let _ = writeln!(md, "|---:|---:|---:|---:|---:|---|---:|---:|---|{}", if partial { "---:|---:|---|" } else { "" });
+        let _ = writeln!(
+            md,
+            "|---:|---:|---:|---:|---:|---|---:|---:|---|{}",
+            if partial { "---:|---:|---|" } else { "" }
+        );
         for c in &a.correlation {
             let _ = writeln!(
                 md,
@@ -365,12 +411,17 @@ pub fn markdown(settings: &Settings, calibration: Option<&Calibration>, results:
                 c.rows.median,
                 fmt_summary(&c.pearson),
                 fmt_summary(&c.kendall),
-                if partial { format!(" {} |", fmt_summary(&c.kendall_partial_prompt)) } else { String::new() }
+                if partial {
+                    format!(" {} |", fmt_summary(&c.kendall_partial_prompt))
+                } else {
+                    String::new()
+                }
             );
         }
         if !a.live.is_empty() {
             let _ = writeln!(md, "\nLive runs beside their replays:\n");
-            let _ = writeln!(md, "| run | outcome equal | difference | live wall (s) | modelled (s) |");
+            let _ =
+                writeln!(md, "| run | outcome equal | difference | live wall (s) | modelled (s) |");
             let _ = writeln!(md, "|---|---|---|---:|---:|");
             for l in &a.live {
                 let _ = writeln!(
@@ -407,7 +458,11 @@ struct Frame {
 
 impl Frame {
     fn px(&self, x: f64) -> f64 {
-        let (v, a, b) = if self.log_x { (x.ln(), self.x.0.ln(), self.x.1.ln()) } else { (x, self.x.0, self.x.1) };
+        let (v, a, b) = if self.log_x {
+            (x.ln(), self.x.0.ln(), self.x.1.ln())
+        } else {
+            (x, self.x.0, self.x.1)
+        };
         self.left + (v - a) / (b - a) * self.width
     }
 
@@ -524,7 +579,14 @@ fn range(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
 /// Improvement score against relative compute (modelled wall), log x: the Best-of-N
 /// curve and every policy's points.
 pub fn improvement_svg(a: &Analysis) -> String {
-    let mut svg = svg_open(760, 500, &format!("Improvement score vs relative compute (modelled wall) · reward {}", a.reward.label()));
+    let mut svg = svg_open(
+        760,
+        500,
+        &format!(
+            "Improvement score vs relative compute (modelled wall) · reward {}",
+            a.reward.label()
+        ),
+    );
     let points = a.bon.iter().chain(&a.sr);
     let xs = range(points.clone().map(|p| p.rel_wall).filter(|x| *x > 0.0));
     let ys = range(points.map(|p| p.score));
@@ -533,15 +595,32 @@ pub fn improvement_svg(a: &Analysis) -> String {
         return svg;
     };
     let pad_y = ((y1 - y0) * 0.1).max(1.0);
-    let f = Frame { left: 80.0, top: 40.0, width: 560.0, height: 380.0, x: (x0 / 1.3, x1 * 1.3), y: (y0 - pad_y, y1 + pad_y), log_x: true };
-    axes(&mut svg, &f, "relative compute (× reference Best-of-N wall, log scale)", "improvement score");
+    let f = Frame {
+        left: 80.0,
+        top: 40.0,
+        width: 560.0,
+        height: 380.0,
+        x: (x0 / 1.3, x1 * 1.3),
+        y: (y0 - pad_y, y1 + pad_y),
+        log_x: true,
+    };
+    axes(
+        &mut svg,
+        &f,
+        "relative compute (× reference Best-of-N wall, log scale)",
+        "improvement score",
+    );
     let path: Vec<String> = a
         .bon
         .iter()
         .filter(|p| p.rel_wall > 0.0 && p.score.is_finite())
         .map(|p| format!("{:.1},{:.1}", f.px(p.rel_wall), f.py(p.score)))
         .collect();
-    let _ = writeln!(svg, "<polyline points=\"{}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>", path.join(" "));
+    let _ = writeln!(
+        svg,
+        "<polyline points=\"{}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>",
+        path.join(" ")
+    );
     for p in a.bon.iter().filter(|p| p.rel_wall > 0.0 && p.score.is_finite()) {
         let (x, y) = (f.px(p.rel_wall), f.py(p.score));
         let _ = writeln!(
@@ -560,9 +639,17 @@ pub fn improvement_svg(a: &Analysis) -> String {
     };
     for (k, policy) in policies.iter().enumerate() {
         let color = colors[k % colors.len()];
-        let pts: Vec<&Point> = a.sr.iter().filter(|p| p.policy == Some(*policy) && p.rel_wall > 0.0 && p.score.is_finite()).collect();
-        let line: Vec<String> = pts.iter().map(|p| format!("{:.1},{:.1}", f.px(p.rel_wall), f.py(p.score))).collect();
-        let _ = writeln!(svg, "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-dasharray=\"4 3\"/>", line.join(" "));
+        let pts: Vec<&Point> =
+            a.sr.iter()
+                .filter(|p| p.policy == Some(*policy) && p.rel_wall > 0.0 && p.score.is_finite())
+                .collect();
+        let line: Vec<String> =
+            pts.iter().map(|p| format!("{:.1},{:.1}", f.px(p.rel_wall), f.py(p.score))).collect();
+        let _ = writeln!(
+            svg,
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-dasharray=\"4 3\"/>",
+            line.join(" ")
+        );
         for p in pts {
             let (x, y) = (f.px(p.rel_wall), f.py(p.score));
             let _ = writeln!(
@@ -585,7 +672,12 @@ pub fn improvement_svg(a: &Analysis) -> String {
             policy_label(*policy)
         );
     }
-    let _ = writeln!(svg, "<circle cx=\"660\" cy=\"{:.1}\" r=\"4\" fill=\"#1f77b4\"/><text x=\"670\" y=\"{:.1}\">Best-of-N</text>", 60.0 + 16.0 * policies.len() as f64 - 4.0, 60.0 + 16.0 * policies.len() as f64);
+    let _ = writeln!(
+        svg,
+        "<circle cx=\"660\" cy=\"{:.1}\" r=\"4\" fill=\"#1f77b4\"/><text x=\"670\" y=\"{:.1}\">Best-of-N</text>",
+        60.0 + 16.0 * policies.len() as f64 - 4.0,
+        60.0 + 16.0 * policies.len() as f64
+    );
     svg.push_str("</svg>\n");
     svg
 }
@@ -593,10 +685,26 @@ pub fn improvement_svg(a: &Analysis) -> String {
 /// Box plots (whiskers min–max, box IQR, bar median, ○ mean) of Pearson and Kendall τ by
 /// position.
 pub fn correlation_svg(a: &Analysis) -> String {
-    let mut svg = svg_open(720, 480, &format!("Partial vs final reward by position · reward {}", a.reward.label()));
+    let mut svg = svg_open(
+        720,
+        480,
+        &format!("Partial vs final reward by position · reward {}", a.reward.label()),
+    );
     let groups = a.correlation.len().max(1) as f64;
-    let f = Frame { left: 80.0, top: 40.0, width: 600.0, height: 370.0, x: (0.0, groups), y: (-1.0, 1.0), log_x: false };
-    let _ = writeln!(svg, "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"black\"/>", f.left, f.top, f.width, f.height);
+    let f = Frame {
+        left: 80.0,
+        top: 40.0,
+        width: 600.0,
+        height: 370.0,
+        x: (0.0, groups),
+        y: (-1.0, 1.0),
+        log_x: false,
+    };
+    let _ = writeln!(
+        svg,
+        "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"black\"/>",
+        f.left, f.top, f.width, f.height
+    );
     for i in 0..=8 {
         let y = -1.0 + 0.25 * f64::from(i);
         let py = f.py(y);
@@ -611,12 +719,26 @@ pub fn correlation_svg(a: &Analysis) -> String {
             trim_number(y)
         );
     }
-    let _ = writeln!(svg, "<text transform=\"translate(35,{}) rotate(-90)\" text-anchor=\"middle\">correlation with the final reward</text>", f.top + f.height / 2.0);
-    let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">tokens generated (position)</text>", f.left + f.width / 2.0, f.top + f.height + 36.0);
+    let _ = writeln!(
+        svg,
+        "<text transform=\"translate(35,{}) rotate(-90)\" text-anchor=\"middle\">correlation with the final reward</text>",
+        f.top + f.height / 2.0
+    );
+    let _ = writeln!(
+        svg,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">tokens generated (position)</text>",
+        f.left + f.width / 2.0,
+        f.top + f.height + 36.0
+    );
     let slot = f.width / groups;
     for (k, c) in a.correlation.iter().enumerate() {
         let center = f.left + slot * (k as f64 + 0.5);
-        let _ = writeln!(svg, "<text x=\"{center:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>", f.top + f.height + 16.0, c.position);
+        let _ = writeln!(
+            svg,
+            "<text x=\"{center:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+            f.top + f.height + 16.0,
+            c.position
+        );
         for (s, dx, color) in [(&c.pearson, -0.2, "#1f77b4"), (&c.kendall, 0.2, "#ff7f0e")] {
             let Some(s) = s else { continue };
             let x = center + dx * slot;

@@ -3,8 +3,10 @@
 
 use std::sync::Arc;
 
-use specrej_candle::{CandleDecoder, JudgeScorer, KvShare, LikelihoodScorer, LoadOptions, SelfJudgeScorer};
-use specrej_core::{block_on_ready, Decoder, Method, Options, Rules, Sampling, Scorer};
+use specrej_candle::{
+    CandleDecoder, JudgeScorer, KvShare, LikelihoodScorer, LoadOptions, SelfJudgeScorer,
+};
+use specrej_core::{Decoder, Method, Options, Rules, Sampling, Scorer, block_on_ready};
 
 use super::cost::Calibration;
 use super::record::record;
@@ -16,7 +18,13 @@ const QUESTION: &str = "Give three tips for staying healthy.";
 
 /// Prices nothing: these tests compare outcomes, not costs.
 fn free() -> Calibration {
-    Calibration { machine: "test".into(), step: vec![(1, 0.0)], per_row_token: 0.0, prefill: [0.0; 3], reward: Default::default() }
+    Calibration {
+        machine: "test".into(),
+        step: vec![(1, 0.0)],
+        per_row_token: 0.0,
+        prefill: [0.0; 3],
+        reward: Default::default(),
+    }
 }
 
 #[test]
@@ -49,15 +57,24 @@ fn replay_equals_live_runs_on_the_default_model() {
     };
     let judge = judge_text(&text, QUESTION).unwrap();
     let own = specrej_text::self_judge_segments(&text.tokenizer, &text.template).unwrap();
-    for reward in [RewardName::Judge, RewardName::Likelihood, RewardName::PartialJudge, RewardName::SelfJudge] {
+    for reward in
+        [RewardName::Judge, RewardName::Likelihood, RewardName::PartialJudge, RewardName::SelfJudge]
+    {
         let mut table = match reward {
             RewardName::Likelihood => Rewards::likelihood(&rec),
-            RewardName::SelfJudge => Rewards::self_judge(&rec, &model, &prompt, own.after.clone(), own.yes, own.no),
+            RewardName::SelfJudge => {
+                Rewards::self_judge(&rec, &model, &prompt, own.after.clone(), own.yes, own.no)
+            }
             _ => Rewards::judge(&rec, &model, judge.clone(), reward == RewardName::PartialJudge),
         };
         let finals = table.finals().unwrap();
         // Several α and every rule set with the judge; fewer with the others (CI time).
-        let policies = Rules { probe_lag: 4, gate_tau: Some(0.5), adaptive_snr: Some(1.0), ..Rules::default() };
+        let policies = Rules {
+            probe_lag: 4,
+            gate_tau: Some(0.5),
+            adaptive_snr: Some(1.0),
+            ..Rules::default()
+        };
         let configs: Vec<(f32, Rules)> = match reward {
             RewardName::Judge => vec![
                 (0.3, Rules::default()),
@@ -68,31 +85,71 @@ fn replay_equals_live_runs_on_the_default_model() {
             ],
             RewardName::Likelihood => vec![(0.3, Rules::default()), (0.8, Rules::default())],
             RewardName::PartialJudge => vec![(0.5, policies)],
-            RewardName::SelfJudge => vec![(0.5, Rules::default()), (0.5, Rules { paper_exact: true, ..Rules::default() })],
+            RewardName::SelfJudge => vec![
+                (0.5, Rules::default()),
+                (0.5, Rules { paper_exact: true, ..Rules::default() }),
+            ],
         };
         for (alpha, rules) in configs {
             let options = replay::sr_options(&base, alpha, 24, rules);
-            let replayed = replay::replay(&rec, &mut table, &finals, &prompt, &options, memory, Mode::Real, &free()).unwrap().outcome;
-            assert!(!replayed.trace.is_empty(), "{reward:?} α {alpha}: the budget forces decisions");
+            let replayed = replay::replay(
+                &rec,
+                &mut table,
+                &finals,
+                &prompt,
+                &options,
+                memory,
+                Mode::Real,
+                &free(),
+            )
+            .unwrap()
+            .outcome;
+            assert!(
+                !replayed.trace.is_empty(),
+                "{reward:?} α {alpha}: the budget forces decisions"
+            );
             let mut decoder = CandleDecoder::new(Arc::clone(&model), bytes);
             let live = match reward {
-                RewardName::Likelihood => run(&mut decoder, &mut LikelihoodScorer::new(Arc::clone(&model)).incremental(), &prompt, &options),
+                RewardName::Likelihood => run(
+                    &mut decoder,
+                    &mut LikelihoodScorer::new(Arc::clone(&model)).incremental(),
+                    &prompt,
+                    &options,
+                ),
                 RewardName::SelfJudge => {
                     // On the decoder's K/V, under a budget that forces a decision every block or two.
                     let share = KvShare::new(&model);
                     decoder.lend_kv(&share).unwrap();
-                    let mut j = SelfJudgeScorer::new(Arc::clone(&model), own.after.clone(), own.yes, own.no).borrowing(&share).unwrap();
+                    let mut j = SelfJudgeScorer::new(
+                        Arc::clone(&model),
+                        own.after.clone(),
+                        own.yes,
+                        own.no,
+                    )
+                    .borrowing(&share)
+                    .unwrap();
                     run(&mut decoder, &mut j, &prompt, &options)
                 }
                 _ => {
-                    let mut j = JudgeScorer::new(Arc::clone(&model), judge.before.clone(), judge.after.clone(), judge.yes, judge.no).incremental();
+                    let mut j = JudgeScorer::new(
+                        Arc::clone(&model),
+                        judge.before.clone(),
+                        judge.after.clone(),
+                        judge.yes,
+                        judge.no,
+                    )
+                    .incremental();
                     if reward == RewardName::PartialJudge {
                         j = j.with_partial(judge.after_partial.clone());
                     }
                     run(&mut decoder, &mut j, &prompt, &options)
                 }
             };
-            assert_eq!(outcome_difference(&live, &replayed), None, "{reward:?} α {alpha} {rules:?}");
+            assert_eq!(
+                outcome_difference(&live, &replayed),
+                None,
+                "{reward:?} α {alpha} {rules:?}"
+            );
             eprintln!(
                 "{reward:?} α {alpha}: replay = live ({} decisions, winner row {}, {} tokens, {} RM tokens)",
                 live.trace.len(),
@@ -103,16 +160,53 @@ fn replay_equals_live_runs_on_the_default_model() {
         }
         // Best-of-N in sequential batches replays too.
         let options = Options { n: 24, ..base.clone() };
-        let replayed = replay::replay(&rec, &mut table, &finals, &prompt, &options, memory, Mode::Real, &free()).unwrap().outcome;
+        let replayed = replay::replay(
+            &rec,
+            &mut table,
+            &finals,
+            &prompt,
+            &options,
+            memory,
+            Mode::Real,
+            &free(),
+        )
+        .unwrap()
+        .outcome;
         let bon_bytes = CandleDecoder::budget_for(&model, prompt.len(), 10, base.max_new_tokens);
-        let bon_memory = Memory { capacity: CandleDecoder::new(Arc::clone(&model), bon_bytes).token_capacity(), ..memory };
-        let replayed_small = replay::replay(&rec, &mut table, &finals, &prompt, &options, bon_memory, Mode::Real, &free()).unwrap().outcome;
+        let bon_memory = Memory {
+            capacity: CandleDecoder::new(Arc::clone(&model), bon_bytes).token_capacity(),
+            ..memory
+        };
+        let replayed_small = replay::replay(
+            &rec,
+            &mut table,
+            &finals,
+            &prompt,
+            &options,
+            bon_memory,
+            Mode::Real,
+            &free(),
+        )
+        .unwrap()
+        .outcome;
         assert_eq!(replayed_small.stats.batches, 3);
-        assert_eq!(replayed.winner().row, replayed_small.winner().row, "batches change nothing but cost");
-        assert_eq!(replayed.winner().score, finals.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        assert_eq!(
+            replayed.winner().row,
+            replayed_small.winner().row,
+            "batches change nothing but cost"
+        );
+        assert_eq!(
+            replayed.winner().score,
+            finals.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        );
     }
 }
 
-fn run<S: Scorer>(decoder: &mut CandleDecoder, scorer: &mut S, prompt: &[u32], options: &Options) -> specrej_core::Outcome {
+fn run<S: Scorer>(
+    decoder: &mut CandleDecoder,
+    scorer: &mut S,
+    prompt: &[u32],
+    options: &Options,
+) -> specrej_core::Outcome {
     block_on_ready(specrej_core::generate(decoder, scorer, prompt, options, &mut |_| {})).unwrap()
 }

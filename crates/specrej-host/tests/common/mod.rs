@@ -22,7 +22,8 @@ pub fn component_bytes() -> Vec<u8> {
             return PathBuf::from(path);
         }
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        component::build_component(&root).unwrap_or_else(|e| panic!("building the component: {e:#}"))
+        component::build_component(&root)
+            .unwrap_or_else(|e| panic!("building the component: {e:#}"))
     });
     std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
@@ -36,14 +37,16 @@ pub fn component_with_reward_bytes() -> Vec<u8> {
             return PathBuf::from(path);
         }
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        component::build_component_with_reward(&root).unwrap_or_else(|e| panic!("building the component: {e:#}"))
+        component::build_component_with_reward(&root)
+            .unwrap_or_else(|e| panic!("building the component: {e:#}"))
     });
     std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 /// The default model (`SPECREJ_MODEL`); the real-model tests are ignored without it.
 pub fn default_model() -> PathBuf {
-    let path = std::env::var_os("SPECREJ_MODEL").expect("SPECREJ_MODEL must point to the default model");
+    let path =
+        std::env::var_os("SPECREJ_MODEL").expect("SPECREJ_MODEL must point to the default model");
     PathBuf::from(path)
 }
 
@@ -72,7 +75,11 @@ pub fn raw(addr: SocketAddr, request: &[u8]) -> Answer {
     let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status");
     let headers = head.to_ascii_lowercase();
-    let body = if headers.contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    let body = if headers.contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     Answer { status, headers, body }
 }
 
@@ -80,7 +87,8 @@ pub fn raw(addr: SocketAddr, request: &[u8]) -> Answer {
 pub fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).expect("a chunk size");
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .expect("a chunk size");
         if size == 0 {
             break;
         }

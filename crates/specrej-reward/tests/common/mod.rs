@@ -15,7 +15,8 @@ impl TempDir {
     pub fn new(tag: &str) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("specrej-reward-{tag}-{}-{n}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("specrej-reward-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
@@ -33,7 +34,8 @@ impl Drop for TempDir {
 
 /// GPT-2's byte → printable character map.
 pub fn byte_chars() -> Vec<char> {
-    let mut bs: Vec<u32> = (u32::from('!')..=u32::from('~')).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> =
+        (u32::from('!')..=u32::from('~')).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -59,8 +61,10 @@ pub fn tokenizer_json(specials: &[&str], merges: &[(&str, &str)], rotate: usize)
     let mut added = Vec::new();
     for s in specials {
         vocab.insert((*s).into(), id.into());
-        added.push(serde_json::json!({"id": id, "content": s, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true}));
+        added.push(
+            serde_json::json!({"id": id, "content": s, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}),
+        );
         id += 1;
     }
     for i in 0..256 {
@@ -90,10 +94,25 @@ pub fn tokenizer_json(specials: &[&str], merges: &[(&str, &str)], rotate: usize)
 }
 
 pub const RM_MERGES: &[(&str, &str)] = &[
-    ("h", "e"), (" ", "t"), (" t", "he"), ("i", "n"), (" ", "a"), ("e", "r"), ("o", "n"), (" ", "s"),
-    ("r", "e"), ("a", "t"), ("e", "s"), (" ", "w"), ("in", "g"), (" a", "n"), (" an", "d"), (" ", "c"),
+    ("h", "e"),
+    (" ", "t"),
+    (" t", "he"),
+    ("i", "n"),
+    (" ", "a"),
+    ("e", "r"),
+    ("o", "n"),
+    (" ", "s"),
+    ("r", "e"),
+    ("a", "t"),
+    ("e", "s"),
+    (" ", "w"),
+    ("in", "g"),
+    (" a", "n"),
+    (" an", "d"),
+    (" ", "c"),
 ];
-pub const POLICY_MERGES: &[(&str, &str)] = &[(" ", "t"), ("h", "e"), ("e", "r"), ("o", "u"), (" ", "h"), (" h", "e")];
+pub const POLICY_MERGES: &[(&str, &str)] =
+    &[(" ", "t"), ("h", "e"), ("e", "r"), ("o", "u"), (" ", "h"), (" h", "e")];
 
 pub const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
@@ -137,10 +156,26 @@ pub struct TinyRm {
 
 impl TinyRm {
     pub fn llama() -> Self {
-        Self { arch: "LlamaForSequenceClassification", hidden: 64, layers: 2, heads: 4, kv_heads: 2, ffn: 96, bias: false, pad_is_im_end: true, seed: 3 }
+        Self {
+            arch: "LlamaForSequenceClassification",
+            hidden: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 96,
+            bias: false,
+            pad_is_im_end: true,
+            seed: 3,
+        }
     }
     pub fn qwen2() -> Self {
-        Self { arch: "Qwen2ForSequenceClassification", bias: true, pad_is_im_end: false, seed: 5, ..Self::llama() }
+        Self {
+            arch: "Qwen2ForSequenceClassification",
+            bias: true,
+            pad_is_im_end: false,
+            seed: 5,
+            ..Self::llama()
+        }
     }
     pub fn specials() -> [&'static str; 2] {
         ["<|im_start|>", "<|im_end|>"]
@@ -169,9 +204,21 @@ impl TinyRm {
             lin(&mut w, &mut rng, format!("{p}self_attn.v_proj.weight"), self.kv_heads * hd, h);
             lin(&mut w, &mut rng, format!("{p}self_attn.o_proj.weight"), h, self.heads * hd);
             if self.bias {
-                w.push((format!("{p}self_attn.q_proj.bias"), vec![self.heads * hd], rng.vec(self.heads * hd, 0.3, 0.0)));
-                w.push((format!("{p}self_attn.k_proj.bias"), vec![self.kv_heads * hd], rng.vec(self.kv_heads * hd, 0.3, 0.0)));
-                w.push((format!("{p}self_attn.v_proj.bias"), vec![self.kv_heads * hd], rng.vec(self.kv_heads * hd, 0.3, 0.0)));
+                w.push((
+                    format!("{p}self_attn.q_proj.bias"),
+                    vec![self.heads * hd],
+                    rng.vec(self.heads * hd, 0.3, 0.0),
+                ));
+                w.push((
+                    format!("{p}self_attn.k_proj.bias"),
+                    vec![self.kv_heads * hd],
+                    rng.vec(self.kv_heads * hd, 0.3, 0.0),
+                ));
+                w.push((
+                    format!("{p}self_attn.v_proj.bias"),
+                    vec![self.kv_heads * hd],
+                    rng.vec(self.kv_heads * hd, 0.3, 0.0),
+                ));
             }
             w.push((format!("{p}post_attention_layernorm.weight"), vec![h], rng.vec(h, 0.2, 1.0)));
             lin(&mut w, &mut rng, format!("{p}mlp.gate_proj.weight"), f, h);
@@ -206,19 +253,23 @@ impl TinyRm {
     pub fn tensors(&self, dtype: DType) -> HashMap<String, Tensor> {
         self.weights()
             .into_iter()
-            .map(|(n, s, d)| (n, Tensor::from_vec(d, s, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()))
+            .map(|(n, s, d)| {
+                (n, Tensor::from_vec(d, s, &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
+            })
             .collect()
     }
 
     /// Writes a complete RM directory (single safetensors file).
     pub fn write(&self, dir: &Path, dtype: DType) {
         std::fs::write(dir.join("config.json"), self.config().to_string()).unwrap();
-        candle_core::safetensors::save(&self.tensors(dtype), dir.join("model.safetensors")).unwrap();
+        candle_core::safetensors::save(&self.tensors(dtype), dir.join("model.safetensors"))
+            .unwrap();
         self.write_tokenizer(dir);
     }
 
     pub fn write_tokenizer(&self, dir: &Path) {
-        std::fs::write(dir.join("tokenizer.json"), tokenizer_json(&Self::specials(), RM_MERGES, 0)).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), tokenizer_json(&Self::specials(), RM_MERGES, 0))
+            .unwrap();
         let cfg = serde_json::json!({"chat_template": CHATML, "bos_token": null, "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"});
         std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
     }
@@ -250,7 +301,8 @@ impl TinyRm {
 
     /// The reward of `ids` by a naive f64 forward written from the HF definitions.
     pub fn reference_reward(&self, ids: &[u32]) -> f32 {
-        let w: HashMap<String, Vec<f32>> = self.weights().into_iter().map(|(n, _, d)| (n, d)).collect();
+        let w: HashMap<String, Vec<f32>> =
+            self.weights().into_iter().map(|(n, _, d)| (n, d)).collect();
         let g = |n: &str| -> Vec<f64> { w[n].iter().map(|&x| f64::from(x)).collect() };
         let (h, hd, f) = (self.hidden, self.head_dim(), self.ffn);
         let eps = 1e-5f64;
@@ -261,10 +313,13 @@ impl TinyRm {
             x.iter().zip(wt).map(|(v, w)| v * r * w).collect()
         };
         let matvec = |m: &[f64], x: &[f64], out: usize| -> Vec<f64> {
-            (0..out).map(|o| m[o * x.len()..(o + 1) * x.len()].iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+            (0..out)
+                .map(|o| m[o * x.len()..(o + 1) * x.len()].iter().zip(x).map(|(a, b)| a * b).sum())
+                .collect()
         };
         let emb = g("model.embed_tokens.weight");
-        let mut xs: Vec<Vec<f64>> = ids.iter().map(|&i| emb[i as usize * h..(i as usize + 1) * h].to_vec()).collect();
+        let mut xs: Vec<Vec<f64>> =
+            ids.iter().map(|&i| emb[i as usize * h..(i as usize + 1) * h].to_vec()).collect();
         let rope = |v: &mut [f64], pos: usize| {
             let half = hd / 2;
             for i in 0..half {
@@ -277,17 +332,37 @@ impl TinyRm {
         };
         for l in 0..self.layers {
             let p = format!("model.layers.{l}.");
-            let (wq, wk, wv, wo) = (g(&format!("{p}self_attn.q_proj.weight")), g(&format!("{p}self_attn.k_proj.weight")), g(&format!("{p}self_attn.v_proj.weight")), g(&format!("{p}self_attn.o_proj.weight")));
-            let bias = |n: &str, len: usize| if self.bias { g(&format!("{p}self_attn.{n}_proj.bias")) } else { vec![0.0; len] };
-            let (bq, bk, bv) = (bias("q", self.heads * hd), bias("k", self.kv_heads * hd), bias("v", self.kv_heads * hd));
+            let (wq, wk, wv, wo) = (
+                g(&format!("{p}self_attn.q_proj.weight")),
+                g(&format!("{p}self_attn.k_proj.weight")),
+                g(&format!("{p}self_attn.v_proj.weight")),
+                g(&format!("{p}self_attn.o_proj.weight")),
+            );
+            let bias = |n: &str, len: usize| {
+                if self.bias { g(&format!("{p}self_attn.{n}_proj.bias")) } else { vec![0.0; len] }
+            };
+            let (bq, bk, bv) = (
+                bias("q", self.heads * hd),
+                bias("k", self.kv_heads * hd),
+                bias("v", self.kv_heads * hd),
+            );
             let mut qs = Vec::new();
             let mut ks = Vec::new();
             let mut vs = Vec::new();
             for (pos, x) in xs.iter().enumerate() {
                 let n = rms(x, &g(&format!("{p}input_layernorm.weight")));
-                let mut q: Vec<f64> = matvec(&wq, &n, self.heads * hd).iter().zip(&bq).map(|(a, b)| a + b).collect();
-                let mut k: Vec<f64> = matvec(&wk, &n, self.kv_heads * hd).iter().zip(&bk).map(|(a, b)| a + b).collect();
-                let v: Vec<f64> = matvec(&wv, &n, self.kv_heads * hd).iter().zip(&bv).map(|(a, b)| a + b).collect();
+                let mut q: Vec<f64> =
+                    matvec(&wq, &n, self.heads * hd).iter().zip(&bq).map(|(a, b)| a + b).collect();
+                let mut k: Vec<f64> = matvec(&wk, &n, self.kv_heads * hd)
+                    .iter()
+                    .zip(&bk)
+                    .map(|(a, b)| a + b)
+                    .collect();
+                let v: Vec<f64> = matvec(&wv, &n, self.kv_heads * hd)
+                    .iter()
+                    .zip(&bv)
+                    .map(|(a, b)| a + b)
+                    .collect();
                 for hh in 0..self.heads {
                     rope(&mut q[hh * hd..(hh + 1) * hd], pos);
                 }
@@ -305,7 +380,13 @@ impl TinyRm {
                     let kvh = hh / group;
                     let q = &qs[pos][hh * hd..(hh + 1) * hd];
                     let scores: Vec<f64> = (0..=pos)
-                        .map(|j| q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt())
+                        .map(|j| {
+                            q.iter()
+                                .zip(&ks[j][kvh * hd..(kvh + 1) * hd])
+                                .map(|(a, b)| a * b)
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
                         .collect();
                     let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
@@ -325,7 +406,8 @@ impl TinyRm {
                 let n = rms(x, &g(&format!("{p}post_attention_layernorm.weight")));
                 let gate = matvec(&g(&format!("{p}mlp.gate_proj.weight")), &n, f);
                 let up = matvec(&g(&format!("{p}mlp.up_proj.weight")), &n, f);
-                let a: Vec<f64> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                let a: Vec<f64> =
+                    gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
                 let d = matvec(&g(&format!("{p}mlp.down_proj.weight")), &a, h);
                 for k in 0..h {
                     x[k] += d[k];
