@@ -610,7 +610,7 @@ impl Ctx<'_> {
     /// `acc[(m·group + h)·hd ..][..hd] += Σ_j p_j v_j` over the first `n` rows of the V run
     /// `(data, at)` (positions `p0..p0 + n`) for each of `users` (the tile's members
     /// `first..`) and each head of the group.
-    #[allow(clippy::too_many_arguments)] // private; the arguments are the kernel's state
+    #[allow(clippy::too_many_arguments, reason = "private; the arguments are the kernel's state")]
     fn value_block(
         &self,
         users: &[Member],
@@ -705,7 +705,10 @@ impl Ctx<'_> {
 }
 
 /// One tile, one kv head `g` (and its `group` query heads).
-#[allow(clippy::too_many_arguments)] // one private call site; the arguments are the kernel's state
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one private call site; the arguments are the kernel's state"
+)]
 fn tile_head(
     ctx: &Ctx<'_>,
     g: usize,

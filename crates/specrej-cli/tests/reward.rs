@@ -1,7 +1,7 @@
 //! `--reward DIR`, `--reward-url URL` and `--rescore`: a real-format reward-model directory
 //! (the default model's judge exported as a `LlamaForSequenceClassification`), served locally
 //! and over HTTP.
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, reason = "tests: a failed unwrap is a failed test")]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

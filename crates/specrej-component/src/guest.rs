@@ -8,9 +8,12 @@ use specrej_core::{
 };
 
 /// The generated bindings (private; the items this file uses are imported below).
-#[allow(unsafe_code)] // wit-bindgen's canonical-ABI glue (exports, imports, cabi_realloc) is `unsafe` by nature
-#[allow(missing_debug_implementations)] // generated types; not ours to derive on
-#[allow(unused_qualifications)] // generated paths
+#[allow(
+    unsafe_code,
+    reason = "wit-bindgen's canonical-ABI glue (exports, imports, cabi_realloc) is `unsafe` by nature"
+)]
+#[allow(missing_debug_implementations, reason = "generated types; not ours to derive on")]
+#[allow(unused_qualifications, reason = "generated paths")]
 mod bindings {
     #[cfg(not(feature = "separate-reward"))]
     wit_bindgen::generate!({ path: "../../wit", world: "decoder" });

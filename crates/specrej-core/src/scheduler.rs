@@ -662,7 +662,10 @@ impl Run<'_> {
     /// Scores the live rows, keeps the best, drops the rest (backend and scorer state), and
     /// with `refill` fills the freed memory with forks of the kept rows.
     /// `generated`: tokens every live row holds.
-    #[allow(clippy::too_many_arguments)] // one private call site pair; a struct would only rename them
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one private call site pair; a struct would only rename them"
+    )]
     async fn decide<D: Decoder, S: Scorer>(
         &mut self,
         decoder: &mut D,

@@ -111,7 +111,7 @@ pub fn parents(scores: &[f32], slots: usize, temperature: f32, key: u32) -> Vec<
         .collect();
     let total: f64 = weights.iter().sum();
     // Not `total <= 0.0`: a NaN total must take this branch too.
-    #[allow(clippy::neg_cmp_op_on_partial_ord)] // the negation is what catches NaN
+    #[allow(clippy::neg_cmp_op_on_partial_ord, reason = "the negation is what catches NaN")]
     if !(total > 0.0) {
         return (0..slots).map(|k| best_first[k % best_first.len()]).collect();
     }

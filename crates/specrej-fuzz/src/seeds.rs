@@ -18,7 +18,7 @@ const MISTRAL: &str = "{{ bos_token }}{% for message in messages %}{% if (messag
 /// Deterministic weights in [-0.5, 0.5).
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = crate::mutate::Rng::new(seed);
-    (0..n).map(|_| (rng.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect()
+    (0..n).map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect()
 }
 
 /// GPT-2's byte-to-character map, so a 256-token byte-level vocabulary covers every input.
@@ -48,7 +48,7 @@ fn tiny_gguf(hidden: usize, dtype: GgmlDType) -> Result<Vec<u8>> {
     let mut tokens: Vec<String> = vec!["<|im_start|>".into(), "<|im_end|>".into()];
     tokens.extend(chars.iter().map(|c| c.to_string()));
     tokens.push("He".into());
-    let merges = vec!["H e".to_string()];
+    let merges = ["H e".to_string()];
     let vocab = tokens.len();
     let (heads, kv_heads, ffn) = (2usize, 1usize, 2 * hidden);
     let head_dim = hidden / heads;

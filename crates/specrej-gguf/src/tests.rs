@@ -1,7 +1,7 @@
 //! Tiny GGUF files generated in memory: a good one parses, and every rule a file can break
 //! gives its own error, naming the key or the tensor.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test, with its message
+#![allow(clippy::unwrap_used, reason = "tests: a failed unwrap is a failed test, with its message")]
 
 use crate::*;
 

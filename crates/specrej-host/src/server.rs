@@ -521,7 +521,11 @@ async fn generate(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: B
     let bytes = match read_body(&headers, body, MAX_BODY_BYTES, app.config.body_timeout).await {
         Ok(bytes) => bytes,
         Err(e) => {
-            return log.refuse(ApiError::status(e.status(), "invalid_request_error", e.to_string()));
+            return log.refuse(ApiError::status(
+                e.status(),
+                "invalid_request_error",
+                e.to_string(),
+            ));
         }
     };
     let prepared = match prepare(&app, endpoint, &bytes) {

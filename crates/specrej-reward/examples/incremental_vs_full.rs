@@ -14,7 +14,7 @@
 //! GGUF defaults to `$SPECREJ_MODEL` or `models/SmolLM2-135M-Instruct.Q4_1.gguf`; RM_DIR
 //! (default `target/smollm2-judge-rm`) is created by exporting the GGUF if it holds no
 //! `config.json`.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "a tool: a failed unwrap ends it with its message")]
 
 use std::path::PathBuf;
 use std::sync::Arc;

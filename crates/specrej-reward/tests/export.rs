@@ -1,7 +1,7 @@
 //! `export_judge_rm` on a tiny GGUF written here (no model file needed): the exported RM's
 //! reward equals the GGUF judge's `logit(Yes) − logit(No)`, and Q/K are un-permuted back to
 //! the Hugging Face layout.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "tests: a failed unwrap is a failed test")]
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! The default model exported as a reward model. Ignored by default:
 //! `cargo xtask test` sets `SPECREJ_MODEL` and runs them with `--ignored`.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "tests: a failed unwrap is a failed test")]
 
 mod common;
 

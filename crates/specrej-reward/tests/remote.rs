@@ -1,7 +1,7 @@
 //! `RemoteScorer`'s HTTP client against tiny hand-rolled loopback servers: timeouts,
 //! chunked answers, the answer size cap, IPv6 literals, bad URLs, error messages and
 //! connection reuse. No model: the servers answer canned JSON.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "tests: a failed unwrap is a failed test")]
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! Reward models on tiny random HF checkpoints: loading, scoring against a naive reference,
 //! incremental vs full re-scoring, different tokenizers, bad directories, HTTP.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, reason = "tests: a failed unwrap is a failed test")]
 
 mod common;
 

@@ -1,7 +1,9 @@
 //! `WebEngine`: the decoder component's `engine` import, in the browser (wasm32 only).
 
-// wasm-bindgen's generated glue (exports, closures, ABI conversions) is `unsafe` by nature.
-#![allow(unsafe_code)]
+#![allow(
+    unsafe_code,
+    reason = "wasm-bindgen's generated glue (exports, closures, ABI conversions) is `unsafe` by nature"
+)]
 
 use std::cell::RefCell;
 use std::collections::HashMap;

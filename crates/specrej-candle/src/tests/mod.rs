@@ -1,6 +1,6 @@
 //! Tests on tiny random models written to a temporary directory, plus (ignored) tests on
 //! the real default model.
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, reason = "tests: a failed unwrap is a failed test")]
 
 mod cuda;
 mod decoding;

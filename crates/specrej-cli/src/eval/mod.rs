@@ -613,7 +613,7 @@ fn calibrate(weights: &Arc<Model>, text: &Text, settings: &Settings) -> Result<c
     Ok(c)
 }
 
-#[allow(clippy::too_many_arguments)] // one call site; the arguments are the run
+#[allow(clippy::too_many_arguments, reason = "one call site; the arguments are the run")]
 fn run_prompt(
     weights: &Arc<Model>,
     text: &Text,
@@ -890,7 +890,7 @@ fn correlations(
 
 /// Runs `options` live (the real decoder under the budget, the real incremental scorer) and
 /// compares it with its replay.
-#[allow(clippy::too_many_arguments)] // one call site
+#[allow(clippy::too_many_arguments, reason = "one call site")]
 fn live_check(
     weights: &Arc<Model>,
     text: &Text,

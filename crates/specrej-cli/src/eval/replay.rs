@@ -410,7 +410,10 @@ pub struct Replayed {
 }
 
 /// Replays `options` over `rec` under `memory`, with `mode` decision scores.
-#[allow(clippy::too_many_arguments)] // one call site per kind of run; a struct would only rename them
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site per kind of run; a struct would only rename them"
+)]
 pub fn replay(
     rec: &Recording,
     rewards: &mut Rewards<'_>,

@@ -1,5 +1,5 @@
 //! Replay against live runs on the default model: the same outcome, bit for bit.
-#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, reason = "tests: a failed unwrap is a failed test")]
 
 use std::sync::Arc;
 

@@ -1,5 +1,5 @@
 //! Running the `specrej` binary from the integration tests.
-#![allow(dead_code)] // Each test file uses a different subset.
+#![allow(dead_code, reason = "each test file uses a different subset")]
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

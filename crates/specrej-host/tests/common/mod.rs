@@ -1,6 +1,6 @@
 //! Shared by the host's tests: the component file, the model, a tiny HTTP client.
 
-#![allow(dead_code)] // each test binary uses a different part of this module
+#![allow(dead_code, reason = "each test binary uses a different part of this module")]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

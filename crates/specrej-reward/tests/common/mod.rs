@@ -1,6 +1,10 @@
 //! Tiny reward models in Hugging Face format, written to temporary directories, and a
 //! naive reference forward to check them against.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    reason = "tests: each binary uses a different subset, and a failed unwrap is a failed test"
+)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

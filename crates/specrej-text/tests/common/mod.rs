@@ -1,7 +1,6 @@
 //! A tiny GGUF writer for tests.
 
-// Each test binary uses a different subset of these helpers.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses a different subset of these helpers")]
 
 /// A value to write.
 #[derive(Debug, Clone)]
