@@ -10,7 +10,7 @@ pub mod sampling;
 
 pub use backend::{BackendError, Decoder, KvLayout, Response, Sampling, Scored, Scorer};
 pub use block_on::block_on_ready;
-pub use require::gpu_required;
+pub use require::{gpu_missing, gpu_required, skipped};
 pub mod scheduler;
 pub mod select;
 #[cfg(feature = "testing")]

@@ -969,11 +969,10 @@ fn a_client_that_leaves_frees_its_rows() {
 #[ignore = "needs the default model: cargo xtask test sets SPECREJ_MODEL"]
 fn the_server_runs_on_wgpu_too() {
     if specrej_wgpu::adapters_blocking().is_empty() {
-        assert!(
-            !specrej_core::gpu_required("wgpu"),
-            "SPECREJ_REQUIRE_GPU requires wgpu but no WebGPU adapter was found"
+        specrej_core::gpu_missing(
+            "wgpu",
+            "no WebGPU adapter (install mesa-vulkan-drivers for lavapipe)",
         );
-        eprintln!("skipped: no WebGPU adapter (install mesa-vulkan-drivers for lavapipe)");
         return;
     }
     let model =
