@@ -5,8 +5,8 @@ use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 
-/// Package name → the names of its normal and build dependencies (not dev), direct.
-fn graph() -> HashMap<String, Vec<String>> {
+/// `cargo metadata` of the workspace.
+fn metadata() -> Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
     let output = Command::new(cargo)
@@ -14,7 +14,12 @@ fn graph() -> HashMap<String, Vec<String>> {
         .output()
         .expect("cargo metadata runs");
     assert!(output.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&output.stderr));
-    let doc: Value = serde_json::from_slice(&output.stdout).expect("cargo metadata prints JSON");
+    serde_json::from_slice(&output.stdout).expect("cargo metadata prints JSON")
+}
+
+/// Package name → the names of its normal and build dependencies (not dev), direct.
+fn graph() -> HashMap<String, Vec<String>> {
+    let doc = metadata();
     let names: HashMap<&str, &str> = doc["packages"]
         .as_array()
         .expect("packages")
@@ -110,4 +115,52 @@ fn crates_depend_only_on_what_the_architecture_allows() {
             .collect();
         assert_eq!(users, [only], "the workspace crates depending on {dependency} directly");
     }
+}
+
+/// `cargo xtask cuda-check` compiles only specrej-candle with CUDA. That covers every CUDA
+/// path because every `#[cfg(feature = "cuda")]` is inside specrej-candle, and the other
+/// crates' `cuda` features only turn on specrej-candle's: their code is the same with and
+/// without CUDA, and the CPU build compiles and tests it.
+#[test]
+fn cuda_code_lives_only_in_specrej_candle() {
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let mut outside = Vec::new();
+    let mut todo = vec![root.join("crates"), root.join("tests"), root.join("xtask")];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.ends_with("specrej-candle") {
+                continue;
+            }
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && !path.ends_with(file!())
+                && std::fs::read_to_string(&path).expect("read").contains("feature = \"cuda\"")
+            {
+                outside.push(path);
+            }
+        }
+    }
+    assert!(outside.is_empty(), "CUDA code outside specrej-candle: {outside:?}");
+    let doc = metadata();
+    let packages = doc["packages"].as_array().expect("packages");
+    let mut with_cuda = BTreeSet::new();
+    for package in packages.iter().filter(|p| p["source"].is_null()) {
+        let name = package["name"].as_str().expect("name");
+        if let Some(cuda) = package["features"].get("cuda") {
+            with_cuda.insert(name);
+            if name != "specrej-candle" {
+                assert_eq!(
+                    cuda,
+                    &serde_json::json!(["specrej-candle/cuda"]),
+                    "{name}'s cuda feature"
+                );
+            }
+        }
+    }
+    assert!(
+        with_cuda.contains("specrej-candle"),
+        "specrej-candle has a cuda feature: {with_cuda:?}"
+    );
 }
