@@ -166,6 +166,29 @@ fn cargo() -> Command {
     command
 }
 
+/// The workspace's test build (`cargo test --workspace`), linted as it compiles: clippy's
+/// driver wraps rustc for the workspace's own crates (`RUSTC_WORKSPACE_WRAPPER`, what `cargo
+/// clippy` itself sets), with every warning an error. The same lints as `cargo clippy
+/// --workspace --all-targets -- -D warnings` (with the benches `cargo xtask test` builds too),
+/// without a second, check-only build of every dependency (about 5 minutes on 2 cores).
+/// Every command that uses the test build goes through here, so none of them rebuilds it.
+/// Without clippy (`rustup component add clippy`) it is the plain build, which `test` refuses.
+fn test_build() -> Command {
+    let mut command = cargo();
+    if let Some(driver) = clippy_driver() {
+        command.env("RUSTC_WORKSPACE_WRAPPER", driver).env("CLIPPY_ARGS", "-Dwarnings");
+    }
+    command.args(["test", "--workspace"]);
+    command
+}
+
+/// clippy's driver, if this toolchain has it.
+fn clippy_driver() -> Option<&'static str> {
+    let found =
+        Command::new("clippy-driver").arg("--version").output().is_ok_and(|o| o.status.success());
+    found.then_some("clippy-driver")
+}
+
 fn demo(extra: &[&str]) -> Result<()> {
     let model = fetch_model()?;
     let mut command = cargo();
@@ -187,19 +210,42 @@ fn demo(extra: &[&str]) -> Result<()> {
     run(command.args(extra))
 }
 
+/// Tests that run only where a CUDA device is (`scripts/gpu-check.sh` runs them): `cargo
+/// xtask test` leaves them ignored (`--skip`s them in its pass over the ignored tests).
+const CUDA_TESTS: &str = "tests::cuda::";
+
 fn test(extra: &[&str]) -> Result<()> {
     let model = fetch_model()?;
-    // Real-model tests are #[ignore]d in a plain `cargo test` (they need the file);
-    // here they run too, with the model's path in SPECREJ_MODEL.
     // The decoder components (both worlds), built once (wasm32) for the host's tests.
     let component = timed("component", || component::build_component(&root()))?;
     let with_reward =
         timed("component-with-reward", || component::build_component_with_reward(&root()))?;
-    let mut command = cargo();
-    command.env("SPECREJ_MODEL", &model).env("SPECREJ_COMPONENT", &component);
-    command.env("SPECREJ_COMPONENT_WITH_REWARD", &with_reward);
-    command.args(["test", "--workspace"]).args(extra);
-    timed("cargo test", || run(command.args(["--", "--include-ignored"])))?;
+    // A test that skips at run time (no adapter, say) records why here; counted below.
+    let skips = root().join("target").join("test-skips.tsv");
+    std::fs::create_dir_all(root().join("target"))?;
+    std::fs::write(&skips, "")?;
+    if clippy_driver().is_none() {
+        bail!(
+            "clippy is missing: `cargo xtask test` lints as it builds (rustup component add clippy)"
+        );
+    }
+    timed("rustfmt", || run(cargo().args(["fmt", "--all", "--check"])))?;
+    let cargo_test = |libtest: &[&str]| {
+        let mut command = test_build();
+        command.env("SPECREJ_MODEL", &model).env("SPECREJ_COMPONENT", &component);
+        command.env("SPECREJ_COMPONENT_WITH_REWARD", &with_reward).env("SPECREJ_SKIP_LOG", &skips);
+        command.args(extra).arg("--").args(libtest);
+        run(&mut command)
+    };
+    timed("cargo test", || {
+        // The benches are compiled (so linted), not run.
+        run(test_build().args(["--benches", "--no-run"]))?;
+        // Two passes over one build: the tests that run anywhere, then the #[ignore]d ones,
+        // which need the default model (in SPECREJ_MODEL here) or, for the CUDA tests, a
+        // device: those stay ignored (the first pass lists them so).
+        cargo_test(&[])?;
+        cargo_test(&["--ignored", "--skip", CUDA_TESTS])
+    })?;
     // The browser demo end to end, in headless Chromium: skipped (saying so) where there is
     // no Chromium or Node.js, unless SPECREJ_REQUIRE_BROWSER=1 (CI sets it).
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
@@ -210,12 +256,36 @@ fn test(extra: &[&str]) -> Result<()> {
                 "SPECREJ_REQUIRE_BROWSER=1 but {chromium} or node is missing (apt-get install chromium nodejs)"
             );
         }
-        eprintln!(
-            "skipped the browser end-to-end test: {chromium} or node is missing (apt-get install chromium)"
-        );
-        return Ok(());
+        let why = format!("{chromium} or node is missing (apt-get install chromium nodejs)");
+        use std::io::Write;
+        let mut log = std::fs::OpenOptions::new().append(true).open(&skips)?;
+        writeln!(log, "the browser end-to-end test\t{why}")?;
+    } else {
+        timed("web e2e", || web::e2e(&root()))?;
     }
-    timed("web e2e", || web::e2e(&root()))
+    print_skips(&skips)
+}
+
+/// Prints how many tests skipped (passing without running what they test) and why, one line
+/// per reason: `skipped: N` and then `  K × reason: tests`.
+fn print_skips(log: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let mut reasons: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let (test, why) = line.split_once('\t').unwrap_or((line, "no reason given"));
+        reasons.entry(why).or_default().push(test);
+    }
+    let total: usize = reasons.values().map(Vec::len).sum();
+    if total == 0 {
+        eprintln!("skipped: 0");
+    } else {
+        eprintln!("skipped: {total}, because:");
+        for (why, tests) in reasons {
+            eprintln!("  {} × {why}: {}", tests.len(), tests.join(", "));
+        }
+    }
+    Ok(())
 }
 
 /// Runs `f`, then prints how long it took (CI's step table splits `test` by these lines).
@@ -228,24 +298,11 @@ fn timed<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 /// `specrej-server` with the default model, the decoder component and the browser demo
 /// (`--static target/web-dist`, which also serves `/models/<file>.gguf`).
-///
-/// The binary is the one `cargo test --workspace` builds (`--no-run` here), not a `cargo run
-/// -p specrej-host`: cargo resolves features over the packages it is asked for, so a build of
-/// the host alone differs from the workspace's test build all the way down (proc-macro2,
-/// serde, wasmtime) and would compile everything again (~10 minutes on 2 cores) after
-/// `cargo xtask test`. That build is the dev profile, where dependencies (candle, wasmtime) and
-/// the hot crates are optimised anyway; the component is compiled by Cranelift either way.
 fn serve(addr: &str) -> Result<()> {
     let model = fetch_model()?;
     let component = component::build_component(&root())?;
     let dist = web::build_web(&root())?;
-    run(cargo().args(["test", "--workspace", "--no-run", "--quiet"]))?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    let server = target.join("debug").join("specrej-server");
-    if !server.exists() {
-        bail!("{} is missing after `cargo test --workspace --no-run`", server.display());
-    }
+    let server = test_build_binary("specrej-server")?;
     eprintln!(
         "starting specrej-server: the demo at http://{addr}/, the API at http://{addr}/v1/chat/completions \
          (once it says it is listening; Ctrl-C to stop)"
@@ -261,20 +318,38 @@ fn serve(addr: &str) -> Result<()> {
     run(&mut command)
 }
 
-/// Every fuzz target for `seconds` each. The binary is the one `cargo test --workspace`
-/// builds (`--no-run` here; see `serve` for why not `cargo run -p`).
+/// A binary of the workspace's test build, `cargo test --workspace --no-run` (nothing to do
+/// after `cargo xtask test`), not a `cargo run -p`: cargo resolves features over the packages
+/// it is asked for, so a build of one package alone differs from the workspace's test build
+/// all the way down (proc-macro2, serde, wasmtime) and would compile everything again (about
+/// 4 minutes for the CLI, 10 for the server, on 2 cores). That build is the dev profile,
+/// where the dependencies (candle, wasmtime) and the hot crates are optimised anyway.
+pub fn test_build_binary(name: &str) -> Result<PathBuf> {
+    run(test_build().args(["--no-run", "--quiet"]))?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let binary = target.join("debug").join(name);
+    if !binary.exists() {
+        bail!("{} is missing after `cargo test --workspace --no-run`", binary.display());
+    }
+    Ok(binary)
+}
+
+/// Every fuzz target for `seconds` each, as many at once as there are cores (each in a
+/// process of its own).
 fn fuzz(seconds: &str) -> Result<()> {
     let seconds: u64 =
         seconds.parse().with_context(|| format!("fuzz: {seconds:?} is not a number of seconds"))?;
-    run(cargo().args(["test", "--workspace", "--no-run", "--quiet"]))?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    let fuzzer = target.join("debug").join("specrej-fuzz");
-    if !fuzzer.exists() {
-        bail!("{} is missing after `cargo test --workspace --no-run`", fuzzer.display());
-    }
-    let mut command = Command::new(fuzzer);
-    run(command.args(["run", "all", "--seconds", &seconds.to_string()]))
+    let jobs = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let mut command = Command::new(test_build_binary("specrej-fuzz")?);
+    run(command.args([
+        "run",
+        "all",
+        "--seconds",
+        &seconds.to_string(),
+        "--jobs",
+        &jobs.to_string(),
+    ]))
 }
 
 fn bench(extra: &[&str]) -> Result<()> {

@@ -59,15 +59,24 @@ pub fn build_web(root: &Path) -> Result<PathBuf> {
     let dist = root.join(DIST_DIR);
     let node_modules = npm_install(root)?;
 
-    // 1. The engine (wasm-bindgen).
+    // 1. The engine (wasm-bindgen). The pinned wasm-bindgen-cli, when it must be installed,
+    // compiles at the same time: each build leaves a core idle for much of its serial tail.
     let target_dir = root.join(WEB_TARGET_DIR);
-    run(cargo(root)
-        .args(["build", "--release", "-p", "specrej-web", "--target", WASM_TARGET])
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env("CARGO_PROFILE_RELEASE_DEBUG", "false"))
-    .with_context(|| format!("building specrej-web (needs `rustup target add {WASM_TARGET}`)"))?;
+    let (engine, bindgen) = std::thread::scope(|scope| {
+        let bindgen = scope.spawn(|| ensure_wasm_bindgen(root));
+        let engine = run(cargo(root)
+            .args(["build", "--release", "-p", "specrej-web", "--target", WASM_TARGET])
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .env("CARGO_PROFILE_RELEASE_DEBUG", "false"))
+        .with_context(|| format!("building specrej-web (needs `rustup target add {WASM_TARGET}`)"));
+        let bindgen = bindgen
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("installing wasm-bindgen-cli panicked")));
+        (engine, bindgen)
+    });
+    engine?;
+    let bindgen = bindgen?;
     let wasm = target_dir.join(WASM_TARGET).join("release").join("specrej_web.wasm");
-    let bindgen = ensure_wasm_bindgen(root)?;
     let fresh = dist.with_extension("partial");
     if fresh.exists() {
         std::fs::remove_dir_all(&fresh).with_context(|| format!("removing {}", fresh.display()))?;
@@ -336,12 +345,12 @@ pub fn e2e(root: &Path) -> Result<()> {
     if !fake {
         std::fs::create_dir_all(&cli_dir)?;
         let prompt = std::env::var("SPECREJ_E2E_PROMPT").unwrap_or_else(|_| E2E_PROMPT.into());
+        let cli = crate::test_build_binary("specrej")?;
         for kv in ["f16", "f32"] {
-            let mut command =
-                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            let mut command = Command::new(&cli);
             command
                 .current_dir(root)
-                .args(["run", "--quiet", "-p", "specrej-cli", "--", "generate"])
+                .arg("generate")
                 .arg(&prompt)
                 .args([
                     "--json",

@@ -4,7 +4,7 @@
 //! A panic, an input that takes over 1 s, or an allocation over 1 GiB is a failure; its input
 //! is written to `target/fuzz/<target>/` and the run exits 1.
 //!
-//! `specrej-fuzz run <target|all> [--seconds N] [--seed S]`, `specrej-fuzz seeds` (rewrites the
+//! `specrej-fuzz run <target|all> [--seconds N] [--seed S] [--jobs J]`, `specrej-fuzz seeds` (rewrites the
 //! seed corpora), `specrej-fuzz replay <target> FILE…` (runs files once each).
 
 mod alloc;
@@ -31,7 +31,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Fuzz one target (gguf, safetensors, template, http, openai) or all, one after another.
+    /// Fuzz one target (gguf, safetensors, template, http, openai) or all.
     Run {
         target: String,
         /// Seconds per target.
@@ -40,6 +40,10 @@ enum Command {
         /// The mutation seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// With `all`: how many targets run at once, each in a process of its own (the
+        /// allocation cap and the panic hook are per process). 1: one after another.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
     },
     /// Rewrite the seed corpora under fuzz/corpus/.
     Seeds,
@@ -114,7 +118,11 @@ fn run(cli: Cli) -> Result<bool> {
             }
             Ok(ok)
         }
-        Command::Run { target, seconds, seed } => {
+        Command::Run { target, seconds, seed, jobs } if jobs > 1 => {
+            let names: Vec<&str> = select(&target)?.iter().map(|t| t.name).collect();
+            in_processes(&names, seconds, seed, jobs)
+        }
+        Command::Run { target, seconds, seed, .. } => {
             let mut ok = true;
             for target in select(&target)? {
                 ok &= fuzz(target, Duration::from_secs(seconds), seed)?;
@@ -122,6 +130,31 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(ok)
         }
     }
+}
+
+/// Fuzzes each of `targets` in a child process of this program, `jobs` at a time; false if
+/// any of them failed.
+fn in_processes(targets: &[&str], seconds: u64, seed: u64, jobs: usize) -> Result<bool> {
+    let me = std::env::current_exe().context("finding this program's path")?;
+    let mut ok = true;
+    for group in targets.chunks(jobs) {
+        let mut children = Vec::with_capacity(group.len());
+        for name in group {
+            let child = std::process::Command::new(&me)
+                .args(["run", name, "--seconds", &seconds.to_string(), "--seed", &seed.to_string()])
+                .spawn()
+                .with_context(|| format!("starting {} run {name}", me.display()))?;
+            children.push((name, child));
+        }
+        for (name, mut child) in children {
+            let status = child.wait().with_context(|| format!("waiting for target {name}"))?;
+            if !status.success() {
+                eprintln!("{name}: the fuzzer failed ({status})");
+                ok = false;
+            }
+        }
+    }
+    Ok(ok)
 }
 
 /// Runs one input, catching a panic (its message is the error).
