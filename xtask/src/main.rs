@@ -2,15 +2,17 @@
 //!
 //! cargo xtask fetch-model   download, verify and cache the default model (models/)
 //! cargo xtask demo          fetch the model, then run a sample Speculative Rejection generation
-//! cargo xtask test          fetch the model, then run every test (real-model tests included),
-//!                           then the browser demo's end-to-end test (skipped without Chromium)
+//! cargo xtask test          fetch the model, check formatting, build the tests linted (clippy,
+//!                           -D warnings), run every test (real-model tests included; CUDA's stay
+//!                           ignored), the browser demo's end-to-end test (skipped without
+//!                           Chromium), and print how many tests skipped and why
 //! cargo xtask bench         fetch the model, then `specrej bench throughput` (prefill, decode,
 //!                           retain, a Best-of-N workload)
 //! cargo xtask bench-llama-cpp   specrej and llama.cpp (Q8_0, built from source into
 //!                           target/llama-cpp-venv on first use: minutes) in one run, and ratios
 //! cargo xtask component     build the decoder component (wasm32) → target/specrej-decoder.component.wasm
 //! cargo xtask component-with-reward   the same, world decoder-with-reward
-//! cargo xtask cuda-check    build specrej-candle's tests with CUDA and type-check the CLI's, unoptimised
+//! cargo xtask cuda-check    build specrej-candle's lib, tests and examples with CUDA, unoptimised
 //!                           (toolkit wheels from PyPI, link-time stubs, no GPU needed): what CI runs
 //! cargo xtask cuda-build [--release]   build the `specrej` CLI with CUDA (slow: nvcc kernels + codegen)
 //! cargo xtask gpu-check [--release] [--dry-run]   stage CUDA binaries and the model for scripts/gpu-check.sh
